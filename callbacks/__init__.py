@@ -1,0 +1,1 @@
+"""Lightning callbacks that drive a compress controller."""

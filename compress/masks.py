@@ -1,0 +1,140 @@
+"""The one masking mechanism shared by every algorithm: attach, update, fold, remove.
+
+A masked parameter keeps its place in the module (``module.weight`` stays the registered
+``nn.Parameter``), so ``model.state_dict()`` has exactly the original keys while the model is
+compressed, and a checkpoint loads into the plain model class. During ``forward`` a pre-hook
+shadows the attribute with ``param * mask``; a post-hook removes the shadow. Autograd therefore
+sees the product: pruned weights get zero gradient and the optimizer keeps its references.
+
+The rule, as in ``torch.ao`` pruning: the mask tensor is created once and then only updated in
+place (``copy_``), so DDP, optimizers and ``.to(device)`` keep valid references.
+
+Example:
+    >>> import torch
+    >>> layer = torch.nn.Linear(4, 2)
+    >>> mask = attach(layer, "weight")
+    >>> mask.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0]]))  # doctest: +ELLIPSIS
+    tensor(...)
+    >>> sorted(layer.state_dict())
+    ['bias', 'weight']
+    >>> fold(layer)
+    >>> int((layer.weight == 0).sum())
+    6
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+_MASK_PREFIX = "_cmask_"
+_STATE = "_compress_masked"  # attribute on a module: {param_name: MaskFn or None}
+
+MaskFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+"""Computes the effective parameter from (module, param); used by learned masks (RB)."""
+
+
+def mask_name(param_name: str) -> str:
+    return _MASK_PREFIX + param_name
+
+
+def _pre_hook(module: nn.Module, args: object) -> None:
+    for name, fn in getattr(module, _STATE).items():
+        param = module._parameters[name]
+        if param is None:
+            continue
+        # An instance attribute wins over nn.Module.__getattr__, which is what finds parameters.
+        module.__dict__[name] = fn(module, param) if fn else param * getattr(module, mask_name(name))
+
+
+def _post_hook(module: nn.Module, args: object, output: object) -> None:
+    for name in getattr(module, _STATE):
+        module.__dict__.pop(name, None)
+
+
+def attach(module: nn.Module, name: str = "weight", *, fn: MaskFn | None = None) -> torch.Tensor:
+    """Masks ``module.<name>`` with an all-ones mask buffer and returns the buffer.
+
+    The buffer is non-persistent: it never enters ``state_dict``. The controller saves masks in
+    its own state. Attaching twice returns the existing mask (tied weights, combined recipes).
+    ``fn`` replaces the plain product ``param * mask`` (learned masks); the buffer still holds
+    the current binary mask for statistics and folding.
+    """
+    param = module._parameters.get(name)
+    if param is None:
+        raise ValueError(f"{type(module).__name__} has no parameter {name!r}")
+    state = module.__dict__.get(_STATE)
+    if state is None:
+        state = {}
+        module.__dict__[_STATE] = state
+        module.register_forward_pre_hook(_pre_hook)
+        module.register_forward_hook(_post_hook, always_call=True)
+    if name in state:
+        if fn is not None:
+            state[name] = fn
+        return getattr(module, mask_name(name))
+    state[name] = fn
+    module.register_buffer(mask_name(name), torch.ones_like(param, dtype=param.dtype), persistent=False)
+    return getattr(module, mask_name(name))
+
+
+def get_mask(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
+    return getattr(module, mask_name(name), None) if name in masked_names(module) else None
+
+
+def masked_names(module: nn.Module) -> tuple[str, ...]:
+    return tuple(module.__dict__.get(_STATE, ()))
+
+
+def iter_masked(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+    """Yields (module name, module, param name, mask) for every masked parameter."""
+    for mod_name, module in model.named_modules():
+        for name in masked_names(module):
+            yield mod_name, module, name, getattr(module, mask_name(name))
+
+
+def effective(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The parameter as the forward pass sees it (masked), without autograd history."""
+    param = module._parameters[name]
+    fn = module.__dict__.get(_STATE, {}).get(name)
+    with torch.no_grad():
+        if fn is not None:
+            return fn(module, param).detach()
+        mask = get_mask(module, name)
+        return param.detach() if mask is None else param.detach() * mask
+
+
+def apply_(model: nn.Module) -> None:
+    """Multiplies every masked parameter by its mask in place (keeps pruned weights at zero)."""
+    with torch.no_grad():
+        for _, module, name, mask in iter_masked(model):
+            module._parameters[name].mul_(mask)
+
+
+def fold(model: nn.Module) -> None:
+    """Writes the masks into the parameters and removes every hook and mask buffer."""
+    for module in list(model.modules()):
+        state = module.__dict__.get(_STATE)
+        if state is None:
+            continue
+        with torch.no_grad():
+            for name in state:
+                module._parameters[name].copy_(effective(module, name))
+        remove(module)
+
+
+def remove(module: nn.Module) -> None:
+    """Detaches the masking from one module without changing its parameters."""
+    state = module.__dict__.pop(_STATE, None)
+    if state is None:
+        return
+    # Found by identity rather than through handles, so that this also works on a deepcopy.
+    for hooks, hook in ((module._forward_pre_hooks, _pre_hook), (module._forward_hooks, _post_hook)):
+        for key in [k for k, v in hooks.items() if v is hook]:
+            del hooks[key]
+            module._forward_hooks_always_called.pop(key, None)
+    for name in state:
+        module.__dict__.pop(name, None)
+        delattr(module, mask_name(name))
