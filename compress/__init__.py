@@ -1,7 +1,33 @@
-"""Training-time sparsity and filter pruning for PyTorch, driven by NNCF-format recipes."""
+"""Training-time sparsity and filter pruning for PyTorch, driven by NNCF-format recipes.
 
+Example:
+    >>> import compress
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> ctrl, net = compress.create_compressed_model(
+    ...     net, {"compression": {"algorithm": "magnitude_sparsity", "sparsity_init": 0.5}})
+    >>> plain = ctrl.strip()
+    >>> float((plain[0].weight == 0).float().mean()) >= 0.4
+    True
+"""
+
+from compress.config import Config, load_config
+from compress.controller import CompressionController, create_compressed_model
 from compress.errors import CompressError, ConfigError
+from compress.export import export, load_sparse
+from compress.stats import Statistics
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressError", "ConfigError", "__version__"]
+__all__ = [
+    "CompressError",
+    "CompressionController",
+    "Config",
+    "ConfigError",
+    "Statistics",
+    "__version__",
+    "create_compressed_model",
+    "export",
+    "load_config",
+    "load_sparse",
+]

@@ -54,13 +54,20 @@ def _post_hook(module: nn.Module, args: object, output: object) -> None:
         module.__dict__.pop(name, None)
 
 
-def attach(module: nn.Module, name: str = "weight", *, fn: MaskFn | None = None) -> torch.Tensor:
+def attach(
+    module: nn.Module,
+    name: str = "weight",
+    *,
+    fn: MaskFn | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Masks ``module.<name>`` with an all-ones mask buffer and returns the buffer.
 
     The buffer is non-persistent: it never enters ``state_dict``. The controller saves masks in
     its own state. Attaching twice returns the existing mask (tied weights, combined recipes).
     ``fn`` replaces the plain product ``param * mask`` (learned masks); the buffer still holds
-    the current binary mask for statistics and folding.
+    the current binary mask for statistics and folding. ``mask`` shares an existing mask tensor,
+    for a parameter tied between modules.
     """
     param = module._parameters.get(name)
     if param is None:
@@ -76,7 +83,9 @@ def attach(module: nn.Module, name: str = "weight", *, fn: MaskFn | None = None)
             state[name] = fn
         return getattr(module, mask_name(name))
     state[name] = fn
-    module.register_buffer(mask_name(name), torch.ones_like(param, dtype=param.dtype), persistent=False)
+    if mask is None:
+        mask = torch.ones_like(param, dtype=param.dtype)
+    module.register_buffer(mask_name(name), mask, persistent=False)
     return getattr(module, mask_name(name))
 
 

@@ -1,0 +1,121 @@
+"""What every algorithm provides to the controller. One level deep, few methods."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress import masks, scopes
+from compress.config import AlgorithmConfig
+from compress.errors import ConfigError
+from compress.schedules import Scheduler
+
+SPARSIFIABLE: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
+class Algorithm:
+    """Binds one recipe entry to a model. Subclasses implement ``update``; the rest has defaults.
+
+    ``update(per_step)`` is called after every scheduler event (``per_step`` is True after an
+    optimizer step, False at an epoch start or at construction).
+    """
+
+    name = ""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: AlgorithmConfig,
+        scheduler: Scheduler,
+        example_inputs: tuple[torch.Tensor, ...] | None,
+    ) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.params = cfg.params
+        self.scheduler = scheduler
+        self.example_inputs = example_inputs
+
+    def update(self, per_step: bool) -> None:
+        raise NotImplementedError
+
+    @property
+    def level(self) -> float:
+        """The level the schedule asks for now."""
+        return 0.0
+
+    def loss(self) -> torch.Tensor | None:
+        return None
+
+    def statistics(self) -> dict[str, Any]:
+        return {"algorithm": self.name}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    def strip(self, model: nn.Module) -> nn.Module:
+        """Turns a deep copy of the compressed model into a plain one (masks are folded later)."""
+        return model
+
+
+def weight_layers(model: nn.Module, cfg: AlgorithmConfig) -> list[tuple[str, nn.Module]]:
+    """The layers a sparsity algorithm masks: Linear and conv layers allowed by the scopes,
+    one entry per distinct weight (a weight tied between modules is listed once)."""
+    opts = cfg.options
+    layers = scopes.select(
+        model,
+        SPARSIFIABLE,
+        ignored=opts.get("ignored_scopes"),
+        target=opts.get("target_scopes"),
+        validate=opts.get("validate_scopes", True),
+        path=cfg.path,
+    )
+    if not layers:
+        raise ConfigError(
+            f"{cfg.path}: no layer to compress: the model has no Linear or Conv layer "
+            "inside target_scopes and outside ignored_scopes"
+        )
+    return layers
+
+
+def attach_weight_masks(layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module, torch.Tensor]]:
+    """Attaches one mask per distinct weight; modules sharing a weight share its mask."""
+    by_param: dict[int, torch.Tensor] = {}
+    out = []
+    for name, module in layers:
+        key = id(module.weight)
+        if key in by_param:
+            masks.attach(module, "weight", mask=by_param[key])
+            continue
+        by_param[key] = masks.attach(module, "weight")
+        out.append((name, module, by_param[key]))
+    return out
+
+
+def sparsity_rows(entries: list[tuple[str, nn.Module, torch.Tensor]]) -> list[dict[str, Any]]:
+    """Per-layer statistics of masked weights."""
+    rows = []
+    for name, module, mask in entries:
+        n = mask.numel()
+        rows.append(
+            {
+                "layer": name,
+                "shape": list(module.weight.shape),
+                "params": n,
+                "sparsity": 1.0 - float(mask.count_nonzero()) / n,
+            }
+        )
+    return rows

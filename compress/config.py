@@ -1,0 +1,288 @@
+"""Load and validate recipes against the shipped JSON Schema.
+
+The schema (``compress/schema/recipe.schema.json``) is the one source of key names, types,
+defaults and descriptions: this module only reads it. Every problem becomes a ``ConfigError``
+whose message names the JSON path, the bad value and what is allowed.
+
+Example:
+    >>> cfg = load_config({"compression": {"algorithm": "magnitude_sparsity",
+    ...                                    "params": {"sparsity_target": 0.9}}})
+    >>> cfg.algorithms[0].params["schedule"], cfg.algorithms[0].params["sparsity_target"]
+    ('polynomial', 0.9)
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import jsonschema
+import torch
+
+from compress.errors import ConfigError
+
+IMPLEMENTED = ("magnitude_sparsity", "rb_sparsity", "const_sparsity", "filter_pruning")
+# NNCF algorithms this library knows by name but does not implement.
+NOT_IMPLEMENTED = (
+    "quantization",
+    "experimental_quantization",
+    "binarization",
+    "knowledge_distillation",
+    "movement_sparsity",
+    "elasticity",
+    "progressive_shrinking",
+    "NoCompressionAlgorithm",
+)
+
+
+@cache
+def schema() -> dict[str, Any]:
+    """The recipe JSON Schema shipped with the package."""
+    text = resources.files("compress").joinpath("schema/recipe.schema.json").read_text()
+    return json.loads(text)
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """One entry of ``compression``, with every default from the schema filled in."""
+
+    name: str
+    path: str  # JSON path used in messages, e.g. "compression[1]"
+    options: Mapping[str, Any]  # the algorithm-level keys (sparsity_init, ignored_scopes, ...)
+    params: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated recipe. ``data`` is the whole recipe, defaults filled in."""
+
+    data: Mapping[str, Any]
+    algorithms: tuple[AlgorithmConfig, ...]
+    source: str = "<dict>"
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...] | None:
+        """Example inputs made from ``input_info``, or None when the recipe has none."""
+        info = self.data.get("input_info")
+        if info is None:
+            return None
+        dtypes = {"float": torch.float32, "long": torch.long, "int": torch.int32, "bool": torch.bool}
+        out = []
+        for i, item in enumerate(info if isinstance(info, list) else [info]):
+            if "keyword" in item:
+                raise ConfigError(
+                    f"input_info[{i}].keyword: keyword inputs are not supported; "
+                    "pass example_inputs to create_compressed_model instead"
+                )
+            shape, dtype = item["sample_size"], dtypes[item.get("type", "float")]
+            filler = item.get("filler", "random")
+            gen = torch.Generator().manual_seed(0)
+            if filler == "zeros":
+                t = torch.zeros(shape, dtype=dtype)
+            elif filler == "ones":
+                t = torch.ones(shape, dtype=dtype)
+            elif dtype.is_floating_point:
+                t = torch.rand(shape, generator=gen, dtype=dtype)
+            else:
+                t = torch.randint(0, 2, shape, generator=gen).to(dtype)
+            out.append(t)
+        return tuple(out)
+
+
+def load_config(recipe: str | Path | Mapping[str, Any] | Config) -> Config:
+    """Reads a recipe from a JSON file or a dict, validates it and fills in the defaults.
+
+    The caller's dict is never modified. Raises ``ConfigError`` on any problem.
+    """
+    if isinstance(recipe, Config):
+        return recipe
+    if isinstance(recipe, Mapping):
+        data, source = copy.deepcopy(dict(recipe)), "<dict>"
+    else:
+        source = str(recipe)
+        data = _read_json(Path(recipe))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a recipe is a JSON object, got {type(data).__name__}")
+    if "accuracy_aware_training" in data:
+        raise ConfigError(
+            "accuracy_aware_training: NNCF's accuracy-aware training loop is not supported yet; "
+            "remove the section and train with a fixed target"
+        )
+    if "compression" not in data:
+        raise ConfigError("compression: the recipe has no 'compression' section")
+    section = data["compression"]
+    items = section if isinstance(section, list) else [section]
+    if isinstance(section, list) and not section:
+        raise ConfigError("compression: the list is empty; give at least one algorithm")
+    algorithms = []
+    for i, item in enumerate(items):
+        path = f"compression[{i}]" if isinstance(section, list) else "compression"
+        algorithms.append(_algorithm(item, path))
+    names = [a.name for a in algorithms]
+    for name in set(names):
+        if names.count(name) > 1:
+            raise ConfigError(f"compression: {name!r} appears {names.count(name)} times; give it once")
+    rest = {k: v for k, v in data.items() if k != "compression"}
+    top = {k: v for k, v in schema().items() if k != "required"}
+    top["properties"] = {k: v for k, v in top["properties"].items() if k != "compression"}
+    _validate(rest, top, "")
+    data["compression"] = (
+        [_as_dict(a) for a in algorithms] if isinstance(section, list) else _as_dict(algorithms[0])
+    )
+    return Config(data=MappingProxyType(data), algorithms=tuple(algorithms), source=source)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the recipe ({e.strerror})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+
+
+def _algorithm(item: Any, path: str) -> AlgorithmConfig:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{path}: an algorithm is a JSON object, got {json.dumps(item)}")
+    name = item.get("algorithm")
+    if name is None:
+        raise ConfigError(f"{path}: missing 'algorithm'; one of {_choices(IMPLEMENTED)}")
+    if name not in IMPLEMENTED:
+        if name in NOT_IMPLEMENTED:
+            raise ConfigError(
+                f"{path}.algorithm: {name!r} is not implemented by this library; "
+                f"implemented: {_choices(IMPLEMENTED)}"
+            )
+        raise ConfigError(
+            f"{path}.algorithm: unknown algorithm {json.dumps(name)}{_hint(name, IMPLEMENTED)}; "
+            f"implemented: {_choices(IMPLEMENTED)}"
+        )
+    sub = schema()["$defs"][name]
+    _validate(item, sub, path)
+    params = {**_defaults(sub["properties"]["params"]), **copy.deepcopy(item.get("params", {}))}
+    options = {**_defaults(sub), **{k: copy.deepcopy(v) for k, v in item.items() if k != "params"}}
+    options.pop("params", None)
+    _check_rules(name, options, params, path)
+    return AlgorithmConfig(name, path, MappingProxyType(options), MappingProxyType(params))
+
+
+def _defaults(sub: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        k: copy.deepcopy(v["default"])
+        for k, v in sub.get("properties", {}).items()
+        if "default" in v and k != "params"
+    }
+
+
+def _as_dict(a: AlgorithmConfig) -> dict[str, Any]:
+    return {**dict(a.options), "params": dict(a.params)}
+
+
+def _check_rules(name: str, options: Mapping[str, Any], params: dict[str, Any], path: str) -> None:
+    """Rules across keys, which JSON Schema cannot say clearly."""
+    p = f"{path}.params"
+    if name in ("magnitude_sparsity", "rb_sparsity") and params["schedule"] == "multistep":
+        steps, levels = params["multistep_steps"], params["multistep_sparsity_levels"]
+        if len(levels) != len(steps) + 1:
+            raise ConfigError(
+                f"{p}.multistep_sparsity_levels: {len(levels)} levels for {len(steps)} steps; "
+                "there must be one more level than steps (the first level holds before the "
+                f"first step), e.g. steps [10, 20] with levels [0.3, 0.5, 0.7]"
+            )
+        if list(steps) != sorted(steps):
+            raise ConfigError(f"{p}.multistep_steps: {steps} must be in ascending order")
+    if name == "filter_pruning":
+        if "pruning_target" in params and "pruning_flops_target" in params:
+            raise ConfigError(
+                f"{p}: pruning_target ({params['pruning_target']}) and pruning_flops_target "
+                f"({params['pruning_flops_target']}) are both set; give only one"
+            )
+        if "pruning_flops_target" not in params:
+            params.setdefault("pruning_target", 0.5)
+        if params["interlayer_ranking_type"] == "learned_ranking" or any(
+            k in params for k in ("legr_params", "save_ranking_coeffs_path", "load_ranking_coeffs_path")
+        ):
+            raise ConfigError(
+                f"{p}.interlayer_ranking_type: 'learned_ranking' (LeGR) is not supported; "
+                "use 'unweighted_ranking'"
+            )
+        allocation = params.get("allocation")
+        if allocation is None:
+            params["allocation"] = "global" if params["all_weights"] else "uniform"
+        elif params["all_weights"] and allocation == "uniform":
+            raise ConfigError(
+                f"{p}.allocation: 'uniform' contradicts all_weights: true; drop one of them"
+            )
+        target = params.get("pruning_target", 0.0)
+        if options["pruning_init"] > target and "pruning_target" in params:
+            raise ConfigError(
+                f"{path}.pruning_init: {options['pruning_init']} is above pruning_target {target}"
+            )
+
+
+def _validate(instance: Any, sub: Mapping[str, Any], path: str) -> None:
+    root = schema()
+    resolver_schema = {**sub, "$defs": root["$defs"]}
+    validator = jsonschema.Draft202012Validator(resolver_schema)
+    errors = sorted(validator.iter_errors(instance), key=lambda e: (len(e.path), list(map(str, e.path))))
+    if errors:
+        raise ConfigError(_message(errors[0], path))
+
+
+def _json_path(base: str, parts: Any) -> str:
+    out = base
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(recipe)"
+
+
+def _message(error: jsonschema.ValidationError, base: str) -> str:
+    where = _json_path(base, error.absolute_path)
+    value = json.dumps(error.instance)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        key = extra[0]
+        return f"{where}: unknown key {key!r}{_hint(key, allowed)}; allowed keys: {_choices(allowed)}"
+    if error.validator == "enum":
+        return f"{where}: {value} is not allowed; one of {_choices(error.validator_value)}"
+    if error.validator == "const":
+        return f"{where}: {value} must be {json.dumps(error.validator_value)}"
+    if error.validator == "type":
+        return f"{where}: {value} is not of type {error.validator_value}"
+    if error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        bound = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
+        return f"{where}: {value} must be {bound[error.validator]} {error.validator_value}"
+    if error.validator == "required":
+        return f"{where}: {error.message}"
+    if error.validator == "oneOf" and error.context:
+        deepest = max(error.context, key=lambda e: len(e.absolute_path))
+        if len(deepest.absolute_path) > len(error.absolute_path):
+            return _message(deepest, base)
+    if error.validator == "oneOf":
+        return f"{where}: {value} is neither {_describe(error.validator_value)}"
+    return f"{where}: {value}: {error.message}"
+
+
+def _describe(options: list[Mapping[str, Any]]) -> str:
+    kinds = ["a list" if o.get("type") == "array" else "an object" if "$ref" in o else str(o.get("type"))
+             for o in options]
+    return " nor ".join(kinds)
+
+
+def _choices(values: Any) -> str:
+    return ", ".join(json.dumps(v) for v in values)
+
+
+def _hint(key: str, allowed: Any) -> str:
+    close = difflib.get_close_matches(str(key), [str(a) for a in allowed], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,136 @@
+"""The compression controller: binds a recipe's algorithms and one scheduler to a model."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress import masks
+from compress.algorithms import ALGORITHMS, Algorithm
+from compress.config import Config, load_config
+from compress.errors import CompressError
+from compress.schedules import Scheduler
+from compress.stats import Statistics, model_summary
+
+STATE_VERSION = 1
+# Structured pruning first: sparsity then works on the channels that remain (NNCF's order).
+_ORDER = ("filter_pruning", "const_sparsity", "magnitude_sparsity", "rb_sparsity")
+
+
+class CompressionController:
+    """What ``create_compressed_model`` returns beside the model.
+
+    ``scheduler.epoch_step()`` at each epoch start and ``scheduler.step()`` after each optimizer
+    step move every algorithm's level; ``loss()`` is added to the task loss; ``statistics()``,
+    ``state_dict()``/``load_state_dict()`` and ``strip()`` do what their names say.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: Config,
+        example_inputs: tuple[torch.Tensor, ...] | None,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.example_inputs = example_inputs
+        self.scheduler = Scheduler()
+        ordered = sorted(config.algorithms, key=lambda a: _ORDER.index(a.name))
+        self.algorithms: list[Algorithm] = [
+            ALGORITHMS[a.name](model, a, self.scheduler, example_inputs) for a in ordered
+        ]
+        self.scheduler.on_change = self._on_change
+        self._on_change(False)
+
+    def _on_change(self, per_step: bool) -> None:
+        for algo in self.algorithms:
+            algo.update(per_step)
+
+    @property
+    def compression_level(self) -> float:
+        """The current level of the last algorithm (sparsity when a sparsity algorithm is used)."""
+        return self.algorithms[-1].level
+
+    def loss(self) -> torch.Tensor:
+        """The sum of the algorithms' losses (zero for algorithms without one)."""
+        losses = [x for x in (a.loss() for a in self.algorithms) if x is not None]
+        if not losses:
+            return torch.zeros(())
+        return torch.stack([x.reshape(()) for x in losses]).sum()
+
+    def statistics(self) -> Statistics:
+        weights = {
+            name: masks.effective(module, "weight")
+            for name, module, pname, _ in masks.iter_masked(self.model)
+            if pname == "weight"
+        }
+        summary = model_summary(self.model, self.example_inputs, weights)
+        return Statistics(model=summary, algorithms=tuple(a.statistics() for a in self.algorithms))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "algorithms": [a.name for a in self.algorithms],
+            "scheduler": self.scheduler.state_dict(),
+            "state": {a.name: a.state_dict() for a in self.algorithms},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores the scheduler position, masks and algorithm state saved by ``state_dict``."""
+        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+            raise CompressError(
+                "compression state is not from this library version "
+                f"(expected version {STATE_VERSION}, got {_get(state, 'version')})"
+            )
+        names = [a.name for a in self.algorithms]
+        if list(state["algorithms"]) != names:
+            raise CompressError(
+                f"compression state holds {list(state['algorithms'])}, but the recipe builds {names}"
+            )
+        self.scheduler.load_state_dict(state["scheduler"])
+        for algo in self.algorithms:
+            algo.load_state_dict(state["state"][algo.name])
+
+    def strip(self, *, copy_model: bool = True) -> nn.Module:
+        """A plain ``nn.Module``: no hooks, no mask buffers, masks folded into the weights and,
+        with filter pruning, pruned channels removed. The compressed model is left as it is
+        unless ``copy_model`` is False."""
+        model = copy.deepcopy(self.model) if copy_model else self.model
+        for algo in self.algorithms:
+            model = algo.strip(model)
+        masks.fold(model)
+        return model
+
+
+def _get(state: Any, key: str) -> Any:
+    return state.get(key) if isinstance(state, Mapping) else type(state).__name__
+
+
+def create_compressed_model(
+    model: nn.Module,
+    config: str | Path | Mapping[str, Any] | Config,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+) -> tuple[CompressionController, nn.Module]:
+    """Compresses ``model`` in place as the recipe says and returns ``(controller, model)``.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> ctrl, net = create_compressed_model(net, {"compression": {
+        ...     "algorithm": "magnitude_sparsity", "sparsity_init": 0.5}})
+        >>> round(ctrl.statistics().to_dict()["model"]["sparsity of compressed layers"], 2)
+        0.5
+    """
+    cfg = load_config(config)
+    if example_inputs is None:
+        inputs = cfg.example_inputs()
+    elif isinstance(example_inputs, torch.Tensor):
+        inputs = (example_inputs,)
+    else:
+        inputs = tuple(example_inputs)
+    return CompressionController(model, cfg, inputs), model

@@ -1,0 +1,598 @@
+"""Effective sparsity: the fraction of weights that are zero *or* cut off from the input or output.
+
+Vysogorets & Kempe, "Connectivity Matters: Neural Network Pruning Through the Lens of Effective
+Sparsity" (arXiv 2107.02306). A nonzero weight still does nothing when no path of nonzero weights
+leads from the network input to it, or from it to the output: zeroing a row of one Linear layer
+silently removes the matching column of the next one. At high sparsity the effective sparsity can
+be far above the direct one, so comparing pruning methods by direct sparsity alone misleads.
+
+The model is read as a graph of *units* (Linear features, conv channels) with an edge wherever a
+weight is nonzero (for conv: any element of the ``(out, in)`` kernel). A weight ``u -> v`` is
+active iff it is nonzero, ``u`` is reachable from the input and ``v`` reaches the output. That is
+the fixpoint of the iterative rule "a unit with no active incoming connection deactivates its
+outgoing ones, a unit with no active outgoing connection deactivates its incoming ones": on an
+acyclic graph one forward sweep (reachable from the input) and one backward sweep (reaches the
+output) compute it exactly.
+
+Choices, stated because the paper counts weights and never biases:
+
+- A unit with no active incoming weight is dead even if it has a bias, and a BatchNorm ``beta``
+  does not revive a dead channel: both make it output a constant, which carries no information
+  from the input. Biases and BatchNorm parameters are never counted.
+- Activations, pooling, BatchNorm, dropout and other elementwise ops keep channels apart; a
+  residual add (or any elementwise op of two tensors) keeps a channel alive if any operand's
+  channel is alive; ``torch.cat`` on dim 1 places channels at offsets; flatten maps conv channel
+  ``c`` to the ``H*W`` consecutive features ``c*H*W ... (c+1)*H*W - 1``.
+- LayerNorm, GroupNorm and softmax mix channels: any live input makes every output live.
+- Anything else is not understood: its outputs count as reachable from the input and its inputs
+  as reaching the output (effective == direct around it), with one warning naming the op.
+
+Example:
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
+    >>> with torch.no_grad():
+    ...     net[0].weight[0] = 0.0  # hidden unit 0 is cut off from the input ...
+    >>> report = sparsity_report(net)
+    >>> report.direct_sparsity, report.effective_sparsity  # ... so its outgoing weight is idle
+    (0.375, 0.5)
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from compress import masks
+
+Vec = torch.Tensor | None
+"""Liveness of a tensor's channels: a 1-D bool tensor, or None for "all alive, width unknown"."""
+
+PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+_PASS_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.LPPool1d, nn.LPPool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+)  # fmt: skip
+_MIX_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.Softmax, nn.LogSoftmax)
+_PASS_FUNCTIONS = {
+    F.relu, F.relu6, F.leaky_relu, F.prelu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
+    F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.sigmoid, F.tanh,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+    F.batch_norm, F.instance_norm, F.interpolate,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.abs, torch.neg, torch.exp,
+    torch.clamp, torch.clone, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
+    torch.minimum, torch.pow, torch.where,
+    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+    operator.truediv, operator.itruediv, operator.neg, operator.pow,
+}  # fmt: skip
+_PASS_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "abs", "neg", "exp", "clamp",
+    "clamp_", "clone", "contiguous", "detach", "float", "double", "half", "bfloat16", "to",
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow",
+}  # fmt: skip
+_MIX_FUNCTIONS = {F.layer_norm, F.group_norm, F.softmax, F.log_softmax, torch.softmax}
+_MIX_METHODS = {"softmax", "log_softmax"}
+_REDUCE = {torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin"}
+_SQUEEZE = {torch.squeeze, torch.unsqueeze, "squeeze", "unsqueeze"}
+_RESHAPE = {torch.reshape, "view", "reshape"}
+_NO_INFO_FUNCTIONS = {getattr, len}  # shapes, dtypes: nothing that flows from the input values
+_NO_INFO_METHODS = {"size", "dim", "numel"}
+
+
+def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{"<module name>.weight": module}`` for every Linear and Conv1d/2d/3d, in model order."""
+    return {f"{n}.weight" if n else "weight": m for n, m in model.named_modules() if _prunable(m)}
+
+
+def _prunable(module: nn.Module) -> bool:
+    weight = module._parameters.get("weight")
+    return isinstance(module, PRUNABLE) and isinstance(weight, torch.Tensor)
+
+
+def layer_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as the forward pass sees it: ``param * mask`` when masked, else the parameter."""
+    if "weight" in masks.masked_names(module):
+        return masks.effective(module, "weight")
+    return module.weight.detach()
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """The unit-level view of one layer: which (out, in) connections exist."""
+
+    nonzero: torch.Tensor  # weight != 0, weight-shaped
+    conn: torch.Tensor  # (out, in / groups): any nonzero kernel element
+    groups: int
+
+    @classmethod
+    def of(cls, module: nn.Module) -> _Layer:
+        nonzero = layer_weight(module) != 0
+        conn = nonzero.flatten(2).any(2) if nonzero.dim() > 2 else nonzero
+        return cls(nonzero, conn, getattr(module, "groups", 1))
+
+    @property
+    def in_width(self) -> int:
+        return self.conn.shape[1] * self.groups
+
+    @property
+    def out_width(self) -> int:
+        return self.conn.shape[0]
+
+    def per_weight_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Input liveness laid out as ``conn``: row ``o`` holds the inputs of ``o``'s group."""
+        return x.view(self.groups, -1).repeat_interleave(self.out_width // self.groups, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Output unit ``o`` is reachable iff some ``conn[o, i]`` has a reachable input ``i``."""
+        return (self.conn & self.per_weight_input(x)).any(1)
+
+    def backward(self, y: torch.Tensor) -> torch.Tensor:
+        """Input unit ``i`` reaches the output iff some ``conn[o, i]`` has ``o`` reaching it."""
+        edges = (self.conn & y[:, None]).view(self.groups, -1, self.conn.shape[1])
+        return edges.any(1).flatten()
+
+    def active(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        edges = self.conn & y[:, None] & self.per_weight_input(x)
+        return self.nonzero & edges.view(*edges.shape, *[1] * (self.nonzero.dim() - 2))
+
+
+def _align(vec: Vec, width: int) -> torch.Tensor:
+    """``vec`` as exactly ``width`` entries.
+
+    A shorter vector whose length divides ``width`` is spread over consecutive blocks (a channel
+    broadcast, or conv channels flattened into Linear features); a longer one is folded back with
+    ``any`` (the backward view of the same). An empty vector means "nothing alive".
+    """
+    if vec is None:
+        return torch.ones(width, dtype=torch.bool)
+    n = vec.numel()
+    if n == width:
+        return vec
+    if n == 0:
+        return torch.zeros(width, dtype=torch.bool)
+    if width % n == 0:
+        return vec.repeat_interleave(width // n)
+    if n % width == 0:
+        return vec.view(width, -1).any(1)
+    return torch.ones(width, dtype=torch.bool)  # unrelated shapes: assume connected
+
+
+def _union(vecs: list[Vec], width: int | None) -> Vec:
+    """Channel-wise OR; unknown widths or mismatched lengths give None (all alive)."""
+    if any(v is None for v in vecs):
+        return None
+    tensors = [v for v in vecs if v is not None and v.numel()]
+    if not tensors:
+        return torch.zeros(width or 0, dtype=torch.bool)
+    if width is None:
+        width = max(t.numel() for t in tensors)
+        if any(width % t.numel() for t in tensors):
+            return None
+    out = torch.zeros(width, dtype=torch.bool)
+    for t in tensors:
+        out |= _align(t, width)
+    return out
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+
+def _dims_keep_channels(dims: Any, node: fx.Node) -> bool:
+    """True when every dim in ``dims`` is a spatial one (>= 2), so channel axis 1 is untouched."""
+    dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+    shape = _shape(node)
+    for d in dims:
+        if not isinstance(d, int):
+            return False
+        if d < 0:
+            if shape is None:
+                return False
+            d += len(shape)
+        if d < 2:
+            return False
+    return True
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    """One of: layer, pass, mix, cat, flatten, noinfo, unknown."""
+    target: Any = node.target
+    if node.op == "call_module":
+        module = modules[target]
+        if _prunable(module):
+            return "layer"
+        if isinstance(module, _PASS_MODULES):
+            return "pass"
+        if isinstance(module, _MIX_MODULES):
+            return "mix"
+        if isinstance(module, nn.Flatten):
+            return _flatten_kind(node, module.start_dim, module.end_dim)
+        return "unknown"
+    if node.op == "call_function" and target in _NO_INFO_FUNCTIONS:
+        return "noinfo"
+    if node.op == "call_method" and target in _NO_INFO_METHODS:
+        return "noinfo"
+    if target in _PASS_FUNCTIONS or (node.op == "call_method" and target in _PASS_METHODS):
+        return "pass"
+    if target in _MIX_FUNCTIONS or (node.op == "call_method" and target in _MIX_METHODS):
+        return "mix"
+    if target in (torch.cat, torch.concat):
+        dim = _cat_dim(node)
+        return "unknown" if dim is None else "cat" if dim == 1 else "pass"
+    if target in (torch.flatten, "flatten"):
+        return _flatten_kind(node, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
+    if target in _REDUCE:
+        dims = _arg(node, 1, "dim", None)
+        return "pass" if dims is not None and _dims_keep_channels(dims, node.args[0]) else "unknown"
+    if target in _SQUEEZE:
+        dim = _arg(node, 1, "dim", None)
+        squeeze_all = dim is None and target in (torch.squeeze, "squeeze")
+        return "pass" if squeeze_all or _dims_keep_channels(dim, node.args[0]) else "unknown"
+    if target in _RESHAPE:
+        return _reshape_kind(node)
+    return "unknown"
+
+
+def _cat_dim(node: fx.Node) -> int | None:
+    dim = _arg(node, 1, "dim", 0)
+    if dim >= 0:
+        return int(dim)
+    shape = _shape(node)
+    return None if shape is None else dim + len(shape)
+
+
+def _flatten_kind(node: fx.Node, start: int, end: int) -> str:
+    if start == 1 and end == -1:
+        return "flatten"
+    if _dims_keep_channels((start, end), node.args[0]):
+        return "pass"
+    return "unknown"
+
+
+def _reshape_kind(node: fx.Node) -> str:
+    """``x.view(n, -1)`` and friends flatten; a reshape keeping (N, C) is a pass-through."""
+    sizes = node.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = tuple(sizes[0])
+    if len(sizes) == 2:
+        return "flatten"
+    before, after = _shape(node.args[0]), _shape(node)
+    if before is not None and after is not None and before[:2] == after[:2]:
+        return "pass"
+    return "unknown"
+
+
+def _op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return f"{type(modules[str(node.target)]).__name__} ({node.target})"
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _width(node: fx.Node, fwd: dict[fx.Node, Vec]) -> int | None:
+    vec = fwd.get(node)
+    if vec is not None:
+        return vec.numel()
+    shape = _shape(node)
+    return shape[1] if shape is not None and len(shape) >= 2 else None
+
+
+def _trace(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
+    graph_module = fx.symbolic_trace(model)
+    if example_inputs is None:
+        return graph_module
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()  # no BatchNorm running-stat updates from our probe
+    try:
+        with torch.no_grad():
+            ShapeProp(graph_module).propagate(*inputs)
+    except Exception as error:  # shapes are optional: widths are then inferred lazily
+        warnings.warn(
+            f"effective sparsity: shape propagation failed ({error}); continuing without shapes",
+            stacklevel=3,
+        )
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    return graph_module
+
+
+def active_weights(
+    model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None
+) -> dict[str, torch.Tensor]:
+    """Per prunable layer, a bool mask of the weights that lie on some input-to-output path.
+
+    Keys are ``"<module name>.weight"`` for every Linear and Conv1d/2d/3d. ``mask[w]`` is True iff
+    weight ``w`` is nonzero (after masking), its input unit is reachable from the network input
+    and its output unit reaches the output; see the module docstring for the rules.
+    ``example_inputs`` lets a flatten know each channel's ``H*W``; without it that size is
+    inferred from the next Linear's ``in_features``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+        >>> with torch.no_grad():
+        ...     net[2].weight[0, 1] = 0.0  # hidden unit 1 no longer reaches the output
+        >>> active_weights(net)["0.weight"].tolist()
+        [[True, True], [False, False]]
+    """
+    layers = prunable_layers(model)
+    direct = {name: layer_weight(m) != 0 for name, m in layers.items()}
+    try:
+        graph_module = _trace(model, example_inputs)
+    except Exception as error:  # any trace failure: report the direct masks
+        warnings.warn(
+            f"effective sparsity: torch.fx could not trace {type(model).__name__} ({error}); "
+            "counting every nonzero weight as active",
+            stacklevel=2,
+        )
+        return direct
+    return _sweep(graph_module, {m: n for n, m in layers.items()}, direct)
+
+
+def _sweep(
+    graph_module: fx.GraphModule,
+    names: dict[nn.Module, str],
+    direct: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Forward then backward reachability over the traced graph; returns per-weight activity."""
+    modules = dict(graph_module.named_modules())
+    nodes = list(graph_module.graph.nodes)
+    kinds: dict[fx.Node, str] = {}
+    fwd: dict[fx.Node, Vec] = {}  # only nodes that carry information from the input
+    cat_widths: dict[fx.Node, list[int]] = {}
+    unknown: list[str] = []
+    for node in nodes:
+        if node.op == "placeholder":
+            fwd[node] = None
+            continue
+        inputs = [a for a in node.all_input_nodes if a in fwd]
+        if node.op in ("output", "get_attr") or not inputs:
+            continue
+        kind = _classify(node, modules)
+        if kind == "cat" and not _plan_cat(node, fwd, cat_widths):
+            kind = "unknown"
+        kinds[node] = kind
+        if kind == "noinfo":
+            continue
+        if kind == "unknown":
+            unknown.append(_op_name(node, modules))
+        fwd[node] = _forward(node, kind, inputs, fwd, modules, cat_widths)
+
+    bwd_in: dict[fx.Node, list[Vec]] = {node: [] for node in fwd}
+    active = {name: torch.zeros_like(mask) for name, mask in direct.items()}
+    called: set[str] = set()
+    for node in reversed(nodes):
+        if node.op == "output":
+            for arg in node.all_input_nodes:
+                if arg in fwd:
+                    bwd_in[arg].append(None)
+            continue
+        if node not in kinds or kinds[node] == "noinfo":
+            continue
+        kind, inputs = kinds[node], [a for a in node.all_input_nodes if a in fwd]
+        out = _union(bwd_in[node], _width(node, fwd))
+        if kind == "layer":
+            module = modules[str(node.target)]
+            layer = _Layer.of(module)
+            x, y = _align(fwd[inputs[0]], layer.in_width), _align(out, layer.out_width)
+            name = names[module]
+            active[name] |= layer.active(x, y)
+            called.add(name)
+            bwd_in[inputs[0]].append(layer.backward(y))
+        elif kind == "cat":
+            pieces = _align(out, sum(cat_widths[node])).split(cat_widths[node])
+            for arg, piece in zip(node.args[0], pieces, strict=True):  # type: ignore[arg-type]
+                if arg in fwd:
+                    bwd_in[arg].append(piece)
+        elif kind == "mix":
+            alive = out is None or bool(out.any())
+            for arg in inputs:
+                bwd_in[arg].append(None if alive else torch.zeros(0, dtype=torch.bool))
+        else:  # pass, flatten, unknown: the flatten fold happens in _align at the input's width
+            for arg in inputs:
+                bwd_in[arg].append(None if kind == "unknown" else out)
+
+    uncalled = [name for name in direct if name not in called]
+    for name in uncalled:
+        active[name] = direct[name]
+    if unknown or uncalled:
+        warnings.warn(_fallback_message(unknown, uncalled), stacklevel=3)
+    return active
+
+
+def _plan_cat(node: fx.Node, fwd: dict[fx.Node, Vec], cat_widths: dict[fx.Node, list[int]]) -> bool:
+    """Records the channel offsets of a channel concat; False when a width is unknown."""
+    widths = []
+    for arg in node.args[0]:  # type: ignore[union-attr]
+        width = _width(arg, fwd) if isinstance(arg, fx.Node) else None
+        if width is None:
+            return False
+        widths.append(width)
+    cat_widths[node] = widths
+    return True
+
+
+def _forward(
+    node: fx.Node,
+    kind: str,
+    inputs: list[fx.Node],
+    fwd: dict[fx.Node, Vec],
+    modules: dict[str, nn.Module],
+    cat_widths: dict[fx.Node, list[int]],
+) -> Vec:
+    """Which channels of ``node``'s output carry information from the network input."""
+    if kind == "layer":
+        layer = _Layer.of(modules[str(node.target)])
+        return layer.forward(_align(fwd[inputs[0]], layer.in_width))
+    if kind == "pass":
+        return _union([fwd[a] for a in inputs], _width(node, {}))
+    if kind == "mix":
+        vec = _union([fwd[a] for a in inputs], None)
+        return None if vec is None else vec.any().expand(vec.numel()).clone()
+    if kind == "cat":
+        parts = node.args[0]
+        return torch.cat(
+            [
+                _align(fwd[a], w) if a in fwd else torch.zeros(w, dtype=torch.bool)
+                for a, w in zip(parts, cat_widths[node], strict=True)  # type: ignore[arg-type]
+            ]
+        )
+    if kind == "flatten":
+        vec, shape = fwd[inputs[0]], _shape(node)
+        if vec is None or shape is None or len(shape) != 2 or shape[1] % vec.numel():
+            return vec  # spread lazily by _align at the consumer
+        return vec.repeat_interleave(shape[1] // vec.numel())
+    return None  # unknown: assume every channel carries input information
+
+
+def _fallback_message(unknown: list[str], uncalled: list[str]) -> str:
+    parts = []
+    if unknown:
+        ops = ", ".join(dict.fromkeys(unknown))
+        parts.append(f"ops not understood: {ops} (treated as fully connected)")
+    if uncalled:
+        parts.append(
+            f"layers not called as modules in the traced graph: {', '.join(uncalled)} "
+            "(every nonzero weight counted as active)"
+        )
+    return "effective sparsity: " + "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    """Weight counts of one layer: total, zero (direct) and not active (effective)."""
+
+    name: str
+    shape: tuple[int, ...]
+    params: int
+    zeros: int
+    inactive: int
+
+    @property
+    def direct_sparsity(self) -> float:
+        return self.zeros / self.params if self.params else 0.0
+
+    @property
+    def effective_sparsity(self) -> float:
+        return self.inactive / self.params if self.params else 0.0
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """Direct and effective sparsity of a model's Linear/Conv weights (biases not counted).
+
+    ``direct = zeros / params`` and ``effective = (params - active) / params``, in total and per
+    layer; ``effective >= direct`` always.
+    """
+
+    layers: tuple[LayerSparsity, ...]
+
+    @property
+    def params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def direct_sparsity(self) -> float:
+        return sum(layer.zeros for layer in self.layers) / self.params if self.params else 0.0
+
+    @property
+    def effective_sparsity(self) -> float:
+        return sum(layer.inactive for layer in self.layers) / self.params if self.params else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "direct_sparsity": self.direct_sparsity,
+            "effective_sparsity": self.effective_sparsity,
+            "params": self.params,
+            "layers": {
+                layer.name: {
+                    "shape": list(layer.shape),
+                    "params": layer.params,
+                    "direct_sparsity": layer.direct_sparsity,
+                    "effective_sparsity": layer.effective_sparsity,
+                }
+                for layer in self.layers
+            },
+        }
+
+    def __str__(self) -> str:
+        header = ("layer", "shape", "params", "direct", "effective")
+        rows = [
+            (
+                layer.name,
+                "x".join(map(str, layer.shape)),
+                str(layer.params),
+                f"{layer.direct_sparsity:.2%}",
+                f"{layer.effective_sparsity:.2%}",
+            )
+            for layer in self.layers
+        ]
+        total = ("total", "", str(self.params), f"{self.direct_sparsity:.2%}")
+        rows.append((*total, f"{self.effective_sparsity:.2%}"))
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+        def line(row: tuple[str, ...]) -> str:
+            cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+            cells += [cell.rjust(width) for cell, width in zip(row[2:], widths[2:], strict=True)]
+            return "  ".join(cells).rstrip()
+
+        rule = "-" * len(line(tuple("-" * w for w in widths)))
+        return "\n".join([line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1])])
+
+
+def sparsity_report(
+    model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None
+) -> SparsityReport:
+    """Direct and effective sparsity of every Linear/Conv weight of ``model``.
+
+    Works on a masked model (counts ``param * mask``) and on a plain one with stored zeros.
+
+    Example:
+        >>> report = sparsity_report(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+        >>> report.to_dict()["effective_sparsity"], report.params
+        (0.0, 18)
+    """
+    active = active_weights(model, example_inputs)
+    layers = []
+    for name, module in prunable_layers(model).items():
+        weight = layer_weight(module)
+        params = weight.numel()
+        zeros = int((weight == 0).sum())
+        inactive = params - int(active[name].sum())
+        layers.append(LayerSparsity(name, tuple(weight.shape), params, zeros, inactive))
+    assert all(layer.inactive >= layer.zeros for layer in layers)
+    return SparsityReport(tuple(layers))
+
+
+__all__ = [
+    "LayerSparsity",
+    "SparsityReport",
+    "active_weights",
+    "layer_weight",
+    "prunable_layers",
+    "sparsity_report",
+]

@@ -1,0 +1,251 @@
+"""Save and load the exported formats. Every file is written atomically and loads without
+unpickling arbitrary objects (``torch.load(weights_only=True)`` or ``torch.export.load``).
+
+Formats of ``export``:
+
+- ``sparse`` (``PREFIX.sparse.pt``): each weight as its nonzero values plus a packed bitmask
+  (one bit per element); tensors that are not sparse enough are stored dense. Restore with
+  ``load_sparse(path, model)``.
+- ``pt2`` (``PREFIX.pt2``): ``torch.export`` program; needs example inputs.
+- ``onnx`` (``PREFIX.onnx``): ONNX via ``torch.onnx.export``; needs example inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.errors import CompressError, ConfigError
+
+SPARSE_FORMAT = "compress.sparse"
+FORMATS = ("sparse", "pt2", "onnx", "pruned", "sparse_runtime")
+_SUFFIX = {
+    "sparse": ".sparse.pt",
+    "pt2": ".pt2",
+    "onnx": ".onnx",
+    "pruned": ".pruned.pt",
+    "sparse_runtime": ".sparse.pt",
+}
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Calls ``write(tmp_path)`` and renames the result onto ``path``; on any failure the
+    temporary file is removed and a previous file at ``path`` is left intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def pack(tensor: torch.Tensor) -> dict[str, Any]:
+    """One tensor in the sparse format: values + bitmask when that is smaller, else dense."""
+    t = tensor.detach().cpu()
+    nonzero = t != 0
+    nnz = int(nonzero.sum())
+    dense_bytes = t.numel() * t.element_size()
+    sparse_bytes = nnz * t.element_size() + (t.numel() + 7) // 8
+    if not t.is_floating_point() or t.numel() < 64 or sparse_bytes >= dense_bytes:
+        return {"dense": t.clone()}
+    bits = np.packbits(nonzero.flatten().numpy())
+    return {"shape": list(t.shape), "values": t[nonzero].clone(), "bitmask": torch.from_numpy(bits)}
+
+
+def unpack(entry: Mapping[str, Any]) -> torch.Tensor:
+    """Inverse of ``pack``."""
+    if "dense" in entry:
+        return entry["dense"]
+    shape = [int(s) for s in entry["shape"]]
+    n = int(np.prod(shape)) if shape else 1
+    bits = np.unpackbits(entry["bitmask"].numpy(), count=n).astype(bool)
+    values = entry["values"]
+    if int(bits.sum()) != values.numel():
+        raise ValueError(f"bitmask has {int(bits.sum())} ones for {values.numel()} values")
+    out = torch.zeros(n, dtype=values.dtype)
+    out[torch.from_numpy(bits)] = values
+    return out.reshape(shape)
+
+
+def save_sparse(
+    model: nn.Module, path: str | Path, example_inputs: Sequence[torch.Tensor] | None = None
+) -> Path:
+    """Writes the model's state_dict in the sparse format, with the example inputs' shapes
+    (so that ``load_sparse(..., runtime=True)`` can time the layers)."""
+    payload: dict[str, Any] = {
+        "format": SPARSE_FORMAT,
+        "version": 1,
+        "tensors": {k: pack(v) for k, v in model.state_dict().items()},
+    }
+    if example_inputs is not None:
+        payload["input_shapes"] = [list(t.shape) for t in example_inputs]
+        payload["input_dtypes"] = [str(t.dtype).removeprefix("torch.") for t in example_inputs]
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def read_sparse(path: str | Path) -> tuple[dict[str, torch.Tensor], list[torch.Tensor] | None]:
+    """The dense state_dict stored in a sparse file, and zero example inputs if it has shapes."""
+    payload = safe_load(path)
+    if not isinstance(payload, dict) or payload.get("format") != SPARSE_FORMAT:
+        raise CompressError(f"{path}: not a sparse export of this library (no '{SPARSE_FORMAT}' tag)")
+    try:
+        state = {k: unpack(v) for k, v in payload["tensors"].items()}
+        inputs = None
+        if "input_shapes" in payload:
+            inputs = [
+                torch.zeros(shape, dtype=getattr(torch, dtype))
+                for shape, dtype in zip(payload["input_shapes"], payload["input_dtypes"])
+            ]
+        return state, inputs
+    except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as e:
+        raise CompressError(f"{path}: the sparse file is damaged ({e})") from None
+
+
+def load_sparse(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    runtime: bool = False,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+) -> nn.Module:
+    """Restores the weights saved by the ``sparse`` export into ``model`` (same class) exactly.
+
+    With ``runtime=True`` returns ``to_sparse_runtime(model, inputs)``, timed on
+    ``example_inputs`` or on zeros of the input shapes stored in the file, so sparse-enough
+    layers compute with sparse kernels.
+    """
+    state, stored_inputs = read_sparse(path)
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise CompressError(
+            f"{path}: the file is of a different model: keys missing from the file "
+            f"{missing[:5]}, keys the model lacks {extra[:5]}"
+        )
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise CompressError(
+                f"{path}: the file is of a different model: {k} has shape {tuple(v.shape)} "
+                f"in the file and {tuple(own[k].shape)} in the model"
+            )
+    model.load_state_dict(state)
+    if not runtime:
+        return model
+    inputs = example_inputs if example_inputs is not None else stored_inputs
+    if inputs is None:
+        raise CompressError(f"{path}: runtime=True needs example_inputs; the file stores no input shapes")
+    from compress.sparse_runtime import to_sparse_runtime
+
+    return to_sparse_runtime(model, tuple(inputs))
+
+
+def safe_load(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` with errors that name the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CompressError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for damaged or unsafe files
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CompressError(
+                f"{path}: refused to load: the file holds Python objects that are not plain "
+                "tensors (a pickle payload); only files written by this library load"
+            ) from None
+        raise CompressError(f"{path}: not a readable file of this library ({text})") from None
+
+
+def export(
+    model: nn.Module,
+    path_prefix: str | Path,
+    formats: Sequence[str] = ("sparse",),
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+) -> dict[str, Path]:
+    """Writes ``model`` (usually ``ctrl.strip()``) in each format; returns format -> path.
+
+    Example:
+        >>> import tempfile, torch
+        >>> net = torch.nn.Linear(4, 2)
+        >>> paths = export(net, tempfile.mkdtemp() + "/net", ["sparse"])
+        >>> sorted(paths)
+        ['sparse']
+    """
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ConfigError(f"export formats: {unknown} not supported; one of {list(FORMATS)}")
+    inputs = _as_tuple(example_inputs)
+    needs_inputs = [f for f in formats if f in ("pt2", "onnx", "pruned", "sparse_runtime")]
+    if needs_inputs and inputs is None:
+        raise ConfigError(f"export formats {needs_inputs} need example_inputs")
+    prefix = str(path_prefix)
+    out: dict[str, Path] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for fmt in formats:
+            path = Path(prefix + _SUFFIX[fmt])
+            if fmt == "sparse":
+                out[fmt] = save_sparse(model, path, inputs)
+            elif fmt == "pt2":
+                program = torch.export.export(model, inputs)
+                out[fmt] = atomic_write(path, lambda tmp, p=program: torch.export.save(p, tmp))
+            elif fmt == "onnx":
+                out[fmt] = atomic_write(path, lambda tmp: _onnx(model, inputs, tmp))
+            elif fmt == "pruned":
+                out[fmt] = _export_pruned(model, path, inputs)
+            elif fmt == "sparse_runtime":
+                out[fmt] = _export_sparse_runtime(model, path, inputs)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _as_tuple(x: torch.Tensor | Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, ...] | None:
+    if x is None:
+        return None
+    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
+
+
+def _onnx(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: str) -> None:
+    torch.onnx.export(model, inputs, path, dynamo=True, external_data=False, verbose=False)
+
+
+def _export_pruned(model: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...]) -> Path:
+    plan = getattr(model, "compress_pruning_plan", None)
+    if plan is None:
+        raise ConfigError(
+            "export format 'pruned' needs a model stripped by a filter_pruning controller "
+            "(ctrl.strip()), which carries the pruning plan"
+        )
+    from compress.structured import save_pruned
+
+    save_pruned(model, plan, path, inputs)
+    return path
+
+
+def _export_sparse_runtime(model: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...]) -> Path:
+    import json
+
+    from compress.sparse_runtime import to_sparse_runtime
+
+    save_sparse(model, path, inputs)
+    report = to_sparse_runtime(model, inputs).runtime_report  # type: ignore[attr-defined]
+    report_path = Path(str(path).removesuffix(".sparse.pt") + ".runtime.json")
+    atomic_write(report_path, lambda tmp: Path(tmp).write_text(json.dumps(report.to_dict(), indent=2)))
+    return path

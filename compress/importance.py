@@ -1,0 +1,140 @@
+"""Importance criteria (tensor -> scores) and exact threshold selection.
+
+Weights with the lowest scores are pruned. ``global_keep_masks`` prunes exactly ``k`` weights
+over many tensors without concatenating them: NNCF's global mode concatenates every weight into
+one tensor and runs out of memory on large models.
+
+Example:
+    >>> import torch
+    >>> keep = global_keep_masks([torch.tensor([3.0, 1.0, 2.0]), torch.tensor([1.0, 5.0])], 2)
+    >>> [m.tolist() for m in keep]
+    [[True, False, True], [False, True]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def abs_importance(weight: torch.Tensor) -> torch.Tensor:
+    """|w|."""
+    return weight.detach().abs()
+
+
+def normed_abs_importance(weight: torch.Tensor) -> torch.Tensor:
+    """|w| / ||W||_2, NNCF's default, so that one global threshold treats layers fairly."""
+    w = weight.detach()
+    norm = w.norm(2)
+    return w.abs() / norm if norm > 0 else w.abs()
+
+
+def random_importance(weight: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A fixed random score per weight: the random-pruning baseline. Zeros stay lowest, so
+    masks only grow as the level rises."""
+    gen = torch.Generator().manual_seed(seed + weight.numel())
+    scores = torch.rand(weight.shape, generator=gen).to(weight.device) + 1.0
+    return torch.where(weight.detach() == 0, torch.zeros_like(scores), scores)
+
+
+IMPORTANCE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "abs": abs_importance,
+    "normed_abs": normed_abs_importance,
+    "random": random_importance,
+}
+
+
+def _keep_with_ties(scores: torch.Tensor, threshold: torch.Tensor, n_ties: int) -> torch.Tensor:
+    """Keeps scores > threshold, and all but the first ``n_ties`` scores equal to it."""
+    keep = scores > threshold
+    if n_ties:
+        ties = (scores == threshold).flatten().nonzero().squeeze(1)
+        keep.view(-1)[ties[n_ties:]] = True
+    else:
+        keep |= scores == threshold
+    return keep
+
+
+def local_keep_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask that prunes exactly ``k`` of the lowest scores (ties broken by position)."""
+    n = scores.numel()
+    if k <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if k >= n:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    flat = scores.flatten()
+    t = flat.kthvalue(k).values
+    below = int((flat < t).sum())
+    return _keep_with_ties(scores, t, k - below)
+
+
+def global_keep_masks(
+    scores: Sequence[torch.Tensor], k: int, sample: int = 1 << 18
+) -> list[torch.Tensor]:
+    """Bool masks that prune exactly ``k`` of the lowest scores over all tensors together.
+
+    A random sample brackets the k-th score; only the scores inside the bracket are gathered
+    to find it exactly, so memory stays about the size of the largest tensor. Ties at the
+    threshold are pruned in tensor order, then by position.
+    """
+    total = sum(s.numel() for s in scores)
+    if k <= 0:
+        return [torch.ones_like(s, dtype=torch.bool) for s in scores]
+    if k >= total:
+        return [torch.zeros_like(s, dtype=torch.bool) for s in scores]
+    t, below, bands = _kth_smallest(scores, k, total, sample)
+    ties_left = k - sum(b + int((band < t).sum()) for b, band in zip(below, bands))
+    out = []
+    for s, band in zip(scores, bands):
+        take = min(ties_left, int((band == t).sum()))
+        ties_left -= take
+        out.append(_keep_with_ties(s, t, take))
+    return out
+
+
+def _kth_smallest(
+    scores: Sequence[torch.Tensor], k: int, total: int, sample: int
+) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
+    """The k-th smallest score; per tensor, the count below the bracket and the scores in it."""
+    lo: torch.Tensor | None = None
+    hi: torch.Tensor | None = None
+    if total > sample:
+        gen = torch.Generator().manual_seed(k)
+        picks = []
+        for s in scores:
+            m = max(1, round(sample * s.numel() / total))
+            idx = torch.randint(0, s.numel(), (m,), generator=gen).to(s.device)
+            picks.append(s.flatten()[idx])
+        pooled = torch.cat(picks)
+        margin = 6.0 / pooled.numel() ** 0.5  # several standard errors of a sample quantile
+        lo = _quantile(pooled, k / total - margin)
+        hi = _quantile(pooled, k / total + margin)
+    while True:
+        below, bands = [], []
+        for s in scores:
+            flat = s.flatten()
+            in_band = torch.ones_like(flat, dtype=torch.bool)
+            n_lo = 0
+            if lo is not None:
+                under = flat < lo
+                n_lo = int(under.sum())
+                in_band = ~under
+            if hi is not None:
+                in_band &= flat <= hi
+            below.append(n_lo)
+            bands.append(flat[in_band])
+        n_below = sum(below)
+        if n_below < k <= n_below + sum(b.numel() for b in bands):
+            return torch.cat(bands).kthvalue(k - n_below).values, below, bands
+        # The sample missed (rare): open the side that failed and look again.
+        if n_below >= k:
+            lo = None
+        else:
+            hi = None
+
+
+def _quantile(x: torch.Tensor, q: float) -> torch.Tensor | None:
+    if q <= 0 or q >= 1:
+        return None
+    return x.kthvalue(max(1, int(q * x.numel()))).values

@@ -1,0 +1,490 @@
+"""Run unstructured-sparse layers with sparse CPU kernels, only where that is measurably faster.
+
+Zeros in a dense weight save nothing at inference: a dense GEMM multiplies them anyway. Stored
+as CSR (or BSR when the zeros come in square blocks), the weight is read and multiplied only
+where it is non-zero. Whether that wins depends on the sparsity, the layer size, the batch and
+the CPU, so :func:`to_sparse_runtime` does not guess: it runs ``example_inputs`` once, captures
+the activation that reaches each candidate layer, times the dense layer against its sparse
+replacement on that activation, and converts only layers that are at least ``min_speedup``
+times faster. Layers it cannot help are left as they are, so the converted model is never
+slower than the dense one on inputs shaped like ``example_inputs``.
+
+Candidates are ``nn.Linear`` (any leading dims) and 1x1 ``nn.Conv2d`` with stride 1, no
+padding and ``groups=1``, which is a matmul over the channel dim. Everything else (3x3 convs,
+attention, norms) is left alone.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    >>> with torch.no_grad():
+    ...     model[0].weight[model[0].weight.abs() < 0.1] = 0
+    >>> fast = to_sparse_runtime(model, torch.randn(4, 64), min_speedup=0.0)
+    >>> [(layer.name, layer.converted) for layer in fast.runtime_report.layers]
+    [('0', True), ('2', True)]
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from compress.errors import ConfigError
+
+__all__ = ["RuntimeReport", "block_scores", "report_from_dict", "to_sparse_runtime"]
+
+Timer = Callable[[Callable[[], object]], float]
+"""Times one call of ``fn`` and returns seconds; injectable so tests can fix every decision."""
+
+LayerKind = Literal["linear", "conv1x1"]
+
+# MKL's BSR kernel rejects non-square blocks. On our 2-core AVX-512 CPU, 8x8 blocks beat CSR
+# at batch 1 by about 2x on block-pruned weights (see docs/sparse_runtime.md).
+_BSR_BLOCKS = (4, 8, 16, 32)
+# A block size is tried only if its blocks are mostly non-zero: BSR stores the zeros inside a
+# kept block, so a scattered (unstructured) pattern would make it read more, not less.
+_BSR_MIN_FILL = 0.5
+# Tolerance of the conversion-time check that the sparse layer reproduces the dense one. Sparse
+# kernels sum in a different order, so exact equality is not expected.
+_CHECK_RTOL = 1e-4
+_CHECK_ATOL_REL = 1e-5
+
+
+class _SparseMatmul(nn.Module):
+    """Holds ``W`` as CSR or BSR component buffers and computes ``W @ cols + bias``.
+
+    The components are kept as ordinary dense buffers, not as one sparse tensor, because sparse
+    compressed tensors cannot be deep-copied and plain buffers make ``state_dict`` loadable with
+    ``torch.load(weights_only=True)``. Assembling the sparse view in ``forward`` costs a few
+    microseconds and copies no data.
+    """
+
+    def __init__(self, weight2d: Tensor, bias: Tensor | None, blocksize: int | None) -> None:
+        super().__init__()
+        weight2d = weight2d.detach()
+        if blocksize is None:
+            sparse = weight2d.to_sparse_csr()
+            values = sparse.values()
+        else:
+            sparse = weight2d.to_sparse_bsr((blocksize, blocksize))
+            values = sparse.values()
+        self.weight_shape = tuple(weight2d.shape)
+        self.blocksize = blocksize
+        self.register_buffer("crow_indices", sparse.crow_indices().clone())
+        self.register_buffer("col_indices", sparse.col_indices().clone())
+        self.register_buffer("values", values.clone())
+        # Shaped [out, 1] once here so forward broadcasts it over the columns without a copy.
+        self.register_buffer("bias", None if bias is None else bias.detach().clone()[:, None])
+
+    @property
+    def layout(self) -> str:
+        return "csr" if self.blocksize is None else f"bsr{self.blocksize}x{self.blocksize}"
+
+    def sparse_weight(self) -> Tensor:
+        layout = torch.sparse_csr if self.blocksize is None else torch.sparse_bsr
+        return torch.sparse_compressed_tensor(
+            self.crow_indices, self.col_indices, self.values, self.weight_shape, layout=layout
+        )
+
+    def matmul(self, cols: Tensor) -> Tensor:
+        """``W @ cols (+ bias)`` for ``cols`` of shape [in, n]; returns [out, n]."""
+        weight = self.sparse_weight()
+        if self.bias is None:
+            return torch.sparse.mm(weight, cols)
+        return torch.sparse.addmm(self.bias, weight, cols)
+
+    def extra_repr(self) -> str:
+        density = self.values.numel() / max(1, math.prod(self.weight_shape))
+        return f"layout={self.layout}, stored={density:.3f}"
+
+
+class SparseLinear(_SparseMatmul):
+    """Drop-in replacement for ``nn.Linear`` holding a sparse weight; accepts [..., in_features].
+
+    Computes ``(W @ x.T).T`` because MKL's sparse-times-dense kernel is the fast one; a dense
+    times sparse product measured 50-70x slower on this CPU.
+    """
+
+    def __init__(self, linear: nn.Linear, blocksize: int | None = None) -> None:
+        super().__init__(linear.weight, linear.bias, blocksize)
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        out = self.matmul(x.reshape(-1, self.in_features).t())
+        # Contiguous like nn.Linear's output, so callers that .view() the result keep working.
+        return out.t().contiguous().view(*lead, self.out_features)
+
+
+class SparseConv1x1(_SparseMatmul):
+    """Drop-in replacement for a 1x1, stride-1, unpadded, ungrouped ``nn.Conv2d``.
+
+    A 1x1 convolution is ``W[out, in] @ X[in, n*h*w]``; for batch 1 the input already has that
+    layout, so no copy is made.
+    """
+
+    def __init__(self, conv: nn.Conv2d, blocksize: int | None = None) -> None:
+        super().__init__(conv.weight.flatten(1), conv.bias, blocksize)
+        self.in_channels = conv.in_channels
+        self.out_channels = conv.out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        n, c, h, w = x.shape
+        out = self.matmul(x.transpose(0, 1).reshape(c, n * h * w))
+        out = out.view(self.out_channels, n, h, w).transpose(0, 1).contiguous()
+        return out.squeeze(0) if unbatched else out
+
+
+@dataclass(frozen=True)
+class LayerRuntime:
+    """One candidate layer: what was measured and what was decided.
+
+    Times are ``None`` when the layer was never timed (not reached by ``example_inputs``, or
+    skipped for the ``reason`` given).
+    """
+
+    name: str
+    kind: LayerKind
+    shape: tuple[int, ...]
+    sparsity: float
+    dense_ms: float | None
+    sparse_ms: float | None
+    speedup: float | None
+    converted: bool
+    layout: str = "dense"
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RuntimeReport:
+    """What :func:`to_sparse_runtime` measured and converted, per layer.
+
+    ``str(report)`` is a readable table; ``report.to_dict()`` is JSON-serialisable and
+    :func:`report_from_dict` turns it back into a report.
+    """
+
+    layers: tuple[LayerRuntime, ...]
+    min_speedup: float
+
+    @property
+    def converted(self) -> list[str]:
+        """Names of the layers that now run sparse."""
+        return [layer.name for layer in self.layers if layer.converted]
+
+    def to_dict(self) -> dict[str, Any]:
+        layers = [{**asdict(layer), "shape": list(layer.shape)} for layer in self.layers]
+        return {"min_speedup": self.min_speedup, "layers": layers}
+
+    def __str__(self) -> str:
+        header = "| layer | kind | shape | sparsity | dense ms | sparse ms | speed-up | runs as |"
+        rows = [header, "|---|---|---|---:|---:|---:|---:|---|"]
+        for layer in self.layers:
+            runs_as = layer.layout if layer.converted else f"dense ({layer.reason})"
+            shape = "x".join(str(d) for d in layer.shape)
+            rows.append(
+                f"| {layer.name} | {layer.kind} | {shape} | {layer.sparsity:.1%} "
+                f"| {_fmt(layer.dense_ms)} | {_fmt(layer.sparse_ms)} "
+                f"| {_fmt(layer.speedup, 'x')} | {runs_as} |"
+            )
+        rows.append(
+            f"{len(self.converted)} of {len(self.layers)} candidate layers converted "
+            f"(min_speedup={self.min_speedup:g})"
+        )
+        return "\n".join(rows)
+
+
+def report_from_dict(d: dict[str, Any]) -> RuntimeReport:
+    """Rebuild a :class:`RuntimeReport` from ``report.to_dict()``, e.g. after a JSON round trip.
+
+    Example:
+        >>> report_from_dict({"min_speedup": 1.1, "layers": []}).converted
+        []
+    """
+    try:
+        layers = tuple(
+            LayerRuntime(**{**layer, "shape": tuple(layer["shape"])}) for layer in d["layers"]
+        )
+        return RuntimeReport(layers=layers, min_speedup=float(d["min_speedup"]))
+    except (KeyError, TypeError) as err:
+        raise ConfigError(
+            f"report_from_dict: not a RuntimeReport dict ({err}); expected the output of "
+            "RuntimeReport.to_dict() with keys 'min_speedup' and 'layers'"
+        ) from None
+
+
+def median_timer(fn: Callable[[], object], *, repeats: int = 7, target_s: float = 2e-3) -> float:
+    """Seconds per call of ``fn``: warm up, then the median of ``repeats`` short timed runs.
+
+    Each run loops ``fn`` enough times to last about ``target_s``, because a single call of a
+    small layer is shorter than the noise of the clock and the scheduler.
+    """
+    with torch.no_grad():
+        fn()
+        start = time.perf_counter()
+        fn()
+        once = max(time.perf_counter() - start, 1e-7)
+        loops = max(1, min(200, int(target_s / once)))
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(loops):
+                fn()
+            runs.append((time.perf_counter() - start) / loops)
+    return statistics.median(runs)
+
+
+def to_sparse_runtime(
+    model: nn.Module,
+    example_inputs: Tensor | Sequence[Tensor],
+    *,
+    min_speedup: float = 1.1,
+    timer: Timer | None = None,
+) -> nn.Module:
+    """Return a copy of ``model`` whose sparse-enough layers run with sparse kernels.
+
+    ``example_inputs`` should look like production inputs (same batch size): a layer's verdict
+    holds for the activation shapes it was timed with. ``model`` itself is not modified. The
+    copy carries ``runtime_report`` (a :class:`RuntimeReport`).
+
+    ``timer(fn) -> seconds`` does all timing. Each ``fn`` is ``functools.partial(layer,
+    activation)``, so a test timer can tell the dense layer from ``SparseLinear`` or
+    ``SparseConv1x1`` by ``fn.func``. Default: :func:`median_timer`.
+
+    Converted layers hold buffers, not parameters: the result is for inference, not training.
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.Linear(256, 256)
+        >>> with torch.no_grad():
+        ...     layer.weight[layer.weight.abs() < 0.06] = 0
+        >>> fast = to_sparse_runtime(layer, torch.randn(1, 256), min_speedup=0.0)
+        >>> type(fast).__name__, fast.runtime_report.converted
+        ('SparseLinear', [''])
+    """
+    _check_arguments(model, example_inputs, min_speedup)
+    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    out = copy.deepcopy(model)
+    candidates = {name: m for name, m in out.named_modules() if _kind(m) is not None}
+    activations = _capture_inputs(out, inputs, candidates)
+    time_fn = timer if timer is not None else median_timer
+    layers = []
+    for name, module in candidates.items():
+        layer, replacement = _decide(name, module, activations.get(name), min_speedup, time_fn)
+        layers.append(layer)
+        if replacement is not None:
+            out = _replace(out, name, replacement)
+    out.runtime_report = RuntimeReport(layers=tuple(layers), min_speedup=float(min_speedup))
+    return out
+
+
+def _check_arguments(model: object, example_inputs: object, min_speedup: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"to_sparse_runtime: model must be an nn.Module, got {type(model)}")
+    items = [example_inputs] if isinstance(example_inputs, Tensor) else example_inputs
+    if not isinstance(items, (list, tuple)) or not all(isinstance(t, Tensor) for t in items):
+        raise ConfigError(
+            f"to_sparse_runtime: example_inputs must be a Tensor or a tuple of Tensors, got "
+            f"{type(example_inputs).__name__}; HINT: pass a batch shaped like production inputs"
+        )
+    if (
+        isinstance(min_speedup, bool)
+        or not isinstance(min_speedup, (int, float))
+        or not (0 <= min_speedup < math.inf)
+    ):
+        raise ConfigError(
+            f"to_sparse_runtime: min_speedup={min_speedup!r} is not allowed; use a finite number "
+            ">= 0 (1.1 keeps a layer dense unless sparse is at least 10% faster)"
+        )
+
+
+def _kind(module: nn.Module) -> LayerKind | None:
+    """The candidate kind of ``module``, or None. Exact types: a subclass may change forward."""
+    if type(module) is nn.Linear:
+        return "linear"
+    if (
+        type(module) is nn.Conv2d
+        and module.kernel_size == (1, 1)
+        and module.stride == (1, 1)
+        and module.groups == 1
+        and module.padding in ((0, 0), "valid", "same")
+    ):
+        return "conv1x1"
+    return None
+
+
+def _capture_inputs(
+    model: nn.Module, inputs: tuple[Tensor, ...], candidates: dict[str, nn.Module]
+) -> dict[str, Tensor]:
+    """Run ``model`` once in eval mode and keep the first input each candidate receives.
+
+    Eval mode so that BatchNorm statistics of the copy do not move; each module's own training
+    flag is restored afterwards.
+    """
+    captured: dict[str, Tensor] = {}
+
+    def hook(name: str, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        if name not in captured and args and isinstance(args[0], Tensor):
+            captured[name] = args[0].detach()
+
+    handles = [
+        m.register_forward_pre_hook(functools.partial(hook, name))
+        for name, m in candidates.items()
+        if not _has_hooks(m)
+    ]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in modes.items():
+            m.training = training
+    return captured
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Masks, ``torch.nn.utils.prune`` and parametrizations change what forward computes."""
+    return bool(
+        module._forward_pre_hooks or module._forward_hooks or parametrize.is_parametrized(module)
+    )
+
+
+def _decide(
+    name: str,
+    module: nn.Module,
+    activation: Tensor | None,
+    min_speedup: float,
+    timer: Timer,
+) -> tuple[LayerRuntime, nn.Module | None]:
+    """Time ``module`` against its sparse variants on ``activation``; return the verdict."""
+    kind = _kind(module)
+    assert kind is not None
+    weight = module.weight.detach()
+    sparsity = float((weight == 0).sum()) / max(1, weight.numel())
+
+    def skipped(reason: str) -> tuple[LayerRuntime, None]:
+        layer = LayerRuntime(
+            name, kind, tuple(weight.shape), sparsity, None, None, None, False, reason=reason
+        )
+        return layer, None
+
+    if _has_hooks(module):
+        return skipped("has hooks or parametrizations; strip masks first")
+    if not weight.is_floating_point():
+        return skipped(f"weight dtype {weight.dtype} is not floating point")
+    if activation is None:
+        return skipped("not reached by example_inputs")
+
+    with torch.no_grad():
+        expected = module(activation)
+    dense_s = timer(functools.partial(module, activation))
+    best: tuple[float, nn.Module] | None = None
+    failures = []
+    for variant in _sparse_variants(module, kind, weight):
+        try:
+            with torch.no_grad():
+                got = variant(activation)
+            if not _close(got, expected):
+                failures.append(f"{variant.layout} output differs")
+                continue
+        except RuntimeError as err:  # a dtype or device the sparse kernels do not support
+            failures.append(f"{variant.layout} failed: {str(err).splitlines()[0]}")
+            continue
+        seconds = timer(functools.partial(variant, activation))
+        if best is None or seconds < best[0]:
+            best = (seconds, variant)
+    if best is None:
+        return skipped("; ".join(failures) or "no sparse variant")
+
+    sparse_s, variant = best
+    speedup = dense_s / sparse_s if sparse_s > 0 else math.inf
+    converted = speedup >= min_speedup
+    reason = "" if converted else f"{variant.layout} speed-up below {min_speedup:g}"
+    layer = LayerRuntime(
+        name=name,
+        kind=kind,
+        shape=tuple(weight.shape),
+        sparsity=sparsity,
+        dense_ms=dense_s * 1e3,
+        sparse_ms=sparse_s * 1e3,
+        speedup=speedup,
+        converted=converted,
+        layout=variant.layout if converted else "dense",
+        reason=reason,
+    )
+    return layer, (variant if converted else None)
+
+
+def _sparse_variants(module: nn.Module, kind: LayerKind, weight: Tensor) -> list[_SparseMatmul]:
+    """CSR always; BSR for each square block size whose blocks are mostly non-zero."""
+    build: Callable[..., _SparseMatmul] = SparseLinear if kind == "linear" else SparseConv1x1
+    variants = [build(module)]
+    weight2d = weight.flatten(1)
+    nnz = int((weight2d != 0).sum())
+    rows, cols = weight2d.shape
+    for size in _BSR_BLOCKS:
+        if nnz == 0 or rows % size or cols % size:
+            continue
+        kept_blocks = int((block_scores(weight2d, (size, size)) > 0).sum())
+        if nnz / (kept_blocks * size * size) >= _BSR_MIN_FILL:
+            variants.append(build(module, blocksize=size))
+    return variants
+
+
+def _close(got: Tensor, expected: Tensor) -> bool:
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    atol = _CHECK_ATOL_REL * max(scale, 1e-12)
+    return got.shape == expected.shape and torch.allclose(got, expected, _CHECK_RTOL, atol)
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at dotted path ``name`` in ``root``; the root itself when ``name`` is ''."""
+    if name == "":
+        return new
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name), child, new)
+    return root
+
+
+def _fmt(value: float | None, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}{suffix}" if value < 100 else f"{value:.0f}{suffix}"
+
+
+def block_scores(weight: Tensor, block_shape: tuple[int, int]) -> Tensor:
+    """L2 norm of each ``block_shape`` block of a weight, as a [ceil(rows/bh), ceil(cols/bw)] grid.
+
+    Pruning whole blocks by this score gives BSR-friendly sparsity, which on this CPU runs up to
+    about 2x faster than CSR at the same sparsity (docs/sparse_runtime.md). Edge blocks are
+    zero-padded; weights with more than two dims are viewed as [out, rest] like a 1x1 conv.
+
+    Example:
+        >>> block_scores(torch.ones(4, 6), (2, 4))
+        tensor([[2.8284, 2.0000],
+                [2.8284, 2.0000]])
+    """
+    bh, bw = block_shape
+    if bh < 1 or bw < 1:
+        raise ConfigError(f"block_scores: block_shape={block_shape!r}; both sizes must be >= 1")
+    w = weight.detach().flatten(1) if weight.dim() > 2 else weight.detach()
+    rows, cols = w.shape
+    padded = nn.functional.pad(w, (0, -cols % bw, 0, -rows % bh))
+    blocks = padded.reshape(padded.shape[0] // bh, bh, padded.shape[1] // bw, bw)
+    return blocks.pow(2).sum(dim=(1, 3)).sqrt()

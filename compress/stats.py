@@ -1,0 +1,110 @@
+"""Statistics: per-layer and total sparsity, parameters and MACs, as a table and as numbers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """What ``ctrl.statistics()`` returns: ``str()`` is a readable report, ``to_dict()`` numbers."""
+
+    model: Mapping[str, Any]
+    algorithms: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": dict(self.model), "algorithms": [dict(a) for a in self.algorithms]}
+
+    def __str__(self) -> str:
+        parts = []
+        for algo in self.algorithms:
+            head = f"Statistics of {algo['algorithm']}"
+            if "level" in algo:
+                head += f" (current level {algo['level']:.4f}"
+                head += ", frozen)" if algo.get("frozen") else ")"
+            parts.append(head)
+            if algo.get("layers"):
+                parts.append(table(algo["layers"]))
+            if algo.get("summary"):
+                parts.append(table([algo["summary"]] if isinstance(algo["summary"], Mapping) else algo["summary"]))
+        parts.append("Statistics of the model")
+        parts.append(table([{"": k, "value": v} for k, v in self.model.items()]))
+        return "\n".join(parts)
+
+
+def table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A plain aligned text table; floats in [0, 1] print with 4 decimals."""
+    if not rows:
+        return ""
+    cols = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [[_fmt(row.get(c, "")) for c in cols] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+    line = "+".join("-" * (w + 2) for w in widths)
+    out = [f"+{line}+", "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |", f"+{line}+"]
+    for r in cells:
+        out.append("| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |")
+    out.append(f"+{line}+")
+    return "\n".join(out)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:,.1f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    if isinstance(v, (list, tuple)):
+        return "x".join(str(x) for x in v)
+    return str(v)
+
+
+def layer_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dict[str, int]:
+    """MACs of each module (by name) for one forward pass, from torch's FLOP counter."""
+    counter = FlopCounterMode(display=False)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), counter:
+            model(*example_inputs)
+    finally:
+        model.train(was_training)
+    root = type(model).__name__
+    out: dict[str, int] = {}
+    for key, counts in counter.get_flop_counts().items():
+        name = key[len(root) + 1 :] if key.startswith(root + ".") else ("" if key == root else key)
+        out[name] = int(sum(counts.values())) // 2
+    return out
+
+
+def model_summary(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor] | None,
+    weights: Mapping[str, torch.Tensor],
+) -> dict[str, Any]:
+    """Totals of the model. ``weights`` maps layer names to the weights as the forward pass sees
+    them (masked); MACs of a layer after sparsity scale with its weight density."""
+    params = sum(p.numel() for p in model.parameters())
+    zero = sum(int((w == 0).sum()) for w in weights.values())
+    n_weights = sum(w.numel() for w in weights.values())
+    out: dict[str, Any] = {
+        "params": params,
+        "compressed layers": len(weights),
+        "weights in compressed layers": n_weights,
+        "zero weights": zero,
+        "sparsity of compressed layers": zero / n_weights if n_weights else 0.0,
+        "sparsity of the model": zero / params if params else 0.0,
+    }
+    if example_inputs is not None:
+        macs = layer_macs(model, example_inputs)
+        total = macs.get("", sum(macs.values()))
+        saved = 0.0
+        for name, w in weights.items():
+            saved += macs.get(name, 0) * float((w == 0).sum()) / max(w.numel(), 1)
+        out["MACs"] = total
+        out["nonzero MACs"] = int(total - saved)
+    return out
