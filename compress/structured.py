@@ -491,7 +491,8 @@ def group_weights(
 
     Example:
         >>> scores = torch.zeros(group.size)  # doctest: +SKIP
-        >>> for rows, ch in group_weights(model, group): scores.index_add_(0, ch, rows.abs().sum(1))
+        >>> for rows, ch in group_weights(model, group):  # doctest: +SKIP
+        ...     scores.index_add_(0, ch, rows.abs().sum(1))
     """
     out = []
     for member in group.members:

@@ -1,0 +1,172 @@
+"""Filter pruning on a CIFAR-style ResNet-18: our masks -> shrink path against Torch-Pruning's own.
+
+For each ratio, every channel group keeps ``round_keep(size, size * (1 - ratio), 8)`` channels
+chosen by L1 norm; Torch-Pruning's ``MagnitudePruner`` (L1, ``round_to=8``) prunes a copy of the
+same model at the same ratio. Reports MAC reduction, parameters, CPU latency speed-up at batch 1
+and 64 (medians of interleaved runs) and speed-up / MAC reduction, which says how much of the
+arithmetic saved turns into time saved.
+
+    python benchmarks/structured.py              # widths 32..256, 2.8M parameters
+    python benchmarks/structured.py --width 64   # the full ResNet-18, 11M parameters (slow)
+    python benchmarks/structured.py --quick      # widths 16..128, a smoke run
+
+The default is the half-width network because a batch of 64 through the full one takes
+seconds on a small shared CPU, which leaves too few repetitions in five minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+
+from compress.structured import (
+    apply_channel_mask,
+    build_groups,
+    channel_norms,
+    count_macs_params,
+    round_keep,
+    shrink,
+)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    def __init__(self, width: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        layers, cin = [], width
+        for i, stride in enumerate((1, 2, 2, 2)):
+            cout = width * 2**i
+            layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(F.relu(self.bn(self.stem(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def ours(model: nn.Module, x: torch.Tensor, ratio: float) -> tuple[nn.Module, float]:
+    """Masks the lowest-L1 channels of every group, then shrinks; returns (model, max rel error)."""
+    masked = copy.deepcopy(model)
+    groups = build_groups(masked, x, prune_first_conv=True, prune_downsample_convs=True)
+    keep = {}
+    for group in groups:
+        n_keep = round_keep(group.size, round(group.size * (1 - ratio)), 8)
+        k = torch.zeros(group.size, dtype=torch.bool)
+        k[channel_norms(masked, group, p=1).topk(n_keep).indices] = True
+        keep[group.name] = k
+        apply_channel_mask(masked, group, k)
+    small = shrink(masked, groups, keep, example_inputs=x).eval()
+    with torch.no_grad():
+        want, got = masked(x), small(x)
+    return small, float((want - got).abs().max() / want.abs().max())
+
+
+def torch_pruning(model: nn.Module, x: torch.Tensor, ratio: float) -> nn.Module:
+    small = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MagnitudePruner(
+            small,
+            x,
+            importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=ratio,
+            ignored_layers=[small.fc],
+            round_to=8,
+        )
+        pruner.step()
+    return small.eval()
+
+
+def latencies(models: dict[str, nn.Module], x: torch.Tensor, reps: int) -> dict[str, float]:
+    """Median seconds per forward; models take turns so that load on the machine hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            model(x)  # warm-up: allocator and kernel selection
+        for _ in range(reps):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(x)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="narrow model, few repetitions")
+    parser.add_argument("--width", type=int, default=32, help="stem width (64: ResNet-18)")
+    args = parser.parse_args(argv)
+    width, reps1, reps64 = (16, 10, 3) if args.quick else (args.width, 30, 7)
+    ratios = (0.3, 0.5, 0.7)
+
+    torch.manual_seed(0)
+    dense = ResNet18(width).eval()
+    for m in dense.modules():  # trained-looking statistics, so L1 ranks are not all ties
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+    x1 = torch.randn(1, 3, 32, 32)
+    x64 = torch.randn(64, 3, 32, 32)
+
+    models: dict[str, nn.Module] = {"dense": dense}
+    errors: dict[str, float] = {}
+    for ratio in ratios:
+        small, errors[f"ours {ratio:.0%}"] = ours(dense, x1, ratio)
+        models[f"ours {ratio:.0%}"] = small
+        models[f"torch-pruning {ratio:.0%}"] = torch_pruning(dense, x1, ratio)
+
+    t1 = latencies(models, x1, reps1)
+    t64 = latencies(models, x64, reps64)
+    dense_macs, dense_params = count_macs_params(dense, x1)
+    print(f"ResNet-18 (width {width}), 32x32 input, {torch.get_num_threads()} CPU threads\n")
+    print(
+        "| model | MACs (M) | MAC reduction | params (M) | speed-up b1 | speed-up b64 "
+        "| speed-up b64 / MAC reduction | masked vs shrunk |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, model in models.items():
+        macs, params = count_macs_params(model, x1)
+        reduction = dense_macs / macs
+        s1, s64 = t1["dense"] / t1[name], t64["dense"] / t64[name]
+        err = f"{errors[name]:.1e}" if name in errors else "-"
+        print(
+            f"| {name} | {macs / 1e6:.1f} | {reduction:.2f}x | {params / 1e6:.2f} | {s1:.2f}x "
+            f"| {s64:.2f}x | {s64 / reduction:.2f} | {err} |"
+        )
+    print(
+        f"\ndense: {dense_params / 1e6:.2f}M params, b1 {t1['dense'] * 1e3:.1f} ms, "
+        f"b64 {t64['dense'] * 1e3:.0f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()
