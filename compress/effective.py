@@ -110,7 +110,9 @@ def layer_weight(module: nn.Module) -> torch.Tensor:
     """The weight as the forward pass sees it: ``param * mask`` when masked, else the parameter."""
     if "weight" in masks.masked_names(module):
         return masks.effective(module, "weight")
-    return module.weight.detach()
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight.detach()
 
 
 @dataclass(frozen=True)
@@ -193,10 +195,11 @@ def _union(vecs: list[Vec], width: int | None) -> Vec:
 
 def _shape(node: Any) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if hasattr(meta, "shape") else None
+    shape = getattr(meta, "shape", None)  # None as well for ops returning tuples
+    return None if shape is None else tuple(shape)
 
 
-def _dims_keep_channels(dims: Any, node: fx.Node) -> bool:
+def _dims_keep_channels(dims: Any, node: Any) -> bool:
     """True when every dim in ``dims`` is a spatial one (>= 2), so channel axis 1 is untouched."""
     dims = dims if isinstance(dims, (tuple, list)) else (dims,)
     shape = _shape(node)
@@ -221,7 +224,7 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     target: Any = node.target
     if node.op == "call_module":
         module = modules[target]
-        if _prunable(module):
+        if _is_layer(node, modules):
             return "layer"
         if isinstance(module, _PASS_MODULES):
             return "pass"
@@ -252,6 +255,8 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
         return "pass" if squeeze_all or _dims_keep_channels(dim, node.args[0]) else "unknown"
     if target in _RESHAPE:
         return _reshape_kind(node)
+    if target is operator.getitem:
+        return _getitem_kind(node, modules)
     return "unknown"
 
 
@@ -271,6 +276,17 @@ def _flatten_kind(node: fx.Node, start: int, end: int) -> str:
     return "unknown"
 
 
+def _getitem_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    """``x[:, :, None]`` keeps (N, C); an item of an op we do not understand stays opaque."""
+    source, index = node.args[0], node.args[1]
+    if isinstance(source, fx.Node) and _classify(source, modules) == "unknown":
+        return "pass"  # the source is already "all alive", and already named in the warning
+    full = slice(None)
+    if isinstance(index, tuple) and len(index) >= 2 and index[0] == full and index[1] == full:
+        return "pass"
+    return "unknown"
+
+
 def _reshape_kind(node: fx.Node) -> str:
     """``x.view(n, -1)`` and friends flatten; a reshape keeping (N, C) is a pass-through."""
     sizes = node.args[1:]
@@ -282,6 +298,10 @@ def _reshape_kind(node: fx.Node) -> str:
     if before is not None and after is not None and before[:2] == after[:2]:
         return "pass"
     return "unknown"
+
+
+def _is_layer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return node.op == "call_module" and _prunable(modules[str(node.target)])
 
 
 def _op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -305,6 +325,8 @@ def _trace(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
     if example_inputs is None:
         return graph_module
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    # Channel counts do not depend on the batch: one sample is enough and much cheaper.
+    inputs = tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() else x for x in inputs)
     modes = {m: m.training for m in model.modules()}
     model.eval()  # no BatchNorm running-stat updates from our probe
     try:
@@ -341,6 +363,8 @@ def active_weights(
     """
     layers = prunable_layers(model)
     direct = {name: layer_weight(m) != 0 for name, m in layers.items()}
+    if _prunable(model):  # a single layer: every nonzero weight joins input and output
+        return direct
     try:
         graph_module = _trace(model, example_inputs)
     except Exception as error:  # any trace failure: report the direct masks
@@ -361,9 +385,13 @@ def _sweep(
     """Forward then backward reachability over the traced graph; returns per-weight activity."""
     modules = dict(graph_module.named_modules())
     nodes = list(graph_module.graph.nodes)
+    layers = {
+        str(n.target): _Layer.of(modules[str(n.target)]) for n in nodes if _is_layer(n, modules)
+    }
     kinds: dict[fx.Node, str] = {}
     fwd: dict[fx.Node, Vec] = {}  # only nodes that carry information from the input
     cat_widths: dict[fx.Node, list[int]] = {}
+    lazy: set[fx.Node] = set()  # flattened without shapes: one entry per channel, not feature
     unknown: list[str] = []
     for node in nodes:
         if node.op == "placeholder":
@@ -373,14 +401,18 @@ def _sweep(
         if node.op in ("output", "get_attr") or not inputs:
             continue
         kind = _classify(node, modules)
-        if kind == "cat" and not _plan_cat(node, fwd, cat_widths):
+        if kind == "cat" and (lazy.intersection(inputs) or not _plan_cat(node, fwd, cat_widths)):
             kind = "unknown"
+        if (kind == "flatten" and _shape(node) is None) or (
+            kind in ("pass", "mix") and lazy.intersection(inputs)
+        ):
+            lazy.add(node)
         kinds[node] = kind
         if kind == "noinfo":
             continue
         if kind == "unknown":
             unknown.append(_op_name(node, modules))
-        fwd[node] = _forward(node, kind, inputs, fwd, modules, cat_widths)
+        fwd[node] = _forward(node, kind, inputs, fwd, layers, cat_widths)
 
     bwd_in: dict[fx.Node, list[Vec]] = {node: [] for node in fwd}
     active = {name: torch.zeros_like(mask) for name, mask in direct.items()}
@@ -396,8 +428,7 @@ def _sweep(
         kind, inputs = kinds[node], [a for a in node.all_input_nodes if a in fwd]
         out = _union(bwd_in[node], _width(node, fwd))
         if kind == "layer":
-            module = modules[str(node.target)]
-            layer = _Layer.of(module)
+            module, layer = modules[str(node.target)], layers[str(node.target)]
             x, y = _align(fwd[inputs[0]], layer.in_width), _align(out, layer.out_width)
             name = names[module]
             active[name] |= layer.active(x, y)
@@ -441,12 +472,12 @@ def _forward(
     kind: str,
     inputs: list[fx.Node],
     fwd: dict[fx.Node, Vec],
-    modules: dict[str, nn.Module],
+    layers: dict[str, _Layer],
     cat_widths: dict[fx.Node, list[int]],
 ) -> Vec:
     """Which channels of ``node``'s output carry information from the network input."""
     if kind == "layer":
-        layer = _Layer.of(modules[str(node.target)])
+        layer = layers[str(node.target)]
         return layer.forward(_align(fwd[inputs[0]], layer.in_width))
     if kind == "pass":
         return _union([fwd[a] for a in inputs], _width(node, {}))
