@@ -124,7 +124,12 @@ class CompressionCallback(pl.Callback):
             self.ctrl.scheduler.epoch_step(trainer.current_epoch)
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         assert self.ctrl is not None
         # global_step counts optimizer steps, so accumulation and skipped steps are respected.
@@ -176,7 +181,9 @@ def layer_metrics(ctrl: CompressionController) -> dict[str, float]:
     for algo in stats["algorithms"]:
         for row in algo.get("layers", ()):
             if "sparsity" in row:
-                out[f"compression/{algo['algorithm']}/{row['layer']}/sparsity"] = float(row["sparsity"])
+                out[f"compression/{algo['algorithm']}/{row['layer']}/sparsity"] = float(
+                    row["sparsity"]
+                )
         if "effective_sparsity" in stats["model"]:
             out["compression/effective_sparsity"] = float(stats["model"]["effective_sparsity"])
     return out

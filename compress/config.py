@@ -73,7 +73,12 @@ class Config:
         info = self.data.get("input_info")
         if info is None:
             return None
-        dtypes = {"float": torch.float32, "long": torch.long, "int": torch.int32, "bool": torch.bool}
+        dtypes = {
+            "float": torch.float32,
+            "long": torch.long,
+            "int": torch.int32,
+            "bool": torch.bool,
+        }
         out = []
         for i, item in enumerate(info if isinstance(info, list) else [info]):
             if "keyword" in item:
@@ -128,7 +133,9 @@ def load_config(recipe: str | Path | Mapping[str, Any] | Config) -> Config:
     names = [a.name for a in algorithms]
     for name in set(names):
         if names.count(name) > 1:
-            raise ConfigError(f"compression: {name!r} appears {names.count(name)} times; give it once")
+            raise ConfigError(
+                f"compression: {name!r} appears {names.count(name)} times; give it once"
+            )
     rest = {k: v for k, v in data.items() if k != "compression"}
     top = {k: v for k, v in schema().items() if k != "required"}
     top["properties"] = {k: v for k, v in top["properties"].items() if k != "compression"}
@@ -147,7 +154,9 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        raise ConfigError(
+            f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        ) from None
 
 
 def _algorithm(item: Any, path: str) -> AlgorithmConfig:
@@ -209,7 +218,8 @@ def _check_rules(name: str, options: Mapping[str, Any], params: dict[str, Any], 
         if "pruning_flops_target" not in params:
             params.setdefault("pruning_target", 0.5)
         if params["interlayer_ranking_type"] == "learned_ranking" or any(
-            k in params for k in ("legr_params", "save_ranking_coeffs_path", "load_ranking_coeffs_path")
+            k in params
+            for k in ("legr_params", "save_ranking_coeffs_path", "load_ranking_coeffs_path")
         ):
             raise ConfigError(
                 f"{p}.interlayer_ranking_type: 'learned_ranking' (LeGR) is not supported; "
@@ -233,7 +243,9 @@ def _validate(instance: Any, sub: Mapping[str, Any], path: str) -> None:
     root = schema()
     resolver_schema = {**sub, "$defs": root["$defs"]}
     validator = jsonschema.Draft202012Validator(resolver_schema)
-    errors = sorted(validator.iter_errors(instance), key=lambda e: (len(e.path), list(map(str, e.path))))
+    errors = sorted(
+        validator.iter_errors(instance), key=lambda e: (len(e.path), list(map(str, e.path)))
+    )
     if errors:
         raise ConfigError(_message(errors[0], path))
 
@@ -252,7 +264,9 @@ def _message(error: jsonschema.ValidationError, base: str) -> str:
         allowed = sorted(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(allowed))
         key = extra[0]
-        return f"{where}: unknown key {key!r}{_hint(key, allowed)}; allowed keys: {_choices(allowed)}"
+        return (
+            f"{where}: unknown key {key!r}{_hint(key, allowed)}; allowed keys: {_choices(allowed)}"
+        )
     if error.validator == "enum":
         return f"{where}: {value} is not allowed; one of {_choices(error.validator_value)}"
     if error.validator == "const":
@@ -274,8 +288,10 @@ def _message(error: jsonschema.ValidationError, base: str) -> str:
 
 
 def _describe(options: list[Mapping[str, Any]]) -> str:
-    kinds = ["a list" if o.get("type") == "array" else "an object" if "$ref" in o else str(o.get("type"))
-             for o in options]
+    kinds = [
+        "a list" if o.get("type") == "array" else "an object" if "$ref" in o else str(o.get("type"))
+        for o in options
+    ]
     return " nor ".join(kinds)
 
 

@@ -90,7 +90,8 @@ class CompressionController:
         names = [a.name for a in self.algorithms]
         if list(state["algorithms"]) != names:
             raise CompressError(
-                f"compression state holds {list(state['algorithms'])}, but the recipe builds {names}"
+                f"compression state holds {list(state['algorithms'])}, "
+                f"but the recipe builds {names}"
             )
         self.scheduler.load_state_dict(state["scheduler"])
         for algo in self.algorithms:

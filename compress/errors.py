@@ -6,4 +6,7 @@ class CompressError(Exception):
 
 
 class ConfigError(CompressError, ValueError):
-    """A recipe or argument that is not valid: names the JSON path, the bad value and what is allowed."""
+    """A recipe or argument that is not valid.
+
+    The message names the JSON path, the bad value and what is allowed.
+    """

@@ -40,7 +40,9 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     temporary file is removed and a previous file at ``path`` is left intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=".tmp" + path.suffix, dir=path.parent
+    )
     os.close(fd)
     try:
         write(tmp)
@@ -102,7 +104,9 @@ def read_sparse(path: str | Path) -> tuple[dict[str, torch.Tensor], list[torch.T
     """The dense state_dict stored in a sparse file, and zero example inputs if it has shapes."""
     payload = safe_load(path)
     if not isinstance(payload, dict) or payload.get("format") != SPARSE_FORMAT:
-        raise CompressError(f"{path}: not a sparse export of this library (no '{SPARSE_FORMAT}' tag)")
+        raise CompressError(
+            f"{path}: not a sparse export of this library (no '{SPARSE_FORMAT}' tag)"
+        )
     try:
         state = {k: unpack(v) for k, v in payload["tensors"].items()}
         inputs = None
@@ -148,7 +152,9 @@ def load_sparse(
         return model
     inputs = example_inputs if example_inputs is not None else stored_inputs
     if inputs is None:
-        raise CompressError(f"{path}: runtime=True needs example_inputs; the file stores no input shapes")
+        raise CompressError(
+            f"{path}: runtime=True needs example_inputs; the file stores no input shapes"
+        )
     from compress.sparse_runtime import to_sparse_runtime
 
     return to_sparse_runtime(model, tuple(inputs))
@@ -163,11 +169,13 @@ def safe_load(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for damaged or unsafe files
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "GLOBAL" in str(e) or "Unsupported global" in str(e):
             raise CompressError(
                 f"{path}: refused to load: the file holds Python objects that are not plain "
                 "tensors (a pickle payload); only files written by this library load"
             ) from None
+        if "WeightsUnpickler error" in str(e):
+            text = str(e).split("WeightsUnpickler error:")[1].strip().splitlines()[0]
         raise CompressError(f"{path}: not a readable file of this library ({text})") from None
 
 
@@ -203,7 +211,8 @@ def export(
             if fmt == "sparse":
                 out[fmt] = save_sparse(model, path, inputs)
             elif fmt == "pt2":
-                program = torch.export.export(model, inputs)
+                args, dims = _dynamic_batch(inputs)
+                program = torch.export.export(model, args, dynamic_shapes=dims)
                 out[fmt] = atomic_write(path, lambda tmp, p=program: torch.export.save(p, tmp))
             elif fmt == "onnx":
                 out[fmt] = atomic_write(path, lambda tmp: _onnx(model, inputs, tmp))
@@ -222,8 +231,21 @@ def _as_tuple(x: torch.Tensor | Sequence[torch.Tensor] | None) -> tuple[torch.Te
     return (x,) if isinstance(x, torch.Tensor) else tuple(x)
 
 
+def _dynamic_batch(inputs: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], Any]:
+    """Inputs and ``dynamic_shapes`` that leave the batch dimension free, so the exported model
+    takes any batch size. A batch of 1 is repeated to 2 first: torch.export specialises size 1."""
+    inputs = tuple(
+        t.expand(2, *t.shape[1:]).contiguous() if t.dim() and t.shape[0] == 1 else t for t in inputs
+    )
+    dims = tuple({0: torch.export.Dim.AUTO} if t.dim() else None for t in inputs)
+    return inputs, dims
+
+
 def _onnx(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: str) -> None:
-    torch.onnx.export(model, inputs, path, dynamo=True, external_data=False, verbose=False)
+    args, dims = _dynamic_batch(inputs)
+    torch.onnx.export(
+        model, args, path, dynamic_shapes=dims, dynamo=True, external_data=False, verbose=False
+    )
 
 
 def _export_pruned(model: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...]) -> Path:
@@ -247,5 +269,7 @@ def _export_sparse_runtime(model: nn.Module, path: Path, inputs: tuple[torch.Ten
     save_sparse(model, path, inputs)
     report = to_sparse_runtime(model, inputs).runtime_report  # type: ignore[attr-defined]
     report_path = Path(str(path).removesuffix(".sparse.pt") + ".runtime.json")
-    atomic_write(report_path, lambda tmp: Path(tmp).write_text(json.dumps(report.to_dict(), indent=2)))
+    atomic_write(
+        report_path, lambda tmp: Path(tmp).write_text(json.dumps(report.to_dict(), indent=2))
+    )
     return path

@@ -30,23 +30,40 @@ import torch
 from torch import nn
 
 _MASK_PREFIX = "_cmask_"
-_STATE = "_compress_masked"  # attribute on a module: {param_name: MaskFn or None}
+_STATE = "_compress_masked"  # attribute on a module: {param_name: _Masking}
 
 MaskFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 """Computes the effective parameter from (module, param); used by learned masks (RB)."""
 
 
-def mask_name(param_name: str) -> str:
-    return _MASK_PREFIX + param_name
+class _Masking:
+    """How one parameter is masked: an optional function, then the product of mask buffers."""
+
+    __slots__ = ("fn", "buffers")
+
+    def __init__(self) -> None:
+        self.fn: MaskFn | None = None
+        self.buffers: list[str] = []
+
+
+def mask_name(param_name: str, owner: str = "") -> str:
+    return _MASK_PREFIX + param_name + (f"_{owner}" if owner else "")
+
+
+def _compute(module: nn.Module, name: str, param: torch.Tensor, m: _Masking) -> torch.Tensor:
+    out = m.fn(module, param) if m.fn else param
+    for buf in m.buffers:
+        out = out * getattr(module, buf)
+    return out
 
 
 def _pre_hook(module: nn.Module, args: object) -> None:
-    for name, fn in getattr(module, _STATE).items():
+    for name, m in getattr(module, _STATE).items():
         param = module._parameters[name]
         if param is None:
             continue
         # An instance attribute wins over nn.Module.__getattr__, which is what finds parameters.
-        module.__dict__[name] = fn(module, param) if fn else param * getattr(module, mask_name(name))
+        module.__dict__[name] = _compute(module, name, param, m)
 
 
 def _post_hook(module: nn.Module, args: object, output: object) -> None:
@@ -58,16 +75,18 @@ def attach(
     module: nn.Module,
     name: str = "weight",
     *,
+    owner: str = "",
     fn: MaskFn | None = None,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masks ``module.<name>`` with an all-ones mask buffer and returns the buffer.
 
     The buffer is non-persistent: it never enters ``state_dict``. The controller saves masks in
-    its own state. Attaching twice returns the existing mask (tied weights, combined recipes).
-    ``fn`` replaces the plain product ``param * mask`` (learned masks); the buffer still holds
-    the current binary mask for statistics and folding. ``mask`` shares an existing mask tensor,
-    for a parameter tied between modules.
+    its own state. Each ``owner`` (an algorithm) has its own buffer and the forward pass uses
+    the product of all of them, so combined algorithms never overwrite each other's zeros.
+    Attaching twice with the same owner returns the existing mask. ``fn`` computes the
+    parameter before the buffers multiply it (learned masks). ``mask`` shares an existing mask
+    tensor, for a parameter tied between modules.
     """
     param = module._parameters.get(name)
     if param is None:
@@ -78,19 +97,23 @@ def attach(
         module.__dict__[_STATE] = state
         module.register_forward_pre_hook(_pre_hook)
         module.register_forward_hook(_post_hook, always_call=True)
-    if name in state:
-        if fn is not None:
-            state[name] = fn
-        return getattr(module, mask_name(name))
-    state[name] = fn
+    m = state.setdefault(name, _Masking())
+    if fn is not None:
+        m.fn = fn
+    buf = mask_name(name, owner)
+    if buf in m.buffers:
+        return getattr(module, buf)
     if mask is None:
         mask = torch.ones_like(param, dtype=param.dtype)
-    module.register_buffer(mask_name(name), mask, persistent=False)
-    return getattr(module, mask_name(name))
+    module.register_buffer(buf, mask, persistent=False)
+    m.buffers.append(buf)
+    return mask
 
 
-def get_mask(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
-    return getattr(module, mask_name(name), None) if name in masked_names(module) else None
+def get_mask(module: nn.Module, name: str = "weight", owner: str = "") -> torch.Tensor | None:
+    m = module.__dict__.get(_STATE, {}).get(name)
+    buf = mask_name(name, owner)
+    return getattr(module, buf) if m is not None and buf in m.buffers else None
 
 
 def masked_names(module: nn.Module) -> tuple[str, ...]:
@@ -98,28 +121,19 @@ def masked_names(module: nn.Module) -> tuple[str, ...]:
 
 
 def iter_masked(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
-    """Yields (module name, module, param name, mask) for every masked parameter."""
+    """Yields (module name, module, param name, mask) for every mask buffer."""
     for mod_name, module in model.named_modules():
-        for name in masked_names(module):
-            yield mod_name, module, name, getattr(module, mask_name(name))
+        for name, m in module.__dict__.get(_STATE, {}).items():
+            for buf in m.buffers:
+                yield mod_name, module, name, getattr(module, buf)
 
 
 def effective(module: nn.Module, name: str = "weight") -> torch.Tensor:
     """The parameter as the forward pass sees it (masked), without autograd history."""
     param = module._parameters[name]
-    fn = module.__dict__.get(_STATE, {}).get(name)
+    m = module.__dict__.get(_STATE, {}).get(name)
     with torch.no_grad():
-        if fn is not None:
-            return fn(module, param).detach()
-        mask = get_mask(module, name)
-        return param.detach() if mask is None else param.detach() * mask
-
-
-def apply_(model: nn.Module) -> None:
-    """Multiplies every masked parameter by its mask in place (keeps pruned weights at zero)."""
-    with torch.no_grad():
-        for _, module, name, mask in iter_masked(model):
-            module._parameters[name].mul_(mask)
+        return param.detach() if m is None else _compute(module, name, param, m).detach()
 
 
 def fold(model: nn.Module) -> None:
@@ -140,10 +154,14 @@ def remove(module: nn.Module) -> None:
     if state is None:
         return
     # Found by identity rather than through handles, so that this also works on a deepcopy.
-    for hooks, hook in ((module._forward_pre_hooks, _pre_hook), (module._forward_hooks, _post_hook)):
+    for hooks, hook in (
+        (module._forward_pre_hooks, _pre_hook),
+        (module._forward_hooks, _post_hook),
+    ):
         for key in [k for k, v in hooks.items() if v is hook]:
             del hooks[key]
             module._forward_hooks_always_called.pop(key, None)
-    for name in state:
+    for name, m in state.items():
         module.__dict__.pop(name, None)
-        delattr(module, mask_name(name))
+        for buf in m.buffers:
+            delattr(module, buf)

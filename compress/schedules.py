@@ -62,7 +62,9 @@ def sparsity_level(params: Mapping[str, Any], init: float, epoch: float) -> floa
     if kind == "exponential":
         return exponential(epoch, init=init, target=target, target_epoch=target_epoch)
     if kind == "multistep":
-        return multistep(epoch, steps=params["multistep_steps"], levels=params["multistep_sparsity_levels"])
+        return multistep(
+            epoch, steps=params["multistep_steps"], levels=params["multistep_sparsity_levels"]
+        )
     raise KeyError(kind)
 
 

@@ -52,7 +52,9 @@ def select(
                     try:
                         re.compile(scope[4:])
                     except re.error as e:
-                        raise ConfigError(f"{path}.{key}: {scope!r} is not a valid regex: {e}") from None
+                        raise ConfigError(
+                            f"{path}.{key}: {scope!r} is not a valid regex: {e}"
+                        ) from None
                 if not any(matches(scope, n) for n in names):
                     raise ConfigError(
                         f"{path}.{key}: {scope!r} matches no module of the model; module "

@@ -32,7 +32,13 @@ class Statistics:
             if algo.get("layers"):
                 parts.append(table(algo["layers"]))
             if algo.get("summary"):
-                parts.append(table([algo["summary"]] if isinstance(algo["summary"], Mapping) else algo["summary"]))
+                parts.append(
+                    table(
+                        [algo["summary"]]
+                        if isinstance(algo["summary"], Mapping)
+                        else algo["summary"]
+                    )
+                )
         parts.append("Statistics of the model")
         parts.append(table([{"": k, "value": v} for k, v in self.model.items()]))
         return "\n".join(parts)
@@ -46,7 +52,11 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
     cells = [[_fmt(row.get(c, "")) for c in cols] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
     line = "+".join("-" * (w + 2) for w in widths)
-    out = [f"+{line}+", "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |", f"+{line}+"]
+    out = [
+        f"+{line}+",
+        "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |",
+        f"+{line}+",
+    ]
     for r in cells:
         out.append("| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |")
     out.append(f"+{line}+")

@@ -91,7 +91,9 @@ def weight_layers(model: nn.Module, cfg: AlgorithmConfig) -> list[tuple[str, nn.
     return layers
 
 
-def attach_weight_masks(layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module, torch.Tensor]]:
+def attach_weight_masks(
+    layers: list[tuple[str, nn.Module]],
+) -> list[tuple[str, nn.Module, torch.Tensor]]:
     """Attaches one mask per distinct weight; modules sharing a weight share its mask."""
     by_param: dict[int, torch.Tensor] = {}
     out = []

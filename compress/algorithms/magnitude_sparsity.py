@@ -76,7 +76,12 @@ class MagnitudeSparsity(Algorithm):
         rows = sparsity_rows(self.entries)
         for row, t in zip(rows, self.thresholds):
             row["threshold"] = t
-        return {"algorithm": self.name, "level": self.current, "frozen": self.frozen, "layers": rows}
+        return {
+            "algorithm": self.name,
+            "level": self.current,
+            "frozen": self.frozen,
+            "layers": rows,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {

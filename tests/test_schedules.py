@@ -1,0 +1,117 @@
+import math
+
+import pytest
+
+from compress.errors import CompressError
+from compress.schedules import (
+    Scheduler,
+    exponential,
+    exponential_with_bias_coefficients,
+    multistep,
+    polynomial,
+    pruning_level,
+    sparsity_level,
+)
+
+
+@pytest.mark.parametrize(
+    "epoch, concave, expected",
+    [
+        (0, True, 0.1),
+        (0, False, 0.1),
+        (5, True, 0.9 - 0.8 * 0.5**3),  # concave at half way
+        (5, False, 0.1 + 0.8 * 0.5**3),
+        (10, True, 0.9),
+        (10, False, 0.9),
+        (15, True, 0.9),  # clipped past the target epoch
+        (-1, False, 0.1),  # clipped before the start
+    ],
+)
+def test_polynomial_boundaries(epoch: float, concave: bool, expected: float) -> None:
+    got = polynomial(epoch, init=0.1, target=0.9, target_epoch=10, power=3, concave=concave)
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_exponential_is_geometric_in_density_and_reaches_the_target() -> None:
+    f = lambda e: exponential(e, init=0.0, target=0.99, target_epoch=4)  # noqa: E731
+    assert f(0) == 0.0
+    assert 1 - f(2) == pytest.approx(0.1)  # density sqrt(0.01)
+    assert f(4) == 0.99  # exactly the target ratio, not an epoch count
+    assert f(40) == 0.99
+
+
+def test_multistep_by_bisect() -> None:
+    levels = [0.1, 0.3, 0.5]
+    assert [multistep(e, steps=[2, 4], levels=levels) for e in (0, 1.99, 2, 3, 4, 100)] == [
+        0.1,
+        0.1,
+        0.3,
+        0.3,
+        0.5,
+        0.5,
+    ]
+
+
+def test_sparsity_level_dispatches_on_schedule() -> None:
+    params = {
+        "schedule": "polynomial",
+        "sparsity_target": 0.5,
+        "sparsity_target_epoch": 2,
+        "power": 1,
+        "concave": False,
+    }
+    assert sparsity_level(params, 0.0, 1) == 0.25
+
+
+def test_per_step_progress_and_inferred_steps_per_epoch() -> None:
+    s = Scheduler()
+    s.epoch_step()
+    assert s.progress(None, True) == 0.0
+    for _ in range(4):
+        s.step()
+    assert s.progress(None, True) == 0.0  # unknown steps per epoch in epoch 0, as NNCF
+    assert s.progress(8, True) == 0.5
+    s.epoch_step()
+    assert s.inferred_steps_per_epoch == 4
+    s.step()
+    assert s.progress(None, True) == 1.25
+    assert s.progress(None, False) == 1.0
+
+
+def test_changed_step_count_is_a_clear_error() -> None:
+    s = Scheduler()
+    s.epoch_step()
+    for _ in range(4):
+        s.step()
+    s.epoch_step()
+    s.step()
+    with pytest.raises(
+        CompressError, match="epoch 1 had 1 optimizer steps, but the first epoch had 4"
+    ):
+        s.epoch_step()
+
+
+def test_exponential_with_bias_solves_nncf_equations() -> None:
+    init, target, steps = 0.1, 0.6, 40
+    a, b, k = exponential_with_bias_coefficients(init, target, steps)
+    assert a + b == pytest.approx(init)
+    assert a * math.exp(-k * steps / 8) + b == pytest.approx(0.75 * target)
+
+
+def test_pruning_level_boundaries() -> None:
+    params = {
+        "pruning_target": 0.5,
+        "num_init_steps": 2,
+        "pruning_steps": 4,
+        "schedule": "exponential",
+    }
+    assert pruning_level(params, 0.1, 0) == 0.0
+    assert pruning_level(params, 0.1, 1.9) == 0.0
+    assert pruning_level(params, 0.1, 2) == pytest.approx(0.1)
+    assert 1 - pruning_level(params, 0.1, 4) == pytest.approx(0.9 * (0.5 / 0.9) ** 0.5)
+    assert pruning_level(params, 0.1, 6) == 0.5
+    assert pruning_level({**params, "schedule": "baseline"}, 0.1, 2) == 0.5
+    wb = {**params, "schedule": "exponential_with_bias"}
+    assert pruning_level(wb, 0.1, 2) == pytest.approx(0.1)
+    assert pruning_level(wb, 0.1, 6) == 0.5
+    assert 0.1 < pruning_level(wb, 0.1, 3) < 0.5
