@@ -184,8 +184,9 @@ def layer_metrics(ctrl: CompressionController) -> dict[str, float]:
                 out[f"compression/{algo['algorithm']}/{row['layer']}/sparsity"] = float(
                     row["sparsity"]
                 )
-        if "effective_sparsity" in stats["model"]:
-            out["compression/effective_sparsity"] = float(stats["model"]["effective_sparsity"])
+    if "effective sparsity of compressed layers" in stats["model"]:
+        eff = stats["model"]["effective sparsity of compressed layers"]
+        out["compression/effective_sparsity"] = float(eff)
     return out
 
 

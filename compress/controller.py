@@ -13,6 +13,7 @@ from torch import nn
 from compress import masks
 from compress.algorithms import ALGORITHMS, Algorithm
 from compress.config import Config, load_config
+from compress.effective import active_weights
 from compress.errors import CompressError
 from compress.schedules import Scheduler
 from compress.stats import Statistics, model_summary
@@ -70,6 +71,13 @@ class CompressionController:
             if pname == "weight"
         }
         summary = model_summary(self.model, self.example_inputs, weights)
+        if weights:
+            active = active_weights(self.model, self.example_inputs)
+            alive = sum(
+                int(active[f"{n}.weight"].sum()) for n in weights if f"{n}.weight" in active
+            )
+            n_weights = summary["weights in compressed layers"]
+            summary["effective sparsity of compressed layers"] = 1.0 - alive / n_weights
         return Statistics(model=summary, algorithms=tuple(a.statistics() for a in self.algorithms))
 
     def state_dict(self) -> dict[str, Any]:

@@ -3,6 +3,10 @@
 At every schedule event the level is read from the schedule and the masks are recomputed from
 the current weights, until ``sparsity_freeze_epoch``. In ``global`` mode exactly
 round(level * N) of the N compressed weights are pruned under one threshold, ties included.
+
+``layerwise_allocation`` shares the level among layers (uniform, erk, igq: a level per layer;
+lamp: one threshold on LAMP scores), and ``sparsity_target_type: effective`` searches the direct
+level whose effective sparsity (weights zero or cut off from input or output) is the target.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from typing import Any
 import torch
 
 from compress.algorithms.base import Algorithm, attach_weight_masks, sparsity_rows, weight_layers
+from compress.allocation import allocate, lamp_scores
+from compress.effective import active_weights
 from compress.errors import CompressError
 from compress.importance import IMPORTANCE, global_keep_masks, local_keep_mask
 from compress.schedules import sparsity_level
@@ -47,11 +53,43 @@ class MagnitudeSparsity(Algorithm):
             self.frozen = True
             return
         self.current = self.target_level()
-        self.set_masks(self.current)
+        if self.params["sparsity_target_type"] == "effective":
+            self.set_effective_masks(self.current)
+        else:
+            self.set_masks(self.current)
+
+    def set_effective_masks(self, level: float, tolerance: float = 1e-4) -> float:
+        """Sets the masks at the direct level whose effective sparsity is ``level``, by
+        bisection (effective sparsity never falls as the direct level rises); returns the
+        direct level. This is the low-cost extension of Vysogorets & Kempe (2023)."""
+        lo, hi = 0.0, level
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            self.set_masks(mid)
+            if self.effective_sparsity() < level:
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo < tolerance:
+                break
+        self.set_masks(lo)
+        return lo
+
+    def effective_sparsity(self) -> float:
+        """Fraction of the compressed weights that are zero or on no input-output path."""
+        active = active_weights(self.model, self.example_inputs)
+        total = sum(m.numel() for _, _, m in self.entries)
+        alive = sum(
+            int(active[f"{name}.weight"].sum())
+            for name, _, _ in self.entries
+            if f"{name}.weight" in active
+        )
+        return 1.0 - alive / total
 
     def set_masks(self, level: float) -> None:
         """Recomputes every mask so that ``level`` of the compressed weights are pruned."""
-        importance = IMPORTANCE[self.params["weight_importance"]]
+        p = self.params
+        importance = IMPORTANCE[p["weight_importance"]]
         scores = []
         for name, module, _ in self.entries:
             w = module.weight
@@ -62,11 +100,18 @@ class MagnitudeSparsity(Algorithm):
                     "learning rate or check the loss"
                 )
             scores.append(importance(w))
-        if self.params["sparsity_level_setting_mode"] == "global":
+        allocation = p["layerwise_allocation"]
+        if p["sparsity_level_setting_mode"] == "local":
+            allocation = "uniform"
+        if allocation == "lamp":
+            scores = [lamp_scores(s) for s in scores]
+        if allocation in ("global", "lamp"):
             total = sum(s.numel() for s in scores)
             keeps = global_keep_masks(scores, round(level * total))
         else:
-            keeps = [local_keep_mask(s, round(level * s.numel())) for s in scores]
+            shapes = [tuple(s.shape) for s in scores]
+            levels = allocate(allocation, shapes, level)
+            keeps = [local_keep_mask(s, round(x * s.numel())) for s, x in zip(scores, levels)]
         for i, ((_, _, mask), keep, s) in enumerate(zip(self.entries, keeps, scores)):
             mask.copy_(keep)
             pruned = s[~keep]
