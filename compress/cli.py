@@ -133,6 +133,23 @@ def inspect_state(state: dict[str, torch.Tensor], name: str) -> str:
     return table(rows) + "\n" + table([summary])
 
 
+def _keys(readme: str | None) -> None:
+    from compress.config import keys_markdown
+
+    text = keys_markdown()
+    if readme is None:
+        print(text)
+        return
+    path = Path(readme)
+    old = path.read_text()
+    begin, end = "<!-- keys:begin -->", "<!-- keys:end -->"
+    if begin not in old or end not in old:
+        raise CompressError(f"{path}: no '{begin}' ... '{end}' section")
+    head, rest = old.split(begin, 1)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
+    print(f"{path}: key table updated")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="compress", description="Compression recipes and exports."
@@ -147,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i = sub.add_parser("inspect", help="sparsity and params of an export or checkpoint")
     i.add_argument("file")
+    k = sub.add_parser("keys", help="print the recipe keys as a Markdown table (from the schema)")
+    k.add_argument("--write-readme", metavar="README", nargs="?", const="README.md")
     args = parser.parse_args(argv)
     try:
         if args.command == "validate":
@@ -160,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(rows) if args.json else table(rows))
         elif args.command == "inspect":
             print(_inspect(Path(args.file)))
+        elif args.command == "keys":
+            _keys(args.write_readme)
     except CompressError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -302,3 +302,33 @@ def _choices(values: Any) -> str:
 def _hint(key: str, allowed: Any) -> str:
     close = difflib.get_close_matches(str(key), [str(a) for a in allowed], n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def keys_markdown() -> str:
+    """The recipe keys of every algorithm as a Markdown table, generated from the schema (the
+    README's key list is this text; a test keeps them equal)."""
+    lines = ["| algorithm | key | default | description |", "| --- | --- | --- | --- |"]
+    defs = schema()["$defs"]
+    for algo in IMPLEMENTED:
+        props = defs[algo]["properties"]
+        keys = [(k, v) for k, v in props.items() if k not in ("algorithm", "params")]
+        keys += [(f"params.{k}", v) for k, v in props["params"]["properties"].items()]
+        for key, spec in keys:
+            if "$ref" in spec:
+                spec = {**_resolve(spec["$ref"]), **{k: v for k, v in spec.items() if k != "$ref"}}
+            default = json.dumps(spec["default"]) if "default" in spec else ""
+            allowed = " / ".join(json.dumps(v) for v in spec.get("enum", ()))
+            text = spec.get("description", "").replace("|", "\\|")
+            if allowed:
+                text = f"One of {allowed}. {text}"
+            lines.append(f"| {algo} | `{key}` | {default} | {text} |")
+    return "\n".join(lines)
+
+
+def _resolve(ref: str) -> dict[str, Any]:
+    node: Any = schema()
+    for part in ref.removeprefix("#/").split("/"):
+        node = node[part]
+    if "$ref" in node:
+        return {**_resolve(node["$ref"]), **{k: v for k, v in node.items() if k != "$ref"}}
+    return dict(node)
