@@ -10,18 +10,22 @@ Errors print one line and exit with status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from compress.config import Config, load_config
 from compress.errors import CompressError
 from compress.schedules import SCHEDULES
-from compress.stats import table
+from compress.stats import layer_macs, table
 
 
 def _summary(cfg: Config) -> str:
@@ -78,25 +82,43 @@ def schedule_rows(cfg: Config, epochs: int, steps_per_epoch: int | None) -> list
     return rows
 
 
-def _inspect(path: Path) -> str:
+def _load_model(spec: str) -> nn.Module:
+    """A fresh model from ``package.module:factory`` (a class or a function without arguments)."""
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does, so local modules are found
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+        return factory()
+    except (ImportError, AttributeError, TypeError, ValueError) as e:
+        raise CompressError(
+            f"--model {spec!r}: cannot build the model ({e}); give 'package.module:Factory', "
+            "a class or function that takes no arguments"
+        ) from None
+
+
+def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str:
+    """Sparsity (and, given a model or a pt2 program, effective sparsity and MACs) of a file."""
     from compress.export import SPARSE_FORMAT, read_sparse, safe_load
 
+    inputs: Any = None
+    program = None
     if path.suffix == ".pt2":
         try:
             program = torch.export.load(str(path))
         except Exception as e:
-            raise CompressError(
-                f"{path}: not a torch.export program ({str(e).splitlines()[0]})"
-            ) from None
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CompressError(f"{path}: not a torch.export program ({msg})") from None
         state = dict(program.state_dict)
+        inputs = program.example_inputs[0] if program.example_inputs else None
     else:
         payload = safe_load(path)
         if isinstance(payload, dict) and payload.get("format") == SPARSE_FORMAT:
-            state, _ = read_sparse(path)
+            state, inputs = read_sparse(path)
         elif isinstance(payload, dict) and payload.get("format") == "compress.pruned":
             state = payload["state_dict"]
-        elif isinstance(payload, dict) and "state_dict" in payload:  # a Lightning checkpoint
-            state = payload["state_dict"]
+        elif isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
+            state = payload["state_dict"]  # a Lightning checkpoint
         elif isinstance(payload, dict) and all(
             isinstance(v, torch.Tensor) for v in payload.values()
         ):
@@ -105,7 +127,44 @@ def _inspect(path: Path) -> str:
             raise CompressError(
                 f"{path}: no weights found (not an export or checkpoint of this library)"
             )
-    return inspect_state(state, str(path))
+    lines = [inspect_state(state, str(path))]
+    if model_spec is not None:
+        model = _load_model(model_spec)
+        if isinstance(payload, dict) and payload.get("format") == "compress.pruned":
+            from compress.structured import load_pruned
+
+            model = load_pruned(model, path)
+        else:
+            own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            try:
+                model.load_state_dict(own)
+            except RuntimeError as e:
+                first = str(e).splitlines()[0]
+                raise CompressError(
+                    f"{path}: the weights do not fit --model {model_spec} ({first}); "
+                    "for a Lightning checkpoint pass --prefix (e.g. 'model.')"
+                ) from None
+        lines.append(_model_figures(model, inputs))
+    elif program is not None and inputs is not None:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            program.module()(*inputs)
+        lines.append(table([{"MACs": counter.get_total_flops() // 2}]))
+    return "\n".join(lines)
+
+
+def _model_figures(model: nn.Module, inputs: Any) -> str:
+    from compress.effective import sparsity_report
+
+    report = sparsity_report(model, tuple(inputs) if inputs is not None else None)
+    row: dict[str, Any] = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "direct sparsity": report.direct_sparsity,
+        "effective sparsity": report.effective_sparsity,
+    }
+    if inputs is not None:
+        row["MACs"] = layer_macs(model, tuple(inputs)).get("", 0)
+    return str(report) + "\n" + table([row])
 
 
 def inspect_state(state: dict[str, torch.Tensor], name: str) -> str:
@@ -121,12 +180,10 @@ def inspect_state(state: dict[str, torch.Tensor], name: str) -> str:
         )
         total += t.numel()
         zeros += z
-    params = sum(
-        t.numel() for t in state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()
-    )
+    floats = [t for t in state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
     summary = {
         "file": name,
-        "params": params,
+        "params": sum(t.numel() for t in floats),
         "weights": total,
         "sparsity": zeros / total if total else 0.0,
     }
@@ -164,6 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i = sub.add_parser("inspect", help="sparsity and params of an export or checkpoint")
     i.add_argument("file")
+    i.add_argument(
+        "--model",
+        help="package.module:Factory building a fresh model, for effective "
+        "sparsity and MACs of sparse, pruned and checkpoint files",
+    )
+    i.add_argument("--prefix", default="", help="state_dict key prefix to strip (e.g. 'model.')")
     k = sub.add_parser("keys", help="print the recipe keys as a Markdown table (from the schema)")
     k.add_argument("--write-readme", metavar="README", nargs="?", const="README.md")
     args = parser.parse_args(argv)
@@ -178,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = schedule_rows(cfg, int(epochs), args.steps_per_epoch)
             print(json.dumps(rows) if args.json else table(rows))
         elif args.command == "inspect":
-            print(_inspect(Path(args.file)))
+            print(_inspect(Path(args.file), args.model, args.prefix))
         elif args.command == "keys":
             _keys(args.write_readme)
     except CompressError as e:

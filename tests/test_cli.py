@@ -58,3 +58,21 @@ def test_inspect_missing_and_foreign_files(tmp_path: Path, capsys) -> None:  # t
     assert "not a readable file of this library" in capsys.readouterr().err
     torch.save({"x": 1}, tmp_path / "obj.pt")
     assert main(["inspect", str(tmp_path / "obj.pt")]) == 2
+
+
+def test_inspect_with_model_reports_effective_sparsity_and_macs(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    net = lenet()
+    with torch.no_grad():
+        net[2].weight[:, :150] = 0  # 150 hidden units reach nothing: their inputs are inactive
+    path = compress.export(net, tmp_path / "m", ["sparse"], example_inputs=torch.zeros(1, 64))
+    assert main(["inspect", str(path["sparse"]), "--model", "conftest:lenet"]) == 0
+    out = capsys.readouterr().out
+    direct, effective = 150 * 100 / 50200, (150 * 100 + 150 * 64) / 50200
+    assert f"| 50,610 | {direct:.4f}          | {effective:.4f}             | 50,200 |" in out
+
+
+def test_inspect_pt2_counts_macs(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    path = compress.export(lenet(), tmp_path / "m", ["pt2"], example_inputs=torch.zeros(1, 64))
+    assert main(["inspect", str(path["pt2"])]) == 0
+    # The example batch of 1 is exported as 2 (a free batch dimension): 2 x 50,200 MACs.
+    assert "| 100,400 |" in capsys.readouterr().out
