@@ -128,6 +128,12 @@ def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str
                 f"{path}: no weights found (not an export or checkpoint of this library)"
             )
     lines = [inspect_state(state, str(path))]
+    report_path = Path(str(path).removesuffix(".sparse.pt") + ".runtime.json")
+    if path.name.endswith(".sparse.pt") and report_path.is_file():
+        from compress.sparse_runtime import report_from_dict
+
+        lines.append(f"sparse runtime ({report_path.name}):")
+        lines.append(str(report_from_dict(json.loads(report_path.read_text()))))
     if model_spec is not None:
         model = _load_model(model_spec)
         if isinstance(payload, dict) and payload.get("format") == "compress.pruned":

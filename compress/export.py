@@ -126,6 +126,7 @@ def load_sparse(
     *,
     runtime: bool = False,
     example_inputs: Sequence[torch.Tensor] | None = None,
+    min_speedup: float = 1.1,
 ) -> nn.Module:
     """Restores the weights saved by the ``sparse`` export into ``model`` (same class) exactly.
 
@@ -157,7 +158,7 @@ def load_sparse(
         )
     from compress.sparse_runtime import to_sparse_runtime
 
-    return to_sparse_runtime(model, tuple(inputs))
+    return to_sparse_runtime(model, tuple(inputs), min_speedup=min_speedup)
 
 
 def safe_load(path: str | Path) -> Any:

@@ -1,0 +1,78 @@
+"""The sparse export feeds the sparse runtime: file -> runtime model, and the callback's
+"sparse_runtime" format with its report."""
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from conftest import magnitude
+from test_callback import loader
+from torch import nn
+
+import compress
+from callbacks import CompressionCallback
+from compress.cli import main
+from compress.sparse_runtime import SparseLinear
+
+
+def wide() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(16, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 2)
+    )
+
+
+def test_sparse_file_to_runtime_model(tmp_path: Path) -> None:
+    x = torch.randn(4, 16)
+    ctrl, net = compress.create_compressed_model(wide(), magnitude(sparsity_init=0.95), x)
+    plain = ctrl.strip().eval()
+    path = compress.export(plain, tmp_path / "m", ["sparse"], example_inputs=x)["sparse"]
+    # min_speedup=0 converts every layer that the runtime supports, whatever the timing.
+    fast = compress.load_sparse(path, wide(), runtime=True, min_speedup=0)
+    assert any(isinstance(m, SparseLinear) for m in fast.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+    assert {r.name for r in fast.runtime_report.layers} == {"0", "2", "4"}
+
+
+class Lit(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = wide()
+        self.example_input_array = torch.zeros(8, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_callback_sparse_runtime_export_and_inspect(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    cb = CompressionCallback(
+        magnitude(sparsity_init=0.95),
+        export_dir=tmp_path,
+        export_formats=["sparse_runtime"],
+        model_attr="model",
+        verbose=False,
+    )
+    pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[cb],
+    ).fit(Lit(), loader())
+    path = cb.exported["sparse_runtime"]
+    report = tmp_path / "model.runtime.json"
+    assert path.name == "model.sparse.pt" and report.is_file()
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "sparse runtime (model.runtime.json):" in out
+    for name in ("0", "2", "4"):
+        assert f"| {name} | linear | " in out
+    assert "of 3 candidate layers converted (min_speedup=1.1)" in out
