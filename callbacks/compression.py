@@ -118,6 +118,16 @@ class CompressionCallback(pl.Callback):
     # --- scheduling and logging --------------------------------------------------------------
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync_epoch(trainer)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # Lightning does not call on_train_epoch_start for the first epoch after resuming from a
+        # checkpoint saved mid-epoch or at an epoch's last batch; the first batch catches up.
+        self._sync_epoch(trainer)
+
+    def _sync_epoch(self, trainer: pl.Trainer) -> None:
         assert self.ctrl is not None
         # Resuming mid-epoch re-enters the same epoch: the scheduler is already there.
         if self.ctrl.scheduler.epoch != trainer.current_epoch:
