@@ -12,6 +12,7 @@ Formats of ``export``:
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -35,7 +36,7 @@ _SUFFIX = {
 }
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     """Calls ``write(tmp_path)`` and renames the result onto ``path``; on any failure the
     temporary file is removed and a previous file at ``path`` is left intact."""
     path = Path(path)
@@ -211,12 +212,12 @@ def export(
             path = Path(prefix + _SUFFIX[fmt])
             if fmt == "sparse":
                 out[fmt] = save_sparse(model, path, inputs)
-            elif fmt == "pt2":
-                args, dims = _dynamic_batch(inputs)
-                program = torch.export.export(model, args, dynamic_shapes=dims)
-                out[fmt] = atomic_write(path, lambda tmp, p=program: torch.export.save(p, tmp))
+                continue
+            assert inputs is not None  # checked above for every format but "sparse"
+            if fmt == "pt2":
+                out[fmt] = _export_pt2(model, path, inputs)
             elif fmt == "onnx":
-                out[fmt] = atomic_write(path, lambda tmp: _onnx(model, inputs, tmp))
+                out[fmt] = atomic_write(path, functools.partial(_onnx, model, inputs))
             elif fmt == "pruned":
                 out[fmt] = _export_pruned(model, path, inputs)
             elif fmt == "sparse_runtime":
@@ -224,6 +225,12 @@ def export(
     finally:
         model.train(was_training)
     return out
+
+
+def _export_pt2(model: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...]) -> Path:
+    args, dims = _dynamic_batch(inputs)
+    program = torch.export.export(model, args, dynamic_shapes=dims)
+    return atomic_write(path, lambda tmp: torch.export.save(program, tmp))
 
 
 def _as_tuple(x: torch.Tensor | Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, ...] | None:
@@ -268,9 +275,8 @@ def _export_sparse_runtime(model: nn.Module, path: Path, inputs: tuple[torch.Ten
     from compress.sparse_runtime import to_sparse_runtime
 
     save_sparse(model, path, inputs)
-    report = to_sparse_runtime(model, inputs).runtime_report  # type: ignore[attr-defined]
+    report = to_sparse_runtime(model, inputs).runtime_report
+    text = json.dumps(report.to_dict(), indent=2)  # type: ignore[union-attr,operator]
     report_path = Path(str(path).removesuffix(".sparse.pt") + ".runtime.json")
-    atomic_write(
-        report_path, lambda tmp: Path(tmp).write_text(json.dumps(report.to_dict(), indent=2))
-    )
+    atomic_write(report_path, lambda tmp: Path(tmp).write_text(text))
     return path
