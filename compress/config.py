@@ -59,6 +59,9 @@ class AlgorithmConfig:
     options: Mapping[str, Any]  # the algorithm-level keys (sparsity_init, ignored_scopes, ...)
     params: Mapping[str, Any]
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _reduce(self)
+
 
 @dataclass(frozen=True)
 class Config:
@@ -67,6 +70,10 @@ class Config:
     data: Mapping[str, Any]
     algorithms: tuple[AlgorithmConfig, ...]
     source: str = "<dict>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A read-only mapping cannot be pickled; ddp_spawn pickles the callback that holds this.
+        return _reduce(self)
 
     def example_inputs(self) -> tuple[torch.Tensor, ...] | None:
         """Example inputs made from ``input_info``, or None when the recipe has none."""
@@ -99,6 +106,15 @@ class Config:
                 t = torch.randint(0, 2, shape, generator=gen).to(dtype)
             out.append(t)
         return tuple(out)
+
+
+def _reduce(obj: AlgorithmConfig | Config) -> tuple[Any, ...]:
+    fields = {k: dict(v) if isinstance(v, MappingProxyType) else v for k, v in vars(obj).items()}
+    return (_rebuild, (type(obj), fields))
+
+
+def _rebuild(cls: type[Any], fields: dict[str, Any]) -> Any:
+    return cls(**{k: MappingProxyType(v) if isinstance(v, dict) else v for k, v in fields.items()})
 
 
 def load_config(recipe: str | Path | Mapping[str, Any] | Config) -> Config:

@@ -110,7 +110,9 @@ class CompressionController:
         with filter pruning, pruned channels removed. The compressed model is left as it is
         unless ``copy_model`` is False."""
         model = copy.deepcopy(self.model) if copy_model else self.model
-        for algo in self.algorithms:
+        # Unwound in reverse order: sparsity algorithms settle their masks (RB drops its logits)
+        # before filter pruning rebuilds the layers with fewer channels.
+        for algo in reversed(self.algorithms):
             model = algo.strip(model)
         masks.fold(model)
         return model
