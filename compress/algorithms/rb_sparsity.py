@@ -1,0 +1,415 @@
+"""RB sparsity (NNCF ``rb_sparsity``): every weight learns whether to stay, under a density loss.
+
+Each masked weight ``W`` gets a logit tensor ``s`` of its shape, initialised to
+``log(0.99 / 0.01)`` (keep-probability 0.99). The forward pass uses ``W * m`` with
+
+- training: ``m = sigmoid(s + logit(u)) > 0.5``, ``u ~ U(0, 1)``: a Bernoulli(sigmoid(s)) mask
+  drawn once per forward pass, with NNCF's straight-through gradient
+  ``d(W * m)/ds = W * sigmoid'(s + logit(u))``;
+- eval mode, or without autograd (statistics, folding): ``m = sigmoid(s) > 0.5``;
+- frozen (from ``sparsity_freeze_epoch``): the deterministic mask at freezing time, fixed.
+
+The loss is NNCF's ``SparseLoss``: ``((density - (1 - level)) / 0.05) ** 2`` where density is
+the fraction of weights of the deterministic mask, with the same straight-through gradient.
+``global`` mode counts all compressed weights together; ``local`` mode averages the per-layer
+losses, so every layer reaches the level (NNCF's own local mode sets no level at all).
+
+Design choices, and why:
+
+- The mask buffer of ``masks.attach`` multiplies the weight after ``fn``; a zero there would cut
+  the straight-through gradient to the logits of dropped weights, so they could never come
+  back. While the logits learn, the buffer is therefore all ones and ``fn`` applies the mask;
+  at freezing (and in ``strip``) the deterministic mask is written into the buffer.
+- ``compression_lr_multiplier`` (k) must work with Adam, which ignores a gradient's scale. The
+  stored parameter is ``s / k`` and receives the gradient of ``s`` itself, so every optimizer
+  step moves ``s`` k times as far: with SGD this equals NNCF's k-scaled gradient (weight decay
+  included), with Adam it is what the name promises.
+- The logits are ``nn.Parameter`` s on the masked module, so ``configure_optimizers`` picks them
+  up, but hooks keep them out of ``model.state_dict()`` (and let a plain checkpoint load
+  strictly); they travel in ``ctrl.state_dict()``.
+- The noise comes from a generator owned by the algorithm with a fixed seed, so DDP ranks draw
+  identical masks; its state is saved for an exact resume. No noise is drawn without autograd,
+  so statistics computed on one rank never desynchronise the ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress import masks
+from compress.algorithms.base import Algorithm, sparsity_rows, weight_layers
+from compress.algorithms.magnitude_sparsity import load_masks
+from compress.errors import CompressError
+from compress.schedules import sparsity_level
+
+LOGIT = "weight_rb_logit"
+"""Name of the logit parameter on a masked module."""
+INIT_LOGIT = math.log(0.99 / 0.01)
+DENSITY_SCALE = 0.05  # NNCF's ``p`` in SparseLoss
+NOISE_EPS = 1e-6  # uniform noise is clamped to [eps, 1 - eps] before its logit, as in NNCF
+SEED = 0
+_STATE = "_compress_rb"
+
+
+@dataclass(eq=False)
+class _Shared:
+    """What every RB layer of one algorithm shares: the noise source, the multiplier, freezing."""
+
+    scale: float
+    frozen: bool = False
+    generator: torch.Generator | None = None
+    pending_state: torch.Tensor | None = None  # generator state to apply once the device is known
+
+    def generator_for(self, device: torch.device) -> torch.Generator:
+        """The generator on ``device``, created (seeded, or from a loaded state) on first use."""
+        gen = self.generator
+        if gen is None or gen.device.type != device.type:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(SEED)
+            if self.pending_state is not None:
+                gen.set_state(self.pending_state)
+                self.pending_state = None
+            self.generator = gen
+        return gen
+
+
+@dataclass(eq=False)
+class _Layer:
+    """Per-module state kept in ``module.__dict__`` (found by ``_rb_weight``)."""
+
+    shared: _Shared
+    hook_ids: tuple[int, int]
+    uniform: torch.Tensor | None = field(default=None)
+
+
+class _LearnedMask(torch.autograd.Function):
+    """``W * (z > 0)`` with ``z = scale * theta (+ noise)``; straight-through to ``theta``.
+
+    ``theta`` receives ``dL/dz`` (not ``scale * dL/dz``): see the lr multiplier in the module
+    docstring.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        weight: torch.Tensor,
+        theta: torch.Tensor,
+        noise: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor:
+        z = _scaled(theta, scale)
+        if noise is not None:
+            z = z + noise
+        keep = z > 0
+        ctx.save_for_backward(weight, z, keep)
+        return weight * keep
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        weight, z, keep = ctx.saved_tensors
+        grad_weight = grad * keep if ctx.needs_input_grad[0] else None
+        grad_theta = None
+        if ctx.needs_input_grad[1]:
+            grad_theta = (grad * weight).mul_(_sigmoid_slope(z))
+        return grad_weight, grad_theta, None, None
+
+
+class _KeptCount(torch.autograd.Function):
+    """The number of kept weights, ``sum(scale * theta > 0)``; straight-through to ``theta``."""
+
+    @staticmethod
+    def forward(ctx: Any, theta: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        z = _scaled(theta, scale)
+        ctx.save_for_backward(z)
+        return (z > 0).sum(dtype=theta.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (z,) = ctx.saved_tensors
+        return _sigmoid_slope(z).mul_(grad), None
+
+
+class _Frozen(torch.autograd.Function):
+    """Passes the weight through (the mask buffer applies the frozen mask) and gives the logits
+    a zero gradient, so that DDP, which expects a gradient for every trainable parameter,
+    still finds one."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.theta_shape = theta.shape
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return grad, grad.new_zeros(ctx.theta_shape)
+
+
+def _scaled(theta: torch.Tensor, scale: float) -> torch.Tensor:
+    return theta if scale == 1.0 else theta * scale
+
+
+def _sigmoid_slope(z: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(z)
+    return s.mul_(1.0 - s)
+
+
+def _rb_weight(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """The ``fn`` given to ``masks.attach``: the weight as the current RB mask leaves it."""
+    layer: _Layer | None = module.__dict__.get(_STATE)
+    if layer is None:  # stripped: the mask buffer holds the final mask
+        return weight
+    theta = module._parameters[LOGIT]
+    assert theta is not None
+    shared = layer.shared
+    if shared.frozen:
+        return _Frozen.apply(weight, theta) if torch.is_grad_enabled() else weight
+    noise = None
+    if module.training and torch.is_grad_enabled():
+        u = layer.uniform
+        if u is None or u.device != theta.device or u.dtype != theta.dtype:
+            u = layer.uniform = torch.empty_like(theta, requires_grad=False)
+        u.uniform_(generator=shared.generator_for(u.device))
+        noise = torch.logit(u, eps=NOISE_EPS, out=u)
+    return _LearnedMask.apply(weight, theta, noise, shared.scale)
+
+
+def _drop_logit(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """state_dict hook: the logits are the controller's state, not the model's."""
+    state.pop(prefix + LOGIT, None)
+
+
+def _keep_logit(
+    module: nn.Module,
+    state: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """load_state_dict pre-hook: a plain checkpoint (no logits) loads strictly and leaves the
+    current logits as they are."""
+    theta = module._parameters.get(LOGIT)
+    if theta is not None and prefix + LOGIT not in state:
+        state[prefix + LOGIT] = theta.detach()
+
+
+def adaptive_level(
+    level: float,
+    reached_epochs: int,
+    sparsity: float,
+    *,
+    target: float,
+    step: float,
+    eps: float,
+    patience: int,
+) -> tuple[float, int]:
+    """NNCF's adaptive schedule, once per epoch: returns the new (level, reached_epochs).
+
+    An epoch counts when the reached ``sparsity`` is at least ``level - eps``; after
+    ``patience`` such epochs the level rises by ``step`` (capped at ``target``) and the count
+    restarts. NNCF evaluates this twice per epoch, counting every epoch double; here it is
+    evaluated once.
+
+    Example:
+        >>> adaptive_level(0.1, 0, 0.08, target=0.5, step=0.05, eps=0.03, patience=1)
+        (0.15000000000000002, 0)
+    """
+    if sparsity >= level - eps:
+        reached_epochs += 1
+    if reached_epochs >= patience:
+        return min(level + step, target), 0
+    return level, reached_epochs
+
+
+class RBSparsity(Algorithm):
+    name = "rb_sparsity"
+
+    def __init__(self, model, cfg, scheduler, example_inputs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(model, cfg, scheduler, example_inputs)
+        scale = float(cfg.options.get("compression_lr_multiplier") or 1.0)
+        self.shared = _Shared(scale=scale)
+        self.init = float(cfg.options["sparsity_init"])
+        if self.params["schedule"] == "multistep":
+            self.init = float(self.params["multistep_sparsity_levels"][0])
+        self.current = self.init
+        self.reached_epochs = 0
+        # (layer name, a module holding the weight, its logit, its mask buffer), one per weight
+        self.entries: list[tuple[str, nn.Module, nn.Parameter, torch.Tensor]] = []
+        self._attach(weight_layers(model, cfg))
+
+    # --- building ----------------------------------------------------------------------------
+
+    def _attach(self, layers: list[tuple[str, nn.Module]]) -> None:
+        """Adds a logit per distinct weight; modules sharing a weight share logit and mask."""
+        by_param: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+        for name, module in layers:
+            key = id(module.weight)
+            if key in by_param:
+                theta, mask = by_param[key]
+                self._attach_one(module, theta, mask)
+                continue
+            weight = module._parameters["weight"]
+            assert weight is not None  # weight_layers selects layers that have one
+            theta = nn.Parameter(torch.full_like(weight, INIT_LOGIT / self.shared.scale))
+            mask = self._attach_one(module, theta, None)
+            by_param[key] = (theta, mask)
+            self.entries.append((name, module, theta, mask))
+
+    def _attach_one(
+        self, module: nn.Module, theta: nn.Parameter, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        module.register_parameter(LOGIT, theta)
+        ids = (
+            module._register_state_dict_hook(_drop_logit).id,
+            module.register_load_state_dict_pre_hook(_keep_logit).id,
+        )
+        module.__dict__[_STATE] = _Layer(shared=self.shared, hook_ids=ids)
+        return masks.attach(module, "weight", owner=self.name, fn=_rb_weight, mask=mask)
+
+    # --- schedule ----------------------------------------------------------------------------
+
+    @property
+    def level(self) -> float:
+        return self.current
+
+    @property
+    def frozen(self) -> bool:
+        return self.shared.frozen
+
+    def update(self, per_step: bool) -> None:
+        p = self.params
+        if self.frozen or (per_step and not p["update_per_optimizer_step"]):
+            return
+        epoch = self.scheduler.progress(p["steps_per_epoch"], per_step)
+        if epoch >= p["sparsity_freeze_epoch"] and self.scheduler.epoch >= 0:
+            self.freeze()
+            return
+        if p["schedule"] != "adaptive":
+            progress = self.scheduler.progress(p["steps_per_epoch"], p["update_per_optimizer_step"])
+            self.current = sparsity_level(p, self.init, progress)
+        elif not per_step and self.scheduler.epoch >= 0:
+            self.current, self.reached_epochs = adaptive_level(
+                self.current,
+                self.reached_epochs,
+                self.sparsity(),
+                target=p["sparsity_target"],
+                step=p["step"],
+                eps=p["eps"],
+                patience=p["patience"],
+            )
+
+    def freeze(self) -> None:
+        """Fixes every mask at its deterministic value; the loss turns off."""
+        for _, _, theta, mask in self.entries:
+            mask.copy_(self._keep(theta))
+        self.shared.frozen = True
+
+    # --- masks, loss, statistics ---------------------------------------------------------
+
+    def _keep(self, theta: torch.Tensor) -> torch.Tensor:
+        return theta.detach() > 0  # scale > 0, so the sign of theta is the sign of the logit
+
+    def current_masks(self) -> list[torch.Tensor]:
+        """The deterministic (eval-mode) binary masks, one per weight."""
+        if self.frozen:
+            return [mask.bool() for _, _, _, mask in self.entries]
+        return [self._keep(theta) for _, _, theta, _ in self.entries]
+
+    def sparsity(self) -> float:
+        """The fraction of compressed weights the deterministic masks drop."""
+        current = self.current_masks()
+        return 1.0 - sum(int(m.count_nonzero()) for m in current) / sum(m.numel() for m in current)
+
+    def loss(self) -> torch.Tensor | None:
+        """NNCF's density loss; None once frozen. ``local``: the mean of per-layer losses."""
+        if self.frozen:
+            return None
+        target = 1.0 - self.current
+        scale = self.shared.scale
+        kept = [_KeptCount.apply(theta, scale) for _, _, theta, _ in self.entries]
+        sizes = [theta.numel() for _, _, theta, _ in self.entries]
+        if self.params["sparsity_level_setting_mode"] == "local":
+            losses = [((k / n - target) / DENSITY_SCALE) ** 2 for k, n in zip(kept, sizes)]
+            return torch.stack(losses).mean()
+        density = torch.stack(kept).sum() / sum(sizes)
+        return ((density - target) / DENSITY_SCALE) ** 2
+
+    def statistics(self) -> dict[str, Any]:
+        rows = sparsity_rows(
+            [
+                (name, module, m)
+                for (name, module, _, _), m in zip(self.entries, self.current_masks())
+            ]
+        )
+        with torch.no_grad():
+            probs = [torch.sigmoid(theta * self.shared.scale) for _, _, theta, _ in self.entries]
+            for row, prob in zip(rows, probs):
+                row["mean keep prob"] = float(prob.mean())
+            total = sum(p.numel() for p in probs)
+            mean_sparse_prob = 1.0 - float(sum(p.sum() for p in probs)) / total
+        return {
+            "algorithm": self.name,
+            "level": self.current,
+            "frozen": self.frozen,
+            "sparsity": self.sparsity(),
+            "mean sparse prob": mean_sparse_prob,
+            "layers": rows,
+        }
+
+    # --- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        gen = self.shared.generator
+        gen_state = gen.get_state() if gen is not None else self.shared.pending_state
+        return {
+            "level": self.current,
+            "frozen": self.frozen,
+            "reached_epochs": self.reached_epochs,
+            "logits": {name: theta.detach().clone() for name, _, theta, _ in self.entries},
+            "masks": {name: m.clone() for (name, *_), m in zip(self.entries, self.current_masks())},
+            "generator": None if gen_state is None else gen_state.clone(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.current = float(state["level"])
+        self.reached_epochs = int(state.get("reached_epochs", 0))
+        frozen = bool(state["frozen"])
+        with torch.no_grad():
+            load_masks([(n, m, t) for n, m, t, _ in self.entries], state["logits"], self.name)
+            for name, _, _, mask in self.entries:
+                if frozen:
+                    mask.copy_(state["masks"][name])
+                else:
+                    mask.fill_(1.0)
+        self.shared.frozen = frozen
+        gen_state = state.get("generator")
+        self.shared.generator = None
+        self.shared.pending_state = None if gen_state is None else gen_state.clone()
+
+    # --- strip -----------------------------------------------------------------------------
+
+    def strip(self, model: nn.Module) -> nn.Module:
+        """Writes the deterministic masks into the mask buffers (``masks.fold`` then folds them)
+        and removes the logits, their hooks and the noise state from the copy."""
+        for module in model.modules():
+            layer: _Layer | None = module.__dict__.pop(_STATE, None)
+            if layer is None:
+                continue
+            theta = module._parameters.pop(LOGIT)
+            mask = masks.get_mask(module, "weight", self.name)
+            if mask is None or theta is None:
+                raise CompressError(f"rb_sparsity: {type(module).__name__} lost its RB mask")
+            if not layer.shared.frozen:
+                mask.copy_(self._keep(theta))
+            state_id, load_id = layer.hook_ids
+            module._state_dict_hooks.pop(state_id, None)
+            module._load_state_dict_pre_hooks.pop(load_id, None)
+        return model
