@@ -98,7 +98,9 @@ def model_summary(
 ) -> dict[str, Any]:
     """Totals of the model. ``weights`` maps layer names to the weights as the forward pass sees
     them (masked); MACs of a layer after sparsity scale with its weight density."""
-    params = sum(p.numel() for p in model.parameters())
+    # The model's own parameters: those in its state_dict (RB logits are not).
+    own = {id(t) for t in model.state_dict(keep_vars=True).values()}
+    params = sum(p.numel() for p in model.parameters() if id(p) in own)
     zero = sum(int((w == 0).sum()) for w in weights.values())
     n_weights = sum(w.numel() for w in weights.values())
     out: dict[str, Any] = {
