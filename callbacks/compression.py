@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,7 @@ class CompressionCallback(pl.Callback):
             inputs = (inputs,)
         target = self._target(pl_module)
         self.ctrl, _ = compress.create_compressed_model(target, self.config, inputs)
+        calibrate(self.ctrl, trainer)
         if self._pending_state is not None:
             self.ctrl.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -233,3 +235,14 @@ def _add_loss(pl_module: pl.LightningModule, ctrl: CompressionController) -> Non
         return out
 
     pl_module.training_step = training_step  # type: ignore[method-assign]
+
+
+def calibrate(ctrl: CompressionController, trainer: pl.Trainer) -> None:
+    """Feeds training batches to algorithms whose importance reads feature maps (filter
+    pruning's ``nuclear_norm``: ``params.calibration_batches`` batches), before training."""
+    for algo in ctrl.algorithms:
+        if not getattr(algo, "needs_calibration", False):
+            continue
+        loader = trainer.fit_loop._data_source.dataloader()
+        batches = itertools.islice(loader, int(algo.params["calibration_batches"]))
+        algo.calibrate(b[0] if isinstance(b, (list, tuple)) else b for b in batches)  # type: ignore[attr-defined]

@@ -16,6 +16,7 @@ from compress.controller import CompressionController, create_compressed_model
 from compress.errors import CompressError, ConfigError
 from compress.export import export, load_sparse
 from compress.stats import Statistics
+from compress.structured import load_pruned
 
 __version__ = "0.1.0"
 
@@ -29,5 +30,6 @@ __all__ = [
     "create_compressed_model",
     "export",
     "load_config",
+    "load_pruned",
     "load_sparse",
 ]

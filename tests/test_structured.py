@@ -15,6 +15,7 @@ from torch import nn
 from compress import masks
 from compress.errors import CompressError
 from compress.structured import (
+    OWNER,
     ChannelGroup,
     apply_channel_mask,
     build_groups,
@@ -366,7 +367,21 @@ def test_masked_channels_are_exact_zeros_in_training() -> None:
 
     # Calling again with a new choice restores channels.
     apply_channel_mask(model, group, torch.ones(16, dtype=torch.bool))
-    assert bool(masks.get_mask(model.layer1.conv1, "weight").all())
+    assert bool(masks.get_mask(model.layer1.conv1, "weight", OWNER).all())
+
+
+def test_channel_masks_keep_a_sparsity_mask_on_the_same_weight() -> None:
+    model, x = _make("resnet")
+    group = next(g for g in _groups(model, x, **ALL) if g.name == "layer1.conv1")
+    sparse = masks.attach(model.layer1.conv1, "weight")  # a sparsity algorithm's own mask
+    sparse.copy_(torch.rand(sparse.shape, generator=torch.Generator().manual_seed(0)) < 0.5)
+    keep = torch.arange(16) % 2 == 0
+    apply_channel_mask(model, group, keep)
+    channel = masks.get_mask(model.layer1.conv1, "weight", OWNER)
+    assert channel is not sparse and bool(sparse[1].any())  # the sparsity mask is untouched
+    assert torch.equal(
+        masks.effective(model.layer1.conv1), model.layer1.conv1.weight * sparse * channel
+    )
 
 
 def test_prune_batch_norms_false_leaves_norms_unmasked() -> None:
@@ -376,8 +391,8 @@ def test_prune_batch_norms_false_leaves_norms_unmasked() -> None:
     )
     keep = torch.arange(16) < 8
     apply_channel_mask(model, group, keep)
-    assert masks.get_mask(model.layer1.bn1, "weight") is None
-    assert not bool(masks.get_mask(model.layer1.conv1, "weight")[8:].any())
+    assert masks.get_mask(model.layer1.bn1, "weight", OWNER) is None
+    assert not bool(masks.get_mask(model.layer1.conv1, "weight", OWNER)[8:].any())
     with torch.no_grad():
         masked, small = model(x), shrink(model, [group], {group.name: keep}, example_inputs=x)(x)
     # NNCF semantics: the pruned channels carry BN's constant until the channels are removed.

@@ -1,0 +1,523 @@
+"""Filter pruning (NNCF ``filter_pruning``): whole output channels masked while training,
+physically removed by ``strip``.
+
+The groups of coupled channels come from :mod:`compress.structured` (Torch-Pruning's dependency
+graph) and are built once, at construction. At every epoch start the level comes from NNCF's
+pruning schedule, every group is scored by ``filter_importance`` over all the layers that
+produce its channels, and the lowest channels are masked: every group at the level
+(``uniform``), or after one ranking of all groups (``global``, ``slamp``). Kept counts are
+rounded to ``round_to``; one channel always remains. After ``num_init_steps + pruning_steps``
+epochs (``baseline``: ``num_init_steps``) the masks freeze. ``strip`` removes the masked channels
+and attaches the plan of kept channels that the ``pruned`` export writes.
+
+With ``pruning_flops_target`` the schedule moves the fraction of MACs to remove, and the filter
+ratio that removes it is found by bisection on MACs counted from the kept widths.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress import masks, scopes
+from compress.algorithms.base import Algorithm
+from compress.allocation import slamp_scores
+from compress.errors import CompressError, ConfigError
+from compress.schedules import pruning_level
+from compress.stats import layer_macs
+from compress.structured import (
+    OWNER,
+    ChannelGroup,
+    Member,
+    apply_channel_mask,
+    build_groups,
+    channel_norms,
+    group_weights,
+    pruning_plan,
+    round_keep,
+    shrink,
+    shrunk_numel,
+)
+
+Criterion = Callable[[nn.Module, ChannelGroup], torch.Tensor]
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+# --- importance criteria: (model, group) -> one score per channel --------------------------
+
+
+def l1_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
+    """Sum of |w| over every slice that produces the channel (all layers of the group)."""
+    return channel_norms(model, group, p=1)
+
+
+def l2_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
+    """L2 norm of everything that produces the channel, taken together."""
+    return channel_norms(model, group, p=2).sqrt()
+
+
+def geometric_median_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
+    """FPGM (He et al. 2019): a filter near the geometric median of its layer is the one the
+    others can replace, so the score is the sum of Euclidean distances from a filter to every
+    other filter of the same layer, summed over the group's producers."""
+    scores = torch.zeros(group.size)
+    for rows, channel in group_weights(model, group, roles=("producer",)):
+        rows = rows.float()
+        scores.index_add_(0, channel, torch.cdist(rows, rows).sum(1))
+    return scores
+
+
+FILTER_IMPORTANCE: dict[str, Criterion] = {
+    "L1": l1_importance,
+    "L2": l2_importance,
+    "geometric_median": geometric_median_importance,
+}
+
+
+def feature_map_nuclear_norms(output: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """Per channel, the nuclear norm (sum of singular values) of each sample's feature map,
+    summed over the samples. Maps of conv2d are H x W matrices; 1-D maps (Linear, conv1d) are
+    vectors, whose nuclear norm is their L2 norm; deeper maps are flattened to (D, H * W).
+
+    Example:
+        >>> fmap = torch.zeros(1, 1, 2, 2)
+        >>> fmap[0, 0] = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+        >>> feature_map_nuclear_norms(fmap, 1)
+        tensor([4.])
+    """
+    x = output.detach().float().movedim(channel_dim, 1)
+    rows = x.shape[2] if x.dim() > 2 else 1
+    maps = x.reshape(x.shape[0], x.shape[1], rows, -1)
+    return torch.linalg.matrix_norm(maps, ord="nuc").sum(0)
+
+
+# --- recipe keys naming layers --------------------------------------------------------------
+
+
+def parse_channels(text: str, path: str) -> list[int]:
+    """NetsPresso's channel list, sorted and without repeats.
+
+    Example:
+        >>> parse_channels("105, 8, 9, 11-13", "prune_channels")
+        [8, 9, 11, 12, 13, 105]
+    """
+    out: set[int] = set()
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if match is None:
+            raise ConfigError(
+                f"{path}: {part.strip()!r} is not a channel index or range; "
+                'write them as "105, 8, 9, 11-13"'
+            )
+        lo = int(match[1])
+        hi = int(match[2]) if match[2] is not None else lo
+        if hi < lo:
+            raise ConfigError(f"{path}: the range '{lo}-{hi}' is reversed; write '{hi}-{lo}'")
+        out.update(range(lo, hi + 1))
+    return sorted(out)
+
+
+class FilterPruning(Algorithm):
+    name = "filter_pruning"
+
+    def __init__(self, model, cfg, scheduler, example_inputs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(model, cfg, scheduler, example_inputs)
+        if example_inputs is None:
+            raise ConfigError(
+                f"{cfg.path}: filter_pruning traces the model to find coupled channels and "
+                "needs example inputs: pass example_inputs to create_compressed_model or set "
+                "input_info in the recipe"
+            )
+        p = self.params
+        self.groups = self._build_groups()
+        self.init = float(cfg.options["pruning_init"])
+        self.flops_target = p.get("pruning_flops_target")
+        self.target = float(self.flops_target or p["pruning_target"])
+        steps = 0 if p["schedule"] == "baseline" else p["pruning_steps"]
+        self.freeze_epoch = p["num_init_steps"] + steps
+        self.explicit, self.ratios = self._layer_choices()
+        self.keep = {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
+        self.current = 0.0
+        self.ratio = 0.0  # the filter ratio of the scored groups; differs from level for FLOPs
+        self.frozen = False
+        self.calibration: dict[str, torch.Tensor] | None = None
+        macs = layer_macs(model, example_inputs)
+        self.full_macs = macs[""]
+        self.layer_macs = {n: macs.get(n, 0) for n in self._weight_layers()}
+        self.full_params = sum(p.numel() for p in model.parameters())
+        self.update(False)
+
+    # --- construction ----------------------------------------------------------------------
+
+    def _build_groups(self) -> list[ChannelGroup]:
+        """Groups whose producers the scopes allow; the others stay whole."""
+        opts, p = self.cfg.options, self.params
+        allowed = scopes.select(
+            self.model,
+            _LAYERS,
+            ignored=opts.get("ignored_scopes"),
+            target=opts.get("target_scopes"),
+            validate=opts.get("validate_scopes", True),
+            path=self.cfg.path,
+        )
+        names = {n for n, _ in allowed}
+        ignored = [n for n, m in self.model.named_modules() if isinstance(m, _LAYERS)]
+        return build_groups(
+            self.model,
+            self.example_inputs,  # type: ignore[arg-type]
+            ignored=[n for n in ignored if n not in names],
+            prune_first_conv=p["prune_first_conv"],
+            prune_downsample_convs=p["prune_downsample_convs"],
+            prune_batch_norms=p["prune_batch_norms"],
+        )
+
+    def _layers(self) -> dict[str, tuple[ChannelGroup, Member]]:
+        """Every prunable layer: its group and its out-dim weight slice."""
+        return {
+            m.module_name: (g, m)
+            for g in self.groups
+            for m in g.members
+            if m.role == "producer" and m.param_name == "weight"
+        }
+
+    def _weight_layers(self) -> list[str]:
+        names = {m.module_name for g in self.groups for m in g.members if m.param_name == "weight"}
+        return sorted(n for n in names if isinstance(self.model.get_submodule(n), _LAYERS))
+
+    def _resolve(self, key: str, path: str) -> list[tuple[ChannelGroup, Member]]:
+        layers = self._layers()
+        found = [layers[n] for n in layers if scopes.matches(key, n)]
+        if found:
+            return found
+        modules = [n for n, _ in self.model.named_modules() if n]
+        if any(scopes.matches(key, n) for n in modules):
+            raise ConfigError(
+                f"{path}: layer {key!r} cannot be pruned (its channels reach the output, it is "
+                "out of scope, or prune_first_conv/prune_downsample_convs exclude it); prunable "
+                f"layers: {sorted(layers)[:8]}"
+            )
+        raise ConfigError(
+            f"{path}: {key!r} matches no layer of the model; layers look like {modules[:4]}"
+        )
+
+    def _layer_choices(self) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Groups fixed by ``prune_channels`` (keep masks) and by ``layer_ratios`` (ratios)."""
+        base = f"{self.cfg.path}.params"
+        explicit: dict[str, torch.Tensor] = {}
+        ratios: dict[str, float] = {}
+        owner: dict[str, str] = {}
+
+        def claim(group: ChannelGroup, path: str) -> None:
+            if group.name in owner:
+                raise ConfigError(
+                    f"{path}: group {group.name!r} is already set by {owner[group.name]} (layers "
+                    "joined by a residual add or concat share their channels); set it once"
+                )
+            owner[group.name] = path
+
+        for key, text in self.params["prune_channels"].items():
+            path = f'{base}.prune_channels["{key}"]'
+            channels = parse_channels(text, path)
+            for group, member in self._resolve(key, path):
+                claim(group, path)
+                weight = self.model.get_submodule(member.module_name).weight
+                size = weight.shape[member.dim]
+                if channels and channels[-1] >= size:
+                    raise ConfigError(
+                        f"{path}: channel {channels[-1]} is outside layer "
+                        f"{member.module_name!r}, which has {size} output channels (0-{size - 1})"
+                    )
+                keep = torch.ones(group.size, dtype=torch.bool)
+                keep[member.channel[torch.isin(member.index, torch.tensor(channels))]] = False
+                if not keep.any():
+                    raise ConfigError(
+                        f"{path}: prunes all {group.size} channels of group {group.name!r}; at "
+                        "least one channel must remain"
+                    )
+                explicit[group.name] = keep
+        for key, ratio in self.params["layer_ratios"].items():
+            path = f'{base}.layer_ratios["{key}"]'
+            if not 0.0 <= ratio < 1.0:
+                raise ConfigError(f"{path}: {ratio} is not a ratio in [0, 1)")
+            for group, _ in self._resolve(key, path):
+                claim(group, path)
+                ratios[group.name] = float(ratio)
+        return explicit, ratios
+
+    # --- schedule ------------------------------------------------------------------------------
+
+    @property
+    def level(self) -> float:
+        """The scheduled level: a fraction of filters, or of MACs with pruning_flops_target."""
+        return self.current
+
+    def _scheduled(self, target: float, epoch: float) -> float:
+        params = {**self.params, "pruning_target": target}
+        return pruning_level(params, min(self.init, target), epoch)
+
+    def update(self, per_step: bool) -> None:
+        # NNCF moves filter pruning once per epoch; steps only train the current masks.
+        if per_step or self.frozen:
+            return
+        epoch = self.scheduler.progress(None, False)
+        self.current = self._scheduled(self.target, epoch)
+        scores = self.scores()
+        self.ratio = (
+            self._flops_ratio(self.current, scores, epoch) if self.flops_target else (self.current)
+        )
+        self.keep = self.choose(self.ratio, scores, epoch)
+        self._apply()
+        if self.scheduler.epoch >= 0 and epoch >= self.freeze_epoch:
+            self.frozen = True
+
+    def _apply(self) -> None:
+        for group in self.groups:
+            apply_channel_mask(self.model, group, self.keep[group.name])
+
+    # --- importance and allocation ---------------------------------------------------------
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the criterion reads feature maps, so ``calibrate`` should get real batches."""
+        return self.params["filter_importance"] == "nuclear_norm"
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """One score per channel of every group; nuclear_norm falls back on the example inputs
+        until ``calibrate`` has seen data."""
+        criterion = self.params["filter_importance"]
+        if criterion == "nuclear_norm":
+            if self.calibration is None:
+                self.calibration = self._nuclear_scores([self.example_inputs])  # type: ignore[list-item]
+            return self.calibration
+        fn = FILTER_IMPORTANCE[criterion]
+        return {g.name: fn(self.model, g) for g in self.groups}
+
+    def calibrate(self, batches: Iterable[torch.Tensor | tuple[torch.Tensor, ...]]) -> None:
+        """Scores channels by the nuclear norm of their feature maps over ``batches`` (model
+        inputs: a tensor, or a tuple passed as positional arguments). The next epoch's masks
+        use them. Under torch.distributed the scores are averaged, so every rank agrees.
+
+        Example:
+            >>> ctrl.algorithms[0].calibrate(x for x, _ in islice(loader, 4))  # doctest: +SKIP
+        """
+        scores = self._nuclear_scores(batches)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for s in scores.values():
+                torch.distributed.all_reduce(s)
+        self.calibration = scores
+
+    def _nuclear_scores(
+        self, batches: Iterable[torch.Tensor | tuple[torch.Tensor, ...]]
+    ) -> dict[str, torch.Tensor]:
+        scores = {g.name: torch.zeros(g.size) for g in self.groups}
+        hooks = []
+        for group in self.groups:
+            for m in group.members:
+                module = self.model.get_submodule(m.module_name)
+                if m.role != "producer" or m.param_name != "weight":
+                    continue
+                dim = -1 if isinstance(module, nn.Linear) else 1
+
+                def hook(mod, args, out, s=scores[group.name], m=m, dim=dim):  # type: ignore[no-untyped-def]
+                    norms = feature_map_nuclear_norms(out, dim).cpu()
+                    s.index_add_(0, m.channel, norms[m.index])
+
+                hooks.append(module.register_forward_hook(hook))
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()  # calibration must not move BatchNorm statistics
+        # Our own masks are lifted while measuring, else a pruned channel could never return.
+        saved = [(mask, mask.clone()) for mask in self._masks()]
+        for mask, _ in saved:
+            mask.fill_(1.0)
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    args = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
+                    self.model(*(a.to(device) for a in args))
+        finally:
+            self.model.train(was_training)
+            for h in hooks:
+                h.remove()
+            for mask, values in saved:
+                mask.copy_(values)
+        return scores
+
+    def _masks(self) -> list[torch.Tensor]:
+        found = {}
+        for group in self.groups:
+            for m in group.members:
+                mask = masks.get_mask(self.model.get_submodule(m.module_name), m.param_name, OWNER)
+                if mask is not None:
+                    found[id(mask)] = mask
+        return list(found.values())
+
+    def choose(
+        self, ratio: float, scores: Mapping[str, torch.Tensor], epoch: float
+    ) -> dict[str, torch.Tensor]:
+        """Keep masks of every group with the scored groups at ``ratio``."""
+        round_to = self.params["round_to"]
+        started = epoch >= self.params["num_init_steps"]
+        keep = {}
+        fixed = {**self.explicit, **self.ratios}
+        scored = [g for g in self.groups if g.name not in fixed]
+        allocation = self.params["allocation"]
+        if allocation == "uniform":
+            counts = {g.name: g.size - math.floor(ratio * g.size + 1e-9) for g in scored}
+        else:
+            counts = _global_counts(scored, scores, ratio, slamp=allocation == "slamp")
+        for g in scored:
+            keep[g.name] = _top(scores[g.name], round_keep(g.size, counts[g.name], round_to))
+        for name, target in self.ratios.items():
+            g = next(g for g in self.groups if g.name == name)
+            level = self._scheduled(target, epoch)
+            n = round_keep(g.size, g.size - math.floor(level * g.size + 1e-9), round_to)
+            keep[name] = _top(scores[name], n)
+        for name, k in self.explicit.items():
+            keep[name] = k.clone() if started else torch.ones_like(k)
+        return keep
+
+    # --- FLOPs -----------------------------------------------------------------------------------
+
+    def macs_params(self, keep: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+        """(MACs, params) of the model ``strip`` would build with ``keep``, counted from the
+        kept widths (equal to ``count_macs_params`` of the shrunk model, at no tracing cost)."""
+        numel = shrunk_numel(self.model, self.groups, keep)
+        saved = 0.0
+        for name, macs in self.layer_macs.items():
+            weight = self.model.get_submodule(name)._parameters["weight"]
+            saved += macs * (1.0 - numel[f"{name}.weight"] / weight.numel())
+        return round(self.full_macs - saved), sum(numel.values())
+
+    def _flops_ratio(
+        self, fraction: float, scores: Mapping[str, torch.Tensor], epoch: float
+    ) -> float:
+        """The filter ratio whose shrunk model has ``fraction`` fewer MACs, by bisection
+        (removed MACs never fall as the ratio rises); the closest of the ratios tried."""
+        if fraction <= 0.0:
+            return 0.0
+
+        def removed(ratio: float) -> float:
+            macs, _ = self.macs_params(self.choose(ratio, scores, epoch))
+            return 1.0 - macs / self.full_macs
+
+        lo, hi = 0.0, 0.999
+        best = (abs(removed(0.0) - fraction), 0.0)
+        for _ in range(24):
+            mid = (lo + hi) / 2
+            got = removed(mid)
+            best = min(best, (abs(got - fraction), mid))
+            lo, hi = (mid, hi) if got < fraction else (lo, mid)
+        return best[1]
+
+    # --- reporting, state, strip -----------------------------------------------------------
+
+    def statistics(self) -> dict[str, Any]:
+        """NNCF's two tables: the prunable layers, and the model's MACs, params and filters."""
+        rows = []
+        full_filters = kept_filters = 0
+        for name, (group, member) in self._layers().items():
+            weight = self.model.get_submodule(name)._parameters["weight"]
+            n = len(member.index)
+            kept = int(self.keep[group.name][member.channel].sum())
+            full_filters, kept_filters = full_filters + n, kept_filters + kept
+            rows.append(
+                {
+                    "layer": name,
+                    "group": group.name,
+                    "weight shape": list(weight.shape),
+                    "mask shape": [n],
+                    "kept filters": kept,
+                    "pruning level": 1.0 - kept / n,
+                }
+            )
+        macs, params = self.macs_params(self.keep)
+        summary = [
+            _row("MACs", self.full_macs, macs),
+            _row("params", self.full_params, params),
+            _row("filters", full_filters, kept_filters),
+        ]
+        out = {"algorithm": self.name, "level": self.current, "frozen": self.frozen}
+        if self.flops_target:
+            out["filter ratio"] = self.ratio
+        return {**out, "layers": rows, "summary": summary}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "level": self.current,
+            "ratio": self.ratio,
+            "frozen": self.frozen,
+            "keep": {name: k.clone() for name, k in self.keep.items()},
+            "calibration": None
+            if self.calibration is None
+            else {n: s.clone() for n, s in self.calibration.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = state["keep"]
+        sizes = {g.name: g.size for g in self.groups}
+        if sorted(saved) != sorted(sizes) or any(
+            tuple(saved[n].shape) != (s,) for n, s in sizes.items()
+        ):
+            raise CompressError(
+                f"{self.name} state does not fit this model: the state has groups "
+                f"{sorted(saved)[:5]}, the model {sorted(sizes)[:5]} (or their widths differ)"
+            )
+        self.current = float(state["level"])
+        self.ratio = float(state.get("ratio", self.current))
+        self.frozen = bool(state["frozen"])
+        self.keep = {n: torch.as_tensor(k, dtype=torch.bool).clone() for n, k in saved.items()}
+        if state.get("calibration") is not None:
+            self.calibration = {n: s.clone() for n, s in state["calibration"].items()}
+        self._apply()
+
+    def strip(self, model: nn.Module) -> nn.Module:
+        """The shrunk model (every mask folded first, then channels removed), carrying the plan
+        of kept channels as ``compress_pruning_plan`` for the ``pruned`` export."""
+        device = next(model.parameters()).device
+        inputs = tuple(t.to(device) for t in self.example_inputs or ())
+        pruned = {n: k for n, k in self.keep.items() if not k.all()}
+        small = shrink(model, self.groups, pruned, example_inputs=inputs)
+        small.compress_pruning_plan = pruning_plan(self.groups, self.keep)
+        return small
+
+
+def _top(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` highest scores; ties go to the lower index."""
+    keep = torch.zeros(scores.numel(), dtype=torch.bool)
+    keep[torch.argsort(scores, descending=True, stable=True)[:n]] = True
+    return keep
+
+
+def _global_counts(
+    groups: list[ChannelGroup], scores: Mapping[str, torch.Tensor], ratio: float, *, slamp: bool
+) -> dict[str, int]:
+    """Kept channels per group after one ranking of all groups' channels. Scores are made
+    comparable per layer: unit L2 norm per group (NNCF normalises each weight), or SLAMP."""
+    if not groups:
+        return {}
+    normed = []
+    for g in groups:
+        s = scores[g.name].float()
+        norm = s.norm()
+        normed.append(slamp_scores(s) if slamp else (s / norm if norm > 0 else s))
+    sizes = [g.size for g in groups]
+    owner = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(sizes))
+    order = torch.argsort(torch.cat(normed), stable=True)
+    n_prune = math.floor(ratio * sum(sizes) + 1e-9)
+    pruned = torch.bincount(owner[order[:n_prune]], minlength=len(groups))
+    return {g.name: g.size - int(p) for g, p in zip(groups, pruned, strict=True)}
+
+
+def _row(what: str, full: int, current: int) -> dict[str, Any]:
+    return {
+        "": what,
+        "full": full,
+        "current": current,
+        "pruned": 1.0 - current / full if full else 0.0,
+    }
