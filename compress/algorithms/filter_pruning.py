@@ -300,7 +300,7 @@ class FilterPruning(Algorithm):
     def calibrate(self, batches: Iterable[torch.Tensor | tuple[torch.Tensor, ...]]) -> None:
         """Scores channels by the nuclear norm of their feature maps over ``batches`` (model
         inputs: a tensor, or a tuple passed as positional arguments). The next epoch's masks
-        use them. Under torch.distributed the scores are averaged, so every rank agrees.
+        use them. Under torch.distributed the scores are summed over ranks, so every rank agrees.
 
         Example:
             >>> ctrl.algorithms[0].calibrate(x for x, _ in islice(loader, 4))  # doctest: +SKIP
