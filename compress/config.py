@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -126,11 +128,16 @@ def load_config(recipe: str | Path | Mapping[str, Any] | Config) -> Config:
         return recipe
     if isinstance(recipe, Mapping):
         data, source = copy.deepcopy(dict(recipe)), "<dict>"
+    elif not isinstance(recipe, (str, os.PathLike)):
+        raise ConfigError(
+            f"recipe: got {type(recipe).__name__}; give a JSON file path, a dict or a Config"
+        )
     else:
         source = str(recipe)
         data = _read_json(Path(recipe))
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a recipe is a JSON object, got {type(data).__name__}")
+    _check_finite(data, "")
     if "accuracy_aware_training" in data:
         raise ConfigError(
             "accuracy_aware_training: NNCF's accuracy-aware training loop is not supported yet; "
@@ -164,15 +171,33 @@ def load_config(recipe: str | Path | Mapping[str, Any] | Config) -> Config:
 
 def _read_json(path: Path) -> Any:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the recipe ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not a JSON text file (byte {e.start} is not UTF-8: {e.reason})"
+        ) from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(
             f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
         ) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: the JSON is nested too deeply to be a recipe") from None
+
+
+def _check_finite(value: Any, path: str) -> None:
+    """JSON Schema bounds let NaN through (every comparison with NaN is false)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path or '(recipe)'}: {value} is not allowed; give a finite number")
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_finite(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{path}[{i}]")
 
 
 def _algorithm(item: Any, path: str) -> AlgorithmConfig:

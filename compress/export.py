@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -162,11 +163,26 @@ def load_sparse(
     return to_sparse_runtime(model, tuple(inputs), min_speedup=min_speedup)
 
 
+def _check_zip_crc(path: Path) -> None:
+    """torch.load does not check the CRC-32 that torch.save writes for every record, so a
+    flipped byte in tensor data would load as a silently wrong weight. Checked here."""
+    if not zipfile.is_zipfile(path):
+        return  # not torch's zip format: torch.load reports it
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except Exception as e:  # a damaged archive raises many kinds (BadZipFile, decode errors)
+        raise CompressError(f"{path}: the file is damaged ({type(e).__name__}: {e})") from None
+    if bad is not None:
+        raise CompressError(f"{path}: the file is damaged (checksum mismatch in record {bad!r})")
+
+
 def safe_load(path: str | Path) -> Any:
     """``torch.load(weights_only=True)`` with errors that name the file and the problem."""
     path = Path(path)
     if not path.is_file():
         raise CompressError(f"{path}: no such file")
+    _check_zip_crc(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for damaged or unsafe files
