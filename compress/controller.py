@@ -12,6 +12,7 @@ from torch import nn
 
 from compress import masks
 from compress.algorithms import ALGORITHMS, Algorithm
+from compress.algorithms.base import SPARSIFIABLE
 from compress.config import Config, load_config
 from compress.effective import active_weights
 from compress.errors import CompressError
@@ -68,7 +69,7 @@ class CompressionController:
         weights = {
             name: masks.effective(module, "weight")
             for name, module, pname, _ in masks.iter_masked(self.model)
-            if pname == "weight"
+            if pname == "weight" and isinstance(module, SPARSIFIABLE)
         }
         summary = model_summary(self.model, self.example_inputs, weights)
         if weights:

@@ -116,6 +116,20 @@ def get_mask(module: nn.Module, name: str = "weight", owner: str = "") -> torch.
     return getattr(module, buf) if m is not None and buf in m.buffers else None
 
 
+def others(module: nn.Module, name: str = "weight", owner: str = "") -> torch.Tensor | None:
+    """The product of the masks other owners put on ``module.<name>`` (None if there are none),
+    so that an algorithm can leave alone what another one already removed."""
+    m = module.__dict__.get(_STATE, {}).get(name)
+    if m is None:
+        return None
+    own = mask_name(name, owner)
+    out = None
+    for buf in m.buffers:
+        if buf != own:
+            out = getattr(module, buf) if out is None else out * getattr(module, buf)
+    return out
+
+
 def masked_names(module: nn.Module) -> tuple[str, ...]:
     return tuple(module.__dict__.get(_STATE, ()))
 

@@ -429,3 +429,27 @@ def test_filter_pruning_with_magnitude_sparsity_end_to_end(tmp_path: Path) -> No
     want = (conv.weight * fp * sparse).detach()[rows][:, cols]
     assert torch.equal(reloaded.layer1.conv1.weight, want)
     assert 0.2 < float((want == 0).float().mean()) < 0.8
+
+
+def test_combined_sparsity_level_applies_to_the_weights_that_remain() -> None:
+    combined = {
+        "compression": [
+            recipe(init=0.5, schedule="baseline", pruning_target=0.5, round_to=1, **ALL)[
+                "compression"
+            ],
+            {"algorithm": "magnitude_sparsity", "sparsity_init": 0.6},
+        ]
+    }
+    model, x = _make("flatten")
+    ctrl, model = compress.create_compressed_model(model, combined, x)
+    small = ctrl.strip()
+    weights = [m.weight for m in small.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    total = sum(w.numel() for w in weights)
+    # Filter-pruned filters are not counted against the sparsity budget: the level is met on
+    # the filters that remain. (Input slices of removed channels still count, hence ~0.6.)
+    assert abs(zeros / total - 0.6) < 0.02
+    for module in model.modules():
+        fp, own = masks.get_mask(module, "weight", OWNER), masks.get_mask(module, "weight")
+        if fp is not None and own is not None:
+            assert torch.all(own[fp == 0] == 1)  # no budget spent on removed filters

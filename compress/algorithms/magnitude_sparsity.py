@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from compress import masks
 from compress.algorithms.base import Algorithm, attach_weight_masks, sparsity_rows, weight_layers
 from compress.allocation import allocate, lamp_scores
 from compress.effective import active_weights
@@ -105,16 +106,25 @@ class MagnitudeSparsity(Algorithm):
             allocation = "uniform"
         if allocation == "lamp":
             scores = [lamp_scores(s) for s in scores]
+        # Weights another algorithm removed (filter pruning) are not ours to count or choose:
+        # the level applies to the weights that remain.
+        alive = []
+        for i, (_, module, _) in enumerate(self.entries):
+            other = masks.others(module, "weight")
+            if other is None:
+                alive.append(scores[i].numel())
+                continue
+            scores[i] = scores[i].masked_fill(other == 0, float("inf"))
+            alive.append(int(other.count_nonzero()))
         if allocation in ("global", "lamp"):
-            total = sum(s.numel() for s in scores)
-            keeps = global_keep_masks(scores, round(level * total))
+            keeps = global_keep_masks(scores, round(level * sum(alive)))
         else:
             shapes = [tuple(s.shape) for s in scores]
             levels = allocate(allocation, shapes, level)
-            keeps = [local_keep_mask(s, round(x * s.numel())) for s, x in zip(scores, levels)]
+            keeps = [local_keep_mask(s, round(x * n)) for s, x, n in zip(scores, levels, alive)]
         for i, ((_, _, mask), keep, s) in enumerate(zip(self.entries, keeps, scores)):
             mask.copy_(keep)
-            pruned = s[~keep]
+            pruned = s[~keep & torch.isfinite(s)]
             self.thresholds[i] = float(pruned.max()) if pruned.numel() else 0.0
 
     def statistics(self) -> dict[str, Any]:
