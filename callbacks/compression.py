@@ -20,9 +20,10 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
 import compress
+from compress import masks
 from compress.config import Config, load_config
 from compress.controller import CompressionController
-from compress.errors import ConfigError
+from compress.errors import CompressError, ConfigError
 from compress.export import FORMATS
 
 
@@ -147,6 +148,7 @@ class CompressionCallback(pl.Callback):
         # global_step counts optimizer steps, so accumulation and skipped steps are respected.
         while self.ctrl.scheduler.global_step < trainer.global_step:
             self.ctrl.scheduler.step()
+        check_finite_weights(self.ctrl, trainer.current_epoch, trainer.global_step)
         pl_module.log("compression/level", self.ctrl.compression_level, prog_bar=True, on_step=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -184,6 +186,23 @@ class CompressionCallback(pl.Callback):
             plain, self.export_dir / self.export_name, self.export_formats, example_inputs=inputs
         )
         rank_zero_info(f"compression: exported {', '.join(str(p) for p in self.exported.values())}")
+
+
+def check_finite_weights(ctrl: CompressionController, epoch: int, step: int) -> None:
+    """Names the compressed layer whose weight became NaN or Inf, at the optimizer step it
+    happened (masks are recomputed only at schedule events, which may be an epoch later).
+    One ``isfinite`` reduction per compressed weight."""
+    seen: set[int] = set()
+    for name, module, pname, _ in masks.iter_masked(ctrl.model):
+        weight = module._parameters.get(pname)
+        if weight is None or id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        if not bool(torch.isfinite(weight).all()):
+            raise CompressError(
+                f"layer {name!r}: the {pname} holds NaN or Inf after optimizer step {step} "
+                f"(epoch {epoch}); lower the learning rate or check the loss"
+            )
 
 
 def layer_metrics(ctrl: CompressionController) -> dict[str, float]:
