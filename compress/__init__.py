@@ -13,8 +13,10 @@ Example:
 
 from compress.config import Config, load_config
 from compress.controller import CompressionController, create_compressed_model
+from compress.effective import SparsityReport, sparsity_report
 from compress.errors import CompressError, ConfigError
 from compress.export import export, load_sparse
+from compress.sparse_runtime import to_sparse_runtime
 from compress.stats import Statistics
 from compress.structured import load_pruned
 
@@ -25,6 +27,7 @@ __all__ = [
     "CompressionController",
     "Config",
     "ConfigError",
+    "SparsityReport",
     "Statistics",
     "__version__",
     "create_compressed_model",
@@ -32,4 +35,6 @@ __all__ = [
     "load_config",
     "load_pruned",
     "load_sparse",
+    "sparsity_report",
+    "to_sparse_runtime",
 ]

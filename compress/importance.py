@@ -33,7 +33,7 @@ def normed_abs_importance(weight: torch.Tensor) -> torch.Tensor:
 def random_importance(weight: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """A fixed random score per weight: the random-pruning baseline. Zeros stay lowest, so
     masks only grow as the level rises."""
-    gen = torch.Generator().manual_seed(seed + weight.numel())
+    gen = torch.Generator().manual_seed(seed)
     scores = torch.rand(weight.shape, generator=gen).to(weight.device) + 1.0
     return torch.where(weight.detach() == 0, torch.zeros_like(scores), scores)
 

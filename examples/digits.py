@@ -27,7 +27,9 @@ from callbacks import CompressionCallback
 def digits_loaders(batch_size: int = 64, seed: int = 0) -> tuple[DataLoader, DataLoader]:
     """70/30 stratified split, pixels scaled to [0, 1]."""
     x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(x / 16.0, y, test_size=0.3, stratify=y, random_state=seed)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x / 16.0, y, test_size=0.3, stratify=y, random_state=seed
+    )
 
     def tensors(a, b):  # type: ignore[no-untyped-def]
         return TensorDataset(torch.tensor(a, dtype=torch.float32), torch.tensor(b))
@@ -121,7 +123,9 @@ def main() -> None:
         print(f"exported {fmt:>6}: {path} ({Path(path).stat().st_size:,} bytes)")
     # The export restores into a fresh model of the same class.
     fresh = compress.load_sparse(cb.exported["sparse"], lenet_300_100())  # type: ignore[union-attr]
-    print(f"reloaded sparse export accuracy: {accuracy(fresh, digits_loaders(seed=args.seed)[1]):.4f}")
+    print(
+        f"reloaded sparse export accuracy: {accuracy(fresh, digits_loaders(seed=args.seed)[1]):.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ level whose effective sparsity (weights zero or cut off from input or output) is
 
 from __future__ import annotations
 
+import warnings
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +23,12 @@ from compress.algorithms.base import Algorithm, attach_weight_masks, sparsity_ro
 from compress.allocation import allocate, lamp_scores
 from compress.effective import active_weights
 from compress.errors import CompressError
-from compress.importance import IMPORTANCE, global_keep_masks, local_keep_mask
+from compress.importance import (
+    IMPORTANCE,
+    global_keep_masks,
+    local_keep_mask,
+    random_importance,
+)
 from compress.schedules import sparsity_level
 
 
@@ -74,6 +81,14 @@ class MagnitudeSparsity(Algorithm):
             if hi - lo < tolerance:
                 break
         self.set_masks(lo)
+        reached = self.effective_sparsity()
+        if abs(reached - level) > 0.01:
+            warnings.warn(
+                f"{self.cfg.path}: effective sparsity jumps past the target {level:.4f} "
+                f"(whole units disconnect at once); reached {reached:.4f} at direct level "
+                f"{lo:.4f}",
+                stacklevel=2,
+            )
         return lo
 
     def effective_sparsity(self) -> float:
@@ -100,7 +115,11 @@ class MagnitudeSparsity(Algorithm):
                     f"{self.scheduler.epoch}, step {self.scheduler.global_step}; lower the "
                     "learning rate or check the loss"
                 )
-            scores.append(importance(w))
+            if p["weight_importance"] == "random":
+                # One fixed pattern per layer (by name), the same on every rank and resume.
+                scores.append(random_importance(w, seed=zlib.crc32(name.encode())))
+            else:
+                scores.append(importance(w))
         allocation = p["layerwise_allocation"]
         if p["sparsity_level_setting_mode"] == "local":
             allocation = "uniform"
