@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -620,25 +619,15 @@ def save_pruned(
         "input_dtypes": [str(x.dtype).removeprefix("torch.") for x in inputs],
         "state_dict": small_model.state_dict(),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from compress.export import atomic_write
+
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def _read_pruned(path: Path) -> dict:
-    if not path.is_file():
-        raise CompressError(f"{path}: no such file")
-    try:
-        payload = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear error
-        raise CompressError(f"{path}: not a pruned model file ({err})") from err
+    from compress.export import safe_load  # checks the zip CRC, refuses pickled objects
+
+    payload = safe_load(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CompressError(f"{path}: not a pruned model file (format is not {FORMAT!r})")
     if payload.get("version") != VERSION:

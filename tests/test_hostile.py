@@ -177,8 +177,6 @@ def algorithm_schema(name: str, *, on_model: bool = False) -> dict[str, Any]:
             "additionalProperties": False,
         }
         params["calibration_batches"] = {"type": "integer", "minimum": 1, "maximum": 2}
-        # Tiny multipliers overflow the RB logits: test_edge_cases.py has the xfail for it.
-        defs["common"]["compression_lr_multiplier"]["minimum"] = 1e-3
     return {**defs[name], "required": ["algorithm"], "$defs": defs}
 
 
@@ -637,13 +635,6 @@ def test_truncated_and_foreign_files_for_load_pruned(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif("filter_pruning" not in ALGORITHMS, reason="filter_pruning not landed")
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="compress/structured.py _read_pruned calls torch.load directly, which ignores the "
-    "zip CRC-32: a flipped byte in tensor data loads as a silently wrong weight; "
-    "compress.export.safe_load checks the CRC (use it there)",
-)
 def test_flipped_bytes_in_a_pruned_file_are_refused(tmp_path: Path) -> None:
     from compress.structured import load_pruned
 

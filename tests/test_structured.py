@@ -455,7 +455,7 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(CompressError, match=r"plain\.pt: not a pruned model file"):
         load_pruned(ResNetish(), tmp_path / "plain.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a zip")
-    with pytest.raises(CompressError, match=r"junk\.pt: not a pruned model file"):
+    with pytest.raises(CompressError, match=r"junk\.pt: not a readable file of this library"):
         load_pruned(ResNetish(), tmp_path / "junk.pt")
 
     payload = torch.load(good, weights_only=True)

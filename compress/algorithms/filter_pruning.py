@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from compress import masks, scopes
-from compress.algorithms.base import Algorithm
+from compress.algorithms.base import Algorithm, weight_layers
 from compress.allocation import slamp_scores
 from compress.errors import CompressError, ConfigError
 from compress.schedules import pruning_level
@@ -134,6 +134,7 @@ class FilterPruning(Algorithm):
                 "input_info in the recipe"
             )
         p = self.params
+        weight_layers(model, cfg)  # a ConfigError when no conv or linear layer is in scope
         self.groups = self._build_groups()
         self.init = float(cfg.options["pruning_init"])
         self.flops_target = p.get("pruning_flops_target")
@@ -147,7 +148,7 @@ class FilterPruning(Algorithm):
         self.frozen = False
         self.calibration: dict[str, torch.Tensor] | None = None
         macs = layer_macs(model, example_inputs)
-        self.full_macs = macs[""]
+        self.full_macs = macs.get("", sum(macs.values()))
         self.layer_macs = {n: macs.get(n, 0) for n in self._weight_layers()}
         self.full_params = sum(p.numel() for p in model.parameters())
         self.update(False)
