@@ -34,3 +34,15 @@ def magnitude(**params: object) -> dict:
     return {
         "compression": {"algorithm": "magnitude_sparsity", "sparsity_init": init, "params": params}
     }
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` run only with ``pytest -m slow`` or COMPRESS_SLOW=1."""
+    import os
+
+    if "slow" in (config.getoption("markexpr") or "") or os.environ.get("COMPRESS_SLOW"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with `pytest -m slow` (or COMPRESS_SLOW=1)")
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)

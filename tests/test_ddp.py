@@ -81,7 +81,12 @@ class RankProbe(pl.Callback):
             {
                 "step": ctrl.scheduler.global_step,
                 "level": ctrl.compression_level,
-                "masks": _digest([m for *_, m in masks.iter_masked(model)]),
+                # Mask buffers and the zero pattern the forward pass sees (RB keeps its
+                # learned mask in the logits until it freezes).
+                "masks": _digest(
+                    [m for *_, m in masks.iter_masked(model)]
+                    + [masks.effective(mod, n) == 0 for _, mod, n, _ in masks.iter_masked(model)]
+                ),
                 "weights": _digest(dict(model.named_parameters())),
                 "controller": _digest(ctrl.state_dict()),
                 "rb_noise": _digest(noise) if noise else None,
@@ -165,14 +170,6 @@ def check_ranks(tmp_path: Path, section: Any) -> None:
     assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["model.sparse.pt"]
     events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
     assert len(events) == 1
-
-
-@pytest.fixture(autouse=True)
-def _slow_only_when_asked(request: pytest.FixtureRequest) -> None:
-    # pyproject's addopts does not deselect 'slow': run these with `pytest -m slow`.
-    asked = "slow" in (request.config.getoption("markexpr") or "")
-    if request.node.get_closest_marker("slow") and not (asked or os.environ.get("COMPRESS_SLOW")):
-        pytest.skip("slow: run with `pytest -m slow` (or COMPRESS_SLOW=1)")
 
 
 @pytest.fixture(autouse=True, scope="module")

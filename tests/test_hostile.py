@@ -98,14 +98,6 @@ def _settings(n: int) -> settings:
     )
 
 
-@pytest.fixture(autouse=True)
-def _slow_only_when_asked(request: pytest.FixtureRequest) -> None:
-    # pyproject's addopts does not deselect 'slow': run these with `pytest -m slow`.
-    asked = "slow" in (request.config.getoption("markexpr") or "")
-    if request.node.get_closest_marker("slow") and not (asked or os.environ.get("COMPRESS_SLOW")):
-        pytest.skip("slow: run with `pytest -m slow` (or COMPRESS_SLOW=1)")
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
     before = torch.get_num_threads()
