@@ -158,7 +158,11 @@ def check_ranks(tmp_path: Path, section: Any) -> None:
     # The schedule really moved and the masks really changed during the run.
     levels = [s["level"] for s in r0["steps"]]
     assert levels[-1] > 0.0
-    if not _presparse(section) or isinstance(section, list):
+    if section is RB:
+        # A few steps do not move RB logits across zero: no mask flips yet, but the logits
+        # (in the controller state) move every step, identically on both ranks.
+        assert len({s["controller"] for s in r0["steps"]}) == len(r0["steps"])
+    elif not _presparse(section) or isinstance(section, list):
         assert len({s["masks"] for s in r0["steps"]}) > 1
     if "rb_sparsity" in json.dumps(section):
         assert all(s["rb_noise"] for s in r0["steps"][:4])
