@@ -27,7 +27,7 @@ def normed_abs_importance(weight: torch.Tensor) -> torch.Tensor:
     """|w| / ||W||_2, NNCF's default, so that one global threshold treats layers fairly."""
     w = weight.detach()
     norm = w.norm(2)
-    return w.abs() / norm if norm > 0 else w.abs()
+    return w.abs().div_(norm) if norm > 0 else w.abs()
 
 
 def random_importance(weight: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -47,12 +47,11 @@ IMPORTANCE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 def _keep_with_ties(scores: torch.Tensor, threshold: torch.Tensor, n_ties: int) -> torch.Tensor:
     """Keeps scores > threshold, and all but the first ``n_ties`` scores equal to it."""
+    if not n_ties:
+        return scores >= threshold
     keep = scores > threshold
-    if n_ties:
-        ties = (scores == threshold).flatten().nonzero().squeeze(1)
-        keep.view(-1)[ties[n_ties:]] = True
-    else:
-        keep |= scores == threshold
+    ties = (scores == threshold).flatten().nonzero().squeeze(1)
+    keep.view(-1)[ties[n_ties:]] = True
     return keep
 
 
@@ -114,12 +113,12 @@ def _kth_smallest(
         below, bands = [], []
         for s in scores:
             flat = s.flatten()
-            in_band = torch.ones_like(flat, dtype=torch.bool)
-            n_lo = 0
-            if lo is not None:
-                under = flat < lo
-                n_lo = int(under.sum())
-                in_band = ~under
+            if lo is None:
+                in_band, n_lo = torch.ones_like(flat, dtype=torch.bool), 0
+            else:
+                # count_nonzero: sum() of a bool tensor casts it to int64 first, 3x slower
+                in_band = flat >= lo
+                n_lo = flat.numel() - int(torch.count_nonzero(in_band))
             if hi is not None:
                 in_band &= flat <= hi
             below.append(n_lo)
