@@ -77,16 +77,9 @@ def accuracy(model: nn.Module, loader: DataLoader) -> float:
     return correct / total
 
 
-def fit(recipe: str | None, epochs: int, seed: int, export_dir: str | None) -> tuple[float, object]:
-    pl.seed_everything(seed, workers=True)
-    train, test = digits_loaders(seed=seed)
-    module = Classifier(lenet_300_100())
-    callbacks = []
-    if recipe is not None:
-        callbacks.append(
-            CompressionCallback(recipe, export_dir=export_dir, model_attr="model", verbose=False)
-        )
-    trainer = pl.Trainer(
+def quiet_trainer(epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """A deterministic CPU Trainer that prints nothing and writes no logs or checkpoints."""
+    return pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
         devices=1,
@@ -97,7 +90,18 @@ def fit(recipe: str | None, epochs: int, seed: int, export_dir: str | None) -> t
         enable_model_summary=False,
         deterministic=True,
     )
-    trainer.fit(module, train)
+
+
+def fit(recipe: str | None, epochs: int, seed: int, export_dir: str | None) -> tuple[float, object]:
+    pl.seed_everything(seed, workers=True)
+    train, test = digits_loaders(seed=seed)
+    module = Classifier(lenet_300_100())
+    callbacks = []
+    if recipe is not None:
+        callbacks.append(
+            CompressionCallback(recipe, export_dir=export_dir, model_attr="model", verbose=False)
+        )
+    quiet_trainer(epochs, callbacks).fit(module, train)
     if not callbacks:
         return accuracy(module.model, test), None
     cb = callbacks[0]

@@ -21,7 +21,12 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from digits import Classifier, accuracy, digits_loaders  # examples/ is on sys.path when run
+from digits import (  # examples/ is on sys.path when run
+    Classifier,
+    accuracy,
+    digits_loaders,
+    quiet_trainer,
+)
 from torch import nn
 
 import compress
@@ -53,17 +58,7 @@ class DigitsCNN(nn.Module):
 def train(module: pl.LightningModule, epochs: int, callbacks: list[pl.Callback], seed: int) -> None:
     pl.seed_everything(seed, workers=True)
     train_loader, _ = digits_loaders(seed=seed)
-    pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-    ).fit(module, train_loader)
+    quiet_trainer(epochs, callbacks).fit(module, train_loader)
 
 
 @torch.no_grad()

@@ -71,6 +71,18 @@ class Algorithm:
         return model
 
 
+def sparsity_event(algo: Algorithm, frozen: bool, per_step: bool) -> str:
+    """What a sparsity schedule does at a scheduler event: "skip" (frozen, or a step when the
+    level moves per epoch), "freeze" (``sparsity_freeze_epoch`` reached) or "update"."""
+    p = algo.params
+    if frozen or (per_step and not p["update_per_optimizer_step"]):
+        return "skip"
+    epoch = algo.scheduler.progress(p["steps_per_epoch"], per_step)
+    if epoch >= p["sparsity_freeze_epoch"] and algo.scheduler.epoch >= 0:
+        return "freeze"
+    return "update"
+
+
 def weight_layers(model: nn.Module, cfg: AlgorithmConfig) -> list[tuple[str, nn.Module]]:
     """The layers a sparsity algorithm masks: Linear and conv layers allowed by the scopes,
     one entry per distinct weight (a weight tied between modules is listed once)."""

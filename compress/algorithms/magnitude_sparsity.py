@@ -19,7 +19,13 @@ from typing import Any
 import torch
 
 from compress import masks
-from compress.algorithms.base import Algorithm, attach_weight_masks, sparsity_rows, weight_layers
+from compress.algorithms.base import (
+    Algorithm,
+    attach_weight_masks,
+    sparsity_event,
+    sparsity_rows,
+    weight_layers,
+)
 from compress.allocation import allocate, lamp_scores
 from compress.effective import active_weights
 from compress.errors import CompressError
@@ -53,12 +59,10 @@ class MagnitudeSparsity(Algorithm):
         return sparsity_level(p, self.init, progress)
 
     def update(self, per_step: bool) -> None:
-        p = self.params
-        if self.frozen or (per_step and not p["update_per_optimizer_step"]):
-            return
-        epoch = self.scheduler.progress(p["steps_per_epoch"], per_step)
-        if epoch >= p["sparsity_freeze_epoch"] and self.scheduler.epoch >= 0:
+        event = sparsity_event(self, self.frozen, per_step)
+        if event == "freeze":
             self.frozen = True
+        if event != "update":
             return
         self.current = self.target_level()
         if self.params["sparsity_target_type"] == "effective":

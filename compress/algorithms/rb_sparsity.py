@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from compress import masks
-from compress.algorithms.base import Algorithm, sparsity_rows, weight_layers
+from compress.algorithms.base import Algorithm, sparsity_event, sparsity_rows, weight_layers
 from compress.algorithms.magnitude_sparsity import load_masks
 from compress.errors import CompressError
 from compress.schedules import sparsity_level
@@ -285,13 +285,12 @@ class RBSparsity(Algorithm):
         return self.shared.frozen
 
     def update(self, per_step: bool) -> None:
-        p = self.params
-        if self.frozen or (per_step and not p["update_per_optimizer_step"]):
-            return
-        epoch = self.scheduler.progress(p["steps_per_epoch"], per_step)
-        if epoch >= p["sparsity_freeze_epoch"] and self.scheduler.epoch >= 0:
+        event = sparsity_event(self, self.frozen, per_step)
+        if event == "freeze":
             self.freeze()
+        if event != "update":
             return
+        p = self.params
         if p["schedule"] != "adaptive":
             progress = self.scheduler.progress(p["steps_per_epoch"], p["update_per_optimizer_step"])
             self.current = sparsity_level(p, self.init, progress)
