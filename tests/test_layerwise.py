@@ -63,3 +63,12 @@ def test_statistics_report_effective_sparsity_of_a_disconnected_net() -> None:
     assert model["effective sparsity of compressed layers"] == pytest.approx(
         (150 * 100 + 150 * 64) / 50200
     )
+
+
+def test_block_shape_prunes_whole_blocks() -> None:
+    recipe = magnitude(sparsity_init=0.75, block_shape=[4, 4], sparsity_level_setting_mode="local")
+    ctrl, net = compress.create_compressed_model(lenet(), recipe)
+    w = compress.masks.effective(net[2])  # 100x300: 25x75 blocks of 4x4
+    blocks = (w != 0).reshape(25, 4, 75, 4).permute(0, 2, 1, 3).reshape(25 * 75, 16)
+    assert torch.all(blocks.all(1) | ~blocks.any(1))  # every block all kept or all pruned
+    assert int((~blocks.any(1)).sum()) == round(0.75 * 25 * 75)

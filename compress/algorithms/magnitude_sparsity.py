@@ -36,6 +36,7 @@ from compress.importance import (
     random_importance,
 )
 from compress.schedules import sparsity_level
+from compress.sparse_runtime import block_scores
 
 
 class MagnitudeSparsity(Algorithm):
@@ -141,6 +142,10 @@ class MagnitudeSparsity(Algorithm):
                 continue
             scores[i] = scores[i].masked_fill(other == 0, float("inf"))
             alive.append(int(other.count_nonzero()))
+        block = p.get("block_shape")
+        if block:  # choose whole blocks (BSR-friendly); the level then counts blocks
+            scores = [block_scores(s, (block[0], block[1])) for s in scores]
+            alive = [s.numel() for s in scores]
         if allocation in ("global", "lamp"):
             keeps = global_keep_masks(scores, round(level * sum(alive)))
         else:
@@ -148,7 +153,7 @@ class MagnitudeSparsity(Algorithm):
             levels = allocate(allocation, shapes, level)
             keeps = [local_keep_mask(s, round(x * n)) for s, x, n in zip(scores, levels, alive)]
         for i, ((_, _, mask), keep, s) in enumerate(zip(self.entries, keeps, scores)):
-            mask.copy_(keep)
+            mask.copy_(_expand_blocks(keep, block, mask) if block else keep)
             # no boolean indexing: gathering 90% of the scores took 40% of set_masks
             top = float(torch.where(keep, float("-inf"), s).amax())
             if top == float("inf"):  # pruned a weight another algorithm removed: exact path
@@ -179,6 +184,14 @@ class MagnitudeSparsity(Algorithm):
         self.frozen = bool(state["frozen"])
         self.thresholds = list(state["thresholds"])
         load_masks(self.entries, state["masks"], self.name)
+
+
+def _expand_blocks(keep: torch.Tensor, block: list[int], mask: torch.Tensor) -> torch.Tensor:
+    """A [rows/bh, cols/bw] block mask spread over the weight (viewed as [out, rest])."""
+    rows = mask.shape[0]
+    cols = mask.numel() // rows
+    full = keep.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return full[:rows, :cols].reshape(mask.shape)
 
 
 def load_masks(entries: list, saved: Mapping[str, torch.Tensor], algorithm: str) -> None:  # type: ignore[type-arg]
