@@ -71,6 +71,13 @@ class Algorithm:
         return model
 
 
+def weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` as the tensor it is (typed: nn.Module attributes are untyped)."""
+    w = module.weight
+    assert isinstance(w, torch.Tensor)
+    return w
+
+
 def sparsity_event(algo: Algorithm, frozen: bool, per_step: bool) -> str:
     """What a sparsity schedule does at a scheduler event: "skip" (frozen, or a step when the
     level moves per epoch), "freeze" (``sparsity_freeze_epoch`` reached) or "update"."""
@@ -127,7 +134,7 @@ def sparsity_rows(entries: list[tuple[str, nn.Module, torch.Tensor]]) -> list[di
         rows.append(
             {
                 "layer": name,
-                "shape": list(module.weight.shape),
+                "shape": list(weight(module).shape),
                 "params": n,
                 "sparsity": 1.0 - float(mask.count_nonzero()) / n,
             }

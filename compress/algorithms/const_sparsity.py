@@ -11,7 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from compress.algorithms.base import Algorithm, attach_weight_masks, sparsity_rows, weight_layers
+from compress.algorithms.base import (
+    Algorithm,
+    attach_weight_masks,
+    sparsity_rows,
+    weight,
+    weight_layers,
+)
 from compress.algorithms.magnitude_sparsity import load_masks
 
 
@@ -22,7 +28,7 @@ class ConstSparsity(Algorithm):
         super().__init__(model, cfg, scheduler, example_inputs)
         self.entries = attach_weight_masks(weight_layers(model, cfg))
         for _, module, mask in self.entries:
-            mask.copy_(module.weight.detach() != 0)
+            mask.copy_(weight(module).detach() != 0)
 
     @property
     def level(self) -> float:

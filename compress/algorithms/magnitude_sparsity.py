@@ -24,6 +24,7 @@ from compress.algorithms.base import (
     attach_weight_masks,
     sparsity_event,
     sparsity_rows,
+    weight,
     weight_layers,
 )
 from compress.allocation import allocate, lamp_scores
@@ -113,7 +114,7 @@ class MagnitudeSparsity(Algorithm):
         importance = IMPORTANCE[p["weight_importance"]]
         scores = []
         for name, module, _ in self.entries:
-            w = module.weight
+            w = weight(module)
             # one read of w and no bool tensor: a NaN or Inf anywhere makes the sum non-finite
             sum_is_finite = bool(torch.isfinite(w.detach().sum(dtype=torch.float32)))
             if not sum_is_finite and not bool(torch.isfinite(w).all()):
