@@ -73,13 +73,15 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def ours(model: nn.Module, x: torch.Tensor, ratio: float) -> tuple[nn.Module, float]:
+def ours(
+    model: nn.Module, x: torch.Tensor, ratio: float, round_to: int = 8
+) -> tuple[nn.Module, float]:
     """Masks the lowest-L1 channels of every group, then shrinks; returns (model, max rel error)."""
     masked = copy.deepcopy(model)
     groups = build_groups(masked, x, prune_first_conv=True, prune_downsample_convs=True)
     keep = {}
     for group in groups:
-        n_keep = round_keep(group.size, round(group.size * (1 - ratio)), 8)
+        n_keep = round_keep(group.size, round(group.size * (1 - ratio)), round_to)
         k = torch.zeros(group.size, dtype=torch.bool)
         k[channel_norms(masked, group, p=1).topk(n_keep).indices] = True
         keep[group.name] = k
@@ -90,7 +92,7 @@ def ours(model: nn.Module, x: torch.Tensor, ratio: float) -> tuple[nn.Module, fl
     return small, float((want - got).abs().max() / want.abs().max())
 
 
-def torch_pruning(model: nn.Module, x: torch.Tensor, ratio: float) -> nn.Module:
+def torch_pruning(model: nn.Module, x: torch.Tensor, ratio: float, round_to: int = 8) -> nn.Module:
     small = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -100,7 +102,7 @@ def torch_pruning(model: nn.Module, x: torch.Tensor, ratio: float) -> nn.Module:
             importance=tp.importance.MagnitudeImportance(p=1),
             pruning_ratio=ratio,
             ignored_layers=[small.fc],
-            round_to=8,
+            round_to=round_to,
         )
         pruner.step()
     return small.eval()
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="narrow model, few repetitions")
     parser.add_argument("--width", type=int, default=32, help="stem width (64: ResNet-18)")
+    parser.add_argument("--round-to", type=int, default=8, help="kept widths are multiples of it")
     args = parser.parse_args(argv)
     width, reps1, reps64 = (16, 10, 3) if args.quick else (args.width, 30, 7)
     ratios = (0.3, 0.5, 0.7)
@@ -140,9 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     models: dict[str, nn.Module] = {"dense": dense}
     errors: dict[str, float] = {}
     for ratio in ratios:
-        small, errors[f"ours {ratio:.0%}"] = ours(dense, x1, ratio)
+        small, errors[f"ours {ratio:.0%}"] = ours(dense, x1, ratio, args.round_to)
         models[f"ours {ratio:.0%}"] = small
-        models[f"torch-pruning {ratio:.0%}"] = torch_pruning(dense, x1, ratio)
+        models[f"torch-pruning {ratio:.0%}"] = torch_pruning(dense, x1, ratio, args.round_to)
 
     t1 = latencies(models, x1, reps1)
     t64 = latencies(models, x64, reps64)
