@@ -118,7 +118,9 @@ def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str
         elif isinstance(payload, dict) and payload.get("format") == "compress.pruned":
             state = payload["state_dict"]
         elif isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
-            state = payload["state_dict"]  # a Lightning checkpoint
+            # A Lightning checkpoint: its weights are the stored ones; the masks are in the
+            # callback's entry, and the report should show what the model computes.
+            state = _masked_checkpoint_weights(payload)
         elif isinstance(payload, dict) and all(
             isinstance(v, torch.Tensor) for v in payload.values()
         ):
@@ -157,6 +159,20 @@ def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str
             program.module()(*inputs)
         lines.append(table([{"MACs": counter.get_total_flops() // 2}]))
     return "\n".join(lines)
+
+
+def _masked_checkpoint_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights with the masks saved by ``CompressionCallback`` applied
+    (sparsity algorithms; a layer name is matched to the state_dict key ending with it)."""
+    state = dict(checkpoint["state_dict"])
+    entry = (checkpoint.get("callbacks") or {}).get("CompressionCallback") or {}
+    controller = entry.get("controller") or {}
+    for algo in (controller.get("state") or {}).values():
+        for layer, mask in (algo.get("masks") or {}).items():
+            keys = [k for k in state if k == f"{layer}.weight" or k.endswith(f".{layer}.weight")]
+            if len(keys) == 1 and state[keys[0]].shape == mask.shape:
+                state[keys[0]] = state[keys[0]] * mask.to(state[keys[0]].dtype)
+    return state
 
 
 def _model_figures(model: nn.Module, inputs: Any) -> str:

@@ -139,3 +139,16 @@ def test_bad_export_formats_fail_at_construction() -> None:
     ):
         cb = CompressionCallback(RECIPE, model_attr="net")
         cb.setup(pl.Trainer(accelerator="cpu", logger=False), Lit(), "fit")
+
+
+def test_inspect_a_checkpoint_shows_the_masked_weights(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from compress.cli import main
+
+    cb = CompressionCallback(magnitude(sparsity_init=0.7), model_attr="model", verbose=False)
+    trainer(tmp_path, cb, epochs=1, logger=False).fit(Lit(), loader())
+    (ckpt,) = list(tmp_path.rglob("*.ckpt"))
+    assert main(["inspect", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    # The stored weights are dense; the report applies the checkpointed masks.
+    assert "| model.0.weight | 300x16  | 4,800  |" in out
+    assert "| 0.7000   |" in out
