@@ -33,7 +33,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, cast
 
 import torch
@@ -304,9 +304,34 @@ def to_sparse_runtime(
         layers.append(layer)
         if replacement is not None:
             out = _replace(out, name, replacement)
+    if any(layer.converted for layer in layers) and _slower_end_to_end(model, out, inputs, time_fn):
+        # Layers that win alone can still lose inside the model (tiny layers, cache effects):
+        # the promise is a model never slower than the dense one, so keep the dense copy.
+        out = _copy(model)
+        layers = [
+            replace(layer, converted=False, layout="dense", reason=_SLOWER_WHOLE)
+            if layer.converted
+            else layer
+            for layer in layers
+        ]
     report = RuntimeReport(layers=tuple(layers), min_speedup=float(min_speedup))
     setattr(out, "runtime_report", report)  # noqa: B010  (mypy: nn.Module attrs are tensors)
     return out
+
+
+_SLOWER_WHOLE = "the converted model timed slower end to end"
+
+
+def _slower_end_to_end(
+    dense: nn.Module, sparse: nn.Module, inputs: tuple[Tensor, ...], timer: Timer
+) -> bool:
+    """Whether the converted model is slower than the dense one on ``inputs`` (best of rounds,
+    taking turns, like the per-layer timing)."""
+    rounds = [
+        [timer(functools.partial(m, *inputs)) for m in (dense, sparse)] for _ in range(_ROUNDS)
+    ]
+    dense_s, sparse_s = (min(column) for column in zip(*rounds, strict=True))
+    return sparse_s > dense_s
 
 
 def _check_arguments(model: object, example_inputs: object, min_speedup: object) -> None:

@@ -149,14 +149,38 @@ def test_report_names_flags_and_round_trip() -> None:
         (1000.0, 250.0),
         (1000.0, 2000.0),
     ]
-    # Unstructured weights have no BSR candidate: dense and CSR take turns, three rounds a layer.
-    assert calls == ["Linear", "SparseLinear"] * 3 * 3
+    # Unstructured weights have no BSR candidate: dense and CSR take turns, three rounds a layer;
+    # then the dense and the converted model take turns end to end, three rounds.
+    assert calls == ["Linear", "SparseLinear"] * 3 * 3 + ["Sequential"] * 2 * 3
 
     text = str(report)
     assert "| 0 | linear | 128x64 | 90.0% | 1000 | 250 | 4.00x | csr |" in text
     assert "2 of 3 candidate layers converted" in text
     again = report_from_dict(json.loads(json.dumps(report.to_dict())))
     assert again == report
+
+
+def test_model_slower_end_to_end_stays_dense() -> None:
+    model = mlp()
+    magnitude_prune_(model, 0.9)
+
+    def timer(fn: Callable[[], object]) -> float:
+        target = fn.func  # type: ignore[attr-defined]
+        if isinstance(target, SparseLinear):
+            return 0.25  # every layer wins alone ...
+        if any(isinstance(m, SparseLinear) for m in target.modules()):
+            return 2.0  # ... but the converted model loses end to end
+        return 1.0
+
+    fast = to_sparse_runtime(model, torch.randn(4, 64), timer=timer)
+    assert not any(isinstance(m, SparseLinear) for m in fast.modules())
+    assert fast.runtime_report.converted == []
+    assert {layer.reason for layer in fast.runtime_report.layers if layer.sparse_ms} == {
+        "the converted model timed slower end to end"
+    }
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(fast(x), model(x))
 
 
 def test_report_from_dict_rejects_other_dicts() -> None:
