@@ -39,11 +39,14 @@ MaskFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 class _Masking:
     """How one parameter is masked: an optional function, then the product of mask buffers."""
 
-    __slots__ = ("fn", "buffers")
+    __slots__ = ("fn", "buffers", "ones")
 
     def __init__(self) -> None:
         self.fn: MaskFn | None = None
         self.buffers: list[str] = []
+        self.ones: set[str] = (
+            set()
+        )  # buffers their owner declared all ones: left out of the product
 
 
 def mask_name(param_name: str, owner: str = "") -> str:
@@ -53,7 +56,8 @@ def mask_name(param_name: str, owner: str = "") -> str:
 def _compute(module: nn.Module, name: str, param: torch.Tensor, m: _Masking) -> torch.Tensor:
     out = m.fn(module, param) if m.fn else param
     for buf in m.buffers:
-        out = out * getattr(module, buf)
+        if buf not in m.ones:
+            out = out * getattr(module, buf)
     return out
 
 
@@ -108,6 +112,24 @@ def attach(
     module.register_buffer(buf, mask, persistent=False)
     m.buffers.append(buf)
     return mask
+
+
+def declare_ones(
+    module: nn.Module, name: str = "weight", owner: str = "", ones: bool = True
+) -> None:
+    """Declares that ``owner``'s mask on ``module.<name>`` holds only ones (``ones=True``), so the
+    forward pass leaves it out of the product (one multiply and its backward less per step), or
+    that it may hold zeros again (``ones=False``). The contents are not checked: the owner
+    declares ``False`` before it writes a zero. Used by RB, whose buffer stays all ones while the
+    logits learn."""
+    m = module.__dict__.get(_STATE, {}).get(name)
+    buf = mask_name(name, owner)
+    if m is None or buf not in m.buffers:
+        raise ValueError(f"{type(module).__name__}.{name} has no mask of owner {owner!r}")
+    if ones:
+        m.ones.add(buf)
+    else:
+        m.ones.discard(buf)
 
 
 def get_mask(module: nn.Module, name: str = "weight", owner: str = "") -> torch.Tensor | None:

@@ -145,7 +145,9 @@ class MagnitudeSparsity(Algorithm):
             alive.append(int(other.count_nonzero()))
         block = p.get("block_shape")
         if block:  # choose whole blocks (BSR-friendly); the level then counts blocks
-            scores = [block_scores(s, (block[0], block[1])) for s in scores]
+            # A block never exceeds its layer (a [256, 256] block on a 10x100 layer is 10x100).
+            blocks = [(min(block[0], s.shape[0]), min(block[1], s[0].numel())) for s in scores]
+            scores = [block_scores(s, b) for s, b in zip(scores, blocks)]
             alive = [s.numel() for s in scores]
         if allocation in ("global", "lamp"):
             keeps = global_keep_masks(scores, round(level * sum(alive)))
@@ -154,7 +156,7 @@ class MagnitudeSparsity(Algorithm):
             levels = allocate(allocation, shapes, level)
             keeps = [local_keep_mask(s, round(x * n)) for s, x, n in zip(scores, levels, alive)]
         for i, ((_, _, mask), keep, s) in enumerate(zip(self.entries, keeps, scores)):
-            mask.copy_(_expand_blocks(keep, block, mask) if block else keep)
+            mask.copy_(_expand_blocks(keep, blocks[i], mask) if block else keep)
             # no boolean indexing: gathering 90% of the scores took 40% of set_masks
             top = float(torch.where(keep, float("-inf"), s).amax())
             if top == float("inf"):  # pruned a weight another algorithm removed: exact path
@@ -187,8 +189,8 @@ class MagnitudeSparsity(Algorithm):
         load_masks(self.entries, state["masks"], self.name)
 
 
-def _expand_blocks(keep: torch.Tensor, block: list[int], mask: torch.Tensor) -> torch.Tensor:
-    """A [rows/bh, cols/bw] block mask spread over the weight (viewed as [out, rest])."""
+def _expand_blocks(keep: torch.Tensor, block: tuple[int, int], mask: torch.Tensor) -> torch.Tensor:
+    """A [ceil(rows/bh), ceil(cols/bw)] block mask spread over the weight ([out, rest])."""
     rows = mask.shape[0]
     cols = mask.numel() // rows
     full = keep.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
