@@ -50,36 +50,27 @@ from compress.algorithms import ALGORITHMS
 BATCH = 64
 LEVEL = 0.5
 
-MAGNITUDE_RECIPE = {
-    "compression": {
-        "algorithm": "magnitude_sparsity",
-        "sparsity_init": LEVEL,
-        "params": {
-            # target == init: the polynomial schedule stays at 50%
-            "schedule": "polynomial",
-            "sparsity_target": LEVEL,
-            "sparsity_target_epoch": 10,
-            "sparsity_freeze_epoch": 100,
-            "update_per_optimizer_step": False,
-            "sparsity_level_setting_mode": "global",
-        },
-    }
-}
 
-RB_RECIPE = {
-    "compression": {
-        "algorithm": "rb_sparsity",
-        "sparsity_init": LEVEL,
-        "params": {
-            "schedule": "polynomial",
-            "sparsity_target": LEVEL,
-            "sparsity_target_epoch": 10,
-            "sparsity_freeze_epoch": 100,
-            "update_per_optimizer_step": False,
-            "sparsity_level_setting_mode": "global",
-        },
+def level_recipe(algorithm: str) -> dict:
+    """A recipe that holds ``algorithm`` at LEVEL (target == init keeps the polynomial flat)."""
+    return {
+        "compression": {
+            "algorithm": algorithm,
+            "sparsity_init": LEVEL,
+            "params": {
+                "schedule": "polynomial",
+                "sparsity_target": LEVEL,
+                "sparsity_target_epoch": 10,
+                "sparsity_freeze_epoch": 100,
+                "update_per_optimizer_step": False,
+                "sparsity_level_setting_mode": "global",
+            },
+        }
     }
-}
+
+
+MAGNITUDE_RECIPE = level_recipe("magnitude_sparsity")
+RB_RECIPE = level_recipe("rb_sparsity")
 
 
 class SmallResNet(nn.Module):

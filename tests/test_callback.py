@@ -14,11 +14,13 @@ from compress import masks
 
 
 class Lit(pl.LightningModule):
-    def __init__(self, with_example: bool = True) -> None:
+    def __init__(
+        self, with_example: bool = True, model: nn.Module | None = None, batch: int = 1
+    ) -> None:
         super().__init__()
-        self.model = lenet(16)
+        self.model = model if model is not None else lenet(16)
         if with_example:
-            self.example_input_array = torch.zeros(1, 16)
+            self.example_input_array = torch.zeros(batch, 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from conftest import magnitude
-from test_callback import loader
+from test_callback import Lit, loader
 from torch import nn
 
 import compress
@@ -34,23 +34,6 @@ def test_sparse_file_to_runtime_model(tmp_path: Path) -> None:
     assert {r.name for r in fast.runtime_report.layers} == {"0", "2", "4"}
 
 
-class Lit(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = wide()
-        self.example_input_array = torch.zeros(8, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):  # type: ignore[no-untyped-def]
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-
 def test_callback_sparse_runtime_export_and_inspect(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     cb = CompressionCallback(
         magnitude(sparsity_init=0.95),
@@ -66,7 +49,7 @@ def test_callback_sparse_runtime_export_and_inspect(tmp_path: Path, capsys) -> N
         enable_checkpointing=False,
         enable_progress_bar=False,
         callbacks=[cb],
-    ).fit(Lit(), loader())
+    ).fit(Lit(model=wide(), batch=8), loader())
     path = cb.exported["sparse_runtime"]
     report = tmp_path / "model.runtime.json"
     assert path.name == "model.sparse.pt" and report.is_file()
