@@ -39,14 +39,15 @@ MaskFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 class _Masking:
     """How one parameter is masked: an optional function, then the product of mask buffers."""
 
-    __slots__ = ("fn", "buffers", "ones")
+    __slots__ = ("fn", "buffers", "ones", "straight")
 
     def __init__(self) -> None:
         self.fn: MaskFn | None = None
         self.buffers: list[str] = []
-        self.ones: set[str] = (
-            set()
-        )  # buffers their owner declared all ones: left out of the product
+        # buffers their owner declared all ones: left out of the product
+        self.ones: set[str] = set()
+        # buffers applied in the forward pass only: the gradient passes them unmasked
+        self.straight: set[str] = set()
 
 
 def mask_name(param_name: str, owner: str = "") -> str:
@@ -56,7 +57,10 @@ def mask_name(param_name: str, owner: str = "") -> str:
 def _compute(module: nn.Module, name: str, param: torch.Tensor, m: _Masking) -> torch.Tensor:
     out = m.fn(module, param) if m.fn else param
     for buf in m.buffers:
-        if buf not in m.ones:
+        if buf in m.straight:
+            # value out * mask (exactly: out + (0 - out) is 0), gradient of the identity
+            out = out + (out * getattr(module, buf) - out).detach()
+        elif buf not in m.ones:
             out = out * getattr(module, buf)
     return out
 
@@ -130,6 +134,22 @@ def declare_ones(
         m.ones.add(buf)
     else:
         m.ones.discard(buf)
+
+
+def straight_through(
+    module: nn.Module, name: str = "weight", owner: str = "", on: bool = True
+) -> None:
+    """With ``on``, ``owner``'s mask on ``module.<name>`` still zeroes the forward value, but the
+    parameter gets the gradient of the masked one unmasked (straight-through), so that pruned
+    weights keep learning; ``on=False`` masks the gradient again (the default)."""
+    m = module.__dict__.get(_STATE, {}).get(name)
+    buf = mask_name(name, owner)
+    if m is None or buf not in m.buffers:
+        raise ValueError(f"{type(module).__name__}.{name} has no mask of owner {owner!r}")
+    if on:
+        m.straight.add(buf)
+    else:
+        m.straight.discard(buf)
 
 
 def get_mask(module: nn.Module, name: str = "weight", owner: str = "") -> torch.Tensor | None:

@@ -123,6 +123,56 @@ def test_pruned_weights_get_zero_gradient() -> None:
     assert torch.any(net[0].weight.grad[mask == 1] != 0)
 
 
+def test_straight_through_gives_pruned_weights_the_masked_models_gradient() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 64)
+    recipe = magnitude(sparsity_init=0.5, pruned_weights_gradient="straight_through")
+    ctrl, net = compress.create_compressed_model(lenet(), recipe)
+    mask = masks.get_mask(net[0]).clone()
+    out = net(x)
+    out.sum().backward()
+    # The same function, computed by hand: forward with w * m, gradient taken w.r.t. w * m.
+    w = (net[0].weight.detach() * mask).requires_grad_()
+    h = torch.relu(x @ w.T + net[0].bias)
+    want = net[4](torch.relu(net[2](h)))
+    want.sum().backward()
+    assert torch.equal(out, want)
+    assert torch.allclose(net[0].weight.grad, w.grad, atol=1e-6)
+    assert bool((net[0].weight.grad[mask == 0] != 0).any())
+
+
+def test_straight_through_lets_a_pruned_weight_come_back_until_freeze() -> None:
+    recipe = magnitude(
+        sparsity_init=0.5,
+        schedule="multistep",
+        multistep_steps=[1],
+        multistep_sparsity_levels=[0.5, 0.5],
+        sparsity_freeze_epoch=2,
+        pruned_weights_gradient="straight_through",
+    )
+    ctrl, net = compress.create_compressed_model(lenet(), recipe)
+    ctrl.scheduler.epoch_step()  # epoch 0: masks set, still moving
+    net(torch.randn(8, 64)).sum().backward()
+    learning = (masks.get_mask(net[0]) == 0) & (net[0].weight.grad != 0)
+    assert bool(learning.any())  # pruned weights with a gradient
+    pruned = learning.nonzero()[0].tolist()
+    with torch.no_grad():  # as if its gradient had made it the largest weight
+        net[0].weight[tuple(pruned)] = 10.0
+    ctrl.scheduler.epoch_step()  # epoch 1: masks recomputed from the raw weights
+    assert masks.get_mask(net[0])[tuple(pruned)] == 1
+    ctrl.scheduler.epoch_step()  # epoch 2: frozen, gradients are masked again
+    net[0].weight.grad = None
+    net(torch.randn(2, 64)).sum().backward()
+    mask = masks.get_mask(net[0])
+    assert torch.all(net[0].weight.grad[mask == 0] == 0)
+    # a resumed controller at the frozen state masks gradients too
+    other, other_net = compress.create_compressed_model(lenet(), recipe)
+    other.load_state_dict(ctrl.state_dict())
+    other_net(torch.randn(2, 64)).sum().backward()
+    other_mask = masks.get_mask(other_net[0])
+    assert torch.all(other_net[0].weight.grad[other_mask == 0] == 0)
+
+
 def test_strip_equals_masked_model_and_is_plain() -> None:
     net = SmallCNN()
     x = torch.randn(2, 3, 8, 8)

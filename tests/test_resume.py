@@ -148,7 +148,12 @@ _SPARSITY = {
 MAGNITUDE = {"algorithm": "magnitude_sparsity", "sparsity_init": 0.1, "params": _SPARSITY}
 MAGNITUDE_PER_STEP = {
     "algorithm": "magnitude_sparsity",
-    "params": {**_SPARSITY, "update_per_optimizer_step": True, "weight_importance": "abs"},
+    "params": {
+        **_SPARSITY,
+        "update_per_optimizer_step": True,
+        "weight_importance": "abs",
+        "pruned_weights_gradient": "straight_through",
+    },
 }
 CONST = {"algorithm": "const_sparsity"}
 RB = {

@@ -45,11 +45,19 @@ class MagnitudeSparsity(Algorithm):
 
     def __init__(self, model, cfg, scheduler, example_inputs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(model, cfg, scheduler, example_inputs)
-        self.entries = attach_weight_masks(weight_layers(model, cfg))
+        self.layers = weight_layers(model, cfg)
+        self.entries = attach_weight_masks(self.layers)
         self.init = float(cfg.options["sparsity_init"])
         self.frozen = False
         self.current = self.init
         self.thresholds = [0.0] * len(self.entries)
+        self.set_straight_through()
+
+    def set_straight_through(self) -> None:
+        """Pruned weights get the masked model's gradient while masks move (if asked)."""
+        on = self.params["pruned_weights_gradient"] == "straight_through" and not self.frozen
+        for _, module in self.layers:  # every module, tied weights included
+            masks.straight_through(module, "weight", on=on)
 
     @property
     def level(self) -> float:
@@ -64,6 +72,7 @@ class MagnitudeSparsity(Algorithm):
         event = sparsity_event(self, self.frozen, per_step)
         if event == "freeze":
             self.frozen = True
+            self.set_straight_through()
         if event != "update":
             return
         self.current = self.target_level()
@@ -185,6 +194,7 @@ class MagnitudeSparsity(Algorithm):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.current = float(state["level"])
         self.frozen = bool(state["frozen"])
+        self.set_straight_through()
         self.thresholds = list(state["thresholds"])
         load_masks(self.entries, state["masks"], self.name)
 
