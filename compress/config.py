@@ -302,6 +302,8 @@ def _message(error: jsonschema.ValidationError, base: str) -> str:
     where = _json_path(base, error.absolute_path)
     value = json.dumps(error.instance)
     if error.validator == "additionalProperties":
+        # The object that has the unknown key, and the schema that lists its keys.
+        assert isinstance(error.instance, Mapping) and isinstance(error.schema, Mapping)
         allowed = sorted(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(allowed))
         key = extra[0]
@@ -324,6 +326,7 @@ def _message(error: jsonschema.ValidationError, base: str) -> str:
         if len(deepest.absolute_path) > len(error.absolute_path):
             return _message(deepest, base)
     if error.validator == "oneOf":
+        assert isinstance(error.validator_value, list)  # the schema's alternatives
         return f"{where}: {value} is neither {_describe(error.validator_value)}"
     return f"{where}: {value}: {error.message}"
 

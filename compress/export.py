@@ -37,7 +37,7 @@ _SUFFIX = {
 }
 
 
-def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> Path:
     """Calls ``write(tmp_path)`` and renames the result onto ``path``; on any failure the
     temporary file is removed and a previous file at ``path`` is left intact."""
     path = Path(path)

@@ -60,6 +60,9 @@ VERSION = 1
 OWNER = "filter_pruning"
 """The mask owner of channel masks: a sparsity algorithm on the same weight keeps its own."""
 
+Layer = nn.modules.conv._ConvNd | nn.Linear
+"""The layers a group can be built around; ``prunable`` of :func:`build_groups` picks among them."""
+
 _OPS = tp.ops.OPTYPE
 # Graph nodes that only route channels (no parameters); their items carry nothing to map.
 _ROUTING = {
@@ -160,7 +163,7 @@ def _is_named(name: str, names: Collection[str]) -> bool:
 def _input_convs(dg: tp.DependencyGraph) -> set[nn.Module]:
     """Convs with no parametric layer upstream: they see the network input (NNCF's first conv)."""
     parametric = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.MultiheadAttention)
-    found = set()
+    found: set[nn.Module] = set()
     for module, node in dg.module2node.items():
         if not isinstance(module, nn.modules.conv._ConvNd):
             continue
@@ -201,8 +204,8 @@ class _Classes:
 
 
 def _tie_grouped_conv(
-    classes: _Classes, conv: nn.Module, idxs: list[int], roots: list[int], n: int
-):
+    classes: _Classes, conv: nn.modules.conv._ConvNd, idxs: list[int], roots: list[int], n: int
+) -> None:
     """A grouped conv keeps or drops the same relative channel in every conv group.
 
     That is the only layout a smaller grouped conv can hold (and what Torch-Pruning's
@@ -218,33 +221,42 @@ def _tie_grouped_conv(
 
 
 def _item_members(
-    name: str, module: nn.Module, node_type: _OPS, is_out: bool, dg: tp.DependencyGraph
+    name: str,
+    module: nn.Module | nn.Parameter,
+    node_type: tp.ops.OPTYPE,
+    is_out: bool,
+    dg: tp.DependencyGraph,
 ) -> list[tuple[str, str, int, Role]]:
-    """(module name, param name, dim, role) for every parameter one Torch-Pruning item prunes."""
+    """(module name, param name, dim, role) for every parameter one Torch-Pruning item prunes.
+
+    ``module`` is the node's module, or the parameter itself for an unwrapped parameter.
+    """
+    if isinstance(module, nn.Parameter):  # node type PARAMETER
+        full = dg._param_to_name[module]
+        owner, _, param = full.rpartition(".")
+        return [(owner, param, dg.module2node[module].pruning_dim % module.dim(), "producer")]
     if node_type in (_OPS.CONV, _OPS.DEPTHWISE_CONV, _OPS.LINEAR):
         transposed = getattr(module, "transposed", False)
-        if transposed and module.groups > 1:
+        if transposed and isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
             raise _Skip(f"grouped transposed conv {name!r} is not mapped")
         if is_out or node_type == _OPS.DEPTHWISE_CONV:
-            dims = [(name, "weight", 1 if transposed else 0, "producer")]
+            dims: list[tuple[str, str, int, Role]] = [
+                (name, "weight", 1 if transposed else 0, "producer")
+            ]
             if module.bias is not None:
                 dims.append((name, "bias", 0, "producer"))
             return dims
         return [(name, "weight", 0 if transposed else 1, "consumer")]
     if node_type in (_OPS.BN, _OPS.IN):
         return [(name, p, 0, "norm") for p in ("weight", "bias") if getattr(module, p) is not None]
-    if node_type == _OPS.PRELU:
+    if isinstance(module, nn.PReLU):  # node type PRELU
         return [(name, "weight", 0, "other")] if module.num_parameters > 1 else []
     if node_type == _OPS.EMBED:
         return [(name, "weight", 1, "producer")]
-    if node_type == _OPS.PARAMETER:
-        full = dg._param_to_name[module]
-        owner, _, param = full.rpartition(".")
-        return [(owner, param, dg.module2node[module].pruning_dim % module.dim(), "producer")]
     raise _Skip(_UNSUPPORTED.get(node_type, f"{node_type.name} layer {name!r} is not mapped"))
 
 
-def _map_group(dg: tp.DependencyGraph, tp_group: tp.dependency.Group) -> tuple[list, int]:
+def _map_group(dg: tp.DependencyGraph, tp_group: tp.dependency.Group) -> tuple[list[Member], int]:
     """Maps one Torch-Pruning group to Members; raises _Skip when that is not possible."""
     root_size = len(tp_group[0].idxs)
     classes = _Classes(root_size)
@@ -273,7 +285,7 @@ def _map_group(dg: tp.DependencyGraph, tp_group: tp.dependency.Group) -> tuple[l
         for mod_name, param, dim, role in _item_members(name, module, node.type, is_out, dg):
             raw.append((mod_name, param, dim, role, idxs, roots))
     labels, size = classes.labels()
-    members = []
+    members: list[Member] = []
     for mod_name, param, dim, role, idxs, roots in raw:
         channel = labels[torch.tensor(roots, dtype=torch.long)]
         members.append(Member(mod_name, param, dim, torch.tensor(idxs), channel, role))
@@ -293,7 +305,7 @@ def _check_flags(
     input_convs: set[nn.Module],
     prune_first_conv: bool,
     prune_downsample_convs: bool,
-    prunable: tuple[type[nn.Module], ...],
+    prunable: tuple[type[Layer], ...],
 ) -> None:
     """Raises a silent _Skip when the user's options exclude the group (NNCF semantics)."""
     for name, module in _producer_modules(model, members):
@@ -319,7 +331,7 @@ def build_groups(
     prune_first_conv: bool = False,
     prune_downsample_convs: bool = False,
     prune_batch_norms: bool = True,
-    prunable: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear),
+    prunable: tuple[type[Layer], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear),
     validate: bool = True,
 ) -> list[ChannelGroup]:
     """One :class:`ChannelGroup` per set of coupled output channels that may be pruned.
@@ -414,7 +426,10 @@ def _random_keep(groups: Sequence[ChannelGroup], seed: int = 0) -> dict[str, tor
 
 
 def _matches(
-    model: nn.Module, groups: Sequence[ChannelGroup], keep: Mapping[str, torch.Tensor], inputs
+    model: nn.Module,
+    groups: Sequence[ChannelGroup],
+    keep: Mapping[str, torch.Tensor],
+    inputs: tuple[torch.Tensor, ...],
 ) -> str | None:
     """None if masking and removing ``keep`` give the same output, else what went wrong."""
     masked = copy.deepcopy(model).eval()
@@ -464,7 +479,7 @@ def _exact_groups(
     return exact
 
 
-def _width(module: nn.Module) -> int:
+def _width(module: Layer) -> int:
     return (
         module.out_channels if isinstance(module, nn.modules.conv._ConvNd) else module.out_features
     )
@@ -484,7 +499,7 @@ def _claim(claimed: set[tuple[str, str, int, int]], members: Sequence[Member]) -
 
 
 def group_weights(
-    model: nn.Module, group: ChannelGroup, *, roles: Collection[Role] = ("producer", "norm")
+    model: nn.Module, group: ChannelGroup, *, roles: Sequence[Role] = ("producer", "norm")
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(rows, channel) per member with a role in ``roles``: ``rows[j]`` is the flattened slice at
     ``index[j]`` and ``channel[j]`` its group channel, ready for ``index_add_``.
@@ -501,6 +516,7 @@ def group_weights(
         if member.role not in roles:
             continue
         param = model.get_submodule(member.module_name)._parameters[member.param_name]
+        assert param is not None  # a member names a parameter that is set
         rows = param.detach().index_select(member.dim, member.index).movedim(member.dim, 0)
         out.append((rows.reshape(len(member.index), -1), member.channel))
     return out
@@ -573,7 +589,9 @@ def shrink(
     return small
 
 
-def _prune_group(dg: tp.DependencyGraph, model: nn.Module, group: ChannelGroup, keep: torch.Tensor):
+def _prune_group(
+    dg: tp.DependencyGraph, model: nn.Module, group: ChannelGroup, keep: torch.Tensor
+) -> None:
     root = group.root
     dropped = root.index[~keep[root.channel]].tolist()
     if not dropped:

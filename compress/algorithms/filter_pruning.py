@@ -190,6 +190,12 @@ class FilterPruning(Algorithm):
         names = {m.module_name for g in self.groups for m in g.members if m.param_name == "weight"}
         return sorted(n for n in names if isinstance(self.model.get_submodule(n), _LAYERS))
 
+    def _weight(self, layer: str) -> torch.Tensor:
+        """The layer's weight parameter, unmasked."""
+        weight = self.model.get_submodule(layer)._parameters["weight"]
+        assert weight is not None  # the layers named here are groups' weight members
+        return weight
+
     def _resolve(self, key: str, path: str) -> list[tuple[ChannelGroup, Member]]:
         layers = self._layers()
         found = [layers[n] for n in layers if scopes.matches(key, n)]
@@ -226,8 +232,7 @@ class FilterPruning(Algorithm):
             channels = parse_channels(text, path)
             for group, member in self._resolve(key, path):
                 claim(group, path)
-                weight = self.model.get_submodule(member.module_name).weight
-                size = weight.shape[member.dim]
+                size = self._weight(member.module_name).shape[member.dim]
                 if channels and channels[-1] >= size:
                     raise ConfigError(
                         f"{path}: channel {channels[-1]} is outside layer "
@@ -391,8 +396,7 @@ class FilterPruning(Algorithm):
         numel = shrunk_numel(self.model, self.groups, keep)
         saved = 0.0
         for name, macs in self.layer_macs.items():
-            weight = self.model.get_submodule(name)._parameters["weight"]
-            saved += macs * (1.0 - numel[f"{name}.weight"] / weight.numel())
+            saved += macs * (1.0 - numel[f"{name}.weight"] / self._weight(name).numel())
         return round(self.full_macs - saved), sum(numel.values())
 
     def _flops_ratio(
@@ -423,7 +427,7 @@ class FilterPruning(Algorithm):
         rows = []
         full_filters = kept_filters = 0
         for name, (group, member) in self._layers().items():
-            weight = self.model.get_submodule(name)._parameters["weight"]
+            weight = self._weight(name)
             n = len(member.index)
             kept = int(self.keep[group.name][member.channel].sum())
             full_filters, kept_filters = full_filters + n, kept_filters + kept
@@ -484,7 +488,8 @@ class FilterPruning(Algorithm):
         inputs = tuple(t.to(device) for t in self.example_inputs or ())
         pruned = {n: k for n, k in self.keep.items() if not k.all()}
         small = shrink(model, self.groups, pruned, example_inputs=inputs)
-        small.compress_pruning_plan = pruning_plan(self.groups, self.keep)
+        plan = pruning_plan(self.groups, self.keep)
+        setattr(small, "compress_pruning_plan", plan)  # noqa: B010  (mypy: nn.Module attrs are tensors)
         return small
 
 
