@@ -11,6 +11,7 @@ Example:
     True
 """
 
+from compress.channel_groups import load_pruned
 from compress.config import Config, load_config
 from compress.controller import CompressionController, create_compressed_model
 from compress.effective import SparsityReport, sparsity_report
@@ -18,7 +19,6 @@ from compress.errors import CompressError, ConfigError
 from compress.export import export, load_sparse
 from compress.sparse_runtime import to_sparse_runtime
 from compress.stats import Statistics
-from compress.structured import load_pruned
 
 __version__ = "0.1.0"
 

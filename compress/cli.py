@@ -139,7 +139,7 @@ def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str
     if model_spec is not None:
         model = _load_model(model_spec)
         if isinstance(payload, dict) and payload.get("format") == "compress.pruned":
-            from compress.structured import load_pruned
+            from compress.channel_groups import load_pruned
 
             model = load_pruned(model, path)
         else:

@@ -279,7 +279,7 @@ def _export_pruned(model: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...
             "export format 'pruned' needs a model stripped by a filter_pruning controller "
             "(ctrl.strip()), which carries the pruning plan"
         )
-    from compress.structured import save_pruned
+    from compress.channel_groups import save_pruned
 
     save_pruned(model, plan, path, inputs)
     return path

@@ -24,8 +24,9 @@ from compress.algorithms.filter_pruning import (
     feature_map_nuclear_norms,
     parse_channels,
 )
+from compress.channel_groups import build_groups
 from compress.errors import ConfigError
-from compress.structured import OWNER, build_groups, count_macs_params
+from compress.structured import OWNER, count_macs_params
 
 ALL = {"prune_first_conv": True, "prune_downsample_convs": True}
 

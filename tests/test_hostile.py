@@ -606,7 +606,7 @@ def _pruned_cases(tmp: Path, good: Path, *, silent: bool) -> list[tuple[str, byt
 
 @pytest.mark.skipif("filter_pruning" not in ALGORITHMS, reason="filter_pruning not landed")
 def test_truncated_and_foreign_files_for_load_pruned(tmp_path: Path) -> None:
-    from compress.structured import load_pruned
+    from compress.channel_groups import load_pruned
 
     good, plain = _pruned_file(tmp_path)
     cases = _pruned_cases(tmp_path, good, silent=False)
@@ -628,7 +628,7 @@ def test_truncated_and_foreign_files_for_load_pruned(tmp_path: Path) -> None:
 
 @pytest.mark.skipif("filter_pruning" not in ALGORITHMS, reason="filter_pruning not landed")
 def test_flipped_bytes_in_a_pruned_file_are_refused(tmp_path: Path) -> None:
-    from compress.structured import load_pruned
+    from compress.channel_groups import load_pruned
 
     good, plain = _pruned_file(tmp_path)
     _try_all(
@@ -714,7 +714,7 @@ def test_pickle_payloads_are_refused_and_never_run(where: str, tmp_path: Path) -
         if where == "load_sparse":
             load_sparse(path, Net())
         elif where == "load_pruned":
-            from compress.structured import load_pruned
+            from compress.channel_groups import load_pruned
 
             load_pruned(Net(), path)
         else:

@@ -13,19 +13,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress import masks
+from compress.channel_groups import build_groups, load_pruned, save_pruned
 from compress.errors import CompressError
 from compress.structured import (
     OWNER,
     ChannelGroup,
     apply_channel_mask,
-    build_groups,
     channel_norms,
     count_macs_params,
     group_weights,
-    load_pruned,
     pruning_plan,
     round_keep,
-    save_pruned,
     shrink,
 )
 

@@ -1,10 +1,10 @@
 """Filter pruning (NNCF ``filter_pruning``): whole output channels masked while training,
 physically removed by ``strip``.
 
-The groups of coupled channels come from :mod:`compress.structured` (Torch-Pruning's dependency
-graph) and are built once, at construction. At every epoch start the level comes from NNCF's
-pruning schedule, every group is scored by ``filter_importance`` over all the layers that
-produce its channels, and the lowest channels are masked: every group at the level
+The groups of coupled channels come from :mod:`compress.channel_groups` (Torch-Pruning's
+dependency graph) and are built once, at construction. At every epoch start the level comes
+from NNCF's pruning schedule, every group is scored by ``filter_importance`` over all the layers
+that produce its channels, and the lowest channels are masked: every group at the level
 (``uniform``), or after one ranking of all groups (``global``, ``slamp``). Kept counts are
 rounded to ``round_to``; one channel always remains. After ``num_init_steps + pruning_steps``
 epochs (``baseline``: ``num_init_steps``) the masks freeze. ``strip`` removes the masked channels
@@ -27,6 +27,7 @@ from torch import nn
 from compress import masks, scopes
 from compress.algorithms.base import Algorithm, weight_layers
 from compress.allocation import slamp_scores
+from compress.channel_groups import build_groups
 from compress.errors import CompressError, ConfigError
 from compress.schedules import pruning_level
 from compress.stats import layer_macs
@@ -35,7 +36,6 @@ from compress.structured import (
     ChannelGroup,
     Member,
     apply_channel_mask,
-    build_groups,
     channel_norms,
     group_weights,
     pruning_plan,

@@ -1,0 +1,442 @@
+"""Channel groups from Torch-Pruning's ``DependencyGraph``, and the ``pruned`` file named by them.
+
+Torch-Pruning's ``DependencyGraph`` finds which output channels are coupled (residual adds,
+concat, split, depthwise convs, norms, Linear after flatten). :func:`build_groups` turns each of
+its groups into a plain :class:`~compress.structured.ChannelGroup` that names parameters by
+module name; with ``validate`` it keeps only the groups whose masked model computes what their
+shrunk model computes (:func:`compress.structured.exact_groups`). A group is named by its root
+module, a stable id across fresh instances of the same class, so the ``pruned`` file stores the
+kept channels per group name and :func:`load_pruned` rebuilds the small model from a fresh
+instance by finding its groups again.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    >>> x = torch.randn(1, 3, 8, 8)
+    >>> [g.name for g in build_groups(model, x, prune_first_conv=True)]
+    ['0']
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from compress import masks
+from compress.errors import CompressError
+from compress.structured import (
+    ChannelGroup,
+    Inputs,
+    Member,
+    Role,
+    as_tuple,
+    dependency_graph,
+    exact_groups,
+    shrink,
+)
+
+__all__ = ["build_groups", "load_pruned", "save_pruned"]
+
+FORMAT = "compress.pruned"
+VERSION = 1
+
+Layer = nn.modules.conv._ConvNd | nn.Linear
+"""The layers a group can be built around; ``prunable`` of :func:`build_groups` picks among them."""
+
+_OPS = tp.ops.OPTYPE
+# Graph nodes that only route channels (no parameters); their items carry nothing to map.
+_ROUTING = {
+    _OPS.CONCAT,
+    _OPS.SPLIT,
+    _OPS.ELEMENTWISE,
+    _OPS.RESHAPE,
+    _OPS.UNBIND,
+    _OPS.EXPAND,
+    _OPS.SLICE,
+}
+# Why a group is left out instead of mapped: the masked model would not equal the shrunk one.
+_UNSUPPORTED = {
+    _OPS.MHA: "nn.MultiheadAttention: removing embedding channels re-partitions the heads",
+    _OPS.LN: "LayerNorm: its statistics include the zeroed channels, so masking is not exact",
+    _OPS.GN: "GroupNorm: its statistics include the zeroed channels, so masking is not exact",
+    _OPS.LSTM: "LSTM: gate-coupled channels are not mapped",
+    _OPS.CUSTOMIZED: "customized layer: no known parameter layout",
+}
+
+
+class _Skip(Exception):
+    """A group that is left out on purpose; ``warn`` says whether the user should hear of it."""
+
+    def __init__(self, reason: str, *, warn: bool = True) -> None:
+        super().__init__(reason)
+        self.warn = warn
+
+
+def _bare_copy(model: nn.Module) -> nn.Module:
+    """A deep copy without masks: mask products in the forward pass would look like extra ops."""
+    clone = copy.deepcopy(model)
+    for module in clone.modules():
+        masks.remove(module)
+    return clone
+
+
+def _is_named(name: str, names: Collection[str]) -> bool:
+    return any(name == n or name.startswith(n + ".") for n in names)
+
+
+def _input_convs(dg: tp.DependencyGraph) -> set[nn.Module]:
+    """Convs with no parametric layer upstream: they see the network input (NNCF's first conv)."""
+    parametric = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.MultiheadAttention)
+    found: set[nn.Module] = set()
+    for module, node in dg.module2node.items():
+        if not isinstance(module, nn.modules.conv._ConvNd):
+            continue
+        stack, seen, upstream = list(node.inputs), set(), False
+        while stack and not upstream:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            upstream = isinstance(n.module, parametric)
+            stack.extend(n.inputs)
+        if not upstream:
+            found.add(module)
+    return found
+
+
+class _Classes:
+    """Union-find over root channels; grouped convs tie channels across their conv groups."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        a, b = self.find(i), self.find(j)
+        if a != b:
+            self.parent[max(a, b)] = min(a, b)
+
+    def labels(self) -> tuple[torch.Tensor, int]:
+        roots = sorted({self.find(i) for i in range(len(self.parent))})
+        rank = {r: k for k, r in enumerate(roots)}
+        return torch.tensor([rank[self.find(i)] for i in range(len(self.parent))]), len(roots)
+
+
+def _tie_grouped_conv(
+    classes: _Classes, conv: nn.modules.conv._ConvNd, idxs: list[int], roots: list[int], n: int
+) -> None:
+    """A grouped conv keeps or drops the same relative channel in every conv group.
+
+    That is the only layout a smaller grouped conv can hold (and what Torch-Pruning's
+    in-channel pruning assumes), so channels that sit at the same offset are tied into one.
+    """
+    if sorted(idxs) != list(range(n)):
+        raise _Skip(f"grouped conv {conv} shares its channels with another group")
+    period = n // conv.groups
+    first: dict[int, int] = {}
+    for idx, root in zip(idxs, roots, strict=True):
+        first.setdefault(idx % period, root)
+        classes.union(first[idx % period], root)
+
+
+def _item_members(
+    name: str,
+    module: nn.Module | nn.Parameter,
+    node_type: tp.ops.OPTYPE,
+    is_out: bool,
+    dg: tp.DependencyGraph,
+) -> list[tuple[str, str, int, Role]]:
+    """(module name, param name, dim, role) for every parameter one Torch-Pruning item prunes.
+
+    ``module`` is the node's module, or the parameter itself for an unwrapped parameter.
+    """
+    if isinstance(module, nn.Parameter):  # node type PARAMETER
+        full = dg._param_to_name[module]
+        owner, _, param = full.rpartition(".")
+        return [(owner, param, dg.module2node[module].pruning_dim % module.dim(), "producer")]
+    if node_type in (_OPS.CONV, _OPS.DEPTHWISE_CONV, _OPS.LINEAR):
+        transposed = getattr(module, "transposed", False)
+        if transposed and isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
+            raise _Skip(f"grouped transposed conv {name!r} is not mapped")
+        if is_out or node_type == _OPS.DEPTHWISE_CONV:
+            dims: list[tuple[str, str, int, Role]] = [
+                (name, "weight", 1 if transposed else 0, "producer")
+            ]
+            if module.bias is not None:
+                dims.append((name, "bias", 0, "producer"))
+            return dims
+        return [(name, "weight", 0 if transposed else 1, "consumer")]
+    if node_type in (_OPS.BN, _OPS.IN):
+        return [(name, p, 0, "norm") for p in ("weight", "bias") if getattr(module, p) is not None]
+    if isinstance(module, nn.PReLU):  # node type PRELU
+        return [(name, "weight", 0, "other")] if module.num_parameters > 1 else []
+    if node_type == _OPS.EMBED:
+        return [(name, "weight", 1, "producer")]
+    raise _Skip(_UNSUPPORTED.get(node_type, f"{node_type.name} layer {name!r} is not mapped"))
+
+
+def _map_group(dg: tp.DependencyGraph, tp_group: tp.dependency.Group) -> tuple[list[Member], int]:
+    """Maps one Torch-Pruning group to Members; raises _Skip when that is not possible."""
+    root_size = len(tp_group[0].idxs)
+    classes = _Classes(root_size)
+    raw: list[tuple[str, str, int, Role, list[int], list[int]]] = []
+    for item in tp_group.items:
+        node = item.dep.target
+        module, idxs, roots = node.module, list(item.idxs), list(item.root_idxs)
+        if node.type == _OPS.OUTPUT:
+            raise _Skip("its channels are network outputs", warn=False)
+        if node.type in _ROUTING:
+            if not node.outputs:
+                raise _Skip("its channels are network outputs", warn=False)
+            continue
+        if any(r < 0 or r >= root_size for r in roots):
+            raise _Skip(f"root index outside the root layer at {node.name}")
+        name = dg._module2name.get(module, str(node.name))
+        is_out = dg.is_out_channel_pruning_fn(item.dep.handler)
+        consumer = node.type in (_OPS.CONV, _OPS.LINEAR) and not is_out
+        if not consumer and not node.outputs:
+            raise _Skip("its channels are network outputs", warn=False)
+        if node.type == _OPS.CONV and module.groups > 1:
+            n = module.out_channels if is_out else module.in_channels
+            _tie_grouped_conv(classes, module, idxs, roots, n)
+            if not is_out:  # the weight's in-dim holds one conv group's worth of channels
+                idxs = [i % (n // module.groups) for i in idxs]
+        for mod_name, param, dim, role in _item_members(name, module, node.type, is_out, dg):
+            raw.append((mod_name, param, dim, role, idxs, roots))
+    labels, size = classes.labels()
+    members: list[Member] = []
+    for mod_name, param, dim, role, idxs, roots in raw:
+        channel = labels[torch.tensor(roots, dtype=torch.long)]
+        members.append(Member(mod_name, param, dim, torch.tensor(idxs), channel, role))
+    return members, size
+
+
+def _producer_modules(model: nn.Module, members: Sequence[Member]) -> list[tuple[str, nn.Module]]:
+    names = {m.module_name for m in members if m.role in ("producer", "norm")}
+    return [(n, model.get_submodule(n)) for n in sorted(names) if n]
+
+
+def _check_flags(
+    model: nn.Module,
+    members: Sequence[Member],
+    *,
+    ignored: Collection[str],
+    input_convs: set[nn.Module],
+    prune_first_conv: bool,
+    prune_downsample_convs: bool,
+    prunable: tuple[type[Layer], ...],
+) -> None:
+    """Raises a silent _Skip when the user's options exclude the group (NNCF semantics)."""
+    for name, module in _producer_modules(model, members):
+        if _is_named(name, ignored):
+            raise _Skip(f"{name!r} is ignored", warn=False)
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            if not isinstance(module, prunable):
+                raise _Skip(f"{name!r} is not a prunable type", warn=False)
+        if not isinstance(module, nn.modules.conv._ConvNd):
+            continue
+        if not prune_first_conv and module in input_convs:
+            raise _Skip(f"{name!r} is the first conv", warn=False)
+        depthwise = module.groups == module.out_channels and module.groups > 1
+        if not prune_downsample_convs and not depthwise and max(module.stride) > 1:
+            raise _Skip(f"{name!r} is a downsample conv", warn=False)
+
+
+def build_groups(
+    model: nn.Module,
+    example_inputs: Inputs,
+    *,
+    ignored: Collection[str] = (),
+    prune_first_conv: bool = False,
+    prune_downsample_convs: bool = False,
+    prune_batch_norms: bool = True,
+    prunable: tuple[type[Layer], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear),
+    validate: bool = True,
+) -> list[ChannelGroup]:
+    """One :class:`ChannelGroup` per set of coupled output channels that may be pruned.
+
+    Groups whose channels reach the network output are never returned. ``ignored`` names
+    modules (a container name covers its children) whose output channels stay. With
+    ``prune_first_conv=False`` convs that consume the network input keep their channels; with
+    ``prune_downsample_convs=False`` convs with stride > 1 do (depthwise convs only carry
+    channels and do not count). ``prune_batch_norms=False`` leaves norm affines unmasked, as in
+    NNCF: a pruned channel is then the constant ``beta - gamma * mean / std`` after the norm
+    during training, and the shrunk model, which has no such channel, differs by it.
+
+    A group Torch-Pruning cannot give, or that cannot be mapped exactly (see ``_UNSUPPORTED``),
+    is left out, and one warning lists all such groups with the reason. With ``validate`` the
+    groups are also checked numerically: a random half of every group's channels is masked in
+    one copy and removed in another, and a group whose removal crashes or changes the output
+    (hand-written attention whose heads come from ``view``, say) is left out the same way.
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 2))
+        >>> x = torch.randn(1, 3, 8, 8)
+        >>> [(g.name, g.size) for g in build_groups(m, x, prune_first_conv=True)]
+        [('0', 8)]
+    """
+    clone = _bare_copy(model)
+    try:
+        dg = dependency_graph(clone, example_inputs)
+    except Exception as err:  # noqa: BLE001 - any tracing failure means "nothing to prune"
+        warnings.warn(
+            f"Torch-Pruning could not trace the model, no channel groups: {err}", stacklevel=2
+        )
+        return []
+    input_convs = _input_convs(dg)
+    visited: set[nn.Module] = set()
+    groups: list[ChannelGroup] = []
+    claimed: set[tuple[str, str, int, int]] = set()
+    problems: list[str] = []
+    for name, module in clone.named_modules():
+        if module in visited or module not in dg.module2node or not isinstance(module, prunable):
+            continue
+        if _is_named(name, ignored):
+            continue
+        try:
+            tp_group = dg.get_pruning_group(
+                module,
+                dg.get_pruner_of_module(module).prune_out_channels,
+                list(range(_width(module))),
+            )
+            visited.update(
+                item.dep.target.module
+                for item in tp_group.items
+                if dg.is_out_channel_pruning_fn(item.dep.handler)
+            )
+            members, size = _map_group(dg, tp_group)
+            _check_flags(
+                clone,
+                members,
+                ignored=ignored,
+                input_convs=input_convs,
+                prune_first_conv=prune_first_conv,
+                prune_downsample_convs=prune_downsample_convs,
+                prunable=prunable,
+            )
+            _claim(claimed, members)
+        except _Skip as skip:
+            if skip.warn:
+                problems.append(f"group {name!r}: {skip}")
+            continue
+        except Exception as err:  # noqa: BLE001 - Torch-Pruning failures must not crash training
+            problems.append(f"group {name!r}: Torch-Pruning failed ({type(err).__name__}: {err})")
+            continue
+        if size > 1:
+            groups.append(ChannelGroup(name, size, tuple(members), prune_batch_norms))
+    if validate:
+        groups = exact_groups(clone, groups, example_inputs, problems)
+    if problems:
+        warnings.warn(
+            "These channel groups are left unpruned: " + "; ".join(problems), stacklevel=2
+        )
+    return groups
+
+
+def _width(module: Layer) -> int:
+    return (
+        module.out_channels if isinstance(module, nn.modules.conv._ConvNd) else module.out_features
+    )
+
+
+def _claim(claimed: set[tuple[str, str, int, int]], members: Sequence[Member]) -> None:
+    """Output-side slices belong to one group only, else two groups would fight over a mask."""
+    keys = {
+        (m.module_name, m.param_name, m.dim, int(i))
+        for m in members
+        if m.role in ("producer", "norm")
+        for i in m.index
+    }
+    if keys & claimed:
+        raise _Skip("its output channels overlap another group")
+    claimed.update(keys)
+
+
+def save_pruned(
+    small_model: nn.Module,
+    plan: Mapping[str, list[int]],
+    path: str | os.PathLike,
+    example_inputs: Inputs,
+) -> None:
+    """Writes plan, input signature and weights; loadable with ``torch.load(weights_only=True)``.
+
+    Written to a temporary file next to ``path`` and renamed, so a crash never leaves half a file.
+    """
+    inputs = as_tuple(example_inputs)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "plan": {name: [int(i) for i in kept] for name, kept in plan.items()},
+        "input_shapes": [list(x.shape) for x in inputs],
+        "input_dtypes": [str(x.dtype).removeprefix("torch.") for x in inputs],
+        "state_dict": small_model.state_dict(),
+    }
+    from compress.export import atomic_write
+
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _read_pruned(path: Path) -> dict:
+    from compress.export import safe_load  # checks the zip CRC, refuses pickled objects
+
+    payload = safe_load(path)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CompressError(f"{path}: not a pruned model file (format is not {FORMAT!r})")
+    if payload.get("version") != VERSION:
+        raise CompressError(
+            f"{path}: version {payload.get('version')!r}, this library reads {VERSION}"
+        )
+    return payload
+
+
+def load_pruned(fresh_model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Rebuilds the small model saved by :func:`save_pruned` from a fresh instance of its class.
+
+    Example:
+        >>> small = load_pruned(MyNet(), "out/model.pruned.pt")  # doctest: +SKIP
+    """
+    path = Path(path)
+    payload = _read_pruned(path)
+    inputs = [
+        torch.zeros(shape, dtype=getattr(torch, dtype))
+        for shape, dtype in zip(payload["input_shapes"], payload["input_dtypes"], strict=True)
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # only the groups named in the plan matter here
+        # No numerical validation: it only leaves groups out, and the plan names the groups.
+        groups = build_groups(
+            fresh_model, inputs, prune_first_conv=True, prune_downsample_convs=True, validate=False
+        )
+    by_name = {g.name: g for g in groups}
+    keep = {}
+    for name, kept in payload["plan"].items():
+        if name not in by_name:
+            raise CompressError(
+                f"{path}: the plan prunes layer {name!r}, which this model cannot prune"
+            )
+        mask = torch.zeros(by_name[name].size, dtype=torch.bool)
+        if kept and (min(kept) < 0 or max(kept) >= mask.numel()):
+            raise CompressError(
+                f"{path}: the plan keeps channels outside layer {name!r}'s {mask.numel()}"
+            )
+        mask[kept] = True
+        keep[name] = mask
+    try:
+        small = shrink(fresh_model, groups, keep, example_inputs=inputs)
+        small.load_state_dict(payload["state_dict"], strict=True)
+    except (RuntimeError, CompressError) as err:
+        raise CompressError(f"{path}: does not fit this model: {err}") from err
+    return small
