@@ -187,6 +187,7 @@ def iter_masked(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.T
 def effective(module: nn.Module, name: str = "weight") -> torch.Tensor:
     """The parameter as the forward pass sees it (masked), without autograd history."""
     param = module._parameters[name]
+    assert param is not None, f"{type(module).__name__}.{name} is None"
     m = module.__dict__.get(_STATE, {}).get(name)
     with torch.no_grad():
         return param.detach() if m is None else _compute(module, name, param, m).detach()
@@ -200,7 +201,9 @@ def fold(model: nn.Module) -> None:
             continue
         with torch.no_grad():
             for name in state:
-                module._parameters[name].copy_(effective(module, name))
+                param = module._parameters[name]
+                assert param is not None, f"{type(module).__name__}.{name} is None"
+                param.copy_(effective(module, name))
         remove(module)
 
 
