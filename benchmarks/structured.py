@@ -1,12 +1,20 @@
 """Filter pruning on a CIFAR-style ResNet-18: our masks -> shrink path against Torch-Pruning's own.
 
-For each ratio, every channel group keeps ``round_keep(size, size * (1 - ratio), 8)`` channels
-chosen by L1 norm; Torch-Pruning's ``MagnitudePruner`` (L1, ``round_to=8``) prunes a copy of the
-same model at the same ratio. Reports MAC reduction, parameters, CPU latency speed-up at batch 1
-and 64 (medians of interleaved runs) and speed-up / MAC reduction, which says how much of the
-arithmetic saved turns into time saved.
+For each ratio, every channel group keeps ``round_keep(size, size * (1 - ratio), round_to)``
+channels chosen by L1 norm; Torch-Pruning's ``MagnitudePruner`` (L1, same ``round_to``) prunes a
+copy of the same model at the same ratio. Widths are rounded to multiples of 8 (the recipe
+default) and of 16 (the channel block of oneDNN's AVX-512 convolutions: a 24-channel 3x3 conv
+at 16x16, batch 64, took as long as a 32-channel one here, 1.61 ms each). Reports MAC
+reduction, parameters, CPU latency speed-up at batch 1 and 64 (medians of interleaved runs) and
+speed-up / MAC reduction, which says how much of the arithmetic saved turns into time saved, in
+two settings applied alike to every model:
+
+- eager: the models as trained (NCHW, BatchNorm as its own op);
+- deploy: PyTorch's CPU inference setup, BatchNorm folded into the convolutions
+  (``torch.fx.experimental.optimization.fuse``) and channels-last tensors.
 
     python benchmarks/structured.py              # widths 32..256, 2.8M parameters
+    python benchmarks/structured.py --threads 1  # one intra-op thread
     python benchmarks/structured.py --width 64   # the full ResNet-18, 11M parameters (slow)
     python benchmarks/structured.py --quick      # widths 16..128, a smoke run
 
@@ -27,10 +35,11 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from models import BasicBlock  # benchmarks/ is on sys.path when run as a script
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 
+from compress.channel_groups import build_groups
 from compress.structured import (
     apply_channel_mask,
-    build_groups,
     channel_norms,
     count_macs_params,
     round_keep,
@@ -91,8 +100,17 @@ def torch_pruning(model: nn.Module, x: torch.Tensor, ratio: float, round_to: int
     return small.eval()
 
 
-def latencies(models: dict[str, nn.Module], x: torch.Tensor, reps: int) -> dict[str, float]:
+def deploy(model: nn.Module) -> nn.Module:
+    """BatchNorm folded into the convolutions, weights in channels-last layout."""
+    return fuse(copy.deepcopy(model)).to(memory_format=torch.channels_last)
+
+
+def latencies(
+    models: dict[str, nn.Module], x: torch.Tensor, reps: int, channels_last: bool = False
+) -> dict[str, float]:
     """Median seconds per forward; models take turns so that load on the machine hits all alike."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for model in models.values():
@@ -109,9 +127,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="narrow model, few repetitions")
     parser.add_argument("--width", type=int, default=32, help="stem width (64: ResNet-18)")
-    parser.add_argument("--round-to", type=int, default=8, help="kept widths are multiples of it")
+    parser.add_argument(
+        "--round-to", type=int, nargs="+", default=[8, 16], help="kept widths are multiples of it"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads"
+    )
     args = parser.parse_args(argv)
-    width, reps1, reps64 = (16, 10, 3) if args.quick else (args.width, 30, 7)
+    torch.set_num_threads(args.threads)
+    width, reps1, reps64 = (16, 10, 3) if args.quick else (args.width, 30, 15)
     ratios = (0.3, 0.5, 0.7)
 
     torch.manual_seed(0)
@@ -126,32 +150,50 @@ def main(argv: list[str] | None = None) -> None:
     models: dict[str, nn.Module] = {"dense": dense}
     errors: dict[str, float] = {}
     for ratio in ratios:
-        small, errors[f"ours {ratio:.0%}"] = ours(dense, x1, ratio, args.round_to)
-        models[f"ours {ratio:.0%}"] = small
-        models[f"torch-pruning {ratio:.0%}"] = torch_pruning(dense, x1, ratio, args.round_to)
+        for round_to in args.round_to:
+            name = f"{ratio:.0%}, round_to {round_to}"
+            small, errors[f"ours {name}"] = ours(dense, x1, ratio, round_to)
+            models[f"ours {name}"] = small
+            models[f"torch-pruning {name}"] = torch_pruning(dense, x1, ratio, round_to)
+    deployed = {name: deploy(model) for name, model in models.items()}
+    with torch.inference_mode():
+        worst = max(
+            float((deployed[n](x1) - m(x1)).abs().max() / m(x1).abs().max())
+            for n, m in models.items()
+        )
 
-    t1 = latencies(models, x1, reps1)
-    t64 = latencies(models, x64, reps64)
+    speedups = {}
+    for setting, variants, cl in (("eager", models, False), ("deploy", deployed, True)):
+        t1 = latencies(variants, x1, reps1, cl)
+        t64 = latencies(variants, x64, reps64, cl)
+        speedups[setting] = {
+            name: (t1["dense"] / t1[name], t64["dense"] / t64[name]) for name in models
+        }
+        speedups[setting]["dense ms"] = (t1["dense"] * 1e3, t64["dense"] * 1e3)
+
     dense_macs, dense_params = count_macs_params(dense, x1)
     print(f"ResNet-18 (width {width}), 32x32 input, {torch.get_num_threads()} CPU threads\n")
     print(
-        "| model | MACs (M) | MAC reduction | params (M) | speed-up b1 | speed-up b64 "
-        "| speed-up b64 / MAC reduction | masked vs shrunk |"
+        "| model | MACs (M) | MAC reduction | params (M) | eager b1 | eager b64 "
+        "| eager b64 / MAC red. | deploy b1 | deploy b64 | deploy b64 / MAC red. |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, model in models.items():
         macs, params = count_macs_params(model, x1)
         reduction = dense_macs / macs
-        s1, s64 = t1["dense"] / t1[name], t64["dense"] / t64[name]
-        err = f"{errors[name]:.1e}" if name in errors else "-"
-        print(
-            f"| {name} | {macs / 1e6:.1f} | {reduction:.2f}x | {params / 1e6:.2f} | {s1:.2f}x "
-            f"| {s64:.2f}x | {s64 / reduction:.2f} | {err} |"
-        )
+        cells = [name, f"{macs / 1e6:.1f}", f"{reduction:.2f}x", f"{params / 1e6:.2f}"]
+        for setting in ("eager", "deploy"):
+            s1, s64 = speedups[setting][name]
+            cells += [f"{s1:.2f}x", f"{s64:.2f}x", f"{s64 / reduction:.2f}"]
+        print("| " + " | ".join(cells) + " |")
+    e1, e64 = speedups["eager"]["dense ms"]
+    d1, d64 = speedups["deploy"]["dense ms"]
     print(
-        f"\ndense: {dense_params / 1e6:.2f}M params, b1 {t1['dense'] * 1e3:.1f} ms, "
-        f"b64 {t64['dense'] * 1e3:.0f} ms"
+        f"\ndense: {dense_params / 1e6:.2f}M params; eager b1 {e1:.1f} ms, b64 {e64:.0f} ms; "
+        f"deploy b1 {d1:.1f} ms, b64 {d64:.0f} ms"
     )
+    print(f"masked vs shrunk, max relative difference: {max(errors.values()):.1e}")
+    print(f"deploy vs eager, max relative difference: {worst:.1e}")
 
 
 if __name__ == "__main__":
