@@ -126,14 +126,7 @@ def declare_ones(
     that it may hold zeros again (``ones=False``). The contents are not checked: the owner
     declares ``False`` before it writes a zero. Used by RB, whose buffer stays all ones while the
     logits learn."""
-    m = module.__dict__.get(_STATE, {}).get(name)
-    buf = mask_name(name, owner)
-    if m is None or buf not in m.buffers:
-        raise ValueError(f"{type(module).__name__}.{name} has no mask of owner {owner!r}")
-    if ones:
-        m.ones.add(buf)
-    else:
-        m.ones.discard(buf)
+    _flag(module, name, owner, "ones", ones)
 
 
 def straight_through(
@@ -142,14 +135,20 @@ def straight_through(
     """With ``on``, ``owner``'s mask on ``module.<name>`` still zeroes the forward value, but the
     parameter gets the gradient of the masked one unmasked (straight-through), so that pruned
     weights keep learning; ``on=False`` masks the gradient again (the default)."""
+    _flag(module, name, owner, "straight", on)
+
+
+def _flag(module: nn.Module, name: str, owner: str, kind: str, on: bool) -> None:
+    """Adds ``owner``'s buffer on ``module.<name>`` to, or removes it from, the set ``kind``."""
     m = module.__dict__.get(_STATE, {}).get(name)
     buf = mask_name(name, owner)
     if m is None or buf not in m.buffers:
         raise ValueError(f"{type(module).__name__}.{name} has no mask of owner {owner!r}")
+    flagged: set[str] = getattr(m, kind)
     if on:
-        m.straight.add(buf)
+        flagged.add(buf)
     else:
-        m.straight.discard(buf)
+        flagged.discard(buf)
 
 
 def get_mask(module: nn.Module, name: str = "weight", owner: str = "") -> torch.Tensor | None:
