@@ -58,6 +58,10 @@ Inputs = torch.Tensor | Sequence[torch.Tensor]
 
 OWNER = "filter_pruning"
 """The mask owner of channel masks: a sparsity algorithm on the same weight keeps its own."""
+INPUT_OWNER = "filter_pruning_inputs"
+"""The owner of the masks on consumers' input slices. Apart from :data:`OWNER` because a layer
+is often the producer of one group (rows) and a consumer of another (columns): one buffer would
+let a group setting its kept rows back to 1 undo another group's zero columns."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -163,20 +167,26 @@ def _check_keep(group: ChannelGroup, keep: torch.Tensor) -> torch.Tensor:
 
 
 def apply_channel_mask(model: nn.Module, group: ChannelGroup, keep: torch.Tensor) -> None:
-    """Masks every output-side slice of the group: 1 where ``keep``, 0 where pruned.
+    """Masks every slice of the group: 1 where ``keep``, 0 where pruned.
 
     Kept slices are set back to 1, so calling this again with a new choice restores channels.
-    Norm affines are masked only when the group was built with ``prune_batch_norms=True``. The
-    masks are owned by :data:`OWNER`, so a sparsity mask on the same weight is never overwritten:
-    the forward pass multiplies both.
+    Norm affines, and the input slices of the layers that consume the channels, are masked only
+    when the group was built with ``prune_batch_norms=True``: a pruned channel is then exactly
+    zero, so masking its consumers changes nothing in the output, and the masked weights are
+    the ones :func:`shrink` removes (a sparsity level set on the rest counts what remains). The
+    masks are owned by :data:`OWNER` (:data:`INPUT_OWNER` for consumers), so a sparsity mask on
+    the same weight is never overwritten: the forward pass multiplies all of them.
     """
     keep = _check_keep(group, keep)
-    roles = ("producer", "norm") if group.mask_norms else ("producer",)
+    owners = {"producer": OWNER}
+    if group.mask_norms:
+        owners |= {"norm": OWNER, "consumer": INPUT_OWNER}
     for member in group.members:
-        if member.role not in roles:
+        owner = owners.get(member.role)
+        if owner is None:
             continue
         module = model.get_submodule(member.module_name)
-        mask = masks.attach(module, member.param_name, owner=OWNER)
+        mask = masks.attach(module, member.param_name, owner=owner)
         kept = keep[member.channel]
         with torch.no_grad():
             mask.index_fill_(member.dim, member.index[kept], 1.0)

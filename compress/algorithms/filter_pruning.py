@@ -32,6 +32,7 @@ from compress.errors import CompressError, ConfigError
 from compress.schedules import pruning_level
 from compress.stats import layer_macs
 from compress.structured import (
+    INPUT_OWNER,
     OWNER,
     ChannelGroup,
     Member,
@@ -358,9 +359,11 @@ class FilterPruning(Algorithm):
         found = {}
         for group in self.groups:
             for m in group.members:
-                mask = masks.get_mask(self.model.get_submodule(m.module_name), m.param_name, OWNER)
-                if mask is not None:
-                    found[id(mask)] = mask
+                module = self.model.get_submodule(m.module_name)
+                for owner in (OWNER, INPUT_OWNER):
+                    mask = masks.get_mask(module, m.param_name, owner)
+                    if mask is not None:
+                        found[id(mask)] = mask
         return list(found.values())
 
     def choose(
