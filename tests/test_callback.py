@@ -3,53 +3,16 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import lenet, magnitude
+from conftest import LitClassifier, lenet, loader16, magnitude, quiet_trainer
 from pytorch_lightning.loggers import TensorBoardLogger
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import compress
 from callbacks import CompressionCallback
 from compress import masks
 
 
-class Lit(pl.LightningModule):
-    def __init__(
-        self, with_example: bool = True, model: nn.Module | None = None, batch: int = 1
-    ) -> None:
-        super().__init__()
-        self.model = model if model is not None else lenet(16)
-        if with_example:
-            self.example_input_array = torch.zeros(batch, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):  # type: ignore[no-untyped-def]
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-
-def loader(n: int = 64, batch: int = 8) -> DataLoader:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 16, generator=gen)
-    return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=batch)
-
-
 def trainer(tmp_path: Path, cb: pl.Callback, epochs: int = 3, **kw) -> pl.Trainer:  # type: ignore[no-untyped-def]
-    return pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        callbacks=[cb],
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kw,
-    )
+    return quiet_trainer(tmp_path, cb, epochs=epochs, devices=1, **kw)
 
 
 RECIPE = magnitude(
@@ -66,10 +29,10 @@ def test_fit_schedules_logs_to_tensorboard_and_exports(tmp_path: Path) -> None:
     cb = CompressionCallback(
         RECIPE, export_dir=tmp_path / "out", export_formats=["sparse", "pt2"], model_attr="model"
     )
-    module = Lit()
+    module = LitClassifier()
     keys = list(module.state_dict())
     t = trainer(tmp_path, cb, logger=TensorBoardLogger(tmp_path, name="tb"), log_every_n_steps=1)
-    t.fit(module, loader())
+    t.fit(module, loader16())
     assert cb.ctrl.scheduler.global_step == 24 and cb.ctrl.scheduler.inferred_steps_per_epoch == 8
     assert cb.ctrl.compression_level == pytest.approx(0.8)
     assert list(module.state_dict()) == keys
@@ -95,7 +58,9 @@ def test_fit_schedules_logs_to_tensorboard_and_exports(tmp_path: Path) -> None:
 
 def test_gradient_accumulation_steps_once_per_optimizer_step(tmp_path: Path) -> None:
     cb = CompressionCallback(RECIPE, model_attr="model", verbose=False)
-    trainer(tmp_path, cb, epochs=1, accumulate_grad_batches=4, logger=False).fit(Lit(), loader())
+    trainer(tmp_path, cb, epochs=1, accumulate_grad_batches=4, logger=False).fit(
+        LitClassifier(), loader16()
+    )
     assert cb.ctrl.scheduler.global_step == 2
 
 
@@ -107,25 +72,25 @@ def test_example_inputs_from_first_batch(tmp_path: Path) -> None:
         export_dir=tmp_path / "o",
         export_formats=["pt2"],
     )
-    trainer(tmp_path, cb, epochs=1, logger=False).fit(Lit(with_example=False), loader())
+    trainer(tmp_path, cb, epochs=1, logger=False).fit(LitClassifier(with_example=False), loader16())
     assert cb.ctrl.example_inputs[0].shape == (8, 16)
     assert cb.exported["pt2"].exists()
 
 
 def test_checkpoint_resume_restores_masks_and_schedule(tmp_path: Path) -> None:
     cb = CompressionCallback(RECIPE, model_attr="model", verbose=False)
-    module = Lit()
-    trainer(tmp_path, cb, epochs=2, logger=False).fit(module, loader())
+    module = LitClassifier()
+    trainer(tmp_path, cb, epochs=2, logger=False).fit(module, loader16())
     (ckpt,) = list(tmp_path.rglob("*.ckpt"))
     state = torch.load(ckpt, weights_only=True)
     assert "CompressionCallback" in state["callbacks"]
     # The checkpoint's model weights load into the plain class.
-    plain = Lit()
+    plain = LitClassifier()
     plain.load_state_dict(state["state_dict"])
 
     cb2 = CompressionCallback(RECIPE, model_attr="model", verbose=False)
-    module2 = Lit()
-    trainer(tmp_path / "r", cb2, epochs=2, logger=False).fit(module2, loader(), ckpt_path=ckpt)
+    module2 = LitClassifier()
+    trainer(tmp_path / "r", cb2, epochs=2, logger=False).fit(module2, loader16(), ckpt_path=ckpt)
     assert cb2.ctrl.scheduler.state_dict() == cb.ctrl.scheduler.state_dict()
     for (_, _, _, a), (_, _, _, b) in zip(
         masks.iter_masked(module.model), masks.iter_masked(module2.model)
@@ -140,14 +105,14 @@ def test_bad_export_formats_fail_at_construction() -> None:
         compress.ConfigError, match=r"model_attr: the LightningModule has no submodule 'net'"
     ):
         cb = CompressionCallback(RECIPE, model_attr="net")
-        cb.setup(pl.Trainer(accelerator="cpu", logger=False), Lit(), "fit")
+        cb.setup(pl.Trainer(accelerator="cpu", logger=False), LitClassifier(), "fit")
 
 
 def test_inspect_a_checkpoint_shows_the_masked_weights(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     from compress.cli import main
 
     cb = CompressionCallback(magnitude(sparsity_init=0.7), model_attr="model", verbose=False)
-    trainer(tmp_path, cb, epochs=1, logger=False).fit(Lit(), loader())
+    trainer(tmp_path, cb, epochs=1, logger=False).fit(LitClassifier(), loader16())
     (ckpt,) = list(tmp_path.rglob("*.ckpt"))
     assert main(["inspect", str(ckpt)]) == 0
     out = capsys.readouterr().out

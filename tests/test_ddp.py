@@ -18,14 +18,14 @@ import os
 import subprocess
 import sys
 import textwrap
-import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import fit_quietly, quiet_trainer
 from pytorch_lightning.loggers import TensorBoardLogger
 from test_resume import CONST, FILTER, MAGNITUDE, MAGNITUDE_PER_STEP, RB, Lit, needs_fp, needs_rb
 from torch.utils.data import DataLoader, TensorDataset
@@ -123,24 +123,20 @@ def fit_ddp(tmp_path: Path, section: Any, strategy: str = "ddp_spawn") -> None:
         verbose=False,
         export_dir=tmp_path / "exports",
     )
-    trainer = pl.Trainer(
-        max_epochs=EPOCHS,
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        tmp_path,
+        cb,
+        RankProbe(tmp_path),
+        epochs=EPOCHS,
         devices=2,
         strategy=strategy,
         deterministic=True,
         logger=TensorBoardLogger(tmp_path, name="tb"),
         log_every_n_steps=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=[cb, RankProbe(tmp_path)],
     )
     pl.seed_everything(0, verbose=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(Lit(presparse=_presparse(section)), ddp_loader())
+    fit_quietly(trainer, Lit(presparse=_presparse(section)), ddp_loader())
 
 
 def _presparse(section: Any) -> bool:
@@ -176,12 +172,7 @@ def check_ranks(tmp_path: Path, section: Any) -> None:
     assert len(events) == 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # One 2-process fit costs ~30 s here (two interpreters import torch and Lightning): the default

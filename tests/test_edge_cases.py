@@ -3,14 +3,12 @@ training, frozen and tied weights, no layers, scopes that match nothing, refused
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytorch_lightning as pl
 import torch
+from conftest import ConvBNNet, fit_quietly, quiet_trainer
 from test_resume import FILTER, RB, Lit, needs_fp, needs_rb, resumable_loader
 from torch import nn
 
@@ -23,27 +21,7 @@ from compress.errors import CompressError, ConfigError
 X = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(16)
-        self.fc = nn.Linear(16, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean((2, 3)))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sparsity(level: float, name: str = "magnitude_sparsity", **params: Any) -> dict[str, Any]:
@@ -70,7 +48,7 @@ def assert_strip_equals(ctrl: compress.CompressionController, model: nn.Module, 
 @pytest.mark.parametrize("level", [0.0, 0.999])
 def test_magnitude_levels_zero_and_0999(level: float, mode: str) -> None:
     ctrl, model = compress.create_compressed_model(
-        Net(), sparsity(level, sparsity_level_setting_mode=mode), X
+        ConvBNNet(), sparsity(level, sparsity_level_setting_mode=mode), X
     )
     total = sum(m.numel() for *_, m in masks.iter_masked(model))
     if level == 0.0:
@@ -86,7 +64,7 @@ def test_magnitude_levels_zero_and_0999(level: float, mode: str) -> None:
 @pytest.mark.parametrize("level", [0.0, 0.999])
 def test_rb_levels_zero_and_0999(level: float) -> None:
     ctrl, model = compress.create_compressed_model(
-        Net(), sparsity(level, "rb_sparsity", schedule="polynomial", sparsity_target=level), X
+        ConvBNNet(), sparsity(level, "rb_sparsity", schedule="polynomial", sparsity_target=level), X
     )
     ctrl.scheduler.epoch_step()
     assert ctrl.compression_level == level
@@ -104,7 +82,7 @@ def test_filter_pruning_levels_zero_and_0999_keep_a_channel(target: float) -> No
             "params": {"schedule": "baseline", "pruning_target": target, "round_to": 1},
         }
     }
-    ctrl, model = compress.create_compressed_model(Net(), recipe, X)
+    ctrl, model = compress.create_compressed_model(ConvBNNet(), recipe, X)
     ctrl.scheduler.epoch_step()
     plain = ctrl.strip().eval()
     model.eval()
@@ -117,7 +95,7 @@ def test_filter_pruning_levels_zero_and_0999_keep_a_channel(target: float) -> No
 
 def test_global_ties_across_layers_prune_exactly_and_deterministically() -> None:
     def build() -> nn.Module:
-        net = Net()
+        net = ConvBNNet()
         with torch.no_grad():
             for m in (net.conv1, net.conv2, net.fc):
                 m.weight.fill_(0.5)
@@ -134,7 +112,7 @@ def test_global_ties_across_layers_prune_exactly_and_deterministically() -> None
 
 @needs_fp
 def test_tied_filter_scores_prune_exactly() -> None:
-    net = Net()
+    net = ConvBNNet()
     with torch.no_grad():
         net.conv2.weight.fill_(1.0)
     recipe = {
@@ -201,26 +179,12 @@ def test_nan_or_inf_weights_are_named_at_the_step_they_appear(value: float, tmp_
 
     recipe = sparsity(0.3, sparsity_target=0.6, sparsity_target_epoch=3)
     cb = CompressionCallback(recipe, model_attr="model", verbose=False)
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[cb],
-    )
-    with (
-        warnings.catch_warnings(),
-        pytest.raises(
-            CompressError,
-            match=r"layer 'conv2': the weight holds NaN or Inf after optimizer step 3 "
-            r"\(epoch 0\)",
-        ),
+    trainer = quiet_trainer(tmp_path, cb, epochs=2, logger=False, enable_checkpointing=False)
+    with pytest.raises(
+        CompressError,
+        match=r"layer 'conv2': the weight holds NaN or Inf after optimizer step 3 \(epoch 0\)",
     ):
-        warnings.simplefilter("ignore")
-        trainer.fit(Bad(), resumable_loader())
+        fit_quietly(trainer, Bad(), resumable_loader())
 
 
 # --- frozen and tied weights ----------------------------------------------------------------
@@ -230,7 +194,7 @@ def test_nan_or_inf_weights_are_named_at_the_step_they_appear(value: float, tmp_
 def test_frozen_layers_inside_the_scope_keep_their_masks(name: str) -> None:
     if name not in ALGORITHMS:
         pytest.skip(f"{name} not landed")
-    net = Net()
+    net = ConvBNNet()
     with torch.no_grad():
         net.conv1.weight[net.conv1.weight.abs() < 0.1] = 0.0
     net.conv1.weight.requires_grad_(False)
@@ -310,9 +274,9 @@ def test_no_prunable_layers_is_a_config_error(section: dict[str, Any]) -> None:
 def test_scopes_that_match_nothing(section: dict[str, Any]) -> None:
     strict = {**section, "ignored_scopes": ["decoder.*"]}
     with pytest.raises(ConfigError, match=r"compression\.ignored_scopes: .*'decoder\.\*'"):
-        compress.create_compressed_model(Net(), {"compression": strict}, X)
+        compress.create_compressed_model(ConvBNNet(), {"compression": strict}, X)
     lenient = {**strict, "validate_scopes": False}
-    ctrl, model = compress.create_compressed_model(Net(), {"compression": lenient}, X)
+    ctrl, model = compress.create_compressed_model(ConvBNNet(), {"compression": lenient}, X)
     assert {n for n, *_ in masks.iter_masked(model)} >= {"conv2"}
 
 
@@ -322,7 +286,7 @@ def test_quantization_is_a_config_error_naming_it() -> None:
         {"compression": [{"algorithm": "magnitude_sparsity"}, {"algorithm": "quantization"}]},
     ):
         with pytest.raises(ConfigError, match=r"'quantization' is not implemented by this library"):
-            compress.create_compressed_model(Net(), recipe, X)
+            compress.create_compressed_model(ConvBNNet(), recipe, X)
 
 
 def test_accuracy_aware_training_is_not_supported_yet() -> None:
@@ -339,7 +303,7 @@ def test_accuracy_aware_training_is_not_supported_yet() -> None:
 def test_filter_pruning_plus_rb_strips_to_the_masked_model() -> None:
     """Regression: strip() ran filter pruning's shrink first, which folded RB's masks away, and
     RB's strip then failed with 'lost its RB mask'. The controller now unwinds in reverse."""
-    ctrl, model = compress.create_compressed_model(Net(), {"compression": [FILTER, RB]}, X)
+    ctrl, model = compress.create_compressed_model(ConvBNNet(), {"compression": [FILTER, RB]}, X)
     ctrl.scheduler.epoch_step()
     ctrl.scheduler.epoch_step()
     assert_strip_equals(ctrl, model, X)
@@ -349,7 +313,7 @@ def test_filter_pruning_plus_rb_strips_to_the_masked_model() -> None:
 def test_rb_with_a_tiny_lr_multiplier_is_a_config_error() -> None:
     recipe = {"compression": {**RB, "compression_lr_multiplier": 1e-300}}
     with pytest.raises(ConfigError, match=r"compression_lr_multiplier: 1e-300 must be >= 0.001"):
-        compress.create_compressed_model(Net(), recipe, X)
+        compress.create_compressed_model(ConvBNNet(), recipe, X)
 
 
 def test_resumable_loader_helper_is_importable() -> None:

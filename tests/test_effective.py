@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import pytest
 import torch
+from conftest import BasicBlock
 from torch import nn
 
 from compress import masks
@@ -354,24 +355,9 @@ def test_report_dict_and_table() -> None:
     assert len({len(line) for line in lines[2:4]}) == 1  # aligned columns
 
 
-class Block(nn.Module):
-    def __init__(self, n_in: int, n_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(n_in, n_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(n_out)
-        self.conv2 = nn.Conv2d(n_out, n_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(n_out)
-        self.down = nn.Sequential()
-        if stride != 1 or n_in != n_out:
-            self.down = nn.Sequential(nn.Conv2d(n_in, n_out, 1, stride, bias=False))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-        return torch.relu(y + self.down(x))
-
-
 def small_resnet() -> nn.Module:
-    blocks = [Block(16, 16, 1), Block(16, 32, 2), Block(32, 64, 2)]
+    sizes = [(16, 16, 1), (16, 32, 2), (32, 64, 2)]
+    blocks = [BasicBlock(*size, skip="down", skip_bn=False) for size in sizes]
     return nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         nn.Linear(64, 10),

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import ConvBNNet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.internal.conjecture import utils as _cu
@@ -98,31 +99,10 @@ def _settings(n: int) -> settings:
     )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-# --- the small model every recipe is built on ----------------------------------------------
-
-
-class Net(nn.Module):
-    def __init__(self, classes: int = 2) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(16)
-        self.fc = nn.Linear(16, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean((2, 3)))
-
+# --- the small model every recipe is built on (conftest.ConvBNNet) and its input -------------
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -146,7 +126,7 @@ def recipes(name: str, *, on_model: bool = False) -> st.SearchStrategy[dict[str,
 
 def algorithm_schema(name: str, *, on_model: bool = False) -> dict[str, Any]:
     """The shipped schema of one algorithm, with 'algorithm' required. ``on_model`` narrows the
-    keys that name layers to names of ``Net`` (and one that is not there), so that generated
+    keys that name layers to names of ``ConvBNNet`` (and one that is not there), so that generated
     recipes build instead of all failing on a random scope string."""
     defs = copy.deepcopy(schema()["$defs"])
     if on_model:
@@ -184,9 +164,10 @@ def _names_layers(section: Any) -> bool:
 
 
 def build_and_verify(recipe: dict[str, Any]) -> None:
-    """Builds on Net, trains a few scheduled steps, and checks strip() equals the masked model."""
+    """Builds on ConvBNNet, trains a few scheduled steps, and checks strip() equals the masked
+    model."""
     torch.manual_seed(0)
-    ctrl, model = compress.create_compressed_model(Net(), recipe, X)
+    ctrl, model = compress.create_compressed_model(ConvBNNet(), recipe, X)
     for algo in ctrl.algorithms:
         if getattr(algo, "needs_calibration", False):
             algo.calibrate([X])  # type: ignore[attr-defined]
@@ -392,7 +373,7 @@ def _check_mutation(data: st.DataObject) -> None:
     cfg = _loads_or_config_error(recipe)
     if cfg is not None:
         try:
-            compress.create_compressed_model(Net(), cfg, X)
+            compress.create_compressed_model(ConvBNNet(), cfg, X)
         except CompressError:
             pass
 
@@ -498,7 +479,7 @@ def foreign_files(tmp: Path) -> Iterator[tuple[str, bytes]]:
     with zipfile.ZipFile(zbuf, "w") as z:
         z.writestr("model/data.pkl", b"not a pickle")
     yield "zip of other content", zbuf.getvalue()
-    torch.save(Net().state_dict(), tmp / "dense.pt")
+    torch.save(ConvBNNet().state_dict(), tmp / "dense.pt")
     yield "dense state_dict", (tmp / "dense.pt").read_bytes()
     torch.save(torch.ones(3), tmp / "tensor.pt")
     yield "a bare tensor", (tmp / "tensor.pt").read_bytes()
@@ -510,7 +491,7 @@ def foreign_files(tmp: Path) -> Iterator[tuple[str, bytes]]:
     yield "sparse tag, missing fields", (tmp / "k.pt").read_bytes()
     torch.save(torch.ones(3), tmp / "legacy.pt", _use_new_zipfile_serialization=False)
     yield "legacy torch format", (tmp / "legacy.pt").read_bytes()
-    program = torch.export.export(Net().eval(), (X,))
+    program = torch.export.export(ConvBNNet().eval(), (X,))
     torch.export.save(program, tmp / "net.pt2")
     yield "torch.export program", (tmp / "net.pt2").read_bytes()
 
@@ -546,7 +527,7 @@ def _try_all(
 
 def _sparse_file(tmp: Path) -> tuple[Path, nn.Module]:
     ctrl, _ = compress.create_compressed_model(
-        Net(), {"compression": {"algorithm": "magnitude_sparsity", "sparsity_init": 0.7}}, X
+        ConvBNNet(), {"compression": {"algorithm": "magnitude_sparsity", "sparsity_init": 0.7}}, X
     )
     plain = ctrl.strip()
     return save_sparse(plain, tmp / "good.sparse.pt", [X]), plain
@@ -563,7 +544,7 @@ def test_damaged_and_foreign_files_for_load_sparse(tmp_path: Path) -> None:
         "load_sparse",
         tmp_path,
         good,
-        lambda p: load_sparse(p, Net()).state_dict(),
+        lambda p: load_sparse(p, ConvBNNet()).state_dict(),
         lambda state: _state_equal(state, plain.state_dict()),
         cases,
     )
@@ -571,7 +552,7 @@ def test_damaged_and_foreign_files_for_load_sparse(tmp_path: Path) -> None:
     assert counts["refused"] >= 0.75 * counts["tried"], counts
     # Of a different model: names the file and the first mismatching key.
     with pytest.raises(CompressError, match=rf"{re.escape(str(good))}: .*different model: fc"):
-        load_sparse(good, Net(classes=3))
+        load_sparse(good, ConvBNNet(classes=3))
     with pytest.raises(CompressError, match=rf"{re.escape(str(good))}: .*different model"):
         load_sparse(good, nn.Sequential(nn.Linear(4, 4)))
 
@@ -584,7 +565,7 @@ def _pruned_file(tmp: Path) -> tuple[Path, nn.Module]:
             "params": {"pruning_target": 0.5, "prune_first_conv": True, "round_to": 1},
         }
     }
-    ctrl, _ = compress.create_compressed_model(Net(), recipe, X)
+    ctrl, _ = compress.create_compressed_model(ConvBNNet(), recipe, X)
     ctrl.scheduler.epoch_step()
     plain = ctrl.strip()
     path = export(plain, tmp / "good", ["pruned"], example_inputs=X)["pruned"]
@@ -614,14 +595,14 @@ def test_truncated_and_foreign_files_for_load_pruned(tmp_path: Path) -> None:
         "load_pruned",
         tmp_path,
         good,
-        lambda p: load_pruned(Net(), p).state_dict(),
+        lambda p: load_pruned(ConvBNNet(), p).state_dict(),
         lambda state: _state_equal(state, plain.state_dict()),
         cases,
     )
     assert counts["tried"] == len(cases) >= 20 and counts["refused"] >= 0.75 * counts["tried"]
     # Another model with the same layer names, and another architecture.
     with pytest.raises(CompressError, match=rf"{re.escape(str(good))}: does not fit this model"):
-        load_pruned(Net(classes=3), good)
+        load_pruned(ConvBNNet(classes=3), good)
     with pytest.raises(CompressError, match=re.escape(str(good))):
         load_pruned(nn.Sequential(nn.Conv2d(3, 4, 3)), good)
 
@@ -635,7 +616,7 @@ def test_flipped_bytes_in_a_pruned_file_are_refused(tmp_path: Path) -> None:
         "load_pruned (flips)",
         tmp_path,
         good,
-        lambda p: load_pruned(Net(), p).state_dict(),
+        lambda p: load_pruned(ConvBNNet(), p).state_dict(),
         lambda state: _state_equal(state, plain.state_dict()),
         _pruned_cases(tmp_path, good, silent=True),
     )
@@ -657,7 +638,7 @@ def _inspect(path: Path) -> str:
 def test_damaged_and_foreign_files_for_compress_inspect(tmp_path: Path) -> None:
     good, _ = _sparse_file(tmp_path)
     ckpt = tmp_path / "epoch=0.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in Net().state_dict().items()}}, ckpt)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in ConvBNNet().state_dict().items()}}, ckpt)
     total = 0
     for original in (good, ckpt):
         expected = _inspect(original)
@@ -712,11 +693,11 @@ def test_pickle_payloads_are_refused_and_never_run(where: str, tmp_path: Path) -
     torch.save(payload, path)
     with pytest.raises(CompressError, match=re.escape(str(path))) as info:
         if where == "load_sparse":
-            load_sparse(path, Net())
+            load_sparse(path, ConvBNNet())
         elif where == "load_pruned":
             from compress.channel_groups import load_pruned
 
-            load_pruned(Net(), path)
+            load_pruned(ConvBNNet(), path)
         else:
             _inspect(path)
     assert not marker.exists(), "the payload ran"
@@ -795,7 +776,7 @@ def test_every_export_format_is_written_to_a_temporary_name_and_renamed(
         _, first = _pruned_file(tmp_path / "a")
         _, second = _pruned_file(tmp_path / "b")
     else:
-        first, second = Net().eval(), Net().eval()
+        first, second = ConvBNNet().eval(), ConvBNNet().eval()
     with warnings_ignored():
         paths = export(first, tmp_path / "m", [fmt], example_inputs=X)
     before = {p: p.read_bytes() for p in tmp_path.glob("m.*")}

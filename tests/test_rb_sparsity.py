@@ -5,9 +5,8 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import lenet
+from conftest import LitClassifier, lenet, loader16, quiet_trainer
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import compress
 from callbacks import CompressionCallback
@@ -360,21 +359,8 @@ def test_recipes_in_configs_build() -> None:
 # --- Lightning --------------------------------------------------------------------------------
 
 
-class Lit(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = lenet(16)
-        self.example_input_array = torch.zeros(1, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):  # type: ignore[no-untyped-def]
-        return torch.optim.Adam(self.parameters(), lr=0.01)
+def _lit() -> LitClassifier:
+    return LitClassifier(optimizer=torch.optim.Adam, lr=0.01)
 
 
 LIT_RECIPE = rb(
@@ -386,28 +372,14 @@ LIT_RECIPE = rb(
 )
 
 
-def _loader() -> DataLoader:
-    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
-    return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)
-
-
 def _trainer(root: Path, cb: pl.Callback, epochs: int) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        callbacks=[cb],
-        default_root_dir=root,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-    )
+    return quiet_trainer(root, cb, epochs=epochs, devices=1, logger=False)
 
 
 def test_lightning_fit_adds_the_loss_and_sparsity_rises(tmp_path: Path) -> None:
     cb = CompressionCallback(LIT_RECIPE, model_attr="model", verbose=False)
-    module = Lit()
-    _trainer(tmp_path, cb, 2).fit(module, _loader())
+    module = _lit()
+    _trainer(tmp_path, cb, 2).fit(module, loader16())
     opt = module.optimizers().optimizer
     optimized = {id(p) for g in opt.param_groups for p in g["params"]}
     assert id(module.model[0].weight_rb_logit) in optimized
@@ -419,18 +391,18 @@ def test_lightning_fit_adds_the_loss_and_sparsity_rises(tmp_path: Path) -> None:
 
 def test_lightning_resume_restores_logits_exactly(tmp_path: Path) -> None:
     straight = CompressionCallback(LIT_RECIPE, model_attr="model", verbose=False)
-    module = Lit()
-    _trainer(tmp_path / "a", straight, 2).fit(module, _loader())
+    module = _lit()
+    _trainer(tmp_path / "a", straight, 2).fit(module, loader16())
 
     torch.manual_seed(0)
     first = CompressionCallback(LIT_RECIPE, model_attr="model", verbose=False)
-    _trainer(tmp_path / "b", first, 1).fit(Lit(), _loader())
+    _trainer(tmp_path / "b", first, 1).fit(_lit(), loader16())
     (ckpt,) = list((tmp_path / "b").rglob("*.ckpt"))
     saved = torch.load(ckpt, weights_only=True)
     assert not any(k.endswith(LOGIT) for k in saved["state_dict"])
     resumed = CompressionCallback(LIT_RECIPE, model_attr="model", verbose=False)
-    module2 = Lit()
-    _trainer(tmp_path / "c", resumed, 2).fit(module2, _loader(), ckpt_path=ckpt)
+    module2 = _lit()
+    _trainer(tmp_path / "c", resumed, 2).fit(module2, loader16(), ckpt_path=ckpt)
     for a, b in zip(module.model, module2.model):
         if isinstance(a, nn.Linear):
             assert torch.equal(a.weight_rb_logit, b.weight_rb_logit)

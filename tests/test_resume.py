@@ -18,7 +18,6 @@ of samples the sampler has yielded is exactly the number trained on.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import ConvBNNet, fit_quietly, quiet_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
@@ -96,27 +96,12 @@ def resumable_loader(n: int = N_SAMPLES, batch: int = BATCH) -> ResumableLoader:
     )
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(16)
-        self.fc = nn.Linear(16, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean((2, 3)))
-
-
 class Lit(pl.LightningModule):
     """A user's module: the compression callback never changes its code."""
 
     def __init__(self, presparse: bool = False) -> None:
         super().__init__()
-        self.model = Net()
+        self.model = ConvBNNet()
         if presparse:  # const_sparsity keeps zeros the model already has
             with torch.no_grad():
                 for layer in (self.model.conv1, self.model.conv2, self.model.fc):
@@ -191,13 +176,7 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny convolutions run ~100x slower with two threads on a loaded 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fit(
@@ -212,20 +191,10 @@ def fit(
     pl.seed_everything(0, verbose=False)
     module = Lit(presparse)
     cb = CompressionCallback({"compression": section}, model_attr="model", verbose=False)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        deterministic=True,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        callbacks=[cb, *(checkpoints or [])],
+    trainer = quiet_trainer(
+        root, cb, *(checkpoints or []), epochs=epochs, devices=1, deterministic=True, logger=False
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "does not have many workers" and the like
-        trainer.fit(module, resumable_loader(), ckpt_path=ckpt_path)
+    fit_quietly(trainer, module, resumable_loader(), ckpt_path=ckpt_path)
     return module, cb
 
 
@@ -285,7 +254,9 @@ def test_resume_is_bitwise_exact(section: Any, presparse: bool, tmp_path: Path) 
     for ckpt in (epoch_end, mid_epoch, last_batch):
         state = torch.load(ckpt, weights_only=True)
         # The checkpoint's weights load into the plain class: original keys only.
-        assert sorted(state["state_dict"]) == [f"model.{k}" for k in sorted(Net().state_dict())]
+        assert sorted(state["state_dict"]) == [
+            f"model.{k}" for k in sorted(ConvBNNet().state_dict())
+        ]
         Lit().load_state_dict(state["state_dict"])
         assert "controller" in state["callbacks"]["CompressionCallback"]
         got = fit(tmp_path / f"resumed-{ckpt.stem}", section, presparse, ckpt_path=ckpt)
@@ -333,19 +304,9 @@ def test_a_plain_shuffled_loader_is_why_resume_needs_a_resumable_sampler(tmp_pat
         pl.seed_everything(0, verbose=False)
         module = Lit()
         cb = CompressionCallback({"compression": MAGNITUDE}, model_attr="model", verbose=False)
-        trainer = pl.Trainer(
-            max_epochs=epochs,
-            accelerator="cpu",
-            deterministic=True,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=root,
-            callbacks=[cb, ModelCheckpoint(dirpath=root, filename="last")],
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trainer.fit(module, plain_loader(), ckpt_path=ckpt)
+        last = ModelCheckpoint(dirpath=root, filename="last")
+        trainer = quiet_trainer(root, cb, last, epochs=epochs, deterministic=True, logger=False)
+        fit_quietly(trainer, module, plain_loader(), ckpt_path=ckpt)
         return module
 
     full = run(2, None, tmp_path / "a")

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from conftest import magnitude
-from test_callback import Lit, loader
+from conftest import LitClassifier, loader16, magnitude
 from torch import nn
 
 import compress
@@ -49,7 +48,7 @@ def test_callback_sparse_runtime_export_and_inspect(tmp_path: Path, capsys) -> N
         enable_checkpointing=False,
         enable_progress_bar=False,
         callbacks=[cb],
-    ).fit(Lit(model=wide(), batch=8), loader())
+    ).fit(LitClassifier(model=wide(), batch=8), loader16())
     path = cb.exported["sparse_runtime"]
     report = tmp_path / "model.runtime.json"
     assert path.name == "model.sparse.pt" and report.is_file()
