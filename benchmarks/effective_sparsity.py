@@ -7,6 +7,9 @@ pixels in [0, 1], Adam 1e-3, 40 epochs, batch 64), pruned at direct compression 
 no Lightning, one thread per process.
 
     python benchmarks/effective_sparsity.py paper            # random and magnitude pruning
+    python benchmarks/effective_sparsity.py paper --seeds 0 1 2 --out rows.jsonl \
+        --plot docs/effective_sparsity.png                   # and the figure (extra "plot")
+    python benchmarks/effective_sparsity.py plot --rows rows.jsonl --plot out.png  # redraw
     python benchmarks/effective_sparsity.py goals            # the shipped configs/lenet_*.json
     python benchmarks/effective_sparsity.py goals --recipe configs/lenet_sparsity_98.json
 
@@ -196,9 +199,71 @@ def table(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict[str, Any]], path: str) -> None:
+    """Two panels over direct compression: effective compression, and test accuracy, per
+    allocation, for random pruning at initialization and gradual magnitude pruning."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit('--plot needs matplotlib: pip install -e ".[plot]"')
+    groups: dict[tuple[str, str, str], dict[float, list[dict[str, Any]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for row in rows:
+        if row["setting"] != "dense":
+            key = (row["setting"], row["importance"], row["allocation"])
+            groups[key][row["level"]].append(row)
+    ceiling = 1e5  # where "nothing connected" (infinite effective compression) is drawn
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    colors = dict(zip(ALLOCATIONS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
+    for (setting, importance, allocation), by_level in sorted(groups.items()):
+        levels = sorted(by_level)
+        direct = [compression(lvl) for lvl in levels]
+        effective = [
+            min(
+                compression(statistics.mean(r["effective_sparsity"] for r in by_level[lvl])),
+                ceiling,
+            )
+            for lvl in levels
+        ]
+        accuracy = [100 * statistics.mean(r["accuracy"] for r in by_level[lvl]) for lvl in levels]
+        style = {
+            "color": colors.get(allocation, "black"),
+            "linestyle": "--" if importance == "random" else "-",
+            "marker": "o" if setting.startswith("init") else "s",
+            "label": f"{allocation}, {importance}, {setting}",
+        }
+        left.plot(direct, effective, **style)
+        right.plot(direct, accuracy, **style)
+    (diagonal,) = left.plot([10, 1000], [10, 1000], color="grey", linewidth=0.8)
+    left.legend([diagonal], ["effective = direct"], fontsize=8, loc="lower right")
+    left.axhline(ceiling, color="grey", linestyle=":", linewidth=0.8)
+    left.text(11, ceiling * 0.6, "nothing connected", fontsize=8, color="grey")
+    left.set(
+        xscale="log",
+        yscale="log",
+        xlabel="direct compression",
+        ylabel="effective compression",
+        title="Effective vs direct compression",
+    )
+    right.set(
+        xscale="log",
+        xlabel="direct compression",
+        ylabel="test accuracy (%)",
+        title="LeNet-300-100 on digits",
+    )
+    right.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=("paper", "goals"))
+    parser.add_argument("part", choices=("paper", "goals", "plot"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--setting", nargs="+", default=["init", "gradual"])
     parser.add_argument(
@@ -210,7 +275,16 @@ def main() -> None:
     parser.add_argument("--recipe", nargs="+", default=list(GOAL_RECIPES))
     parser.add_argument("--jobs", type=int, default=2, help="parallel processes (default 2)")
     parser.add_argument("--out", help="also write the JSON lines to this file")
+    parser.add_argument("--plot", help="paper, plot: draw the figure to this PNG")
+    parser.add_argument("--rows", help="plot: the JSON lines written by paper --out")
     args = parser.parse_args()
+
+    if args.part == "plot":
+        if not args.rows or not args.plot:
+            parser.error("plot needs --rows FILE and --plot PNG")
+        with open(args.rows) as f:
+            plot([json.loads(line) for line in f if line.strip()], args.plot)
+        return
 
     if args.part == "paper":
         jobs = paper_jobs(args.seeds, args.setting, args.target_type)
@@ -232,6 +306,8 @@ def main() -> None:
         out.close()
     print()
     print(table(rows, keys))
+    if args.plot and args.part == "paper":
+        plot(rows, args.plot)
 
 
 if __name__ == "__main__":
