@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import compress
 from callbacks import CompressionCallback
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # runs from any directory
+
 
 def digits_loaders(batch_size: int = 64, seed: int = 0) -> tuple[DataLoader, DataLoader]:
     """70/30 stratified split, pixels scaled to [0, 1]."""
@@ -110,7 +112,7 @@ def fit(recipe: str | None, epochs: int, seed: int, export_dir: str | None) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="configs/magnitude_sparsity.json")
+    parser.add_argument("--recipe", default=str(CONFIGS / "magnitude_sparsity.json"))
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--export-dir", default="exports/digits")

@@ -33,6 +33,8 @@ import compress
 from callbacks import CompressionCallback
 from compress.structured import count_macs_params
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # runs from any directory
+
 
 class DigitsCNN(nn.Module):
     """Three 3x3 conv blocks on the 8x8 image; takes the flat 64 pixels the loaders give."""
@@ -78,7 +80,7 @@ def latency_ms(model: nn.Module, batch: int, repeats: int = 50) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="configs/filter_pruning.json")
+    parser.add_argument("--recipe", default=str(CONFIGS / "filter_pruning.json"))
     parser.add_argument("--dense-epochs", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs with pruning")
     parser.add_argument("--seed", type=int, default=0)
