@@ -194,7 +194,10 @@ def _check_finite(value: Any, path: str) -> None:
         raise ConfigError(f"{path or '(recipe)'}: {value} is not allowed; give a finite number")
     if isinstance(value, Mapping):
         for k, v in value.items():
-            _check_finite(v, f"{path}.{k}" if path else str(k))
+            # a key that is not a plain name (a layer name with dots, a control character) is
+            # quoted, so that the message shows it unambiguously
+            key = k if isinstance(k, str) and k.isidentifier() else repr(k)
+            _check_finite(v, f"{path}.{key}" if path else key)
     elif isinstance(value, list):
         for i, v in enumerate(value):
             _check_finite(v, f"{path}[{i}]")

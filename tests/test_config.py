@@ -169,3 +169,15 @@ def test_schema_gives_every_key_a_description() -> None:
         for key, spec in props["params"]["properties"].items():
             assert spec.get("description"), f"{algo}.params.{key}"
     json.dumps(schema())
+
+
+def test_non_finite_value_under_an_odd_key_names_the_key_quoted() -> None:
+    # Found by the property-based test: a control character as a key printed unescaped.
+    bad = {"compression": {"algorithm": "magnitude_sparsity", "\x1f": float("inf")}}
+    with pytest.raises(ConfigError, match=r"^compression\.'\\x1f': inf is not allowed"):
+        load_config(bad)
+    layer = {"layer_ratios": {"layer1.0.conv1": float("nan")}}
+    with pytest.raises(
+        ConfigError, match=r"params\.layer_ratios\.'layer1\.0\.conv1': nan is not allowed"
+    ):
+        load_config({"compression": {"algorithm": "filter_pruning", "params": layer}})
