@@ -17,6 +17,7 @@ two settings applied alike to every model:
     python benchmarks/structured.py --threads 1  # one intra-op thread
     python benchmarks/structured.py --width 64   # the full ResNet-18, 11M parameters (slow)
     python benchmarks/structured.py --quick      # widths 16..128, a smoke run
+    python benchmarks/structured.py --focus 200 --round-to 16  # dense vs ours only, deploy, b64
 
 The default is the half-width network because a batch of 64 through the full one takes
 seconds on a small shared CPU, which leaves too few repetitions in five minutes.
@@ -123,6 +124,44 @@ def latencies(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def focus(
+    dense: nn.Module,
+    x1: torch.Tensor,
+    x64: torch.Tensor,
+    ratios: tuple[float, ...],
+    round_to: int,
+    rounds: int,
+) -> None:
+    """Many rounds of a few models: each round's dense time over the pruned model's, divided by
+    the MAC reduction, so that slow drifts of the machine cancel within a round."""
+    dense_macs = count_macs_params(dense, x1)[0]
+    models = {"dense": deploy(dense)}
+    reduction = {}
+    for ratio in ratios:
+        small = ours(dense, x1, ratio, round_to)[0]
+        reduction[ratio] = dense_macs / count_macs_params(small, x1)[0]
+        models[ratio] = deploy(small)
+    x = x64.contiguous(memory_format=torch.channels_last)
+    times: dict[object, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            model(x)
+        for _ in range(rounds):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(x)
+                times[name].append(time.perf_counter() - start)
+    print(f"deploy setting, batch 64, {torch.get_num_threads()} threads, {rounds} rounds\n")
+    head = "| MAC reduction | speed-up / MAC reduction: median | IQR |"
+    print(f"| ours, round_to {round_to} {head}")
+    print("|---|---:|---:|---|")
+    for ratio in ratios:
+        per = [d / p / reduction[ratio] for d, p in zip(times["dense"], times[ratio])]
+        q1, mid, q3 = statistics.quantiles(per, n=4)
+        print(f"| {ratio:.0%} | {reduction[ratio]:.2f}x | {mid:.2f} | {q1:.2f}-{q3:.2f} |")
+    print(f"\ndense: median {statistics.median(times['dense']) * 1e3:.1f} ms")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="narrow model, few repetitions")
@@ -132,6 +171,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads"
+    )
+    parser.add_argument(
+        "--focus",
+        type=int,
+        metavar="ROUNDS",
+        help="only dense and ours (first --round-to) in the deploy setting at batch 64, for "
+        "ROUNDS rounds: the per-round speed-up / MAC reduction, median and quartiles",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -146,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
             nn.init.uniform_(m.weight, 0.5, 1.5)
     x1 = torch.randn(1, 3, 32, 32)
     x64 = torch.randn(64, 3, 32, 32)
+    if args.focus:
+        focus(dense, x1, x64, ratios, args.round_to[0], args.focus)
+        return
 
     models: dict[str, nn.Module] = {"dense": dense}
     errors: dict[str, float] = {}
