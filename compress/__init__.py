@@ -14,7 +14,7 @@ Example:
 from compress.channel_groups import load_pruned
 from compress.config import Config, load_config
 from compress.controller import CompressionController, create_compressed_model
-from compress.effective import SparsityReport, sparsity_report
+from compress.effective_report import SparsityReport, sparsity_report
 from compress.errors import CompressError, ConfigError
 from compress.export import export, load_sparse
 from compress.sparse_runtime import to_sparse_runtime

@@ -176,7 +176,7 @@ def _masked_checkpoint_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Te
 
 
 def _model_figures(model: nn.Module, inputs: Any) -> str:
-    from compress.effective import sparsity_report
+    from compress.effective_report import sparsity_report
 
     report = sparsity_report(model, tuple(inputs) if inputs is not None else None)
     row: dict[str, Any] = {

@@ -16,7 +16,8 @@ from conftest import BasicBlock
 from torch import nn
 
 from compress import masks
-from compress.effective import active_weights, sparsity_report
+from compress.effective import active_weights
+from compress.effective_report import sparsity_report
 
 M = TypeVar("M", bound=nn.Module)
 
