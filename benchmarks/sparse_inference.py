@@ -165,7 +165,7 @@ def end_to_end(
 
 def bsr_vs_csr(sparsities: tuple[float, ...], batches: tuple[int, ...]) -> list[str]:
     """One block-pruned 4096x4096 layer: CSR vs BSR kernel time, for each square block size."""
-    from compress.sparse_runtime import SparseLinear
+    from compress.sparse_layers import SparseLinear
 
     lines = [
         "| sparsity | block | batch | CSR ms | BSR ms | BSR vs CSR |",

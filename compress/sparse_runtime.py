@@ -31,7 +31,6 @@ import functools
 import math
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, cast
@@ -41,6 +40,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from compress.errors import ConfigError
+from compress.sparse_layers import SparseConv1x1, SparseLinear, SparseMatmul
 
 __all__ = ["RuntimeReport", "block_scores", "report_from_dict", "to_sparse_runtime"]
 
@@ -61,109 +61,6 @@ _ROUNDS = 3
 # kernels sum in a different order, so exact equality is not expected.
 _CHECK_RTOL = 1e-4
 _CHECK_ATOL_REL = 1e-5
-
-
-class _SparseMatmul(nn.Module):
-    """Holds ``W`` as CSR or BSR component buffers and computes ``W @ cols + bias``.
-
-    The components are kept as ordinary dense buffers, not as one sparse tensor, because sparse
-    compressed tensors cannot be deep-copied and plain buffers make ``state_dict`` loadable with
-    ``torch.load(weights_only=True)``. Assembling the sparse view in ``forward`` costs a few
-    microseconds and copies no data.
-    """
-
-    crow_indices: Tensor
-    col_indices: Tensor
-    values: Tensor
-    bias: Tensor | None
-
-    def __init__(self, weight2d: Tensor, bias: Tensor | None, blocksize: int | None) -> None:
-        super().__init__()
-        weight2d = weight2d.detach()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-            if blocksize is None:
-                sparse = weight2d.to_sparse_csr()
-            else:
-                sparse = weight2d.to_sparse_bsr((blocksize, blocksize))
-        self.weight_shape = tuple(weight2d.shape)
-        self.blocksize = blocksize
-        # int32 indices: MKL's LP64 kernels take int32, so int64 indices would be converted on
-        # every call (measured ~2x slower at batch 1) and would cost 4 more bytes per non-zero.
-        index_dtype = torch.int32 if sparse.values().numel() < 2**31 else torch.int64
-        self.register_buffer("crow_indices", sparse.crow_indices().to(index_dtype))
-        self.register_buffer("col_indices", sparse.col_indices().to(index_dtype))
-        self.register_buffer("values", sparse.values().clone())
-        # Shaped [out, 1] once here so forward broadcasts it over the columns without a copy.
-        self.register_buffer("bias", None if bias is None else bias.detach().clone()[:, None])
-
-    @property
-    def layout(self) -> str:
-        return "csr" if self.blocksize is None else f"bsr{self.blocksize}x{self.blocksize}"
-
-    def sparse_weight(self) -> Tensor:
-        layout = torch.sparse_csr if self.blocksize is None else torch.sparse_bsr
-        # The indices were produced by torch itself; re-checking them every call costs time.
-        return torch.sparse_compressed_tensor(
-            self.crow_indices,
-            self.col_indices,
-            self.values,
-            self.weight_shape,
-            layout=layout,
-            check_invariants=False,
-        )
-
-    def matmul(self, cols: Tensor) -> Tensor:
-        """``W @ cols (+ bias)`` for ``cols`` of shape [in, n]; returns [out, n]."""
-        weight = self.sparse_weight()
-        if self.bias is None:
-            return torch.sparse.mm(weight, cols)
-        return torch.sparse.addmm(self.bias, weight, cols)
-
-    def extra_repr(self) -> str:
-        density = self.values.numel() / max(1, math.prod(self.weight_shape))
-        return f"layout={self.layout}, stored={density:.3f}"
-
-
-class SparseLinear(_SparseMatmul):
-    """Drop-in replacement for ``nn.Linear`` holding a sparse weight; accepts [..., in_features].
-
-    Computes ``(W @ x.T).T`` because MKL's sparse-times-dense kernel is the fast one; a dense
-    times sparse product measured 50-70x slower on this CPU.
-    """
-
-    def __init__(self, linear: nn.Linear, blocksize: int | None = None) -> None:
-        super().__init__(linear.weight, linear.bias, blocksize)
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-
-    def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        out = self.matmul(x.reshape(-1, self.in_features).t())
-        # Contiguous like nn.Linear's output, so callers that .view() the result keep working.
-        return out.t().contiguous().view(*lead, self.out_features)
-
-
-class SparseConv1x1(_SparseMatmul):
-    """Drop-in replacement for a 1x1, stride-1, unpadded, ungrouped ``nn.Conv2d``.
-
-    A 1x1 convolution is ``W[out, in] @ X[in, n*h*w]``; for batch 1 the input already has that
-    layout, so no copy is made.
-    """
-
-    def __init__(self, conv: nn.Conv2d, blocksize: int | None = None) -> None:
-        super().__init__(conv.weight.flatten(1), conv.bias, blocksize)
-        self.in_channels = conv.in_channels
-        self.out_channels = conv.out_channels
-
-    def forward(self, x: Tensor) -> Tensor:
-        unbatched = x.dim() == 3
-        if unbatched:
-            x = x.unsqueeze(0)
-        n, c, h, w = x.shape
-        out = self.matmul(x.transpose(0, 1).reshape(c, n * h * w))
-        out = out.view(self.out_channels, n, h, w).transpose(0, 1).contiguous()
-        return out.squeeze(0) if unbatched else out
 
 
 @dataclass(frozen=True)
@@ -465,7 +362,7 @@ def _decide(
     seconds = _time_interleaved(variants, activation, timer)
     best = min(range(1, len(variants)), key=seconds.__getitem__)
     dense_s, sparse_s = seconds[0], seconds[best]
-    fastest = cast(_SparseMatmul, variants[best])
+    fastest = cast(SparseMatmul, variants[best])
     speedup = dense_s / sparse_s if sparse_s > 0 else math.inf
     converted = speedup >= min_speedup
     reason = "" if converted else f"{fastest.layout} speed-up below {min_speedup:g}"
@@ -495,9 +392,9 @@ def _time_interleaved(modules: list[nn.Module], activation: Tensor, timer: Timer
     return [min(column) for column in zip(*rounds, strict=True)]
 
 
-def _sparse_variants(module: nn.Module, kind: LayerKind, weight: Tensor) -> list[_SparseMatmul]:
+def _sparse_variants(module: nn.Module, kind: LayerKind, weight: Tensor) -> list[SparseMatmul]:
     """CSR always; BSR for each square block size whose blocks are mostly non-zero."""
-    build: Callable[..., _SparseMatmul] = SparseLinear if kind == "linear" else SparseConv1x1
+    build: Callable[..., SparseMatmul] = SparseLinear if kind == "linear" else SparseConv1x1
     variants = [build(module)]
     weight2d = weight.flatten(1)
     nnz = int((weight2d != 0).sum())

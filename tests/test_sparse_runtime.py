@@ -18,10 +18,9 @@ from torch import nn
 from torch.nn.utils import prune
 
 from compress.errors import ConfigError
+from compress.sparse_layers import SparseConv1x1, SparseLinear
 from compress.sparse_runtime import (
     RuntimeReport,
-    SparseConv1x1,
-    SparseLinear,
     block_scores,
     median_timer,
     report_from_dict,
