@@ -183,10 +183,16 @@ def iter_masked(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.T
                 yield mod_name, module, name, getattr(module, buf)
 
 
-def effective(module: nn.Module, name: str = "weight") -> torch.Tensor:
-    """The parameter as the forward pass sees it (masked), without autograd history."""
+def _param(module: nn.Module, name: str) -> nn.Parameter:
+    """The masked parameter itself (a masked parameter is never unset)."""
     param = module._parameters[name]
     assert param is not None, f"{type(module).__name__}.{name} is None"
+    return param
+
+
+def effective(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The parameter as the forward pass sees it (masked), without autograd history."""
+    param = _param(module, name)
     m = module.__dict__.get(_STATE, {}).get(name)
     with torch.no_grad():
         return param.detach() if m is None else _compute(module, name, param, m).detach()
@@ -200,9 +206,7 @@ def fold(model: nn.Module) -> None:
             continue
         with torch.no_grad():
             for name in state:
-                param = module._parameters[name]
-                assert param is not None, f"{type(module).__name__}.{name} is None"
-                param.copy_(effective(module, name))
+                _param(module, name).copy_(effective(module, name))
         remove(module)
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from compress import masks, scopes
-from compress.algorithms.base import Algorithm, weight_layers
+from compress.algorithms.base import Algorithm, weight, weight_layers
 from compress.allocation import slamp_scores
 from compress.channel_groups import build_groups
 from compress.errors import CompressError, ConfigError
@@ -192,10 +192,8 @@ class FilterPruning(Algorithm):
         return sorted(n for n in names if isinstance(self.model.get_submodule(n), _LAYERS))
 
     def _weight(self, layer: str) -> torch.Tensor:
-        """The layer's weight parameter, unmasked."""
-        weight = self.model.get_submodule(layer)._parameters["weight"]
-        assert weight is not None  # the layers named here are groups' weight members
-        return weight
+        """The layer's weight parameter, unmasked (outside the forward pass)."""
+        return weight(self.model.get_submodule(layer))
 
     def _resolve(self, key: str, path: str) -> list[tuple[ChannelGroup, Member]]:
         layers = self._layers()
@@ -430,7 +428,6 @@ class FilterPruning(Algorithm):
         rows = []
         full_filters = kept_filters = 0
         for name, (group, member) in self._layers().items():
-            weight = self._weight(name)
             n = len(member.index)
             kept = int(self.keep[group.name][member.channel].sum())
             full_filters, kept_filters = full_filters + n, kept_filters + kept
@@ -438,7 +435,7 @@ class FilterPruning(Algorithm):
                 {
                     "layer": name,
                     "group": group.name,
-                    "weight shape": list(weight.shape),
+                    "weight shape": list(self._weight(name).shape),
                     "mask shape": [n],
                     "kept filters": kept,
                     "pruning level": 1.0 - kept / n,
