@@ -106,10 +106,11 @@ def deploy(model: nn.Module) -> nn.Module:
     return fuse(copy.deepcopy(model)).to(memory_format=torch.channels_last)
 
 
-def latencies(
+def timings(
     models: dict[str, nn.Module], x: torch.Tensor, reps: int, channels_last: bool = False
-) -> dict[str, float]:
-    """Median seconds per forward; models take turns so that load on the machine hits all alike."""
+) -> dict[str, list[float]]:
+    """Seconds per forward, one per round; models take turns so that load on the machine hits
+    all alike."""
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -121,7 +122,14 @@ def latencies(
                 start = time.perf_counter()
                 model(x)
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def latencies(
+    models: dict[str, nn.Module], x: torch.Tensor, reps: int, channels_last: bool = False
+) -> dict[str, float]:
+    """Median seconds per forward of each model (see :func:`timings`)."""
+    return {n: statistics.median(t) for n, t in timings(models, x, reps, channels_last).items()}
 
 
 def focus(
@@ -139,26 +147,17 @@ def focus(
     reduction = {}
     for ratio in ratios:
         small = ours(dense, x1, ratio, round_to)[0]
-        reduction[ratio] = dense_macs / count_macs_params(small, x1)[0]
-        models[ratio] = deploy(small)
-    x = x64.contiguous(memory_format=torch.channels_last)
-    times: dict[object, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for model in models.values():
-            model(x)
-        for _ in range(rounds):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(x)
-                times[name].append(time.perf_counter() - start)
+        reduction[f"{ratio:.0%}"] = dense_macs / count_macs_params(small, x1)[0]
+        models[f"{ratio:.0%}"] = deploy(small)
+    times = timings(models, x64, rounds, channels_last=True)
     print(f"deploy setting, batch 64, {torch.get_num_threads()} threads, {rounds} rounds\n")
     head = "| MAC reduction | speed-up / MAC reduction: median | IQR |"
     print(f"| ours, round_to {round_to} {head}")
     print("|---|---:|---:|---|")
-    for ratio in ratios:
-        per = [d / p / reduction[ratio] for d, p in zip(times["dense"], times[ratio])]
+    for name, red in reduction.items():
+        per = [d / p / red for d, p in zip(times["dense"], times[name])]
         q1, mid, q3 = statistics.quantiles(per, n=4)
-        print(f"| {ratio:.0%} | {reduction[ratio]:.2f}x | {mid:.2f} | {q1:.2f}-{q3:.2f} |")
+        print(f"| {name} | {red:.2f}x | {mid:.2f} | {q1:.2f}-{q3:.2f} |")
     print(f"\ndense: median {statistics.median(times['dense']) * 1e3:.1f} ms")
 
 
