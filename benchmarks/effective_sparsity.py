@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import compress  # noqa: E402
-from compress.effective_report import sparsity_report  # noqa: E402
+from compress.analysis.effective_report import sparsity_report  # noqa: E402
 from examples.digits import accuracy, digits_loaders, lenet_300_100  # noqa: E402
 
 EPOCHS = 40

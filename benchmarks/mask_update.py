@@ -3,7 +3,7 @@
 The model is a chain of bias-free Linear layers of varied widths (``linear_chain``), scaled to
 about 1M, 5M, 25M and 100M weights. Methods:
 
-- ``ours keep masks``: ``|w|`` per layer, then ``compress.importance.global_keep_masks``;
+- ``ours keep masks``: ``|w|`` per layer, then ``compress.sparsity.importance.global_keep_masks``;
 - ``ours set_masks``: ``ctrl.algorithms[0].set_masks(0.9)`` of a ``magnitude_sparsity``
   controller (recipe defaults: ``normed_abs`` importance, global mode), which also checks the
   weights for NaN, copies the masks into the mask buffers and records per-layer thresholds;
@@ -92,7 +92,7 @@ def setup(method: str, size: int) -> tuple[int, Callable[[], object]]:
     model = linear_chain(size)
     total = n_weights(model)
     if method == "ours keep masks":
-        from compress.importance import abs_importance, global_keep_masks
+        from compress.sparsity.importance import abs_importance, global_keep_masks
 
         weights = [m.weight for m in model]
 

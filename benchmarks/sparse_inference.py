@@ -27,7 +27,8 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from compress.sparse_runtime import block_scores, to_sparse_runtime
+from compress.deploy.sparse_runtime import to_sparse_runtime
+from compress.sparsity.importance import block_scores
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -165,7 +166,7 @@ def end_to_end(
 
 def bsr_vs_csr(sparsities: tuple[float, ...], batches: tuple[int, ...]) -> list[str]:
     """One block-pruned 4096x4096 layer: CSR vs BSR kernel time, for each square block size."""
-    from compress.sparse_layers import SparseLinear
+    from compress.deploy.sparse_layers import SparseLinear
 
     lines = [
         "| sparsity | block | batch | CSR ms | BSR ms | BSR vs CSR |",

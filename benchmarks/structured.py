@@ -38,8 +38,8 @@ from models import BasicBlock  # benchmarks/ is on sys.path when run as a script
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from compress.channel_groups import build_groups
-from compress.structured import (
+from compress.pruning.channel_groups import build_groups
+from compress.pruning.structured import (
     apply_channel_mask,
     channel_norms,
     count_macs_params,

@@ -21,10 +21,10 @@ from torch import nn
 
 import compress
 from compress import masks
-from compress.config import Config, load_config
 from compress.controller import CompressionController
+from compress.deploy.export import FORMATS
 from compress.errors import CompressError, ConfigError
-from compress.export import FORMATS
+from compress.recipe.config import Config, load_config
 
 
 class CompressionCallback(pl.Callback):

@@ -11,14 +11,14 @@ Example:
     True
 """
 
-from compress.channel_groups import load_pruned
-from compress.config import Config, load_config
+from compress.analysis.effective_report import SparsityReport, sparsity_report
+from compress.analysis.summary import Statistics
 from compress.controller import CompressionController, create_compressed_model
-from compress.effective_report import SparsityReport, sparsity_report
+from compress.deploy.export import export, load_sparse
+from compress.deploy.pruned_file import load_pruned
+from compress.deploy.sparse_runtime import to_sparse_runtime
 from compress.errors import CompressError, ConfigError
-from compress.export import export, load_sparse
-from compress.sparse_runtime import to_sparse_runtime
-from compress.stats import Statistics
+from compress.recipe.config import Config, load_config
 
 __version__ = "0.1.0"
 

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from compress.config import Config, load_config
+from compress.analysis.summary import layer_macs, table
 from compress.errors import CompressError
+from compress.recipe.config import Config, load_config
 from compress.schedules import SCHEDULES
-from compress.stats import layer_macs, table
 
 
 def _summary(cfg: Config) -> str:
@@ -99,7 +99,8 @@ def _load_model(spec: str) -> nn.Module:
 
 def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str:
     """Sparsity (and, given a model or a pt2 program, effective sparsity and MACs) of a file."""
-    from compress.export import SPARSE_FORMAT, read_sparse, safe_load
+    from compress.deploy.export import SPARSE_FORMAT, read_sparse
+    from compress.deploy.files import safe_load
 
     inputs: Any = None
     program = None
@@ -132,14 +133,14 @@ def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str
     lines = [inspect_state(state, str(path))]
     report_path = Path(str(path).removesuffix(".sparse.pt") + ".runtime.json")
     if path.name.endswith(".sparse.pt") and report_path.is_file():
-        from compress.sparse_runtime import report_from_dict
+        from compress.deploy.sparse_runtime import report_from_dict
 
         lines.append(f"sparse runtime ({report_path.name}):")
         lines.append(str(report_from_dict(json.loads(report_path.read_text()))))
     if model_spec is not None:
         model = _load_model(model_spec)
         if isinstance(payload, dict) and payload.get("format") == "compress.pruned":
-            from compress.channel_groups import load_pruned
+            from compress.deploy.pruned_file import load_pruned
 
             model = load_pruned(model, path)
         else:
@@ -176,7 +177,7 @@ def _masked_checkpoint_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Te
 
 
 def _model_figures(model: nn.Module, inputs: Any) -> str:
-    from compress.effective_report import sparsity_report
+    from compress.analysis.effective_report import sparsity_report
 
     report = sparsity_report(model, tuple(inputs) if inputs is not None else None)
     row: dict[str, Any] = {
@@ -213,7 +214,7 @@ def inspect_state(state: dict[str, torch.Tensor], name: str) -> str:
 
 
 def _keys(readme: str | None) -> None:
-    from compress.config import keys_markdown
+    from compress.recipe.config import keys_markdown
 
     text = keys_markdown()
     if readme is None:

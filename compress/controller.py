@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from compress import masks
-from compress.algorithms import ALGORITHMS, Algorithm
-from compress.algorithms.base import SPARSIFIABLE
-from compress.config import Config, load_config
-from compress.effective import active_weights
+from compress.algorithm import SPARSIFIABLE, Algorithm
+from compress.algorithms import ALGORITHMS
+from compress.analysis.effective import active_weights
+from compress.analysis.summary import Statistics, model_summary
 from compress.errors import CompressError
+from compress.recipe.config import Config, load_config
 from compress.schedules import Scheduler
-from compress.stats import Statistics, model_summary
 
 STATE_VERSION = 1
 # Structured pruning first: sparsity then works on the channels that remain (NNCF's order).

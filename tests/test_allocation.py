@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from compress.allocation import ALLOCATIONS, allocate, lamp_scores, slamp_scores
 from compress.errors import ConfigError
+from compress.sparsity.allocation import ALLOCATIONS, allocate, lamp_scores, slamp_scores
 
 SHAPES = [(100, 10), (10, 10)]  # n = 1000 and 100 weights, N = 1100
 LENET = [(300, 784), (100, 300), (10, 100)]

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 
 import compress
-from compress.config import load_config, schema
 from compress.errors import ConfigError
+from compress.recipe.config import load_config, schema
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.json"))
 
@@ -19,7 +19,9 @@ def _err(recipe: object) -> str:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_recipe_is_valid(path: Path) -> None:
     cfg = load_config(path)
-    assert cfg.algorithms and all(a.name in compress.config.IMPLEMENTED for a in cfg.algorithms)
+    assert cfg.algorithms and all(
+        a.name in compress.recipe.config.IMPLEMENTED for a in cfg.algorithms
+    )
 
 
 def test_config_error_is_a_value_error() -> None:
@@ -164,7 +166,7 @@ def test_nested_type_error_points_inside() -> None:
 
 def test_schema_gives_every_key_a_description() -> None:
     defs = schema()["$defs"]
-    for algo in compress.config.IMPLEMENTED:
+    for algo in compress.recipe.config.IMPLEMENTED:
         props = defs[algo]["properties"]
         for key, spec in props["params"]["properties"].items():
             assert spec.get("description"), f"{algo}.params.{key}"

@@ -16,8 +16,8 @@ from conftest import BasicBlock
 from torch import nn
 
 from compress import masks
-from compress.effective import active_weights
-from compress.effective_report import sparsity_report
+from compress.analysis.effective import active_weights
+from compress.analysis.effective_report import sparsity_report
 
 M = TypeVar("M", bound=nn.Module)
 

@@ -15,7 +15,7 @@ from conftest import lenet
 from torch import nn
 
 import compress
-from compress.effective_report import sparsity_report
+from compress.analysis.effective_report import sparsity_report
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 RECIPES = ["lenet_sparsity_98.json", "lenet_sparsity_995.json"]

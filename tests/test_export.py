@@ -7,8 +7,8 @@ from conftest import SmallCNN, lenet, magnitude
 from torch import nn
 
 import compress
+from compress.deploy.files import atomic_write
 from compress.errors import CompressError, ConfigError
-from compress.export import atomic_write
 
 
 def _stripped(level: float = 0.9) -> tuple[nn.Module, nn.Module, torch.Tensor]:

@@ -18,15 +18,15 @@ from torch.utils.data import DataLoader, TensorDataset
 import compress
 from callbacks import CompressionCallback
 from compress import masks
-from compress.algorithms.filter_pruning import (
+from compress.errors import ConfigError
+from compress.pruning.channel_groups import build_groups
+from compress.pruning.filter_pruning import (
     FILTER_IMPORTANCE,
     FilterPruning,
     feature_map_nuclear_norms,
     parse_channels,
 )
-from compress.channel_groups import build_groups
-from compress.errors import ConfigError
-from compress.structured import OWNER, count_macs_params
+from compress.pruning.structured import OWNER, count_macs_params
 
 ALL = {"prune_first_conv": True, "prune_downsample_convs": True}
 

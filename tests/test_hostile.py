@@ -50,9 +50,10 @@ from torch import nn
 import compress
 from compress import cli
 from compress.algorithms import ALGORITHMS
-from compress.config import IMPLEMENTED, Config, load_config, schema
+from compress.deploy.export import export, load_sparse, save_sparse
+from compress.deploy.files import atomic_write
 from compress.errors import CompressError, ConfigError
-from compress.export import atomic_write, export, load_sparse, save_sparse
+from compress.recipe.config import IMPLEMENTED, Config, load_config, schema
 
 
 class _Many:
@@ -587,7 +588,7 @@ def _pruned_cases(tmp: Path, good: Path, *, silent: bool) -> list[tuple[str, byt
 
 @pytest.mark.skipif("filter_pruning" not in ALGORITHMS, reason="filter_pruning not landed")
 def test_truncated_and_foreign_files_for_load_pruned(tmp_path: Path) -> None:
-    from compress.channel_groups import load_pruned
+    from compress.deploy.pruned_file import load_pruned
 
     good, plain = _pruned_file(tmp_path)
     cases = _pruned_cases(tmp_path, good, silent=False)
@@ -609,7 +610,7 @@ def test_truncated_and_foreign_files_for_load_pruned(tmp_path: Path) -> None:
 
 @pytest.mark.skipif("filter_pruning" not in ALGORITHMS, reason="filter_pruning not landed")
 def test_flipped_bytes_in_a_pruned_file_are_refused(tmp_path: Path) -> None:
-    from compress.channel_groups import load_pruned
+    from compress.deploy.pruned_file import load_pruned
 
     good, plain = _pruned_file(tmp_path)
     _try_all(
@@ -695,7 +696,7 @@ def test_pickle_payloads_are_refused_and_never_run(where: str, tmp_path: Path) -
         if where == "load_sparse":
             load_sparse(path, ConvBNNet())
         elif where == "load_pruned":
-            from compress.channel_groups import load_pruned
+            from compress.deploy.pruned_file import load_pruned
 
             load_pruned(ConvBNNet(), path)
         else:
@@ -712,7 +713,7 @@ import sys
 sys.path.insert(0, {root!r})
 import torch
 torch.set_num_threads(1)
-from compress.export import save_sparse
+from compress.deploy.export import save_sparse
 net = torch.nn.Linear(2048, 1024)
 i = 0
 while True:

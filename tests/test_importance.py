@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from compress.importance import global_keep_masks, local_keep_mask, normed_abs_importance
+from compress.sparsity.importance import global_keep_masks, local_keep_mask, normed_abs_importance
 
 
 def _pruned(masks: list[torch.Tensor]) -> int:

@@ -5,7 +5,7 @@ import torch
 from conftest import lenet, magnitude
 
 import compress
-from compress.allocation import allocate
+from compress.sparsity.allocation import allocate
 
 
 def _layer_levels(ctrl) -> list[float]:

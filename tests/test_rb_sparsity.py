@@ -11,8 +11,8 @@ from torch import nn
 import compress
 from callbacks import CompressionCallback
 from compress import masks
-from compress.algorithms.rb_sparsity import INIT_LOGIT, LOGIT, NOISE_EPS, SEED, adaptive_level
 from compress.errors import CompressError
+from compress.sparsity.rb import INIT_LOGIT, LOGIT, NOISE_EPS, SEED, adaptive_level
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from compress.config import keys_markdown
+from compress.recipe.config import keys_markdown
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()

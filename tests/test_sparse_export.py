@@ -11,7 +11,7 @@ from torch import nn
 import compress
 from callbacks import CompressionCallback
 from compress.cli import main
-from compress.sparse_layers import SparseLinear
+from compress.deploy.sparse_layers import SparseLinear
 
 
 def wide() -> nn.Module:

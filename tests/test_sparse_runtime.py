@@ -17,15 +17,15 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from compress.errors import ConfigError
-from compress.sparse_layers import SparseConv1x1, SparseLinear
-from compress.sparse_runtime import (
+from compress.deploy.sparse_layers import SparseConv1x1, SparseLinear
+from compress.deploy.sparse_runtime import (
     RuntimeReport,
-    block_scores,
     median_timer,
     report_from_dict,
     to_sparse_runtime,
 )
+from compress.errors import ConfigError
+from compress.sparsity.importance import block_scores
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 SPARSE = (SparseLinear, SparseConv1x1)

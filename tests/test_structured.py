@@ -14,9 +14,10 @@ from conftest import BasicBlock
 from torch import nn
 
 from compress import masks
-from compress.channel_groups import build_groups, load_pruned, save_pruned
+from compress.deploy.pruned_file import load_pruned, save_pruned
 from compress.errors import CompressError
-from compress.structured import (
+from compress.pruning.channel_groups import build_groups
+from compress.pruning.structured import (
     OWNER,
     ChannelGroup,
     apply_channel_mask,

@@ -44,10 +44,10 @@ import torch
 from torch import nn
 
 from compress import masks
-from compress.algorithms.base import Algorithm, sparsity_event, sparsity_rows, weight_layers
-from compress.algorithms.magnitude_sparsity import load_masks
+from compress.algorithm import Algorithm, sparsity_event, sparsity_rows, weight_layers
 from compress.errors import CompressError
 from compress.schedules import sparsity_level
+from compress.sparsity.magnitude import load_masks
 
 LOGIT = "weight_rb_logit"
 """Name of the logit parameter on a masked module."""

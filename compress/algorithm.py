@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress import masks, scopes
-from compress.config import AlgorithmConfig
+from compress import masks
 from compress.errors import ConfigError
+from compress.recipe import scopes
+from compress.recipe.config import AlgorithmConfig
 from compress.schedules import Scheduler
 
 SPARSIFIABLE: tuple[type[nn.Module], ...] = (

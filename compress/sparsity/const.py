@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from compress.algorithms.base import (
+from compress.algorithm import (
     Algorithm,
     attach_weight_masks,
     sparsity_rows,
     weight,
     weight_layers,
 )
-from compress.algorithms.magnitude_sparsity import load_masks
+from compress.sparsity.magnitude import load_masks
 
 
 class ConstSparsity(Algorithm):

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from compress.errors import ConfigError
+
 
 def abs_importance(weight: torch.Tensor) -> torch.Tensor:
     """|w|."""
@@ -137,3 +139,25 @@ def _quantile(x: torch.Tensor, q: float) -> torch.Tensor | None:
     if q <= 0 or q >= 1:
         return None
     return x.kthvalue(max(1, int(q * x.numel()))).values
+
+
+def block_scores(weight: torch.Tensor, block_shape: tuple[int, int]) -> torch.Tensor:
+    """L2 norm of each ``block_shape`` block of a weight, as a [ceil(rows/bh), ceil(cols/bw)] grid.
+
+    Pruning whole blocks by this score gives BSR-friendly sparsity, which on this CPU runs up to
+    about 2x faster than CSR at the same sparsity (docs/sparse_runtime.md). Edge blocks are
+    zero-padded; weights with more than two dims are viewed as [out, rest] like a 1x1 conv.
+
+    Example:
+        >>> block_scores(torch.ones(4, 6), (2, 4))
+        tensor([[2.8284, 2.0000],
+                [2.8284, 2.0000]])
+    """
+    bh, bw = block_shape
+    if bh < 1 or bw < 1:
+        raise ConfigError(f"block_scores: block_shape={block_shape!r}; both sizes must be >= 1")
+    w = weight.detach().flatten(1) if weight.dim() > 2 else weight.detach()
+    rows, cols = w.shape
+    padded = torch.nn.functional.pad(w, (0, -cols % bw, 0, -rows % bh))
+    blocks = padded.reshape(padded.shape[0] // bh, bh, padded.shape[1] // bw, bw)
+    return blocks.pow(2).sum(dim=(1, 3)).sqrt()

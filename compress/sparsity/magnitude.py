@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from compress import masks
-from compress.algorithms.base import (
+from compress.algorithm import (
     Algorithm,
     attach_weight_masks,
     sparsity_event,
@@ -27,17 +27,17 @@ from compress.algorithms.base import (
     weight,
     weight_layers,
 )
-from compress.allocation import allocate, lamp_scores
-from compress.effective import active_weights
+from compress.analysis.effective import active_weights
 from compress.errors import CompressError
-from compress.importance import (
+from compress.schedules import sparsity_level
+from compress.sparsity.allocation import allocate, lamp_scores
+from compress.sparsity.importance import (
     IMPORTANCE,
+    block_scores,
     global_keep_masks,
     local_keep_mask,
     random_importance,
 )
-from compress.schedules import sparsity_level
-from compress.sparse_runtime import block_scores
 
 
 class MagnitudeSparsity(Algorithm):

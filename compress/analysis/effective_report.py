@@ -2,7 +2,7 @@
 
 :func:`sparsity_report` counts, for every layer, the weights that are zero (direct sparsity) and
 the weights that are not active (effective sparsity: zero, or on no path from the input to the
-output, as found by :func:`compress.effective.active_weights`), and returns a
+output, as found by :func:`compress.analysis.effective.active_weights`), and returns a
 :class:`SparsityReport` that prints as a table and converts to a dict.
 
 Example:
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.effective import active_weights, layer_weight, prunable_layers
+from compress.analysis.effective import active_weights, layer_weight, prunable_layers
 
 
 @dataclass(frozen=True)

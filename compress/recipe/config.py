@@ -1,6 +1,6 @@
 """Load and validate recipes against the shipped JSON Schema.
 
-The schema (``compress/schema/recipe.schema.json``) is the one source of key names, types,
+The schema (``compress/recipe/schema/recipe.schema.json``) is the one source of key names, types,
 defaults and descriptions: this module only reads it. Every problem becomes a ``ConfigError``
 whose message names the JSON path, the bad value and what is allowed.
 
@@ -48,7 +48,7 @@ NOT_IMPLEMENTED = (
 @cache
 def schema() -> dict[str, Any]:
     """The recipe JSON Schema shipped with the package."""
-    text = resources.files("compress").joinpath("schema/recipe.schema.json").read_text()
+    text = resources.files("compress.recipe").joinpath("schema/recipe.schema.json").read_text()
     return json.loads(text)
 
 

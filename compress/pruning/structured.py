@@ -1,7 +1,7 @@
 """Structured (filter/channel) pruning on channel groups: scores, masks, shrinking, sizes.
 
 A :class:`ChannelGroup` names, by module name, every parameter slice that holds one set of
-coupled output channels (:func:`compress.channel_groups.build_groups` finds them with
+coupled output channels (:func:`compress.pruning.channel_groups.build_groups` finds them with
 Torch-Pruning's ``DependencyGraph``). A pruning algorithm scores the channels
 (:func:`group_weights`, :func:`channel_norms`), writes its choice into masks during training
 (:func:`apply_channel_mask`), and finally calls :func:`shrink` to remove the channels
@@ -12,7 +12,7 @@ what removing the channel gives. :func:`exact_groups` checks that numerically.
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from compress.channel_groups import build_groups
+    >>> from compress.pruning.channel_groups import build_groups
     >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
     >>> x = torch.randn(1, 3, 8, 8)
     >>> (group,) = build_groups(model, x, prune_first_conv=True)
@@ -350,7 +350,7 @@ def shrunk_numel(
     its number of weight elements, since shrinking never changes spatial sizes.
 
     Example:
-        >>> from compress.channel_groups import build_groups
+        >>> from compress.pruning.channel_groups import build_groups
         >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
         >>> (g,) = build_groups(m, torch.randn(1, 3, 8, 8), prune_first_conv=True)
         >>> shrunk_numel(m, [g], {"0": torch.arange(8) < 2})

@@ -13,10 +13,7 @@ Formats of ``export``:
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
-import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress.deploy.files import atomic_write, safe_load
 from compress.errors import CompressError, ConfigError
 
 SPARSE_FORMAT = "compress.sparse"
@@ -35,27 +33,6 @@ _SUFFIX = {
     "pruned": ".pruned.pt",
     "sparse_runtime": ".sparse.pt",
 }
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> Path:
-    """Calls ``write(tmp_path)`` and renames the result onto ``path``; on any failure the
-    temporary file is removed and a previous file at ``path`` is left intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=".tmp" + path.suffix, dir=path.parent
-    )
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
 
 
 def pack(tensor: torch.Tensor) -> dict[str, Any]:
@@ -158,43 +135,9 @@ def load_sparse(
         raise CompressError(
             f"{path}: runtime=True needs example_inputs; the file stores no input shapes"
         )
-    from compress.sparse_runtime import to_sparse_runtime
+    from compress.deploy.sparse_runtime import to_sparse_runtime
 
     return to_sparse_runtime(model, tuple(inputs), min_speedup=min_speedup)
-
-
-def _check_zip_crc(path: Path) -> None:
-    """torch.load does not check the CRC-32 that torch.save writes for every record, so a
-    flipped byte in tensor data would load as a silently wrong weight. Checked here."""
-    if not zipfile.is_zipfile(path):
-        return  # not torch's zip format: torch.load reports it
-    try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-    except Exception as e:  # a damaged archive raises many kinds (BadZipFile, decode errors)
-        raise CompressError(f"{path}: the file is damaged ({type(e).__name__}: {e})") from None
-    if bad is not None:
-        raise CompressError(f"{path}: the file is damaged (checksum mismatch in record {bad!r})")
-
-
-def safe_load(path: str | Path) -> Any:
-    """``torch.load(weights_only=True)`` with errors that name the file and the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise CompressError(f"{path}: no such file")
-    _check_zip_crc(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds for damaged or unsafe files
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "GLOBAL" in str(e) or "Unsupported global" in str(e):
-            raise CompressError(
-                f"{path}: refused to load: the file holds Python objects that are not plain "
-                "tensors (a pickle payload); only files written by this library load"
-            ) from None
-        if "WeightsUnpickler error" in str(e):
-            text = str(e).split("WeightsUnpickler error:")[1].strip().splitlines()[0]
-        raise CompressError(f"{path}: not a readable file of this library ({text})") from None
 
 
 def export(
@@ -279,7 +222,7 @@ def _export_pruned(model: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...
             "export format 'pruned' needs a model stripped by a filter_pruning controller "
             "(ctrl.strip()), which carries the pruning plan"
         )
-    from compress.channel_groups import save_pruned
+    from compress.deploy.pruned_file import save_pruned
 
     save_pruned(model, plan, path, inputs)
     return path
@@ -288,7 +231,7 @@ def _export_pruned(model: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...
 def _export_sparse_runtime(model: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...]) -> Path:
     import json
 
-    from compress.sparse_runtime import to_sparse_runtime
+    from compress.deploy.sparse_runtime import to_sparse_runtime
 
     save_sparse(model, path, inputs)
     report = to_sparse_runtime(model, inputs).runtime_report

@@ -1,13 +1,13 @@
-"""Channel groups from Torch-Pruning's ``DependencyGraph``, and the ``pruned`` file named by them.
+"""Channel groups from Torch-Pruning's ``DependencyGraph``, named so that a file can refer to them.
 
 Torch-Pruning's ``DependencyGraph`` finds which output channels are coupled (residual adds,
 concat, split, depthwise convs, norms, Linear after flatten). :func:`build_groups` turns each of
-its groups into a plain :class:`~compress.structured.ChannelGroup` that names parameters by
+its groups into a plain :class:`~compress.pruning.structured.ChannelGroup` that names parameters by
 module name; with ``validate`` it keeps only the groups whose masked model computes what their
-shrunk model computes (:func:`compress.structured.exact_groups`). A group is named by its root
-module, a stable id across fresh instances of the same class, so the ``pruned`` file stores the
-kept channels per group name and :func:`load_pruned` rebuilds the small model from a fresh
-instance by finding its groups again.
+shrunk model computes (:func:`compress.pruning.structured.exact_groups`). A group is named by
+its root module, a stable id across fresh instances of the same class, so the ``pruned`` file
+(:mod:`compress.deploy.pruned_file`) stores the kept channels per group name and rebuilds the
+small model from a fresh instance by finding its groups again.
 
 Example:
     >>> import torch
@@ -21,32 +21,24 @@ Example:
 from __future__ import annotations
 
 import copy
-import os
 import warnings
-from collections.abc import Collection, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Collection, Sequence
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from compress import masks
-from compress.errors import CompressError
-from compress.structured import (
+from compress.pruning.structured import (
     ChannelGroup,
     Inputs,
     Member,
     Role,
-    as_tuple,
     dependency_graph,
     exact_groups,
-    shrink,
 )
 
-__all__ = ["build_groups", "load_pruned", "save_pruned"]
-
-FORMAT = "compress.pruned"
-VERSION = 1
+__all__ = ["build_groups"]
 
 Layer = nn.modules.conv._ConvNd | nn.Linear
 """The layers a group can be built around; ``prunable`` of :func:`build_groups` picks among them."""
@@ -363,80 +355,3 @@ def _claim(claimed: set[tuple[str, str, int, int]], members: Sequence[Member]) -
     if keys & claimed:
         raise _Skip("its output channels overlap another group")
     claimed.update(keys)
-
-
-def save_pruned(
-    small_model: nn.Module,
-    plan: Mapping[str, list[int]],
-    path: str | os.PathLike,
-    example_inputs: Inputs,
-) -> None:
-    """Writes plan, input signature and weights; loadable with ``torch.load(weights_only=True)``.
-
-    Written to a temporary file next to ``path`` and renamed, so a crash never leaves half a file.
-    """
-    inputs = as_tuple(example_inputs)
-    payload = {
-        "format": FORMAT,
-        "version": VERSION,
-        "plan": {name: [int(i) for i in kept] for name, kept in plan.items()},
-        "input_shapes": [list(x.shape) for x in inputs],
-        "input_dtypes": [str(x.dtype).removeprefix("torch.") for x in inputs],
-        "state_dict": small_model.state_dict(),
-    }
-    from compress.export import atomic_write
-
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
-
-
-def _read_pruned(path: Path) -> dict:
-    from compress.export import safe_load  # checks the zip CRC, refuses pickled objects
-
-    payload = safe_load(path)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CompressError(f"{path}: not a pruned model file (format is not {FORMAT!r})")
-    if payload.get("version") != VERSION:
-        raise CompressError(
-            f"{path}: version {payload.get('version')!r}, this library reads {VERSION}"
-        )
-    return payload
-
-
-def load_pruned(fresh_model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Rebuilds the small model saved by :func:`save_pruned` from a fresh instance of its class.
-
-    Example:
-        >>> small = load_pruned(MyNet(), "out/model.pruned.pt")  # doctest: +SKIP
-    """
-    path = Path(path)
-    payload = _read_pruned(path)
-    inputs = [
-        torch.zeros(shape, dtype=getattr(torch, dtype))
-        for shape, dtype in zip(payload["input_shapes"], payload["input_dtypes"], strict=True)
-    ]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # only the groups named in the plan matter here
-        # No numerical validation: it only leaves groups out, and the plan names the groups.
-        groups = build_groups(
-            fresh_model, inputs, prune_first_conv=True, prune_downsample_convs=True, validate=False
-        )
-    by_name = {g.name: g for g in groups}
-    keep = {}
-    for name, kept in payload["plan"].items():
-        if name not in by_name:
-            raise CompressError(
-                f"{path}: the plan prunes layer {name!r}, which this model cannot prune"
-            )
-        mask = torch.zeros(by_name[name].size, dtype=torch.bool)
-        if kept and (min(kept) < 0 or max(kept) >= mask.numel()):
-            raise CompressError(
-                f"{path}: the plan keeps channels outside layer {name!r}'s {mask.numel()}"
-            )
-        mask[kept] = True
-        keep[name] = mask
-    try:
-        small = shrink(fresh_model, groups, keep, example_inputs=inputs)
-        small.load_state_dict(payload["state_dict"], strict=True)
-    except (RuntimeError, CompressError) as err:
-        raise CompressError(f"{path}: does not fit this model: {err}") from err
-    return small

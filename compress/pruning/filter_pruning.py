@@ -1,7 +1,7 @@
 """Filter pruning (NNCF ``filter_pruning``): whole output channels masked while training,
 physically removed by ``strip``.
 
-The groups of coupled channels come from :mod:`compress.channel_groups` (Torch-Pruning's
+The groups of coupled channels come from :mod:`compress.pruning.channel_groups` (Torch-Pruning's
 dependency graph) and are built once, at construction. At every epoch start the level comes
 from NNCF's pruning schedule, every group is scored by ``filter_importance`` over all the layers
 that produce its channels, and the lowest channels are masked: every group at the level
@@ -24,14 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress import masks, scopes
-from compress.algorithms.base import Algorithm, weight, weight_layers
-from compress.allocation import slamp_scores
-from compress.channel_groups import build_groups
+from compress import masks
+from compress.algorithm import Algorithm, weight, weight_layers
+from compress.analysis.summary import layer_macs
 from compress.errors import CompressError, ConfigError
-from compress.schedules import pruning_level
-from compress.stats import layer_macs
-from compress.structured import (
+from compress.pruning.channel_groups import build_groups
+from compress.pruning.structured import (
     INPUT_OWNER,
     OWNER,
     ChannelGroup,
@@ -44,6 +42,9 @@ from compress.structured import (
     shrink,
     shrunk_numel,
 )
+from compress.recipe import scopes
+from compress.schedules import pruning_level
+from compress.sparsity.allocation import slamp_scores
 
 Criterion = Callable[[nn.Module, ChannelGroup], torch.Tensor]
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)

@@ -3,7 +3,7 @@
 The weight is stored as CSR (or BSR with square blocks) and multiplied with
 ``torch.sparse.mm``/``torch.sparse.addmm``, so only its non-zeros are read. Whether that is faster
 than the dense layer depends on the sparsity, the layer size, the batch and the CPU:
-:func:`compress.sparse_runtime.to_sparse_runtime` times both and converts only where it wins.
+:func:`compress.deploy.sparse_runtime.to_sparse_runtime` times both and converts only where it wins.
 
 Example:
     >>> import torch

@@ -35,8 +35,8 @@ Example:
     >>> active_weights(net)["2.weight"].tolist()  # ... so its outgoing weight is idle
     [[False, True]]
 
-:func:`compress.effective_report.sparsity_report` turns these masks into direct and effective
-sparsity per layer.
+:func:`compress.analysis.effective_report.sparsity_report` turns these masks into direct and
+effective sparsity per layer.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Analysis that never changes the model: statistics, MACs, effective sparsity."""

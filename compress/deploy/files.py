@@ -1,0 +1,74 @@
+"""Files written atomically and read without unpickling arbitrary objects.
+
+Every file this library writes goes through :func:`atomic_write` (a temporary file beside the
+target, renamed onto it), and every ``torch.save`` file it reads goes through :func:`safe_load`
+(``weights_only=True``, with the zip CRC checked first).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.errors import CompressError
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> Path:
+    """Calls ``write(tmp_path)`` and renames the result onto ``path``; on any failure the
+    temporary file is removed and a previous file at ``path`` is left intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=".tmp" + path.suffix, dir=path.parent
+    )
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def _check_zip_crc(path: Path) -> None:
+    """torch.load does not check the CRC-32 that torch.save writes for every record, so a
+    flipped byte in tensor data would load as a silently wrong weight. Checked here."""
+    if not zipfile.is_zipfile(path):
+        return  # not torch's zip format: torch.load reports it
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except Exception as e:  # a damaged archive raises many kinds (BadZipFile, decode errors)
+        raise CompressError(f"{path}: the file is damaged ({type(e).__name__}: {e})") from None
+    if bad is not None:
+        raise CompressError(f"{path}: the file is damaged (checksum mismatch in record {bad!r})")
+
+
+def safe_load(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` with errors that name the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CompressError(f"{path}: no such file")
+    _check_zip_crc(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for damaged or unsafe files
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "GLOBAL" in str(e) or "Unsupported global" in str(e):
+            raise CompressError(
+                f"{path}: refused to load: the file holds Python objects that are not plain "
+                "tensors (a pickle payload); only files written by this library load"
+            ) from None
+        if "WeightsUnpickler error" in str(e):
+            text = str(e).split("WeightsUnpickler error:")[1].strip().splitlines()[0]
+        raise CompressError(f"{path}: not a readable file of this library ({text})") from None

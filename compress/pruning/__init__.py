@@ -1,0 +1,1 @@
+"""Filter pruning: channel groups from Torch-Pruning, structured masks, shrinking."""

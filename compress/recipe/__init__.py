@@ -1,0 +1,1 @@
+"""Recipes: loading and validating NNCF-format JSON against the shipped schema, and scopes."""

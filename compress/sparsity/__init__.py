@@ -1,0 +1,1 @@
+"""Unstructured sparsity: magnitude, RB and const algorithms, importance criteria, allocation."""
