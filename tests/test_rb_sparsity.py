@@ -12,7 +12,8 @@ import compress
 from callbacks import CompressionCallback
 from compress import masks
 from compress.errors import CompressError
-from compress.sparsity.rb import INIT_LOGIT, LOGIT, NOISE_EPS, SEED, adaptive_level
+from compress.sparsity.rb import adaptive_level
+from compress.sparsity.rb_mask import INIT_LOGIT, LOGIT, NOISE_EPS, SEED
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 

@@ -17,8 +17,7 @@ ratio that removes it is found by bisection on MACs counted from the kept widths
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -29,99 +28,24 @@ from compress.algorithm import Algorithm, weight, weight_layers
 from compress.analysis.summary import layer_macs
 from compress.errors import CompressError, ConfigError
 from compress.pruning.channel_groups import build_groups
+from compress.pruning.importance import FILTER_IMPORTANCE, feature_map_nuclear_norms
 from compress.pruning.structured import (
     INPUT_OWNER,
     OWNER,
     ChannelGroup,
     Member,
     apply_channel_mask,
-    channel_norms,
-    group_weights,
     pruning_plan,
     round_keep,
     shrink,
     shrunk_numel,
 )
 from compress.recipe import scopes
+from compress.recipe.scopes import parse_channels
 from compress.schedules import pruning_level
 from compress.sparsity.allocation import slamp_scores
 
-Criterion = Callable[[nn.Module, ChannelGroup], torch.Tensor]
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-# --- importance criteria: (model, group) -> one score per channel --------------------------
-
-
-def l1_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
-    """Sum of |w| over every slice that produces the channel (all layers of the group)."""
-    return channel_norms(model, group, p=1)
-
-
-def l2_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
-    """L2 norm of everything that produces the channel, taken together."""
-    return channel_norms(model, group, p=2).sqrt()
-
-
-def geometric_median_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
-    """FPGM (He et al. 2019): a filter near the geometric median of its layer is the one the
-    others can replace, so the score is the sum of Euclidean distances from a filter to every
-    other filter of the same layer, summed over the group's producers."""
-    scores = torch.zeros(group.size)
-    for rows, channel in group_weights(model, group, roles=("producer",)):
-        rows = rows.float()
-        scores.index_add_(0, channel, torch.cdist(rows, rows).sum(1))
-    return scores
-
-
-FILTER_IMPORTANCE: dict[str, Criterion] = {
-    "L1": l1_importance,
-    "L2": l2_importance,
-    "geometric_median": geometric_median_importance,
-}
-
-
-def feature_map_nuclear_norms(output: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """Per channel, the nuclear norm (sum of singular values) of each sample's feature map,
-    summed over the samples. Maps of conv2d are H x W matrices; 1-D maps (Linear, conv1d) are
-    vectors, whose nuclear norm is their L2 norm; deeper maps are flattened to (D, H * W).
-
-    Example:
-        >>> fmap = torch.zeros(1, 1, 2, 2)
-        >>> fmap[0, 0] = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
-        >>> feature_map_nuclear_norms(fmap, 1)
-        tensor([4.])
-    """
-    x = output.detach().float().movedim(channel_dim, 1)
-    rows = x.shape[2] if x.dim() > 2 else 1
-    maps = x.reshape(x.shape[0], x.shape[1], rows, -1)
-    return torch.linalg.matrix_norm(maps, ord="nuc").sum(0)
-
-
-# --- recipe keys naming layers --------------------------------------------------------------
-
-
-def parse_channels(text: str, path: str) -> list[int]:
-    """NetsPresso's channel list, sorted and without repeats.
-
-    Example:
-        >>> parse_channels("105, 8, 9, 11-13", "prune_channels")
-        [8, 9, 11, 12, 13, 105]
-    """
-    out: set[int] = set()
-    for part in text.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if match is None:
-            raise ConfigError(
-                f"{path}: {part.strip()!r} is not a channel index or range; "
-                'write them as "105, 8, 9, 11-13"'
-            )
-        lo = int(match[1])
-        hi = int(match[2]) if match[2] is not None else lo
-        if hi < lo:
-            raise ConfigError(f"{path}: the range '{lo}-{hi}' is reversed; write '{hi}-{lo}'")
-        out.update(range(lo, hi + 1))
-    return sorted(out)
 
 
 class FilterPruning(Algorithm):

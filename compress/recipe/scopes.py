@@ -1,4 +1,4 @@
-"""Which layers an algorithm compresses: NNCF's ignored_scopes and target_scopes.
+"""How a recipe names layers and channels: NNCF's ignored_scopes and target_scopes, channel lists.
 
 A scope is a module name as in ``model.named_modules()`` (``layer1.0.conv1``), a shell glob
 (``layer1.*``) or a regular expression with NNCF's ``{re}`` prefix (``{re}.*conv[12]$``).
@@ -70,3 +70,26 @@ def select(
             continue
         out.append((name, module))
     return out
+
+
+def parse_channels(text: str, path: str) -> list[int]:
+    """NetsPresso's channel list, sorted and without repeats.
+
+    Example:
+        >>> parse_channels("105, 8, 9, 11-13", "prune_channels")
+        [8, 9, 11, 12, 13, 105]
+    """
+    out: set[int] = set()
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if match is None:
+            raise ConfigError(
+                f"{path}: {part.strip()!r} is not a channel index or range; "
+                'write them as "105, 8, 9, 11-13"'
+            )
+        lo = int(match[1])
+        hi = int(match[2]) if match[2] is not None else lo
+        if hi < lo:
+            raise ConfigError(f"{path}: the range '{lo}-{hi}' is reversed; write '{hi}-{lo}'")
+        out.update(range(lo, hi + 1))
+    return sorted(out)

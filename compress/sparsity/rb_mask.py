@@ -1,0 +1,182 @@
+"""RB sparsity's learned mask: the autograd functions, the ``masks.attach`` fn and the logit hooks.
+
+The rules (Bernoulli mask in training with a straight-through gradient to the logits, the
+deterministic mask in eval and without autograd, the fixed mask once frozen) are explained in
+:mod:`compress.sparsity.rb`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+LOGIT = "weight_rb_logit"
+"""Name of the logit parameter on a masked module."""
+INIT_LOGIT = math.log(0.99 / 0.01)
+DENSITY_SCALE = 0.05  # NNCF's ``p`` in SparseLoss
+NOISE_EPS = 1e-6  # uniform noise is clamped to [eps, 1 - eps] before its logit, as in NNCF
+SEED = 0
+STATE = "_compress_rb"
+
+
+@dataclass(eq=False)
+class Shared:
+    """What every RB layer of one algorithm shares: the noise source, the multiplier, freezing."""
+
+    scale: float
+    frozen: bool = False
+    generator: torch.Generator | None = None
+    pending_state: torch.Tensor | None = None  # generator state to apply once the device is known
+
+    def generator_for(self, device: torch.device) -> torch.Generator:
+        """The generator on ``device``, created (seeded, or from a loaded state) on first use."""
+        gen = self.generator
+        if gen is None or gen.device.type != device.type:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(SEED)
+            if self.pending_state is not None:
+                gen.set_state(self.pending_state)
+                self.pending_state = None
+            self.generator = gen
+        return gen
+
+
+@dataclass(eq=False)
+class RBLayer:
+    """Per-module state kept in ``module.__dict__`` (found by ``rb_weight``)."""
+
+    shared: Shared
+    hook_ids: tuple[int, int]
+    uniform: torch.Tensor | None = field(default=None)
+
+
+class LearnedMask(torch.autograd.Function):
+    """``W * (z > 0)`` with ``z = scale * theta (+ noise)``; straight-through to ``theta``.
+
+    ``theta`` receives ``dL/dz`` (not ``scale * dL/dz``): see the lr multiplier in the module
+    docstring.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        weight: torch.Tensor,
+        theta: torch.Tensor,
+        noise: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor:
+        z = scaled(theta, scale)
+        if noise is not None:
+            z = z + noise
+        keep = positive(z)
+        ctx.save_for_backward(weight, z, keep)
+        return weight * keep
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        weight, z, keep = ctx.saved_tensors
+        grad_weight = grad * keep if ctx.needs_input_grad[0] else None
+        grad_theta = None
+        if ctx.needs_input_grad[1]:
+            grad_theta = sigmoid_slope(z, times=(grad, weight))
+        return grad_weight, grad_theta, None, None
+
+
+class KeptCount(torch.autograd.Function):
+    """The number of kept weights, ``sum(scale * theta > 0)``; straight-through to ``theta``."""
+
+    @staticmethod
+    def forward(ctx: Any, theta: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        z = scaled(theta, scale)
+        ctx.save_for_backward(z)
+        return positive(z).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (z,) = ctx.saved_tensors
+        return sigmoid_slope(z).mul_(grad), None
+
+
+class Frozen(torch.autograd.Function):
+    """Passes the weight through (the mask buffer applies the frozen mask) and gives the logits
+    a zero gradient, so that DDP, which expects a gradient for every trainable parameter,
+    still finds one."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.theta_shape = theta.shape
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return grad, grad.new_zeros(ctx.theta_shape)
+
+
+def scaled(theta: torch.Tensor, scale: float) -> torch.Tensor:
+    return theta if scale == 1.0 else theta * scale
+
+
+def positive(z: torch.Tensor) -> torch.Tensor:
+    """``z > 0`` as 1.0 / 0.0 in ``z``'s dtype. On CPU a bool mask is slow: ``gt`` writing bools,
+    and a product or sum with a bool tensor (converted first, in a full-size copy), each took
+    4-9x as long as the float version (one thread, 0.15M weights)."""
+    return torch.gt(z, 0, out=torch.empty_like(z))
+
+
+def sigmoid_slope(
+    z: torch.Tensor, times: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """``sigmoid'(z) = s * (1 - s)``, multiplied by ``times[0] * times[1]`` if given, in two
+    full-size temporaries."""
+    s = torch.sigmoid(z)
+    tmp = torch.rsub(s, 1.0)
+    s.mul_(tmp)
+    if times is not None:
+        s.mul_(torch.mul(*times, out=tmp))
+    return s
+
+
+def rb_weight(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """The ``fn`` given to ``masks.attach``: the weight as the current RB mask leaves it."""
+    layer: RBLayer | None = module.__dict__.get(STATE)
+    if layer is None:  # stripped: the mask buffer holds the final mask
+        return weight
+    theta = module._parameters[LOGIT]
+    assert theta is not None
+    shared = layer.shared
+    if shared.frozen:
+        return Frozen.apply(weight, theta) if torch.is_grad_enabled() else weight
+    noise = None
+    if module.training and torch.is_grad_enabled():
+        u = layer.uniform
+        if u is None or u.device != theta.device or u.dtype != theta.dtype:
+            u = layer.uniform = torch.empty_like(theta, requires_grad=False)
+        u.uniform_(generator=shared.generator_for(u.device))
+        noise = torch.logit(u, eps=NOISE_EPS, out=u)
+    return LearnedMask.apply(weight, theta, noise, shared.scale)
+
+
+def drop_logit(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """state_dict hook: the logits are the controller's state, not the model's."""
+    state.pop(prefix + LOGIT, None)
+
+
+def keep_logit(
+    module: nn.Module,
+    state: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """load_state_dict pre-hook: a plain checkpoint (no logits) loads strictly and leaves the
+    current logits as they are."""
+    theta = module._parameters.get(LOGIT)
+    if theta is not None and prefix + LOGIT not in state:
+        state[prefix + LOGIT] = theta.detach()
