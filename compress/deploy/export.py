@@ -13,7 +13,7 @@ Formats of ``export``:
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,12 +106,14 @@ def load_sparse(
     runtime: bool = False,
     example_inputs: Sequence[torch.Tensor] | None = None,
     min_speedup: float = 1.1,
+    timer: Callable[[Callable[[], object]], float] | None = None,
 ) -> nn.Module:
     """Restores the weights saved by the ``sparse`` export into ``model`` (same class) exactly.
 
     With ``runtime=True`` returns ``to_sparse_runtime(model, inputs)``, timed on
     ``example_inputs`` or on zeros of the input shapes stored in the file, so sparse-enough
-    layers compute with sparse kernels.
+    layers compute with sparse kernels. ``min_speedup`` and ``timer`` are passed on
+    (``min_speedup=0`` converts every supported layer, whatever the timing).
     """
     state, stored_inputs = read_sparse(path)
     own = model.state_dict()
@@ -137,7 +139,7 @@ def load_sparse(
         )
     from compress.deploy.sparse_runtime import to_sparse_runtime
 
-    return to_sparse_runtime(model, tuple(inputs), min_speedup=min_speedup)
+    return to_sparse_runtime(model, tuple(inputs), min_speedup=min_speedup, timer=timer)
 
 
 def export(
