@@ -20,10 +20,11 @@ Example:
     >>> with torch.no_grad():  # 98% of the large layer's weights are zero
     ...     model[0].weight[model[0].weight.abs() < 0.98 * 2048**-0.5] = 0
     >>> fast = to_sparse_runtime(model, torch.randn(1, 2048))
-    >>> [(layer.name, layer.converted) for layer in fast.runtime_report.layers]
+    >>> [(layer.name, layer.converted) for layer in fast.runtime_report.layers]  # doctest: +SKIP
     [('0', True), ('2', False)]
 
-    The small, dense output layer stays dense: sparse kernels would not be faster there.
+    The small, dense output layer stays dense: sparse kernels would not be faster there. (The
+    verdicts come from timing on this machine, so the doctest does not check them.)
 """
 
 from __future__ import annotations
@@ -192,8 +193,10 @@ def to_sparse_runtime(
         >>> with torch.no_grad():  # 98% zeros
         ...     layer.weight[layer.weight.abs() < 0.98 * 2048**-0.5] = 0
         >>> fast = to_sparse_runtime(layer, torch.randn(1, 2048))
-        >>> type(fast).__name__, fast.runtime_report.converted
+        >>> type(fast).__name__, fast.runtime_report.converted  # doctest: +SKIP
         ('SparseLinear', [''])
+        >>> [layer.name for layer in fast.runtime_report.layers]  # timed, whatever the verdict
+        ['']
     """
     _check_arguments(model, example_inputs, min_speedup)
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
