@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from compress.analysis.summary import layer_macs, table
 from compress.errors import CompressError
@@ -103,15 +102,13 @@ def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str
     from compress.deploy.files import safe_load
 
     inputs: Any = None
-    program = None
+    pt2_macs: int | None = None
+    payload: Any = None
     if path.suffix == ".pt2":
-        try:
-            program = torch.export.load(str(path))
-        except Exception as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise CompressError(f"{path}: not a torch.export program ({msg})") from None
-        state = dict(program.state_dict)
-        inputs = program.example_inputs[0] if program.example_inputs else None
+        from compress.deploy.pt2_file import read_pt2
+
+        # read as a zip: torch.export.load would unpickle and eval parts of the file
+        state, pt2_macs = read_pt2(path)
     else:
         payload = safe_load(path)
         if isinstance(payload, dict) and payload.get("format") == SPARSE_FORMAT:
@@ -154,11 +151,8 @@ def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str
                     "for a Lightning checkpoint pass --prefix (e.g. 'model.')"
                 ) from None
         lines.append(_model_figures(model, inputs))
-    elif program is not None and inputs is not None:
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            program.module()(*inputs)
-        lines.append(table([{"MACs": counter.get_total_flops() // 2}]))
+    elif pt2_macs is not None:
+        lines.append(table([{"MACs": pt2_macs}]))
     return "\n".join(lines)
 
 

@@ -6,7 +6,8 @@ Formats of ``export``:
 - ``sparse`` (``PREFIX.sparse.pt``): each weight as its nonzero values plus a packed bitmask
   (one bit per element); tensors that are not sparse enough are stored dense. Restore with
   ``load_sparse(path, model)``.
-- ``pt2`` (``PREFIX.pt2``): ``torch.export`` program; needs example inputs.
+- ``pt2`` (``PREFIX.pt2``): ``torch.export`` program; needs example inputs. The archive holds
+  raw weights and the JSON graph, no pickle (the example inputs are not stored).
 - ``onnx`` (``PREFIX.onnx``): ONNX via ``torch.onnx.export``; needs example inputs.
 """
 
@@ -191,6 +192,9 @@ def export(
 def _export_pt2(model: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...]) -> Path:
     args, dims = _dynamic_batch(inputs)
     program = torch.export.export(model, args, dynamic_shapes=dims)
+    # Without example inputs the archive holds no pickle: torch.export.save would store them
+    # with torch.save, and loading them is what makes a third-party .pt2 unsafe.
+    program.example_inputs = None
     return atomic_write(path, lambda tmp: torch.export.save(program, tmp))
 
 

@@ -40,7 +40,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -
     return path
 
 
-def _check_zip_crc(path: Path) -> None:
+def check_zip_crc(path: Path) -> None:
     """torch.load does not check the CRC-32 that torch.save writes for every record, so a
     flipped byte in tensor data would load as a silently wrong weight. Checked here."""
     if not zipfile.is_zipfile(path):
@@ -59,7 +59,7 @@ def safe_load(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise CompressError(f"{path}: no such file")
-    _check_zip_crc(path)
+    check_zip_crc(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for damaged or unsafe files
