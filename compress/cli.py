@@ -114,7 +114,9 @@ def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str
         if isinstance(payload, dict) and payload.get("format") == SPARSE_FORMAT:
             state, inputs = read_sparse(path)
         elif isinstance(payload, dict) and payload.get("format") == "compress.pruned":
-            state = payload["state_dict"]
+            from compress.deploy.pruned_file import read_pruned
+
+            state = read_pruned(path)["state_dict"]
         elif isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
             # A Lightning checkpoint: its weights are the stored ones; the masks are in the
             # callback's entry, and the report should show what the model computes.
@@ -132,8 +134,15 @@ def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str
     if path.name.endswith(".sparse.pt") and report_path.is_file():
         from compress.deploy.sparse_runtime import report_from_dict
 
+        try:
+            report = report_from_dict(json.loads(report_path.read_text()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise CompressError(
+                f"{report_path}: not a runtime report ({type(e).__name__}: {e}); delete it or "
+                "export again"
+            ) from None
         lines.append(f"sparse runtime ({report_path.name}):")
-        lines.append(str(report_from_dict(json.loads(report_path.read_text()))))
+        lines.append(str(report))
     if model_spec is not None:
         model = _load_model(model_spec)
         if isinstance(payload, dict) and payload.get("format") == "compress.pruned":
@@ -160,14 +169,26 @@ def _masked_checkpoint_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Te
     """The checkpoint's weights with the masks saved by ``CompressionCallback`` applied
     (sparsity algorithms; a layer name is matched to the state_dict key ending with it)."""
     state = dict(checkpoint["state_dict"])
-    entry = (checkpoint.get("callbacks") or {}).get("CompressionCallback") or {}
-    controller = entry.get("controller") or {}
-    for algo in (controller.get("state") or {}).values():
-        for layer, mask in (algo.get("masks") or {}).items():
+    entry = _field(_field(checkpoint, "callbacks"), "CompressionCallback")
+    for algo in _field(_field(entry, "controller"), "state").values():
+        for layer, mask in _field(algo, "masks").items():
+            if not isinstance(layer, str) or not isinstance(mask, torch.Tensor):
+                continue
             keys = [k for k in state if k == f"{layer}.weight" or k.endswith(f".{layer}.weight")]
-            if len(keys) == 1 and state[keys[0]].shape == mask.shape:
+            if (
+                len(keys) == 1
+                and isinstance(state[keys[0]], torch.Tensor)
+                and state[keys[0]].shape == mask.shape
+            ):
                 state[keys[0]] = state[keys[0]] * mask.to(state[keys[0]].dtype)
     return state
+
+
+def _field(d: Any, key: str) -> dict[str, Any]:
+    """``d[key]`` if both are dicts, else an empty dict: a checkpoint's optional sections may be
+    missing or of another shape, and then carry no masks."""
+    value = d.get(key) if isinstance(d, dict) else None
+    return value if isinstance(value, dict) else {}
 
 
 def _model_figures(model: nn.Module, inputs: Any) -> str:

@@ -10,12 +10,13 @@ import os
 import pickle
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from conftest import ConvBNNet
-from torch import nn
 
 from compress import cli
 from compress.deploy.export import export, load_sparse, save_sparse
@@ -116,3 +117,114 @@ def test_inspect_never_evaluates_the_shape_expressions_of_a_pt2(tmp_path: Path) 
     code, out = run_cli("inspect", str(path))
     assert not marker.exists(), "the expression was evaluated"
     assert code == 0 and "MACs" in out
+
+
+# --- 2. no memory bombs ------------------------------------------------------------------------
+
+
+def sparse_file(tmp_path: Path) -> Path:
+    net = ConvBNNet()
+    with torch.no_grad():
+        net.conv2.weight[:, :6] = 0  # sparse enough to be stored as values + bitmask
+    return save_sparse(net, tmp_path / "m.sparse.pt", [X])
+
+
+def rewrite_payload(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    payload = torch.load(path, weights_only=True)
+    change(payload)
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize("shape", [[30000, 30000], [10**6, 10**6]])
+def test_a_sparse_header_claiming_a_huge_weight_is_refused_before_allocating(
+    tmp_path: Path, shape: list[int]
+) -> None:
+    path = sparse_file(tmp_path)
+
+    def huge(payload: dict[str, Any]) -> None:
+        assert "bitmask" in payload["tensors"]["conv2.weight"]
+        payload["tensors"]["conv2.weight"]["shape"] = shape
+
+    rewrite_payload(path, huge)
+    assert path.stat().st_size < 20_000
+    # against the model: refused on the declared shape, before the tensor is rebuilt
+    with pytest.raises(CompressError, match=rf"conv2.weight has shape \({shape[0]}, {shape[1]}\)"):
+        load_sparse(path, ConvBNNet())
+    # without a model (inspect): refused on the file's own byte count
+    code, text = run_cli("inspect", str(path))
+    assert code == 2 and re.search(r"needs a bitmask of \d+ bytes; the file holds 144", text), text
+
+
+@pytest.mark.parametrize("kind", ["sparse", "pruned"])
+def test_stored_input_shapes_of_any_size_are_refused(tmp_path: Path, kind: str) -> None:
+    from compress.deploy.pruned_file import load_pruned
+
+    path = sparse_file(tmp_path)
+    if kind == "pruned":
+        path = tmp_path / "m.pruned.pt"
+        net = ConvBNNet()
+        torch.save(
+            {
+                "format": "compress.pruned",
+                "version": 1,
+                "plan": {},
+                "input_shapes": [[10**5, 3, 1000, 1000]],
+                "input_dtypes": ["float32"],
+                "state_dict": net.state_dict(),
+            },
+            path,
+        )
+    else:
+        rewrite_payload(path, lambda p: p.update(input_shapes=[[10**5, 3, 1000, 1000]]))
+    with pytest.raises(CompressError, match=r"hold 300000000000 elements, more than 268435456"):
+        if kind == "pruned":
+            load_pruned(ConvBNNet(), path)
+        else:
+            load_sparse(path, ConvBNNet(), runtime=True)
+
+
+def test_a_pt2_weight_larger_than_its_record_is_refused(tmp_path: Path) -> None:
+    path = pt2_file(tmp_path)
+    config = json.loads(record(path, "model_weights_config.json"))
+    meta = config["config"]["fc.weight"]["tensor_meta"]
+    meta["sizes"] = [{"as_int": 100000}, {"as_int": 100000}]
+    rewrite_zip(path, {"model_weights_config.json": json.dumps(config).encode()})
+    code, text = run_cli("inspect", str(path))
+    assert code == 2 and "declares shape [100000, 100000]" in text and "holds 128 bytes" in text
+
+
+# --- 8. errors, not tracebacks, from damaged files ----------------------------------------------
+
+
+def test_damaged_sections_of_files_give_errors_naming_the_file(tmp_path: Path) -> None:
+    from compress.deploy.pruned_file import load_pruned
+
+    ckpt = tmp_path / "list.ckpt"
+    torch.save({"state_dict": ConvBNNet().state_dict(), "callbacks": [1, 2]}, ckpt)
+    code, text = run_cli("inspect", str(ckpt))
+    assert code == 0 and "conv1.weight" in text  # no masks to apply; the weights are shown
+
+    no_state = tmp_path / "no_state.pruned.pt"
+    torch.save({"format": "compress.pruned", "version": 1, "plan": {}}, no_state)
+    code, text = run_cli("inspect", str(no_state))
+    assert code == 2 and "no 'state_dict' of tensors" in text and str(no_state) in text
+    for plan in (None, {"conv1": "0-3"}, [1, 2]):
+        bad = tmp_path / "bad.pruned.pt"
+        payload = {"format": "compress.pruned", "version": 1, "state_dict": {}}
+        if plan is not None:
+            payload["plan"] = plan
+        torch.save(payload, bad)
+        with pytest.raises(
+            CompressError, match=r"bad.pruned.pt: the pruned file has no valid 'plan'"
+        ):
+            load_pruned(ConvBNNet(), bad)
+
+    path = sparse_file(tmp_path)
+    report = tmp_path / "m.runtime.json"
+    report.write_text('{"min_speedup": 1.1, "layers": [{"na')
+    code, text = run_cli("inspect", str(path))
+    assert code == 2 and "m.runtime.json: not a runtime report (JSONDecodeError" in text
+
+    rewrite_payload(path, lambda p: p["tensors"].update({"conv1.weight": {"dense": 5}}))
+    with pytest.raises(CompressError, match=r"sparse file is damaged \('dense' holds a int"):
+        load_sparse(path, ConvBNNet())

@@ -14,6 +14,7 @@ Formats of ``export``:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.deploy.files import atomic_write, safe_load
+from compress.deploy.files import atomic_write, safe_load, stored_inputs
 from compress.errors import CompressError, ConfigError
 
 SPARSE_FORMAT = "compress.sparse"
@@ -50,13 +51,25 @@ def pack(tensor: torch.Tensor) -> dict[str, Any]:
 
 
 def unpack(entry: Mapping[str, Any]) -> torch.Tensor:
-    """Inverse of ``pack``."""
+    """Inverse of ``pack``. The declared shape is checked against the bitmask's byte count
+    before anything of that shape is allocated."""
     if "dense" in entry:
+        if not isinstance(entry["dense"], torch.Tensor):
+            raise ValueError(f"'dense' holds a {type(entry['dense']).__name__}, not a tensor")
         return entry["dense"]
-    shape = [int(s) for s in entry["shape"]]
-    n = int(np.prod(shape)) if shape else 1
-    bits = np.unpackbits(entry["bitmask"].numpy(), count=n).astype(bool)
-    values = entry["values"]
+    shape = declared_shape(entry)
+    n = math.prod(shape)
+    bitmask, values = entry["bitmask"], entry["values"]
+    if not isinstance(bitmask, torch.Tensor) or bitmask.dtype != torch.uint8:
+        raise ValueError("the bitmask is not a uint8 tensor")
+    if not isinstance(values, torch.Tensor) or values.dim() != 1:
+        raise ValueError("the values are not a 1-D tensor")
+    if bitmask.numel() != (n + 7) // 8:
+        raise ValueError(
+            f"shape {shape} needs a bitmask of {(n + 7) // 8} bytes; the file holds "
+            f"{bitmask.numel()}"
+        )
+    bits = np.unpackbits(bitmask.numpy(), count=n).astype(bool)
     if int(bits.sum()) != values.numel():
         raise ValueError(f"bitmask has {int(bits.sum())} ones for {values.numel()} values")
     out = torch.zeros(n, dtype=values.dtype)
@@ -80,24 +93,60 @@ def save_sparse(
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def read_sparse(path: str | Path) -> tuple[dict[str, torch.Tensor], list[torch.Tensor] | None]:
-    """The dense state_dict stored in a sparse file, and zero example inputs if it has shapes."""
+def declared_shape(entry: Mapping[str, Any]) -> tuple[int, ...]:
+    """The shape an entry of the sparse format declares (read, not allocated)."""
+    if "dense" in entry:
+        dense = entry["dense"]
+        if not isinstance(dense, torch.Tensor):
+            raise ValueError(f"'dense' holds a {type(dense).__name__}, not a tensor")
+        return tuple(dense.shape)
+    shape = entry["shape"]
+    if not isinstance(shape, list) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+    ):
+        raise ValueError(f"shape {shape!r} is not a list of sizes")
+    return tuple(shape)
+
+
+def read_sparse(
+    path: str | Path, expected: Mapping[str, tuple[int, ...]] | None = None
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor] | None]:
+    """The dense state_dict stored in a sparse file, and zero example inputs if it has shapes.
+
+    With ``expected`` (key -> shape, from the target model), the file's keys and declared
+    shapes are checked against it before any tensor is rebuilt."""
     payload = safe_load(path)
     if not isinstance(payload, dict) or payload.get("format") != SPARSE_FORMAT:
         raise CompressError(
             f"{path}: not a sparse export of this library (no '{SPARSE_FORMAT}' tag)"
         )
     try:
-        state = {k: unpack(v) for k, v in payload["tensors"].items()}
-        inputs = None
-        if "input_shapes" in payload:
-            inputs = [
-                torch.zeros(shape, dtype=getattr(torch, dtype))
-                for shape, dtype in zip(payload["input_shapes"], payload["input_dtypes"])
-            ]
-        return state, inputs
+        tensors = payload["tensors"]
+        if not isinstance(tensors, dict) or not all(isinstance(v, dict) for v in tensors.values()):
+            raise ValueError("'tensors' is not a table of packed tensors")
+        if expected is not None:
+            _check_against(path, {k: declared_shape(v) for k, v in tensors.items()}, expected)
+        state = {k: unpack(v) for k, v in tensors.items()}
+        return state, stored_inputs(payload, path)
     except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as e:
         raise CompressError(f"{path}: the sparse file is damaged ({e})") from None
+
+
+def _check_against(
+    path: str | Path, declared: Mapping[str, tuple[int, ...]], own: Mapping[str, tuple[int, ...]]
+) -> None:
+    missing, extra = sorted(set(own) - set(declared)), sorted(set(declared) - set(own))
+    if missing or extra:
+        raise CompressError(
+            f"{path}: the file is of a different model: keys missing from the file "
+            f"{missing[:5]}, keys the model lacks {extra[:5]}"
+        )
+    for k, shape in declared.items():
+        if tuple(shape) != tuple(own[k]):
+            raise CompressError(
+                f"{path}: the file is of a different model: {k} has shape {tuple(shape)} "
+                f"in the file and {tuple(own[k])} in the model"
+            )
 
 
 def load_sparse(
@@ -116,24 +165,12 @@ def load_sparse(
     layers compute with sparse kernels. ``min_speedup`` and ``timer`` are passed on
     (``min_speedup=0`` converts every supported layer, whatever the timing).
     """
-    state, stored_inputs = read_sparse(path)
     own = model.state_dict()
-    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or extra:
-        raise CompressError(
-            f"{path}: the file is of a different model: keys missing from the file "
-            f"{missing[:5]}, keys the model lacks {extra[:5]}"
-        )
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise CompressError(
-                f"{path}: the file is of a different model: {k} has shape {tuple(v.shape)} "
-                f"in the file and {tuple(own[k].shape)} in the model"
-            )
+    state, stored = read_sparse(path, {k: tuple(v.shape) for k, v in own.items()})
     model.load_state_dict(state)
     if not runtime:
         return model
-    inputs = example_inputs if example_inputs is not None else stored_inputs
+    inputs = example_inputs if example_inputs is not None else stored
     if inputs is None:
         raise CompressError(
             f"{path}: runtime=True needs example_inputs; the file stores no input shapes"

@@ -7,10 +7,11 @@ target, renamed onto it), and every ``torch.save`` file it reads goes through :f
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +73,37 @@ def safe_load(path: str | Path) -> Any:
         if "WeightsUnpickler error" in str(e):
             text = str(e).split("WeightsUnpickler error:")[1].strip().splitlines()[0]
         raise CompressError(f"{path}: not a readable file of this library ({text})") from None
+
+
+# Zeros of the stored input shapes are made only up to this many elements in all (1 GiB of
+# float32): a file's header must not be able to ask for any amount of memory.
+MAX_INPUT_ELEMENTS = 2**28
+_INPUT_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int8", "bool")
+
+
+def stored_inputs(payload: Mapping[str, Any], path: str | Path) -> list[torch.Tensor] | None:
+    """Zero tensors of the ``input_shapes``/``input_dtypes`` a file stores (None if none),
+    checked for type and total size before they are made."""
+    if "input_shapes" not in payload:
+        return None
+    shapes, dtypes = payload["input_shapes"], payload.get("input_dtypes")
+    if (
+        not isinstance(shapes, list)
+        or not isinstance(dtypes, list)
+        or len(shapes) != len(dtypes)
+        or not all(isinstance(s, list) for s in shapes)
+    ):
+        raise CompressError(f"{path}: input_shapes/input_dtypes are not two lists of one length")
+    total = 0
+    for shape, dtype in zip(shapes, dtypes, strict=True):
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+            raise CompressError(f"{path}: input shape {shape!r} is not a list of sizes")
+        if dtype not in _INPUT_DTYPES:
+            raise CompressError(f"{path}: input dtype {dtype!r} is not one of {_INPUT_DTYPES}")
+        total += math.prod(shape)
+    if total > MAX_INPUT_ELEMENTS:
+        raise CompressError(
+            f"{path}: the stored input shapes {shapes} hold {total} elements, more than "
+            f"{MAX_INPUT_ELEMENTS}; the file is damaged or crafted (pass example_inputs)"
+        )
+    return [torch.zeros(s, dtype=getattr(torch, d)) for s, d in zip(shapes, dtypes, strict=True)]

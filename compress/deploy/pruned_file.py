@@ -15,7 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress.deploy.files import atomic_write, safe_load  # safe_load: CRC checked, no pickles
+from compress.deploy.files import (  # safe_load: CRC checked, no pickles
+    atomic_write,
+    safe_load,
+    stored_inputs,
+)
 from compress.errors import CompressError
 from compress.pruning.channel_groups import build_groups
 from compress.pruning.structured import Inputs, as_tuple, shrink
@@ -48,7 +52,7 @@ def save_pruned(
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def _read_pruned(path: Path) -> dict:
+def read_pruned(path: Path) -> dict:
     payload = safe_load(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CompressError(f"{path}: not a pruned model file (format is not {FORMAT!r})")
@@ -56,6 +60,19 @@ def _read_pruned(path: Path) -> dict:
         raise CompressError(
             f"{path}: version {payload.get('version')!r}, this library reads {VERSION}"
         )
+    plan = payload.get("plan")
+    if not isinstance(plan, dict) or not all(
+        isinstance(k, str)
+        and isinstance(v, list)
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+        for k, v in plan.items()
+    ):
+        raise CompressError(
+            f"{path}: the pruned file has no valid 'plan' (layer name -> kept channel indices)"
+        )
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CompressError(f"{path}: the pruned file has no 'state_dict' of tensors")
     return payload
 
 
@@ -66,11 +83,10 @@ def load_pruned(fresh_model: nn.Module, path: str | os.PathLike) -> nn.Module:
         >>> small = load_pruned(MyNet(), "out/model.pruned.pt")  # doctest: +SKIP
     """
     path = Path(path)
-    payload = _read_pruned(path)
-    inputs = [
-        torch.zeros(shape, dtype=getattr(torch, dtype))
-        for shape, dtype in zip(payload["input_shapes"], payload["input_dtypes"], strict=True)
-    ]
+    payload = read_pruned(path)
+    inputs = stored_inputs(payload, path)
+    if not inputs:
+        raise CompressError(f"{path}: the pruned file stores no input shapes")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # only the groups named in the plan matter here
         # No numerical validation: it only leaves groups out, and the plan names the groups.
@@ -94,6 +110,6 @@ def load_pruned(fresh_model: nn.Module, path: str | os.PathLike) -> nn.Module:
     try:
         small = shrink(fresh_model, groups, keep, example_inputs=inputs)
         small.load_state_dict(payload["state_dict"], strict=True)
-    except (RuntimeError, CompressError) as err:
-        raise CompressError(f"{path}: does not fit this model: {err}") from err
+    except (RuntimeError, ValueError, KeyError, CompressError) as err:
+        raise CompressError(f"{path}: does not fit this model: {err}") from None
     return small
