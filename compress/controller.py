@@ -97,11 +97,27 @@ class CompressionController:
                 f"(expected version {STATE_VERSION}, got {_get(state, 'version')})"
             )
         names = [a.name for a in self.algorithms]
-        if list(state["algorithms"]) != names:
+        saved = _get(state, "algorithms")
+        if (list(saved) if isinstance(saved, (list, tuple)) else saved) != names:
             raise CompressError(
-                f"compression state holds {list(state['algorithms'])}, "
+                f"compression state holds {_get(state, 'algorithms')}, "
                 f"but the recipe builds {names}"
             )
+        check_state_values(state, names)
+        # Applied as a whole or not at all: a state that fails half way is rolled back.
+        backup = self.state_dict()
+        try:
+            self._apply_state(state)
+        except Exception as e:
+            self._apply_state(backup)
+            if isinstance(e, CompressError):
+                raise
+            raise CompressError(
+                f"compression state does not fit this model ({type(e).__name__}: {e}); "
+                "nothing was changed"
+            ) from None
+
+    def _apply_state(self, state: Mapping[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         for algo in self.algorithms:
             algo.load_state_dict(state["state"][algo.name])
@@ -117,6 +133,41 @@ class CompressionController:
             model = algo.strip(model)
         masks.fold(model)
         return model
+
+
+def check_state_values(state: Mapping[str, Any], names: list[str]) -> None:
+    """Checks what a state holds before any of it is applied: every algorithm's entry is there,
+    masks hold only 0 and 1, levels lie in [0, 1], logits and scheduler counters are finite."""
+    entries, sched = state.get("state"), state.get("scheduler")
+    if not isinstance(entries, Mapping) or not isinstance(sched, Mapping):
+        raise CompressError("compression state has no 'state' and 'scheduler' sections")
+    for key in ("epoch", "step_in_epoch", "global_step"):
+        if not isinstance(sched.get(key), int) or isinstance(sched.get(key), bool):
+            raise CompressError(f"compression state: scheduler.{key} is {sched.get(key)!r}")
+    for name in names:
+        entry = entries.get(name)
+        if not isinstance(entry, Mapping):
+            raise CompressError(f"compression state has no entry for {name}")
+        level = entry.get("level", 0.0)
+        if not isinstance(level, (int, float)) or not 0.0 <= level <= 1.0:
+            raise CompressError(f"compression state: {name}.level is {level!r}, not in [0, 1]")
+        for kind in ("masks", "keep", "logits"):
+            tensors = entry.get(kind, {})
+            if not isinstance(tensors, Mapping) or not all(
+                isinstance(t, torch.Tensor) for t in tensors.values()
+            ):
+                raise CompressError(f"compression state: {name}.{kind} is not a table of tensors")
+            for layer, t in tensors.items():
+                if kind == "logits":
+                    bad = not t.is_floating_point() or not bool(torch.isfinite(t).all())
+                else:
+                    bad = t.dtype != torch.bool and not bool(((t == 0) | (t == 1)).all())
+                if bad:
+                    allowed = "finite numbers" if kind == "logits" else "only 0 and 1"
+                    raise CompressError(
+                        f"compression state: {name}.{kind}[{layer!r}] holds values other than "
+                        f"{allowed}; nothing was changed"
+                    )
 
 
 def _get(state: Any, key: str) -> Any:
