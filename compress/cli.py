@@ -14,6 +14,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from compress.analysis.summary import layer_macs, table
-from compress.errors import CompressError
+from compress.errors import CompressError, ConfigError
 from compress.recipe.config import Config, load_config
 from compress.schedules import SCHEDULES
 
@@ -79,6 +80,21 @@ def schedule_rows(cfg: Config, epochs: int, steps_per_epoch: int | None) -> list
                 row["frozen"] = "yes"
         rows.append(row)
     return rows
+
+
+MAX_SCHEDULE_EPOCHS = 10_000  # one table row per epoch
+
+
+def check_schedule_args(epochs: int, steps_per_epoch: int | None) -> None:
+    """``compress schedule`` prints a row per epoch: a number of epochs from 1 to
+    ``MAX_SCHEDULE_EPOCHS``, and a positive number of steps per epoch."""
+    if not 1 <= epochs <= MAX_SCHEDULE_EPOCHS:
+        raise ConfigError(
+            f"schedule: epochs {epochs} is not allowed; give 1 to {MAX_SCHEDULE_EPOCHS} "
+            "(one row per epoch)"
+        )
+    if steps_per_epoch is not None and steps_per_epoch < 1:
+        raise ConfigError(f"schedule: --steps-per-epoch {steps_per_epoch} must be at least 1")
 
 
 def _load_model(spec: str) -> nn.Module:
@@ -270,12 +286,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "validate":
-            print(_summary(load_config(args.recipe)))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                cfg = load_config(args.recipe)
+            for w in caught:  # one line each, without the source line Python would add
+                print(f"warning: {w.message}", file=sys.stderr)
+            print(_summary(cfg))
         elif args.command == "schedule":
             cfg = load_config(args.recipe)
-            epochs = args.epochs or cfg.data.get("epochs")
-            if not epochs:
+            epochs = args.epochs if args.epochs is not None else cfg.data.get("epochs")
+            if epochs is None:
                 raise CompressError("schedule: give --epochs (the recipe has no 'epochs')")
+            check_schedule_args(int(epochs), args.steps_per_epoch)
             rows = schedule_rows(cfg, int(epochs), args.steps_per_epoch)
             print(json.dumps(rows) if args.json else table(rows))
         elif args.command == "inspect":

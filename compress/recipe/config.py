@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -30,6 +32,7 @@ import jsonschema
 import torch
 
 from compress.errors import ConfigError
+from compress.recipe import scopes
 
 IMPLEMENTED = ("magnitude_sparsity", "rb_sparsity", "const_sparsity", "filter_pruning")
 # NNCF algorithms this library knows by name but does not implement.
@@ -163,10 +166,21 @@ def load_config(recipe: str | Path | Mapping[str, Any] | Config) -> Config:
     top = {k: v for k, v in schema().items() if k != "required"}
     top["properties"] = {k: v for k, v in top["properties"].items() if k != "compression"}
     _validate(rest, top, "")
+    _check_input_info(rest.get("input_info"))
     data["compression"] = (
         [_as_dict(a) for a in algorithms] if isinstance(section, list) else _as_dict(algorithms[0])
     )
     return Config(data=MappingProxyType(data), algorithms=tuple(algorithms), source=source)
+
+
+def _check_input_info(info: Any) -> None:
+    items = info if isinstance(info, list) else [] if info is None else [info]
+    total = sum(math.prod(item["sample_size"]) for item in items)
+    if total > MAX_INPUT_ELEMENTS:
+        raise ConfigError(
+            f"input_info: the sample sizes hold {total} elements, more than "
+            f"{MAX_INPUT_ELEMENTS}; give one small batch (e.g. [1, 3, 224, 224])"
+        )
 
 
 def _read_json(path: Path) -> Any:
@@ -178,20 +192,49 @@ def _read_json(path: Path) -> Any:
         raise ConfigError(
             f"{path}: not a JSON text file (byte {e.start} is not UTF-8: {e.reason})"
         ) from None
+    duplicates: list[str] = []
     try:
-        return json.loads(text)
+        data = json.loads(text, object_pairs_hook=functools.partial(_no_repeats, duplicates))
     except json.JSONDecodeError as e:
         raise ConfigError(
             f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
         ) from None
     except RecursionError:
         raise ConfigError(f"{path}: the JSON is nested too deeply to be a recipe") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise ConfigError(f"{path}: a number in the recipe is too long ({e})") from None
+    for key in duplicates:
+        warnings.warn(
+            f"{path}: key {key!r} appears more than once in one object; the last value is used "
+            "(as by Python's json and NNCF); remove the other",
+            stacklevel=3,
+        )
+    return data
+
+
+def _no_repeats(duplicates: list[str], pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object hook: a dict, noting keys given twice."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            duplicates.append(key)
+        out[key] = value
+    return out
+
+
+MAX_INT = 2**53  # the integers a float holds exactly; beyond it schedules overflow
+MAX_INPUT_ELEMENTS = 2**28  # example inputs from input_info: 1 GiB of float32 at most
 
 
 def _check_finite(value: Any, path: str) -> None:
     """JSON Schema bounds let NaN through (every comparison with NaN is false)."""
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{path or '(recipe)'}: {value} is not allowed; give a finite number")
+    if isinstance(value, int) and abs(value) > MAX_INT:
+        raise ConfigError(
+            f"{path or '(recipe)'}: an integer of {len(str(abs(value)))} digits is not allowed; "
+            f"numbers in a recipe are at most 2**53 ({MAX_INT})"
+        )
     if isinstance(value, Mapping):
         for k, v in value.items():
             # a key that is not a plain name (a layer name with dots, a control character) is
@@ -225,6 +268,8 @@ def _algorithm(item: Any, path: str) -> AlgorithmConfig:
     options = {**_defaults(sub), **{k: copy.deepcopy(v) for k, v in item.items() if k != "params"}}
     options.pop("params", None)
     _check_rules(name, options, params, path)
+    for key in ("ignored_scopes", "target_scopes"):
+        scopes.check_scopes(options.get(key), f"{path}.{key}")
     return AlgorithmConfig(name, path, MappingProxyType(options), MappingProxyType(params))
 
 
@@ -253,6 +298,28 @@ def _check_rules(name: str, options: Mapping[str, Any], params: dict[str, Any], 
             )
         if list(steps) != sorted(steps):
             raise ConfigError(f"{p}.multistep_steps: {steps} must be in ascending order")
+        if list(levels) != sorted(levels):
+            warnings.warn(
+                f"{p}.multistep_sparsity_levels: {levels} decrease; masks then give pruned "
+                "weights back. Give the levels in ascending order unless you mean that",
+                stacklevel=4,
+            )
+    elif name in ("magnitude_sparsity", "rb_sparsity") and params["schedule"] != "adaptive":
+        init, target = options["sparsity_init"], params["sparsity_target"]
+        if init > target:
+            warnings.warn(
+                f"{path}.sparsity_init: {init} is above sparsity_target {target}; the level "
+                "falls during training. Give sparsity_init <= sparsity_target",
+                stacklevel=4,
+            )
+        freeze, target_epoch = params["sparsity_freeze_epoch"], params["sparsity_target_epoch"]
+        if freeze < target_epoch:
+            warnings.warn(
+                f"{p}.sparsity_freeze_epoch: {freeze} comes before sparsity_target_epoch "
+                f"{target_epoch}; the masks freeze before the level reaches {target}. Set "
+                "sparsity_freeze_epoch >= sparsity_target_epoch",
+                stacklevel=4,
+            )
     if name == "filter_pruning":
         if "pruning_target" in params and "pruning_flops_target" in params:
             raise ConfigError(
@@ -304,6 +371,13 @@ def _json_path(base: str, parts: Any) -> str:
 def _message(error: jsonschema.ValidationError, base: str) -> str:
     where = _json_path(base, error.absolute_path)
     value = json.dumps(error.instance)
+    if len(value) > 80:  # a 10 MB string is not repeated in the message
+        value = value[:60] + f"... ({len(value)} characters)"
+    if error.validator == "maxLength":
+        return f"{where}: {value} is longer than {error.validator_value} characters"
+    if error.validator == "maxItems":
+        n = len(error.instance) if isinstance(error.instance, list) else "too many"
+        return f"{where}: {n} items, more than {error.validator_value}"
     if error.validator == "additionalProperties":
         # The object that has the unknown key, and the schema that lists its keys.
         assert isinstance(error.instance, Mapping) and isinstance(error.schema, Mapping)
@@ -325,6 +399,10 @@ def _message(error: jsonschema.ValidationError, base: str) -> str:
     if error.validator == "required":
         return f"{where}: {error.message}"
     if error.validator == "oneOf" and error.context:
+        # the alternative of the right type that failed on a bound says most
+        bounds = [c for c in error.context if c.validator in ("maxLength", "maxItems")]
+        if bounds:
+            return _message(bounds[0], base)
         deepest = max(error.context, key=lambda e: len(e.absolute_path))
         if len(deepest.absolute_path) > len(error.absolute_path):
             return _message(deepest, base)
