@@ -51,6 +51,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from compress import masks
 from compress.analysis.node_kinds import classify, is_layer, is_prunable, op_name, shape_of
+from compress.analysis.untouched import untouched
 
 Vec = torch.Tensor | None
 """Liveness of a tensor's channels: a 1-D bool tensor, or None for "all alive, width unknown"."""
@@ -156,8 +157,19 @@ def _width(node: fx.Node, fwd: dict[fx.Node, Vec]) -> int | None:
     return shape[1] if shape is not None and len(shape) >= 2 else None
 
 
+class _Tracer(fx.Tracer):
+    """Stops at masked modules and at custom layers (parameters of their own, none below them,
+    as timm's norm-act modules and Linear subclasses): traced through, their ``forward`` would
+    read the masked weight, which would become a constant of the graph."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if super().is_leaf_module(m, module_qualified_name) or masks.masked_names(m):
+            return True
+        return bool(m._parameters) and not any(c._parameters for c in m.modules() if c is not m)
+
+
 def _trace(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
-    graph_module = fx.symbolic_trace(model)
+    graph_module = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     if example_inputs is None:
         return graph_module
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -201,16 +213,17 @@ def active_weights(
     direct = {name: layer_weight(m) != 0 for name, m in layers.items()}
     if is_prunable(model):  # a single layer: every nonzero weight joins input and output
         return direct
-    try:
-        graph_module = _trace(model, example_inputs)
-    except Exception as error:  # any trace failure: report the direct masks
-        warnings.warn(
-            f"effective sparsity: torch.fx could not trace {type(model).__name__} ({error}); "
-            "counting every nonzero weight as active",
-            stacklevel=2,
-        )
-        return direct
-    return _sweep(graph_module, {m: n for n, m in layers.items()}, direct)
+    with untouched(model):
+        try:
+            graph_module = _trace(model, example_inputs)
+        except Exception as error:  # any trace failure: report the direct masks
+            warnings.warn(
+                f"effective sparsity: torch.fx could not trace {type(model).__name__} ({error}); "
+                "counting every nonzero weight as active",
+                stacklevel=2,
+            )
+            return direct
+        return _sweep(graph_module, {m: n for n, m in layers.items()}, direct)
 
 
 def _sweep(

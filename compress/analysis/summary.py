@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from compress.analysis.untouched import untouched
+
 
 @dataclass(frozen=True)
 class Statistics:
@@ -76,13 +78,9 @@ def _fmt(v: Any) -> str:
 def layer_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dict[str, int]:
     """MACs of each module (by name) for one forward pass, from torch's FLOP counter."""
     counter = FlopCounterMode(display=False)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), counter:
-            model(*example_inputs)
-    finally:
-        model.train(was_training)
+    with untouched(model), torch.no_grad(), counter:
+        model.eval()
+        model(*example_inputs)
     root = type(model).__name__
     out: dict[str, int] = {}
     for key, counts in counter.get_flop_counts().items():
