@@ -56,9 +56,7 @@ class RegBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 1, bias=False)
         self.bn1 = BatchNormAct2d(cout)
-        self.conv2 = nn.Conv2d(
-            cout, cout, 3, stride, 1, groups=cout // group_width, bias=False
-        )
+        self.conv2 = nn.Conv2d(cout, cout, 3, stride, 1, groups=cout // group_width, bias=False)
         self.bn2 = BatchNormAct2d(cout)
         self.se = SqueezeExcite(cout, cout // 4)
         self.conv3 = nn.Conv2d(cout, cout, 1, bias=False)

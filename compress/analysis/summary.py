@@ -41,6 +41,14 @@ class Statistics:
                         else algo["summary"]
                     )
                 )
+            if "prunable MACs share" in algo:
+                parts.append(
+                    f"Removable at most: {algo['prunable MACs share']:.1%} of MACs, "
+                    f"{algo['prunable params share']:.1%} of params"
+                )
+            if algo.get("excluded"):
+                parts.append("Groups of coupled channels left whole")
+                parts.append(table(algo["excluded"]))
         parts.append("Statistics of the model")
         parts.append(table([{"": k, "value": v} for k, v in self.model.items()]))
         return "\n".join(parts)
