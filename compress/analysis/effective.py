@@ -50,7 +50,14 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from compress import masks
-from compress.analysis.node_kinds import classify, is_layer, is_prunable, op_name, shape_of
+from compress.analysis.node_kinds import (
+    classify,
+    is_layer,
+    is_prunable,
+    is_transposed_linear,
+    op_name,
+    shape_of,
+)
 from compress.analysis.untouched import untouched
 
 Vec = torch.Tensor | None
@@ -75,15 +82,18 @@ def layer_weight(module: nn.Module) -> torch.Tensor:
 class _Layer:
     """The unit-level view of one layer: which (out, in) connections exist."""
 
-    nonzero: torch.Tensor  # weight != 0, weight-shaped
+    nonzero: torch.Tensor  # weight != 0, (out, in, ...)
     conn: torch.Tensor  # (out, in / groups): any nonzero kernel element
     groups: int
+    transposed: bool = False
 
     @classmethod
     def of(cls, module: nn.Module) -> _Layer:
         nonzero = layer_weight(module) != 0
+        if is_transposed_linear(module):
+            nonzero = nonzero.T
         conn = nonzero.flatten(2).any(2) if nonzero.dim() > 2 else nonzero
-        return cls(nonzero, conn, getattr(module, "groups", 1))
+        return cls(nonzero, conn, getattr(module, "groups", 1), is_transposed_linear(module))
 
     @property
     def in_width(self) -> int:
@@ -107,8 +117,10 @@ class _Layer:
         return edges.any(1).flatten()
 
     def active(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per weight, in the layer's own layout (``(in, out)`` for a transposed Linear)."""
         edges = self.conn & y[:, None] & self.per_weight_input(x)
-        return self.nonzero & edges.view(*edges.shape, *[1] * (self.nonzero.dim() - 2))
+        out = self.nonzero & edges.view(*edges.shape, *[1] * (self.nonzero.dim() - 2))
+        return out.T if self.transposed else out
 
 
 def _align(vec: Vec, width: int) -> torch.Tensor:
