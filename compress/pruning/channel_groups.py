@@ -199,7 +199,42 @@ def _item_members(
     raise _Skip(_UNSUPPORTED.get(node_type, f"{node_type.name} layer {name!r} is not mapped"))
 
 
-def _map_group(dg: tp.DependencyGraph, tp_group: tp.dependency.Group) -> tuple[list[Member], int]:
+def _head_dim(model: nn.Module, layer_name: str) -> int | None:
+    """The head size of the attention block ``layer_name`` projects for, read from its parent
+    (``head_dim`` in Llama and ViT, ``attention_head_size`` in BERT), or None."""
+    parent = layer_name.rpartition(".")[0]
+    try:
+        block = model.get_submodule(parent)
+    except AttributeError:
+        return None
+    for attr in ("head_dim", "attention_head_size"):
+        value = getattr(block, attr, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return None
+
+
+def _tie_heads(
+    model: nn.Module,
+    classes: _Classes,
+    raw: Sequence[tuple[str, str, int, Role, list[int], list[int]]],
+) -> None:
+    """Attention keeps or drops whole heads: the channels of one head of the projections become
+    one group channel, so q, k, v and the output projection's inputs lose the same heads and the
+    model's ``view(..., -1, head_dim)`` still splits them right (Torch-Pruning's ``num_heads``
+    grouping, read from the model instead of given by hand)."""
+    for mod_name, _, _, role, idxs, roots in raw:
+        head = _head_dim(model, mod_name) if role == "producer" else None
+        if head is None:
+            continue
+        for idx, root in zip(idxs, roots, strict=True):
+            first = roots[idxs.index(idx - idx % head)] if idx - idx % head in idxs else root
+            classes.union(first, root)
+
+
+def _map_group(
+    dg: tp.DependencyGraph, tp_group: tp.dependency.Group, model: nn.Module
+) -> tuple[list[Member], int]:
     """Maps one Torch-Pruning group to Members; raises _Skip when that is not possible."""
     root_size = len(tp_group[0].idxs)
     classes = _Classes(root_size)
@@ -227,6 +262,7 @@ def _map_group(dg: tp.DependencyGraph, tp_group: tp.dependency.Group) -> tuple[l
                 idxs = [i % (n // module.groups) for i in idxs]
         for mod_name, param, dim, role in _item_members(name, module, node.type, is_out, dg):
             raw.append((mod_name, param, dim, role, idxs, roots))
+    _tie_heads(model, classes, raw)
     labels, size = classes.labels()
     members: list[Member] = []
     for mod_name, param, dim, role, idxs, roots in raw:
@@ -377,7 +413,7 @@ def _build(
                 for item in tp_group.items
                 if dg.is_out_channel_pruning_fn(item.dep.handler)
             )
-            members, size = _map_group(dg, tp_group)
+            members, size = _map_group(dg, tp_group, clone)
             _check_flags(
                 clone,
                 members,
