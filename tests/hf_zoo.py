@@ -56,7 +56,14 @@ def gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        vocab_size=100, n_positions=16, n_embd=32, n_layer=2, n_head=4, use_cache=False
+        vocab_size=100,
+        n_positions=16,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        use_cache=False,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return GPT2LMHeadModel(config)
 

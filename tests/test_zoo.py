@@ -78,3 +78,79 @@ def test_stripped_hf_models_export_and_round_trip(name: str, tmp_path: Path) -> 
     paths = compress.export(plain, tmp_path / "m", ["pt2"], example_inputs=x)
     program = torch.export.load(paths["pt2"]).module()
     torch.testing.assert_close(logits(program(*x)), want, rtol=1e-4, atol=1e-4)
+
+
+def test_filter_pruning_removes_attention_heads_and_mlp_neurons() -> None:
+    torch.manual_seed(0)
+    zoo = ZOO["bert"]
+    model, x = zoo.build(), zoo.inputs()
+    recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5, "params": {"round_to": 1}}
+    with pytest.warns(UserWarning, match="can remove at most"):
+        ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
+    _train(ctrl, model, x)
+    want = _outputs(model, x)
+    small = ctrl.strip()
+    attention = small.bert.encoder.layer[0].attention
+    # 2 of 4 heads of 8 channels: q, k, v lose the same 16 outputs, the output layer its inputs
+    assert [attention.self.query.out_features, attention.self.key.out_features] == [16, 16]
+    assert attention.self.value.out_features == attention.output.dense.in_features == 16
+    assert small.bert.encoder.layer[0].intermediate.dense.out_features == 32
+    torch.testing.assert_close(_outputs(small, x), want, rtol=1e-5, atol=1e-5)
+    stats = ctrl.statistics().to_dict()["algorithms"][0]
+    assert 0.5 < stats["prunable MACs share"] < 1.0
+
+
+def test_stripped_hf_model_config_round_trips(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    zoo = ZOO["vit"]
+    model, x = zoo.build(), zoo.inputs()
+    recipe = {
+        "algorithm": "filter_pruning",
+        "pruning_init": 0.5,
+        "ignored_scopes": ["{re}.*attention.*"],
+        "params": {"round_to": 1},
+    }
+    ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
+    want = _outputs(model, x)
+    small = ctrl.strip()
+    assert small.config.intermediate_size == 32
+    small.save_pretrained(tmp_path / "hf")
+    again = type(small).from_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(_outputs(again, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_pruned_heads_the_config_cannot_describe_are_warned_of() -> None:
+    zoo = ZOO["vit"]
+    model, x = zoo.build(), zoo.inputs()
+    recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5, "params": {"round_to": 1}}
+    ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
+    with pytest.warns(UserWarning, match="save_pretrained will not rebuild"):
+        ctrl.strip()
+
+
+def test_gpt2_filter_pruning_says_it_prunes_nothing_and_strips() -> None:
+    zoo = ZOO["gpt2"]
+    model, x = zoo.build(), zoo.inputs()
+    recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5}
+    with pytest.warns(UserWarning, match=r"at most 0\.0% .*Conv1D layers are not pruned"):
+        ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
+    want = _outputs(model, x)
+    torch.testing.assert_close(_outputs(ctrl.strip(), x), want)
+    # the tied embedding and output layer count once
+    stats = ctrl.algorithms[0].statistics()
+    assert stats["summary"][1]["full"] == stats["summary"][1]["current"]
+    assert stats["summary"][1]["full"] == sum(p.numel() for p in model.parameters())
+
+
+def test_a_trace_that_never_ends_stops_at_the_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    import compress.pruning.channel_groups as channel_groups
+
+    def endless(model: torch.nn.Module, inputs: object) -> None:
+        while True:
+            pass
+
+    monkeypatch.setattr(channel_groups, "dependency_graph", endless)
+    zoo = ZOO["bert"]
+    recipe = {"algorithm": "filter_pruning", "params": {"trace_time_budget": 0.2}}
+    with pytest.raises(compress.CompressError, match="BertForSequenceClassification within 0.2 s"):
+        compress.create_compressed_model(zoo.build(), {"compression": recipe}, zoo.inputs())

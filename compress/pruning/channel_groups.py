@@ -74,7 +74,8 @@ class Excluded:
     ``kind`` is one of ``first conv``, ``downsample conv``, ``out of scope`` (the options exclude
     it), ``network output`` (its channels are outputs of the model), ``not mapped`` (a norm or
     attention coupling whose masking would not equal removal), ``not exact`` (the numerical check
-    failed), ``overlap``, ``trace failure``, ``single channel``.
+    failed), ``overlap``, ``trace failure``, ``single channel``, ``unsupported layer`` (a matrix
+    layer of another type, such as transformers' ``Conv1D``).
     """
 
     group: str
@@ -440,6 +441,15 @@ def _build(
             groups.append(ChannelGroup(name, size, tuple(members), prune_batch_norms))
         else:
             excluded.append(Excluded(name, "single channel", "one channel: nothing to remove"))
+    for name, module in clone.named_modules():
+        weight = module._parameters.get("weight")
+        if (
+            isinstance(weight, torch.Tensor)
+            and weight.dim() == 2
+            and not isinstance(module, (nn.Linear, nn.Embedding, nn.EmbeddingBag))
+        ):
+            detail = f"{type(module).__name__} layers are not pruned by filter pruning"
+            excluded.append(Excluded(name, "unsupported layer", detail))
     if validate:
         n_problems, found = len(problems), groups
         groups = exact_groups(clone, found, example_inputs, problems)

@@ -55,12 +55,12 @@ def coverage_warning(
     """The build-time warning: what share filter pruning may remove and what it leaves whole;
     None when nothing is excluded for a reason the user could act on or should know."""
     loud = [r for r in exclusion_rows(excluded) if r["excluded because"] not in _QUIET]
-    if not loud:
+    if not loud and macs_share + params_share > 0:
         return None
     kinds = Counter(r["excluded because"] for r in loud)
     listed = "; ".join(
-        f"{r['group']} ({r['excluded because']}"
-        + (f", {r['would change it']} would include it" if r["would change it"] else "")
+        f"{r['group']} ({r['excluded because']}: "
+        + (f"{r['would change it']} would include it" if r["would change it"] else r["detail"])
         + ")"
         for r in loud[:8]
     )

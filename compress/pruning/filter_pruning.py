@@ -30,6 +30,7 @@ from compress.analysis.summary import layer_macs
 from compress.errors import CompressError, ConfigError
 from compress.pruning.channel_groups import Excluded, build_groups
 from compress.pruning.coverage import check_reachable, coverage_warning, exclusion_rows
+from compress.pruning.hf_config import update_config, widths
 from compress.pruning.importance import FILTER_IMPORTANCE, feature_map_nuclear_norms
 from compress.pruning.structured import (
     INPUT_OWNER,
@@ -459,7 +460,9 @@ class FilterPruning(Algorithm):
         device = next(model.parameters()).device
         inputs = tuple(t.to(device) for t in self.example_inputs or ())
         pruned = {n: k for n, k in self.keep.items() if not k.all()}
+        before = widths(model)
         small = shrink(model, self.groups, pruned, example_inputs=inputs)
+        update_config(small, before)  # a Hugging Face model's config states its widths
         plan = pruning_plan(self.groups, self.keep)
         setattr(small, "compress_pruning_plan", plan)  # noqa: B010  (mypy: nn.Module attrs are tensors)
         return small
