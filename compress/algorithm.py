@@ -23,6 +23,19 @@ SPARSIFIABLE: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
 )
+"""Layer types always sparsified; :func:`is_sparsifiable` adds matrix layers of other types."""
+
+
+def is_sparsifiable(module: nn.Module, *, embeddings: bool = False) -> bool:
+    """A Linear or conv layer, or any other module whose ``weight`` is a matrix parameter (say
+    ``transformers.pytorch_utils.Conv1D``, which stores it transposed: magnitudes do not care).
+    Embedding tables count only with ``embeddings``: their rows are looked up, not multiplied."""
+    if isinstance(module, SPARSIFIABLE):
+        return True
+    param = module._parameters.get("weight")
+    if not isinstance(param, torch.Tensor) or param.dim() != 2:
+        return False
+    return embeddings or not isinstance(module, (nn.Embedding, nn.EmbeddingBag))
 
 
 class Algorithm:
@@ -92,17 +105,23 @@ def sparsity_event(algo: Algorithm, frozen: bool, per_step: bool) -> str:
 
 
 def weight_layers(model: nn.Module, cfg: AlgorithmConfig) -> list[tuple[str, nn.Module]]:
-    """The layers a sparsity algorithm masks: Linear and conv layers allowed by the scopes,
-    one entry per distinct weight (a weight tied between modules is listed once)."""
+    """The layers a sparsity algorithm masks: Linear, conv and other matrix layers allowed by
+    the scopes, one entry per distinct weight (a weight tied between modules is listed once).
+    An Embedding is masked only when ``target_scopes`` names it."""
     opts = cfg.options
-    layers = scopes.select(
-        model,
-        SPARSIFIABLE,
-        ignored=opts.get("ignored_scopes"),
-        target=opts.get("target_scopes"),
-        validate=opts.get("validate_scopes", True),
-        path=cfg.path,
-    )
+    target = opts.get("target_scopes")
+    layers = [
+        (name, module)
+        for name, module in scopes.select(
+            model,
+            (nn.Module,),
+            ignored=opts.get("ignored_scopes"),
+            target=target,
+            validate=opts.get("validate_scopes", True),
+            path=cfg.path,
+        )
+        if is_sparsifiable(module, embeddings=bool(target))
+    ]
     if not layers:
         raise ConfigError(
             f"{cfg.path}: no layer to compress: the model has no Linear or Conv layer "

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from compress import masks
-from compress.algorithm import SPARSIFIABLE, Algorithm
+from compress.algorithm import Algorithm, is_sparsifiable
 from compress.algorithms import ALGORITHMS
 from compress.analysis.effective import active_weights
 from compress.analysis.summary import Statistics, model_summary
@@ -69,7 +69,7 @@ class CompressionController:
         weights = {
             name: masks.effective(module, "weight")
             for name, module, pname, _ in masks.iter_masked(self.model)
-            if pname == "weight" and isinstance(module, SPARSIFIABLE)
+            if pname == "weight" and is_sparsifiable(module, embeddings=True)
         }
         summary = model_summary(self.model, self.example_inputs, weights)
         if weights:

@@ -99,7 +99,13 @@ def test_baseline_and_exponential_with_bias_boundaries() -> None:
 
     model, x = wide()
     ctrl, algo = compressed(
-        model, x, init=0.1, pruning_target=0.5, schedule="exponential_with_bias", pruning_steps=8
+        model,
+        x,
+        init=0.1,
+        pruning_target=0.5,
+        schedule="exponential_with_bias",
+        pruning_steps=8,
+        **ALL,
     )
     levels = []
     for _ in range(10):

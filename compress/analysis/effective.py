@@ -50,7 +50,15 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from compress import masks
-from compress.analysis.node_kinds import classify, is_layer, is_prunable, op_name, shape_of
+from compress.analysis.node_kinds import (
+    classify,
+    is_layer,
+    is_prunable,
+    is_transposed_linear,
+    op_name,
+    shape_of,
+)
+from compress.analysis.untouched import untouched
 
 Vec = torch.Tensor | None
 """Liveness of a tensor's channels: a 1-D bool tensor, or None for "all alive, width unknown"."""
@@ -74,15 +82,18 @@ def layer_weight(module: nn.Module) -> torch.Tensor:
 class _Layer:
     """The unit-level view of one layer: which (out, in) connections exist."""
 
-    nonzero: torch.Tensor  # weight != 0, weight-shaped
+    nonzero: torch.Tensor  # weight != 0, (out, in, ...)
     conn: torch.Tensor  # (out, in / groups): any nonzero kernel element
     groups: int
+    transposed: bool = False
 
     @classmethod
     def of(cls, module: nn.Module) -> _Layer:
         nonzero = layer_weight(module) != 0
+        if is_transposed_linear(module):
+            nonzero = nonzero.T
         conn = nonzero.flatten(2).any(2) if nonzero.dim() > 2 else nonzero
-        return cls(nonzero, conn, getattr(module, "groups", 1))
+        return cls(nonzero, conn, getattr(module, "groups", 1), is_transposed_linear(module))
 
     @property
     def in_width(self) -> int:
@@ -106,8 +117,10 @@ class _Layer:
         return edges.any(1).flatten()
 
     def active(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per weight, in the layer's own layout (``(in, out)`` for a transposed Linear)."""
         edges = self.conn & y[:, None] & self.per_weight_input(x)
-        return self.nonzero & edges.view(*edges.shape, *[1] * (self.nonzero.dim() - 2))
+        out = self.nonzero & edges.view(*edges.shape, *[1] * (self.nonzero.dim() - 2))
+        return out.T if self.transposed else out
 
 
 def _align(vec: Vec, width: int) -> torch.Tensor:
@@ -156,8 +169,19 @@ def _width(node: fx.Node, fwd: dict[fx.Node, Vec]) -> int | None:
     return shape[1] if shape is not None and len(shape) >= 2 else None
 
 
+class _Tracer(fx.Tracer):
+    """Stops at masked modules and at custom layers (parameters of their own, none below them,
+    as timm's norm-act modules and Linear subclasses): traced through, their ``forward`` would
+    read the masked weight, which would become a constant of the graph."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if super().is_leaf_module(m, module_qualified_name) or masks.masked_names(m):
+            return True
+        return bool(m._parameters) and not any(c._parameters for c in m.modules() if c is not m)
+
+
 def _trace(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
-    graph_module = fx.symbolic_trace(model)
+    graph_module = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     if example_inputs is None:
         return graph_module
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -201,16 +225,17 @@ def active_weights(
     direct = {name: layer_weight(m) != 0 for name, m in layers.items()}
     if is_prunable(model):  # a single layer: every nonzero weight joins input and output
         return direct
-    try:
-        graph_module = _trace(model, example_inputs)
-    except Exception as error:  # any trace failure: report the direct masks
-        warnings.warn(
-            f"effective sparsity: torch.fx could not trace {type(model).__name__} ({error}); "
-            "counting every nonzero weight as active",
-            stacklevel=2,
-        )
-        return direct
-    return _sweep(graph_module, {m: n for n, m in layers.items()}, direct)
+    with untouched(model):
+        try:
+            graph_module = _trace(model, example_inputs)
+        except Exception as error:  # any trace failure: report the direct masks
+            warnings.warn(
+                f"effective sparsity: torch.fx could not trace {type(model).__name__} ({error}); "
+                "counting every nonzero weight as active",
+                stacklevel=2,
+            )
+            return direct
+        return _sweep(graph_module, {m: n for n, m in layers.items()}, direct)
 
 
 def _sweep(

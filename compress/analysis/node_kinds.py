@@ -9,6 +9,7 @@ live input makes every output live: LayerNorm, GroupNorm, softmax), ``cat`` (cha
 from __future__ import annotations
 
 import operator
+import sys
 from typing import Any
 
 import torch
@@ -57,9 +58,18 @@ _NO_INFO_FUNCTIONS = {getattr, len}  # shapes, dtypes: nothing that flows from t
 _NO_INFO_METHODS = {"size", "dim", "numel"}
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """``transformers.pytorch_utils.Conv1D``: a Linear whose weight is stored ``(in, out)``.
+    Looked up among loaded modules: a model that holds one has imported transformers."""
+    hf = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(hf, "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
+
 def is_prunable(module: nn.Module) -> bool:
     weight = module._parameters.get("weight")
-    return isinstance(module, PRUNABLE) and isinstance(weight, torch.Tensor)
+    layer = isinstance(module, PRUNABLE) or is_transposed_linear(module)
+    return layer and isinstance(weight, torch.Tensor)
 
 
 def shape_of(node: Any) -> tuple[int, ...] | None:

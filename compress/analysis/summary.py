@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from compress.analysis.untouched import untouched
+
 
 @dataclass(frozen=True)
 class Statistics:
@@ -39,6 +41,14 @@ class Statistics:
                         else algo["summary"]
                     )
                 )
+            if "prunable MACs share" in algo:
+                parts.append(
+                    f"Removable at most: {algo['prunable MACs share']:.1%} of MACs, "
+                    f"{algo['prunable params share']:.1%} of params"
+                )
+            if algo.get("excluded"):
+                parts.append("Groups of coupled channels left whole")
+                parts.append(table(algo["excluded"]))
         parts.append("Statistics of the model")
         parts.append(table([{"": k, "value": v} for k, v in self.model.items()]))
         return "\n".join(parts)
@@ -76,13 +86,9 @@ def _fmt(v: Any) -> str:
 def layer_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dict[str, int]:
     """MACs of each module (by name) for one forward pass, from torch's FLOP counter."""
     counter = FlopCounterMode(display=False)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), counter:
-            model(*example_inputs)
-    finally:
-        model.train(was_training)
+    with untouched(model), torch.no_grad(), counter:
+        model.eval()
+        model(*example_inputs)
     root = type(model).__name__
     out: dict[str, int] = {}
     for key, counts in counter.get_flop_counts().items():

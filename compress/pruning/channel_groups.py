@@ -23,12 +23,15 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from compress import masks
+from compress.errors import CompressError
+from compress.pruning.deadline import TimeBudgetExceeded, deadline
 from compress.pruning.structured import (
     ChannelGroup,
     Inputs,
@@ -38,7 +41,7 @@ from compress.pruning.structured import (
     exact_groups,
 )
 
-__all__ = ["build_groups"]
+__all__ = ["Excluded", "build_groups"]
 
 Layer = nn.modules.conv._ConvNd | nn.Linear
 """The layers a group can be built around; ``prunable`` of :func:`build_groups` picks among them."""
@@ -64,12 +67,29 @@ _UNSUPPORTED = {
 }
 
 
+@dataclass(frozen=True)
+class Excluded:
+    """A set of coupled channels that is left whole, and why.
+
+    ``kind`` is one of ``first conv``, ``downsample conv``, ``out of scope`` (the options exclude
+    it), ``network output`` (its channels are outputs of the model), ``not mapped`` (a norm or
+    attention coupling whose masking would not equal removal), ``not exact`` (the numerical check
+    failed), ``overlap``, ``trace failure``, ``single channel``, ``unsupported layer`` (a matrix
+    layer of another type, such as transformers' ``Conv1D``).
+    """
+
+    group: str
+    kind: str
+    detail: str
+
+
 class _Skip(Exception):
     """A group that is left out on purpose; ``warn`` says whether the user should hear of it."""
 
-    def __init__(self, reason: str, *, warn: bool = True) -> None:
+    def __init__(self, reason: str, *, warn: bool = True, kind: str = "not mapped") -> None:
         super().__init__(reason)
         self.warn = warn
+        self.kind = kind
 
 
 def _bare_copy(model: nn.Module) -> nn.Module:
@@ -180,7 +200,42 @@ def _item_members(
     raise _Skip(_UNSUPPORTED.get(node_type, f"{node_type.name} layer {name!r} is not mapped"))
 
 
-def _map_group(dg: tp.DependencyGraph, tp_group: tp.dependency.Group) -> tuple[list[Member], int]:
+def _head_dim(model: nn.Module, layer_name: str) -> int | None:
+    """The head size of the attention block ``layer_name`` projects for, read from its parent
+    (``head_dim`` in Llama and ViT, ``attention_head_size`` in BERT), or None."""
+    parent = layer_name.rpartition(".")[0]
+    try:
+        block = model.get_submodule(parent)
+    except AttributeError:
+        return None
+    for attr in ("head_dim", "attention_head_size"):
+        value = getattr(block, attr, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return None
+
+
+def _tie_heads(
+    model: nn.Module,
+    classes: _Classes,
+    raw: Sequence[tuple[str, str, int, Role, list[int], list[int]]],
+) -> None:
+    """Attention keeps or drops whole heads: the channels of one head of the projections become
+    one group channel, so q, k, v and the output projection's inputs lose the same heads and the
+    model's ``view(..., -1, head_dim)`` still splits them right (Torch-Pruning's ``num_heads``
+    grouping, read from the model instead of given by hand)."""
+    for mod_name, _, _, role, idxs, roots in raw:
+        head = _head_dim(model, mod_name) if role == "producer" else None
+        if head is None:
+            continue
+        for idx, root in zip(idxs, roots, strict=True):
+            first = roots[idxs.index(idx - idx % head)] if idx - idx % head in idxs else root
+            classes.union(first, root)
+
+
+def _map_group(
+    dg: tp.DependencyGraph, tp_group: tp.dependency.Group, model: nn.Module
+) -> tuple[list[Member], int]:
     """Maps one Torch-Pruning group to Members; raises _Skip when that is not possible."""
     root_size = len(tp_group[0].idxs)
     classes = _Classes(root_size)
@@ -189,10 +244,10 @@ def _map_group(dg: tp.DependencyGraph, tp_group: tp.dependency.Group) -> tuple[l
         node = item.dep.target
         module, idxs, roots = node.module, list(item.idxs), list(item.root_idxs)
         if node.type == _OPS.OUTPUT:
-            raise _Skip("its channels are network outputs", warn=False)
+            raise _Skip("its channels are network outputs", warn=False, kind="network output")
         if node.type in _ROUTING:
             if not node.outputs:
-                raise _Skip("its channels are network outputs", warn=False)
+                raise _Skip("its channels are network outputs", warn=False, kind="network output")
             continue
         if any(r < 0 or r >= root_size for r in roots):
             raise _Skip(f"root index outside the root layer at {node.name}")
@@ -200,7 +255,7 @@ def _map_group(dg: tp.DependencyGraph, tp_group: tp.dependency.Group) -> tuple[l
         is_out = dg.is_out_channel_pruning_fn(item.dep.handler)
         consumer = node.type in (_OPS.CONV, _OPS.LINEAR) and not is_out
         if not consumer and not node.outputs:
-            raise _Skip("its channels are network outputs", warn=False)
+            raise _Skip("its channels are network outputs", warn=False, kind="network output")
         if node.type == _OPS.CONV and module.groups > 1:
             n = module.out_channels if is_out else module.in_channels
             _tie_grouped_conv(classes, module, idxs, roots, n)
@@ -208,6 +263,7 @@ def _map_group(dg: tp.DependencyGraph, tp_group: tp.dependency.Group) -> tuple[l
                 idxs = [i % (n // module.groups) for i in idxs]
         for mod_name, param, dim, role in _item_members(name, module, node.type, is_out, dg):
             raw.append((mod_name, param, dim, role, idxs, roots))
+    _tie_heads(model, classes, raw)
     labels, size = classes.labels()
     members: list[Member] = []
     for mod_name, param, dim, role, idxs, roots in raw:
@@ -234,17 +290,19 @@ def _check_flags(
     """Raises a silent _Skip when the user's options exclude the group (NNCF semantics)."""
     for name, module in _producer_modules(model, members):
         if _is_named(name, ignored):
-            raise _Skip(f"{name!r} is ignored", warn=False)
+            raise _Skip(
+                f"coupled to {name!r}, which is out of scope", warn=False, kind="out of scope"
+            )
         if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
             if not isinstance(module, prunable):
-                raise _Skip(f"{name!r} is not a prunable type", warn=False)
+                raise _Skip(f"{name!r} is not a prunable type", warn=False, kind="out of scope")
         if not isinstance(module, nn.modules.conv._ConvNd):
             continue
         if not prune_first_conv and module in input_convs:
-            raise _Skip(f"{name!r} is the first conv", warn=False)
+            raise _Skip(f"{name!r} is the first conv", warn=False, kind="first conv")
         depthwise = module.groups == module.out_channels and module.groups > 1
         if not prune_downsample_convs and not depthwise and max(module.stride) > 1:
-            raise _Skip(f"{name!r} is a downsample conv", warn=False)
+            raise _Skip(f"{name!r} is a downsample conv", warn=False, kind="downsample conv")
 
 
 def build_groups(
@@ -257,6 +315,8 @@ def build_groups(
     prune_batch_norms: bool = True,
     prunable: tuple[type[Layer], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear),
     validate: bool = True,
+    time_budget: float | None = None,
+    excluded: list[Excluded] | None = None,
 ) -> list[ChannelGroup]:
     """One :class:`ChannelGroup` per set of coupled output channels that may be pruned.
 
@@ -274,18 +334,62 @@ def build_groups(
     one copy and removed in another, and a group whose removal crashes or changes the output
     (hand-written attention whose heads come from ``view``, say) is left out the same way.
 
+    Every group left out, warned of or not, is appended to ``excluded`` with its reason. The
+    trace and the group search stop with a ``CompressError`` after ``time_budget`` seconds.
+
     Example:
         >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 2))
         >>> x = torch.randn(1, 3, 8, 8)
         >>> [(g.name, g.size) for g in build_groups(m, x, prune_first_conv=True)]
         [('0', 8)]
     """
+    out = [] if excluded is None else excluded
+    try:
+        with deadline(time_budget):
+            return _build(
+                model,
+                example_inputs,
+                ignored=ignored,
+                prune_first_conv=prune_first_conv,
+                prune_downsample_convs=prune_downsample_convs,
+                prune_batch_norms=prune_batch_norms,
+                prunable=prunable,
+                validate=validate,
+                excluded=out,
+            )
+    except TimeBudgetExceeded:
+        raise CompressError(
+            f"Torch-Pruning did not finish tracing {type(model).__name__} within "
+            f"{time_budget:g} s (filter_pruning params.trace_time_budget): some graphs make its "
+            "group search explode; exclude the blocks it cannot handle with ignored_scopes, or "
+            "raise the budget"
+        ) from None
+
+
+def _build(
+    model: nn.Module,
+    example_inputs: Inputs,
+    *,
+    ignored: Collection[str],
+    prune_first_conv: bool,
+    prune_downsample_convs: bool,
+    prune_batch_norms: bool,
+    prunable: tuple[type[Layer], ...],
+    validate: bool,
+    excluded: list[Excluded],
+) -> list[ChannelGroup]:
     clone = _bare_copy(model)
     try:
         dg = dependency_graph(clone, example_inputs)
+    except TimeBudgetExceeded:
+        raise
     except Exception as err:  # noqa: BLE001 - any tracing failure means "nothing to prune"
+        reason = f"{type(err).__name__}: {err}"
+        excluded.append(Excluded("", "trace failure", reason))
         warnings.warn(
-            f"Torch-Pruning could not trace the model, no channel groups: {err}", stacklevel=2
+            f"Torch-Pruning could not trace {type(model).__name__} ({reason}): filter pruning "
+            "finds no channel groups and prunes nothing",
+            stacklevel=3,
         )
         return []
     input_convs = _input_convs(dg)
@@ -297,6 +401,7 @@ def build_groups(
         if module in visited or module not in dg.module2node or not isinstance(module, prunable):
             continue
         if _is_named(name, ignored):
+            excluded.append(Excluded(name, "out of scope", f"{name!r} is out of scope"))
             continue
         try:
             tp_group = dg.get_pruning_group(
@@ -309,7 +414,7 @@ def build_groups(
                 for item in tp_group.items
                 if dg.is_out_channel_pruning_fn(item.dep.handler)
             )
-            members, size = _map_group(dg, tp_group)
+            members, size = _map_group(dg, tp_group, clone)
             _check_flags(
                 clone,
                 members,
@@ -321,19 +426,39 @@ def build_groups(
             )
             _claim(claimed, members)
         except _Skip as skip:
+            excluded.append(Excluded(name, skip.kind, str(skip)))
             if skip.warn:
                 problems.append(f"group {name!r}: {skip}")
             continue
+        except TimeBudgetExceeded:
+            raise
         except Exception as err:  # noqa: BLE001 - Torch-Pruning failures must not crash training
-            problems.append(f"group {name!r}: Torch-Pruning failed ({type(err).__name__}: {err})")
+            reason = f"Torch-Pruning failed ({type(err).__name__}: {err})"
+            excluded.append(Excluded(name, "trace failure", reason))
+            problems.append(f"group {name!r}: {reason}")
             continue
         if size > 1:
             groups.append(ChannelGroup(name, size, tuple(members), prune_batch_norms))
+        else:
+            excluded.append(Excluded(name, "single channel", "one channel: nothing to remove"))
+    for name, module in clone.named_modules():
+        weight = module._parameters.get("weight")
+        if (
+            isinstance(weight, torch.Tensor)
+            and weight.dim() == 2
+            and not isinstance(module, (nn.Linear, nn.Embedding, nn.EmbeddingBag))
+        ):
+            detail = f"{type(module).__name__} layers are not pruned by filter pruning"
+            excluded.append(Excluded(name, "unsupported layer", detail))
     if validate:
-        groups = exact_groups(clone, groups, example_inputs, problems)
+        n_problems, found = len(problems), groups
+        groups = exact_groups(clone, found, example_inputs, problems)
+        dropped = [g.name for g in found if g not in groups]
+        for name, problem in zip(dropped, problems[n_problems:], strict=True):
+            excluded.append(Excluded(name, "not exact", problem))
     if problems:
         warnings.warn(
-            "These channel groups are left unpruned: " + "; ".join(problems), stacklevel=2
+            "These channel groups are left unpruned: " + "; ".join(problems), stacklevel=3
         )
     return groups
 
@@ -353,5 +478,5 @@ def _claim(claimed: set[tuple[str, str, int, int]], members: Sequence[Member]) -
         for i in m.index
     }
     if keys & claimed:
-        raise _Skip("its output channels overlap another group")
+        raise _Skip("its output channels overlap another group", kind="overlap")
     claimed.update(keys)

@@ -17,6 +17,7 @@ ratio that removes it is found by bisection on MACs counted from the kept widths
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -27,7 +28,9 @@ from compress import masks
 from compress.algorithm import Algorithm, weight, weight_layers
 from compress.analysis.summary import layer_macs
 from compress.errors import CompressError, ConfigError
-from compress.pruning.channel_groups import build_groups
+from compress.pruning.channel_groups import Excluded, build_groups
+from compress.pruning.coverage import check_reachable, coverage_warning, exclusion_rows
+from compress.pruning.hf_config import update_config, widths
 from compress.pruning.importance import FILTER_IMPORTANCE, feature_map_nuclear_norms
 from compress.pruning.structured import (
     INPUT_OWNER,
@@ -35,6 +38,7 @@ from compress.pruning.structured import (
     ChannelGroup,
     Member,
     apply_channel_mask,
+    distinct_numel,
     pruning_plan,
     round_keep,
     shrink,
@@ -77,6 +81,8 @@ class FilterPruning(Algorithm):
         self.full_macs = macs.get("", sum(macs.values()))
         self.layer_macs = {n: macs.get(n, 0) for n in self._weight_layers()}
         self.full_params = sum(p.numel() for p in model.parameters())
+        self.rounded_whole: list[str] = []  # groups whose rounding keeps every channel now
+        self._check_coverage()
         self.update(False)
 
     # --- construction ----------------------------------------------------------------------
@@ -84,6 +90,7 @@ class FilterPruning(Algorithm):
     def _build_groups(self) -> list[ChannelGroup]:
         """Groups whose producers the scopes allow; the others stay whole."""
         opts, p = self.cfg.options, self.params
+        self.excluded: list[Excluded] = []
         allowed = scopes.select(
             self.model,
             _LAYERS,
@@ -101,6 +108,35 @@ class FilterPruning(Algorithm):
             prune_first_conv=p["prune_first_conv"],
             prune_downsample_convs=p["prune_downsample_convs"],
             prune_batch_norms=p["prune_batch_norms"],
+            time_budget=p.get("trace_time_budget"),
+            excluded=self.excluded,
+        )
+
+    def _check_coverage(self) -> None:
+        """Groups that rounding keeps whole at the target level join ``excluded``; a recipe
+        that can prune nothing is a ConfigError, one that leaves groups whole a warning."""
+        round_to = self.params["round_to"]
+        for g in self.groups:
+            n = g.size - math.floor(self.target * g.size + 1e-9)
+            if n < g.size and round_keep(g.size, n, round_to, g.unit) == g.size:
+                detail = f"{g.size * g.unit} channels with round_to {round_to} keep all"
+                self.excluded.append(Excluded(g.name, "rounding", detail))
+        rounded = {e.group for e in self.excluded if e.kind == "rounding"}
+        fixed = set(self.explicit) | set(self.ratios)
+        reachable = [g for g in self.groups if g.name not in rounded or g.name in fixed]
+        check_reachable(self.cfg.path, len(reachable), self.excluded)
+        self.macs_share, self.params_share = self._removable()
+        message = coverage_warning(self.macs_share, self.params_share, self.excluded)
+        if message:
+            warnings.warn(message, stacklevel=5)
+
+    def _removable(self) -> tuple[float, float]:
+        """The share of MACs and params that pruning every group down to one channel removes."""
+        least = {g.name: torch.arange(g.size) == 0 for g in self.groups}
+        macs, params = self.macs_params(least)
+        return (
+            1.0 - macs / self.full_macs if self.full_macs else 0.0,
+            1.0 - params / self.full_params if self.full_params else 0.0,
         )
 
     def _layers(self) -> dict[str, tuple[ChannelGroup, Member]]:
@@ -303,12 +339,16 @@ class FilterPruning(Algorithm):
             counts = {g.name: g.size - math.floor(ratio * g.size + 1e-9) for g in scored}
         else:
             counts = _global_counts(scored, scores, ratio, slamp=allocation == "slamp")
+        self.rounded_whole = []
         for g in scored:
-            keep[g.name] = _top(scores[g.name], round_keep(g.size, counts[g.name], round_to))
+            n = round_keep(g.size, counts[g.name], round_to, g.unit)
+            if n == g.size > counts[g.name]:
+                self.rounded_whole.append(g.name)
+            keep[g.name] = _top(scores[g.name], n)
         for name, target in self.ratios.items():
             g = next(g for g in self.groups if g.name == name)
             level = self._scheduled(target, epoch)
-            n = round_keep(g.size, g.size - math.floor(level * g.size + 1e-9), round_to)
+            n = round_keep(g.size, g.size - math.floor(level * g.size + 1e-9), round_to, g.unit)
             keep[name] = _top(scores[name], n)
         for name, k in self.explicit.items():
             keep[name] = k.clone() if started else torch.ones_like(k)
@@ -323,7 +363,7 @@ class FilterPruning(Algorithm):
         saved = 0.0
         for name, macs in self.layer_macs.items():
             saved += macs * (1.0 - numel[f"{name}.weight"] / self._weight(name).numel())
-        return round(self.full_macs - saved), sum(numel.values())
+        return round(self.full_macs - saved), distinct_numel(self.model, numel)
 
     def _flops_ratio(
         self, fraction: float, scores: Mapping[str, torch.Tensor], epoch: float
@@ -375,7 +415,15 @@ class FilterPruning(Algorithm):
         out = {"algorithm": self.name, "level": self.current, "frozen": self.frozen}
         if self.flops_target:
             out["filter ratio"] = self.ratio
-        return {**out, "layers": rows, "summary": summary}
+        out["prunable MACs share"] = self.macs_share
+        out["prunable params share"] = self.params_share
+        out["rounded whole"] = list(self.rounded_whole)
+        return {
+            **out,
+            "layers": rows,
+            "summary": summary,
+            "excluded": exclusion_rows(self.excluded),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -412,7 +460,9 @@ class FilterPruning(Algorithm):
         device = next(model.parameters()).device
         inputs = tuple(t.to(device) for t in self.example_inputs or ())
         pruned = {n: k for n, k in self.keep.items() if not k.all()}
+        before = widths(model)
         small = shrink(model, self.groups, pruned, example_inputs=inputs)
+        update_config(small, before)  # a Hugging Face model's config states its widths
         plan = pruning_plan(self.groups, self.keep)
         setattr(small, "compress_pruning_plan", plan)  # noqa: B010  (mypy: nn.Module attrs are tensors)
         return small

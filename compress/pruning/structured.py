@@ -46,6 +46,7 @@ __all__ = [
     "apply_channel_mask",
     "channel_norms",
     "count_macs_params",
+    "distinct_numel",
     "group_weights",
     "pruning_plan",
     "round_keep",
@@ -105,6 +106,12 @@ class ChannelGroup:
         """The root layer's out-dim weight: its positions are the ones Torch-Pruning prunes."""
         return self.members[0]
 
+    @property
+    def unit(self) -> int:
+        """Channels of the root layer per group channel: 1, or more when a group channel stands
+        for a channel in every conv group of a grouped conv (or a whole attention head)."""
+        return max(len(self.root.index) // self.size, 1)
+
 
 def as_tuple(example_inputs: Inputs) -> tuple[torch.Tensor, ...]:
     """The positional arguments of one forward pass."""
@@ -112,12 +119,18 @@ def as_tuple(example_inputs: Inputs) -> tuple[torch.Tensor, ...]:
 
 
 def dependency_graph(model: nn.Module, example_inputs: Inputs) -> tp.DependencyGraph:
-    """Torch-Pruning's ``DependencyGraph`` of ``model``; pass a copy, tracing calls ``eval()``."""
+    """Torch-Pruning's ``DependencyGraph`` of ``model``; pass a copy, tracing calls ``eval()``.
+
+    The graph is traced back from every tensor of the output that has a gradient, so outputs
+    that are dicts or dataclasses holding caches (Hugging Face's ``ModelOutput``) trace too."""
     inputs = as_tuple(example_inputs)
     with torch.enable_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Torch-Pruning's own notices; we report what matters
         return tp.DependencyGraph().build_dependency(
-            model, inputs, forward_fn=lambda m, x: m(*x), verbose=False
+            model,
+            inputs,
+            forward_fn=lambda m, x: [t for t in _leaves(m(*x)) if t.grad_fn is not None],
+            verbose=False,
         )
 
 
@@ -208,11 +221,12 @@ def shrink(
     """
     small = copy.deepcopy(model)
     masks.fold(small)
+    pruned = [g for g in groups if g.name in keep and not _check_keep(g, keep[g.name]).all()]
+    if not pruned:  # nothing to remove: no trace (a model Torch-Pruning cannot trace strips too)
+        return small
     was_training = small.training
     dg = dependency_graph(small, example_inputs)
-    for group in groups:
-        if group.name not in keep:
-            continue
+    for group in pruned:
         _prune_group(dg, small, group, _check_keep(group, keep[group.name]))
     small.train(was_training)
     return small
@@ -285,7 +299,7 @@ def _max_rel_error(want: object, got: object) -> float:
 
 def _leaves(out: object) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
-        return [out.float()]
+        return [out if out.is_floating_point() else out.float()]
     if isinstance(out, Mapping):
         return [t for v in out.values() for t in _leaves(v)]
     if isinstance(out, (list, tuple)):
@@ -313,22 +327,30 @@ def exact_groups(
     return exact
 
 
-def round_keep(size: int, n_keep: int, round_to: int = 8) -> int:
+def round_keep(size: int, n_keep: int, round_to: int = 8, unit: int = 1) -> int:
     """Hardware-friendly kept width, as NNCF rounds filter counts.
 
     For a layer at least ``round_to`` wide, ``n_keep`` goes to the nearest multiple of
     ``round_to`` (halves round up), never below ``round_to`` and never above ``size``. Narrower
     layers, and ``round_to <= 1``, only clamp to ``[1, size]``. Never returns 0.
 
+    ``unit`` is the number of layer channels one group channel stands for (a grouped conv keeps
+    the same offset in each of its conv groups, a head is ``head_dim`` channels): the rounding
+    is then of ``n_keep * unit`` channels, so a grouped conv of group width 8 with 4 conv groups
+    rounds its 8 group channels to multiples of 2, not 8, and rounding cannot undo the pruning.
+
     Example:
         >>> round_keep(64, 29, 8), round_keep(64, 3, 8), round_keep(20, 20, 8), round_keep(6, 0, 8)
         (32, 8, 20, 1)
+        >>> round_keep(8, 4, 8), round_keep(8, 4, 8, unit=4), round_keep(8, 3, 8, unit=8)
+        (8, 4, 3)
     """
     n_keep = min(max(n_keep, 1), size)
-    if round_to <= 1 or size < round_to:
+    step = round_to // math.gcd(round_to, unit) if round_to > 1 else 1
+    if step <= 1 or size * unit < round_to:
         return n_keep
-    rounded = math.floor(n_keep / round_to + 0.5) * round_to
-    return min(max(rounded, round_to), size)
+    rounded = math.floor(n_keep / step + 0.5) * step
+    return min(max(rounded, step), size)
 
 
 def count_macs_params(model: nn.Module, example_inputs: Inputs) -> tuple[int, int]:
@@ -375,3 +397,20 @@ def shrunk_numel(
                 for d, size in enumerate(param.shape)
             )
     return out
+
+
+def distinct_numel(model: nn.Module, numel: Mapping[str, int]) -> int:
+    """The total of ``numel`` (from :func:`shrunk_numel`) with a parameter tied between modules
+    (a language model's embedding and output layer) counted once.
+
+    Example:
+        >>> tied = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False))
+        >>> tied[1].weight = tied[0].weight
+        >>> distinct_numel(tied, {"0.weight": 4, "1.weight": 4})
+        4
+    """
+    first: dict[int, str] = {}
+    for mod_name, module in model.named_modules():
+        for p_name, param in module.named_parameters(recurse=False):
+            first.setdefault(id(param), f"{mod_name}.{p_name}" if mod_name else p_name)
+    return sum(numel[key] for key in first.values())

@@ -1,0 +1,107 @@
+"""Hugging Face models from small configs with random weights (never downloaded): BERT, ViT,
+GPT-2 and Llama, each with example inputs and a function reading its main output."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Zoo:
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[], tuple[torch.Tensor, ...]]
+
+
+def _ids() -> tuple[torch.Tensor, ...]:
+    return (torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0)),)
+
+
+def bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(config)
+
+
+def vit() -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=16,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=3,
+    )
+    return ViTForImageClassification(config)
+
+
+def gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=100,
+        n_positions=16,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        use_cache=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        use_cache=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _pixels() -> tuple[torch.Tensor, ...]:
+    return (torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)),)
+
+
+ZOO = {
+    "bert": Zoo("bert", bert, _ids),
+    "vit": Zoo("vit", vit, _pixels),
+    "gpt2": Zoo("gpt2", gpt2, _ids),
+    "llama": Zoo("llama", llama, _ids),
+}
+
+
+def logits(out: object) -> torch.Tensor:
+    """The main output: ``.logits`` of a ``ModelOutput``, or the tensor itself."""
+    if isinstance(out, torch.Tensor):
+        return out
+    value = getattr(out, "logits", None)
+    if value is None and isinstance(out, (tuple, list)):
+        value = out[0]
+    assert isinstance(value, torch.Tensor)
+    return value

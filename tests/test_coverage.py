@@ -1,0 +1,65 @@
+"""No silent no-op: what filter pruning can reach, why groups stay whole, rounding by group."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ConvBNNet, SmallCNN
+from timm_like import TimmLikeNet
+
+import compress
+from compress.pruning.structured import round_keep
+
+
+def _build(
+    model: torch.nn.Module, x: torch.Tensor, init: float = 0.5, **params: object
+) -> compress.CompressionController:
+    recipe = {"algorithm": "filter_pruning", "pruning_init": init, "params": params}
+    ctrl, _ = compress.create_compressed_model(model, {"compression": recipe}, x)
+    return ctrl
+
+
+def test_options_that_exclude_every_group_are_a_config_error_naming_the_flags() -> None:
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(
+        compress.ConfigError,
+        match=r"prune nothing.*set prune_first_conv: true or prune_downsample_convs: true",
+    ):
+        _build(SmallCNN(), x)
+
+
+def test_rounding_that_keeps_every_channel_is_reported() -> None:
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"conv1 \(rounding: a smaller round_to would include"):
+        ctrl = _build(ConvBNNet(), x, prune_first_conv=True, round_to=8)
+    stats = ctrl.algorithms[0].statistics()
+    assert stats["rounded whole"] == ["conv1"]  # 8 channels at 0.5 round back up to 8
+    rows = [(r["group"], r["excluded because"]) for r in stats["excluded"]]
+    assert ("conv1", "rounding") in rows
+    assert "Groups of coupled channels left whole" in str(ctrl.statistics())
+    with pytest.raises(compress.ConfigError, match="set a smaller round_to"):
+        # at a 0.2 target, 8 -> 7 and 16 -> 13 both round back up to every channel
+        _build(ConvBNNet(), x, 0.0, prune_first_conv=True, round_to=8, pruning_target=0.2)
+
+
+def test_round_to_counts_the_channels_a_grouped_conv_channel_stands_for() -> None:
+    x = torch.randn(1, 3, 16, 16)
+    ctrl = _build(TimmLikeNet(), x, round_to=8)  # NNCF's default
+    algo = ctrl.algorithms[0]
+    grouped = next(g for g in algo.groups if g.name == "s1.conv1")
+    # s1.conv2 has 4 conv groups of width 8: one group channel is 4 layer channels, so keeping
+    # 4 of 8 keeps 16 channels, a multiple of 8; rounding in group channels would keep all 8.
+    assert (grouped.size, grouped.unit) == (8, 4)
+    assert int(algo.keep["s1.conv1"].sum()) == 4
+    assert round_keep(8, 4, 8) == 8
+    small = ctrl.strip()
+    assert small.s1.conv2.out_channels == 16
+
+
+def test_statistics_say_what_share_is_removable() -> None:
+    x = torch.randn(1, 3, 8, 8)
+    ctrl = _build(ConvBNNet(), x, prune_first_conv=True, round_to=1)
+    stats = ctrl.algorithms[0].statistics()
+    assert 0.0 < stats["prunable params share"] < 1.0
+    assert 0.0 < stats["prunable MACs share"] < 1.0
+    assert "Removable at most" in str(ctrl.statistics())

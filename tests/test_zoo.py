@@ -1,0 +1,156 @@
+"""Hugging Face models from small configs under every sparsity algorithm and filter pruning:
+build, a few steps, statistics, strip equals the masked model, pt2 export, save_pretrained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hf_zoo import ZOO, logits
+
+import compress
+
+pytest.importorskip("transformers")
+
+SPARSITY: list[dict[str, Any]] = [
+    {"algorithm": "magnitude_sparsity", "sparsity_init": 0.5},
+    {"algorithm": "rb_sparsity", "sparsity_init": 0.5},
+    {"algorithm": "const_sparsity"},
+]
+
+
+def _train(ctrl: compress.CompressionController, model: torch.nn.Module, x: tuple) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(2):
+        loss = logits(model(*x)).pow(2).mean() + ctrl.loss()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ctrl.scheduler.step()
+
+
+def _outputs(model: torch.nn.Module, x: tuple) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return logits(model(*x))
+
+
+@pytest.mark.parametrize("algo", SPARSITY, ids=lambda a: a["algorithm"])
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_sparsity_on_hf_models(name: str, algo: dict[str, Any]) -> None:
+    torch.manual_seed(0)
+    zoo = ZOO[name]
+    model, x = zoo.build(), zoo.inputs()
+    # The output layer of the language models is tied to the embedding: out of scope here.
+    recipe = {**algo, "ignored_scopes": ["lm_head"]} if name in ("gpt2", "llama") else algo
+    ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
+    _train(ctrl, model, x)
+    stats = ctrl.statistics().to_dict()["model"]
+    layers = ctrl.algorithms[0].statistics()["layers"]
+    if name == "gpt2":  # transformers' Conv1D blocks are compressed, not only Linear layers
+        assert any(row["layer"].endswith("attn.c_attn") for row in layers)
+    if algo["algorithm"] == "magnitude_sparsity":
+        assert stats["sparsity of compressed layers"] == pytest.approx(0.5, abs=0.01)
+    want = _outputs(model, x)
+    plain = ctrl.strip()
+    torch.testing.assert_close(_outputs(plain, x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_stripped_hf_models_export_and_round_trip(name: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    zoo = ZOO[name]
+    model, x = zoo.build(), zoo.inputs()
+    recipe = (
+        {**SPARSITY[0], "ignored_scopes": ["lm_head"]} if name in ("gpt2", "llama") else SPARSITY[0]
+    )
+    ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
+    _train(ctrl, model, x)
+    want = _outputs(model, x)
+    plain = ctrl.strip()
+    plain.save_pretrained(tmp_path / "hf")
+    again = type(plain).from_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(_outputs(again, x), want, rtol=1e-5, atol=1e-5)
+    paths = compress.export(plain, tmp_path / "m", ["pt2"], example_inputs=x)
+    program = torch.export.load(paths["pt2"]).module()
+    torch.testing.assert_close(logits(program(*x)), want, rtol=1e-4, atol=1e-4)
+
+
+def test_filter_pruning_removes_attention_heads_and_mlp_neurons() -> None:
+    torch.manual_seed(0)
+    zoo = ZOO["bert"]
+    model, x = zoo.build(), zoo.inputs()
+    recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5, "params": {"round_to": 1}}
+    with pytest.warns(UserWarning, match="can remove at most"):
+        ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
+    _train(ctrl, model, x)
+    want = _outputs(model, x)
+    small = ctrl.strip()
+    attention = small.bert.encoder.layer[0].attention
+    # 2 of 4 heads of 8 channels: q, k, v lose the same 16 outputs, the output layer its inputs
+    assert [attention.self.query.out_features, attention.self.key.out_features] == [16, 16]
+    assert attention.self.value.out_features == attention.output.dense.in_features == 16
+    assert small.bert.encoder.layer[0].intermediate.dense.out_features == 32
+    torch.testing.assert_close(_outputs(small, x), want, rtol=1e-5, atol=1e-5)
+    stats = ctrl.statistics().to_dict()["algorithms"][0]
+    assert 0.5 < stats["prunable MACs share"] < 1.0
+
+
+def test_stripped_hf_model_config_round_trips(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    zoo = ZOO["vit"]
+    model, x = zoo.build(), zoo.inputs()
+    recipe = {
+        "algorithm": "filter_pruning",
+        "pruning_init": 0.5,
+        "ignored_scopes": ["{re}.*attention.*"],
+        "params": {"round_to": 1},
+    }
+    ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
+    want = _outputs(model, x)
+    small = ctrl.strip()
+    assert small.config.intermediate_size == 32
+    small.save_pretrained(tmp_path / "hf")
+    again = type(small).from_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(_outputs(again, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_pruned_heads_the_config_cannot_describe_are_warned_of() -> None:
+    zoo = ZOO["vit"]
+    model, x = zoo.build(), zoo.inputs()
+    recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5, "params": {"round_to": 1}}
+    ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
+    with pytest.warns(UserWarning, match="save_pretrained will not rebuild"):
+        ctrl.strip()
+
+
+def test_gpt2_filter_pruning_says_it_prunes_nothing_and_strips() -> None:
+    zoo = ZOO["gpt2"]
+    model, x = zoo.build(), zoo.inputs()
+    recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5}
+    with pytest.warns(UserWarning, match=r"at most 0\.0% .*Conv1D layers are not pruned"):
+        ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
+    want = _outputs(model, x)
+    torch.testing.assert_close(_outputs(ctrl.strip(), x), want)
+    # the tied embedding and output layer count once
+    stats = ctrl.algorithms[0].statistics()
+    assert stats["summary"][1]["full"] == stats["summary"][1]["current"]
+    assert stats["summary"][1]["full"] == sum(p.numel() for p in model.parameters())
+
+
+def test_a_trace_that_never_ends_stops_at_the_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    import compress.pruning.channel_groups as channel_groups
+
+    def endless(model: torch.nn.Module, inputs: object) -> None:
+        while True:
+            pass
+
+    monkeypatch.setattr(channel_groups, "dependency_graph", endless)
+    zoo = ZOO["bert"]
+    recipe = {"algorithm": "filter_pruning", "params": {"trace_time_budget": 0.2}}
+    with pytest.raises(compress.CompressError, match="BertForSequenceClassification within 0.2 s"):
+        compress.create_compressed_model(zoo.build(), {"compression": recipe}, zoo.inputs())
