@@ -77,7 +77,7 @@ class Decision:
 
     epoch: int  # training epochs counted so far
     metric: float
-    level: float  # the level the model has now (for the next epoch, unless stop)
+    level: float  # the level the metric was measured at (the reason names any new one)
     budget: float  # metric minus the tolerable metric (plus: within the budget)
     reason: str
     stop: bool = False
@@ -116,6 +116,7 @@ class AccuracyAware:
         self.best_at_level: float | None = None
         self.best: dict[str, Any] | None = None  # {"level", "metric", "model", "controller"}
         self.history: list[tuple[float, float]] = []  # (level, metric) per epoch
+        self._measured: float | None = None  # the level of the latest metric
 
     # --- binding -----------------------------------------------------------------------------
 
@@ -167,7 +168,8 @@ class AccuracyAware:
         if not math.isfinite(metric):
             raise CompressError(f"accuracy_aware_training: the monitored metric is {metric}")
         self.epochs += 1
-        self.history.append((self._level(), metric))
+        self._measured = self._level()
+        self.history.append((self._measured, metric))
         if self.phase == "initial":
             return self._initial(metric)
         return self._search(metric)
@@ -220,7 +222,7 @@ class AccuracyAware:
         if self.epochs_at_level >= p.patience_epochs:
             return self._change(metric, f"no epoch within budget in {p.patience_epochs}")
         return self._decision(
-            metric, f"training on at level {self.target:.4f} ({self.epochs_at_level} epochs)"
+            metric, f"training on (epoch {self.epochs_at_level} of patience {p.patience_epochs})"
         )
 
     def _change(self, metric: float, why: str) -> Decision:
@@ -269,7 +271,8 @@ class AccuracyAware:
         self, metric: float, reason: str, *, stop: bool = False, lr: float = 1.0
     ) -> Decision:
         stop = stop or self.phase == "done"
-        return Decision(self.epochs, metric, self._level(), self.budget(metric), reason, stop, lr)
+        level = self._measured if self._measured is not None else self._level()
+        return Decision(self.epochs, metric, level, self.budget(metric), reason, stop, lr)
 
     def _level(self) -> float:
         assert self.ctrl is not None
