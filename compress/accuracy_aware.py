@@ -238,7 +238,7 @@ class AccuracyAware:
         new = self.target + sign * self.step_size
         if new <= 0.0:
             return self._finish(metric, f"{why}; no level above 0 keeps the metric within budget")
-        if new > p.maximal_compression_rate:
+        if new > p.maximal_compression_rate + 1e-9:
             return self._finish(
                 metric, f"{why}; maximal_compression_rate {p.maximal_compression_rate} reached"
             )
