@@ -12,7 +12,7 @@ import functools
 import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -20,7 +20,8 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
 import compress
-from compress import masks
+from callbacks import accuracy_aware as aa_glue
+from compress import accuracy_aware, masks
 from compress.controller import CompressionController
 from compress.deploy.export import FORMATS
 from compress.errors import CompressError, ConfigError
@@ -47,6 +48,12 @@ class CompressionCallback(pl.Callback):
             LightningModule when None. Scopes in the recipe are relative to it.
         export_name: file name prefix of the exports.
         verbose: print the statistics table at fit end.
+        monitor: the logged validation metric accuracy-aware training watches (required when
+            the recipe has ``accuracy_aware_training``); ``mode``: "max" or "min" for it.
+        teacher: the model ``knowledge_distillation`` distils from (default: a frozen copy of
+            the model as it was when compression started).
+        reference_metric: the uncompressed model's ``monitor``; by default recorded from a
+            ``trainer.validate`` run before ``fit``.
     """
 
     def __init__(
@@ -58,8 +65,21 @@ class CompressionCallback(pl.Callback):
         model_attr: str | None = None,
         export_name: str = "model",
         verbose: bool = True,
+        monitor: str | None = None,
+        mode: Literal["max", "min"] = "max",
+        teacher: nn.Module | None = None,
+        reference_metric: float | None = None,
     ) -> None:
         self.config = load_config(recipe)
+        self.monitor, self.teacher = monitor, teacher
+        if mode not in ("max", "min"):
+            raise ConfigError(f"mode: {mode!r} is not allowed; one of 'max', 'min'")
+        self._aa = accuracy_aware.from_config(self.config, mode=mode, reference=reference_metric)
+        if self._aa is not None and monitor is None:
+            raise ConfigError(
+                "monitor: the recipe has accuracy_aware_training; name the logged validation "
+                'metric it watches, e.g. CompressionCallback(recipe, monitor="val_acc")'
+            )
         if isinstance(export_formats, str):
             raise ConfigError(
                 f"export_formats: got the string {export_formats!r}; give a list, "
@@ -110,7 +130,11 @@ class CompressionCallback(pl.Callback):
         if isinstance(inputs, torch.Tensor):
             inputs = (inputs,)
         target = self._target(pl_module)
-        self.ctrl, _ = compress.create_compressed_model(target, self.config, inputs)
+        self.ctrl, _ = compress.create_compressed_model(
+            target, self.config, inputs, teacher=self.teacher
+        )
+        if self._aa is not None:
+            self._aa.attach(self.ctrl)
         calibrate(self.ctrl, trainer)
         if self._pending_state is not None:
             self.ctrl.load_state_dict(self._pending_state)
@@ -158,9 +182,15 @@ class CompressionCallback(pl.Callback):
     # --- checkpoints ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.ctrl is None else {"controller": self.ctrl.state_dict()}
+        if self.ctrl is None:
+            return {}
+        if self._aa is not None:
+            return {"controller": self.ctrl.state_dict(), "accuracy_aware": self._aa.state_dict()}
+        return {"controller": self.ctrl.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._aa is not None and "accuracy_aware" in state_dict:
+            self._aa.load_state_dict(state_dict["accuracy_aware"])
         state = state_dict.get("controller")
         if state is None:
             return
@@ -168,6 +198,17 @@ class CompressionCallback(pl.Callback):
             self._pending_state = state
         else:
             self.ctrl.load_state_dict(state)
+
+    # --- accuracy-aware training ---------------------------------------------------------------
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._aa is not None:
+            aa_glue.check_reference(self._aa)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._aa is not None and self.monitor is not None:
+            fitting = trainer.state.fn == "fit" and self.ctrl is not None
+            aa_glue.on_validation_end(self._aa, trainer, self.monitor, fitting)
 
     # --- export ----------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ Example:
     True
 """
 
+from compress.accuracy_aware import run_accuracy_aware
 from compress.analysis.effective_report import SparsityReport, sparsity_report
 from compress.analysis.summary import Statistics
 from compress.controller import CompressionController, create_compressed_model
@@ -35,6 +36,7 @@ __all__ = [
     "load_config",
     "load_pruned",
     "load_sparse",
+    "run_accuracy_aware",
     "sparsity_report",
     "to_sparse_runtime",
 ]

@@ -1,6 +1,7 @@
 """``ALGORITHMS``: the recipe name of every algorithm and the class that implements it."""
 
 from compress.algorithm import Algorithm
+from compress.distillation import KnowledgeDistillation
 from compress.pruning.filter_pruning import FilterPruning
 from compress.sparsity.const import ConstSparsity
 from compress.sparsity.magnitude import MagnitudeSparsity
@@ -11,6 +12,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     "const_sparsity": ConstSparsity,
     "filter_pruning": FilterPruning,
     "rb_sparsity": RBSparsity,
+    "knowledge_distillation": KnowledgeDistillation,
 }
 
 __all__ = ["ALGORITHMS"]

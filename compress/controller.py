@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,21 @@ from compress.algorithm import Algorithm, is_sparsifiable
 from compress.algorithms import ALGORITHMS
 from compress.analysis.effective import active_weights
 from compress.analysis.summary import Statistics, model_summary
+from compress.distillation import KnowledgeDistillation
 from compress.errors import CompressError
 from compress.recipe.config import Config, load_config
 from compress.schedules import Scheduler
 
 STATE_VERSION = 1
-# Structured pruning first: sparsity then works on the channels that remain (NNCF's order).
-_ORDER = ("filter_pruning", "const_sparsity", "magnitude_sparsity", "rb_sparsity")
+# Distillation first: its teacher is copied before anything is masked. Structured pruning next:
+# sparsity then works on the channels that remain (NNCF's order).
+_ORDER = (
+    "knowledge_distillation",
+    "filter_pruning",
+    "const_sparsity",
+    "magnitude_sparsity",
+    "rb_sparsity",
+)
 
 
 class CompressionController:
@@ -37,6 +46,7 @@ class CompressionController:
         model: nn.Module,
         config: Config,
         example_inputs: tuple[torch.Tensor, ...] | None,
+        teacher: nn.Module | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -44,8 +54,17 @@ class CompressionController:
         self.scheduler = Scheduler()
         ordered = sorted(config.algorithms, key=lambda a: _ORDER.index(a.name))
         self.algorithms: list[Algorithm] = [
-            ALGORITHMS[a.name](model, a, self.scheduler, example_inputs) for a in ordered
+            ALGORITHMS[a.name](model, a, self.scheduler, example_inputs)
+            if a.name != "knowledge_distillation"
+            else KnowledgeDistillation(model, a, self.scheduler, example_inputs, teacher=teacher)
+            for a in ordered
         ]
+        if teacher is not None and "knowledge_distillation" not in [a.name for a in ordered]:
+            warnings.warn(
+                "teacher= is unused: the recipe has no knowledge_distillation algorithm; add "
+                '{"algorithm": "knowledge_distillation", "type": "softmax"} to its compression',
+                stacklevel=3,
+            )
         self.scheduler.on_change = self._on_change
         self._on_change(False)
 
@@ -178,8 +197,13 @@ def create_compressed_model(
     model: nn.Module,
     config: str | Path | Mapping[str, Any] | Config,
     example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    teacher: nn.Module | None = None,
 ) -> tuple[CompressionController, nn.Module]:
     """Compresses ``model`` in place as the recipe says and returns ``(controller, model)``.
+
+    With ``knowledge_distillation`` in the recipe, ``teacher`` is the model to distil from (by
+    default a frozen copy of ``model`` as it is before compression).
 
     Example:
         >>> from torch import nn
@@ -196,4 +220,4 @@ def create_compressed_model(
         inputs = (example_inputs,)
     else:
         inputs = tuple(example_inputs)
-    return CompressionController(model, cfg, inputs), model
+    return CompressionController(model, cfg, inputs, teacher), model

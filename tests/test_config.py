@@ -94,10 +94,17 @@ def test_unknown_algorithm_gets_a_hint() -> None:
     assert "did you mean 'rb_sparsity'?" in _err({"compression": {"algorithm": "rb_sparsty"}})
 
 
-def test_accuracy_aware_training_is_refused() -> None:
-    msg = _err({"compression": {"algorithm": "magnitude_sparsity"}, "accuracy_aware_training": {}})
-    assert (
-        "accuracy_aware_training: NNCF's accuracy-aware training loop is not supported yet" in msg
+def test_accuracy_aware_training_block_is_validated() -> None:
+    base = {"compression": {"algorithm": "magnitude_sparsity"}}
+    msg = _err({**base, "accuracy_aware_training": {}})
+    assert msg == "accuracy_aware_training: 'mode' is a required property"
+    msg = _err(
+        {**base, "accuracy_aware_training": {"mode": "early_exit", "params": {"patience": 1}}}
+    )
+    assert msg.startswith("accuracy_aware_training.params: unknown key 'patience'")
+    msg = _err({**base, "accuracy_aware_training": {"mode": "fast", "params": {}}})
+    assert msg.startswith(
+        'accuracy_aware_training.mode: "fast" is not allowed; one of "early_exit"'
     )
 
 

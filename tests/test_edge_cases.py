@@ -289,10 +289,12 @@ def test_quantization_is_a_config_error_naming_it() -> None:
             compress.create_compressed_model(ConvBNNet(), recipe, X)
 
 
-def test_accuracy_aware_training_is_not_supported_yet() -> None:
+def test_accuracy_aware_training_without_monitor_is_a_config_error() -> None:
     recipe = {**sparsity(0.5), "accuracy_aware_training": {"mode": "early_exit", "params": {}}}
-    with pytest.raises(ConfigError, match="accuracy_aware_training: .* not supported yet"):
+    with pytest.raises(ConfigError, match="monitor: the recipe has accuracy_aware_training; name"):
         CompressionCallback(recipe)
+    with pytest.raises(ConfigError, match="mode: 'highest' is not allowed; one of 'max', 'min'"):
+        CompressionCallback(recipe, monitor="val_acc", mode="highest")  # type: ignore[arg-type]
 
 
 # --- combinations and bugs found here ----------------------------------------------------------

@@ -85,7 +85,9 @@ ALLOWED = {
     "pruning": {"recipe", "analysis", "sparsity", "compress.algorithm"},
     "deploy": {"pruning", "analysis", "sparsity"},
     "compress.algorithm": {"recipe"},
-    "compress.algorithms": {"sparsity", "pruning", "compress.algorithm"},
+    "compress.algorithms": {"sparsity", "pruning", "compress.algorithm", "compress.distillation"},
+    "compress.distillation": {"recipe", "compress.algorithm"},
+    "compress.accuracy_aware": {"recipe", "compress.algorithm", "compress.controller"},
 }
 CORE = {"compress", "compress.errors", "compress.masks", "compress.schedules"}
 

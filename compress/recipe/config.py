@@ -34,13 +34,18 @@ import torch
 from compress.errors import ConfigError
 from compress.recipe import scopes
 
-IMPLEMENTED = ("magnitude_sparsity", "rb_sparsity", "const_sparsity", "filter_pruning")
+IMPLEMENTED = (
+    "magnitude_sparsity",
+    "rb_sparsity",
+    "const_sparsity",
+    "filter_pruning",
+    "knowledge_distillation",
+)
 # NNCF algorithms this library knows by name but does not implement.
 NOT_IMPLEMENTED = (
     "quantization",
     "experimental_quantization",
     "binarization",
-    "knowledge_distillation",
     "movement_sparsity",
     "elasticity",
     "progressive_shrinking",
@@ -141,11 +146,6 @@ def load_config(recipe: str | Path | Mapping[str, Any] | Config) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a recipe is a JSON object, got {type(data).__name__}")
     _check_finite(data, "")
-    if "accuracy_aware_training" in data:
-        raise ConfigError(
-            "accuracy_aware_training: NNCF's accuracy-aware training loop is not supported yet; "
-            "remove the section and train with a fixed target"
-        )
     if "compression" not in data:
         raise ConfigError("compression: the recipe has no 'compression' section")
     section = data["compression"]
@@ -264,6 +264,8 @@ def _algorithm(item: Any, path: str) -> AlgorithmConfig:
         )
     sub = schema()["$defs"][name]
     _validate(item, sub, path)
+    if name == "knowledge_distillation" and item.get("type") == "mse" and "temperature" in item:
+        raise ConfigError(f"{path}.temperature: only the 'softmax' type has a temperature; drop it")
     params = {**_defaults(sub["properties"]["params"]), **copy.deepcopy(item.get("params", {}))}
     options = {**_defaults(sub), **{k: copy.deepcopy(v) for k, v in item.items() if k != "params"}}
     options.pop("params", None)
