@@ -97,7 +97,9 @@ class Scop:
         for g in groups:
             for m in g.members:
                 module = model.get_submodule(m.module_name)
-                if m.role == "producer" and m.param_name == "weight" and isinstance(module, _LAYERS):
+                if m.role != "producer" or m.param_name != "weight":
+                    continue
+                if isinstance(module, _LAYERS):
                     n = module.weight.shape[0]
                     self.coefficients.setdefault(
                         m.module_name, torch.full((n,), 0.5, requires_grad=True)
@@ -136,9 +138,7 @@ class Scop:
         if self.phase == "knockoff":
             return
         self.phase = "knockoff"
-        self._handles.append(
-            self.model.register_forward_pre_hook(self._double, with_kwargs=True)
-        )
+        self._handles.append(self.model.register_forward_pre_hook(self._double, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._cut))
         for name, k in self.coefficients.items():
             module = self.model.get_submodule(name)
@@ -222,15 +222,17 @@ class Scop:
     def _keep_stats(self, module: nn.Module, args: Any) -> None:
         # Momentum 0 keeps the running statistics while the batch still normalises itself;
         # writing the old values back after the forward would break autograd, which saved them.
-        if self._real and isinstance(module, _NormBase):
-            self._saved_stats[id(module)] = (module.momentum, module.num_batches_tracked.clone())
+        count = getattr(module, "num_batches_tracked", None)
+        if self._real and isinstance(module, _NormBase) and isinstance(count, torch.Tensor):
+            self._saved_stats[id(module)] = (module.momentum, count.clone())
             module.momentum = 0.0
 
     def _restore_stats(self, module: nn.Module, args: Any, out: Any) -> None:
         saved = self._saved_stats.pop(id(module), None)
-        if saved is not None and isinstance(module, _NormBase):
+        count = getattr(module, "num_batches_tracked", None)
+        if saved is not None and isinstance(module, _NormBase) and isinstance(count, torch.Tensor):
             module.momentum = saved[0]
-            module.num_batches_tracked.copy_(saved[1])
+            count.copy_(saved[1])
 
     # --- scores, state, strip ----------------------------------------------------------------
 
