@@ -41,8 +41,14 @@ from compress.errors import ConfigError
 from compress.pruning.structured import ChannelGroup
 from compress.schedules import Scheduler
 
-KNOCKOFFS = ("permute",)
-"""The recipe's ``scop_knockoff`` values."""
+
+def permute(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Golden Stick's knockoffs: the batch's own samples in a random order."""
+    return torch.randperm(n, generator=generator)
+
+
+KNOCKOFFS: dict[str, Callable[[int, torch.Generator], torch.Tensor]] = {"permute": permute}
+"""``scop_knockoff``: batch size -> the batch indices the knockoff half is taken from."""
 
 Phase = Literal["waiting", "knockoff", "done"]
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -138,8 +144,10 @@ class Scop:
         if self.phase == "knockoff":
             return
         self.phase = "knockoff"
-        self._handles.append(self.model.register_forward_pre_hook(self._double, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(self._cut))
+        self._handles.append(
+            self.model.register_forward_pre_hook(_fn(self._double), with_kwargs=True)
+        )
+        self._handles.append(self.model.register_forward_hook(_fn(self._cut)))
         for name, k in self.coefficients.items():
             module = self.model.get_submodule(name)
             dim = -1 if isinstance(module, nn.Linear) else 1
@@ -147,8 +155,8 @@ class Scop:
         if self.freeze_weights:
             for module in self.model.modules():
                 if isinstance(module, _NormBase) and module.track_running_stats:
-                    self._handles.append(module.register_forward_pre_hook(self._keep_stats))
-                    self._handles.append(module.register_forward_hook(self._restore_stats))
+                    self._handles.append(module.register_forward_pre_hook(_fn(self._keep_stats)))
+                    self._handles.append(module.register_forward_hook(_fn(self._restore_stats)))
 
     def _finish(self) -> None:
         for h in self._handles:
@@ -194,7 +202,7 @@ class Scop:
                 if p.requires_grad:
                     p.requires_grad_(False)
                     self._frozen.append(name)
-        order = torch.randperm(n, generator=self.generator)
+        order = KNOCKOFFS[self.knockoff](n, self.generator)
         self._real = n
 
         def double(t: torch.Tensor) -> torch.Tensor:
@@ -278,6 +286,16 @@ class Scop:
                     for i in ids:
                         hooks.pop(i, None)
         self._thaw(model)
+
+
+def _fn(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A plain function calling ``method``: ``copy.deepcopy`` of a model (``strip``) copies a
+    bound method's object, but shares a function."""
+
+    def call(*args: Any) -> Any:
+        return method(*args)
+
+    return call
 
 
 def _map(fn: Callable[[torch.Tensor], torch.Tensor], obj: Any) -> Any:
