@@ -11,8 +11,8 @@ the real half of its output with the knockoff half::
 
 A forward hook cuts the model's output back to the real half, so the user's loss sees its own
 batch and its own batch size. The coefficients are plain tensors, not parameters of the model:
-they never enter the user's optimizer or the model's ``state_dict``. Their own optimizer (Adam,
-``scop_lr``) steps at every ``scheduler.step()``; they are clipped to [0, 1]. With
+they never enter the user's optimizer or the model's ``state_dict``. Their own optimizer (SGD with
+momentum 0.9, ``scop_lr``) steps at every ``scheduler.step()``; they are clipped to [0, 1]. With
 ``scop_freeze_weights`` only the coefficients learn: the model's parameters stop requiring
 gradients from the first training forward of the phase until it ends, and BatchNorm running
 statistics do not move (momentum 0 during each forward). When the phase ends the hooks go, and the
@@ -115,7 +115,9 @@ class Scop:
                 f"{path}.filter_importance: 'scop' found no conv or linear layer whose output "
                 "channels can be pruned; widen the scopes or pick another criterion"
             )
-        self.optimizer = torch.optim.Adam(list(self.coefficients.values()), lr=lr)
+        # SGD, not Adam: the size of a coefficient's gradient is the information (Adam would move
+        # every coefficient alike, since every real feature beats another sample's feature).
+        self.optimizer = torch.optim.SGD(list(self.coefficients.values()), lr=lr, momentum=0.9)
         seed = int(torch.randint(0, 2**62, (1,)))  # follows the user's torch seed
         self.generator = torch.Generator().manual_seed(seed)
         self.phase: Phase = "waiting"
