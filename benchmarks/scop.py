@@ -106,7 +106,7 @@ def train_epoch(
             ctrl.scheduler.step()
 
 
-def recipe(criterion: str, knockoff_epochs: int) -> dict:
+def recipe(criterion: str, knockoff_epochs: int, scop_lr: float = 0.01) -> dict:
     return {
         "compression": {
             "algorithm": "filter_pruning",
@@ -118,6 +118,7 @@ def recipe(criterion: str, knockoff_epochs: int) -> dict:
                 "filter_importance": criterion,
                 "prune_downsample_convs": True,
                 "round_to": 1,
+                **({"scop_lr": scop_lr} if criterion == "scop" else {}),
             },
         }
     }
@@ -129,7 +130,7 @@ def prune_and_finetune(
     train, test = data
     model = copy.deepcopy(dense).train()
     ctrl, model = compress.create_compressed_model(
-        model, recipe(criterion, args.knockoff_epochs), example
+        model, recipe(criterion, args.knockoff_epochs, args.scop_lr), example
     )
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     start = args.knockoff_epochs if criterion == "scop" else 0
@@ -207,6 +208,7 @@ def main() -> None:
     parser.add_argument("--knockoff-epochs", type=int, default=2)
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning; dense: 5x")
+    parser.add_argument("--scop-lr", type=float, default=0.01)
     parser.add_argument("--quick", action="store_true", help="few epochs, a smoke run")
     parser.add_argument("--models", default="digits,resnet")
     args = parser.parse_args()
