@@ -105,6 +105,35 @@ def test_mixing_rule_on_a_hand_built_conv() -> None:
     assert torch.allclose(grad, (real - knockoff).sum(0))
 
 
+class DictModel(nn.Module):
+    """Keyword inputs and a dict output with a per-sample tensor and a scalar."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = ConvBNNet()
+
+    def forward(
+        self, x: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        logits = self.net(x)
+        weight = torch.ones(len(x)) if weight is None else weight
+        return {"logits": logits, "weighted": (logits.sum(1) * weight).mean()}
+
+
+def test_keyword_inputs_and_dict_outputs_are_doubled_and_cut() -> None:
+    model = DictModel()
+    ctrl, _ = compress.create_compressed_model(model, recipe(), torch.zeros(1, 3, 8, 8))
+    ctrl.scheduler.epoch_step()
+    seen: list[torch.Tensor] = []
+    model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["weight"].clone()), with_kwargs=True
+    )
+    weight = torch.arange(4.0)
+    out = model(torch.randn(4, 3, 8, 8), weight=weight)
+    assert out["logits"].shape == (4, 2) and out["weighted"].shape == ()
+    assert torch.equal(seen[0][:4], weight) and sorted(seen[0][4:].tolist()) == [0, 1, 2, 3]
+
+
 def test_outside_training_the_model_is_plain() -> None:
     model = ConvBNNet()
     ctrl, _ = compress.create_compressed_model(model, recipe(), torch.zeros(1, 3, 8, 8))
@@ -156,7 +185,13 @@ def test_training_step_sees_its_own_batch_and_only_k_learns(model_cls: Any, tmp_
     module = Lit(model_cls())
     before = {n: t.clone() for n, t in module.model.state_dict().items()}
     inner: list[int] = []
-    cb = CompressionCallback(recipe(scop_lr=0.05), model_attr="model", verbose=False)
+    cb = CompressionCallback(
+        recipe(scop_lr=0.05),
+        model_attr="model",
+        verbose=False,
+        export_dir=tmp_path / "exports",
+        export_formats=["pruned"],
+    )
     trainer = quiet_trainer(tmp_path, cb, epochs=3, logger=False)
     epoch_weights: list[dict[str, torch.Tensor]] = []
 
@@ -164,7 +199,7 @@ def test_training_step_sees_its_own_batch_and_only_k_learns(model_cls: Any, tmp_
         def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             conv2 = module.model.conv2
             conv2.register_forward_pre_hook(
-                lambda m, a: inner.append(a[0].shape[0]) if torch.is_grad_enabled() else None
+                lambda m, a: inner.append(a[0].shape[0]) if m.training else None
             )
 
         def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -197,6 +232,11 @@ def test_training_step_sees_its_own_batch_and_only_k_learns(model_cls: Any, tmp_
         kept = algo.keep[layer]
         assert int(kept.sum()) == coeff.numel() // 2
         assert coeff[kept].min() >= coeff[~kept].max()
+    # The export rebuilds the small model from a fresh instance; it computes what was trained.
+    small = compress.load_pruned(model_cls(), cb.exported["pruned"]).eval()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(small(x), module.model.eval()(x), atol=1e-5)
 
 
 @pytest.mark.parametrize("model_cls", MODELS)
