@@ -303,9 +303,13 @@ def _producers(group: Any) -> list[Any]:
     return [m for m in group.members if m.role == "producer" and m.param_name == "weight"]
 
 
-def test_knockoff_phase_needs_epochs_and_a_known_knockoff() -> None:
+def test_recipe_errors() -> None:
     with pytest.raises(ConfigError, match=r"num_init_steps: .*'scop'.* is 0; set it to 1"):
         compress.create_compressed_model(ConvBNNet(), recipe(0), torch.zeros(1, 3, 8, 8))
+    only_head = recipe()
+    only_head["compression"]["target_scopes"] = ["fc"]  # its channels are the model's output
+    with pytest.raises(ConfigError, match=r"'scop' found no conv or linear layer whose output"):
+        compress.create_compressed_model(ConvBNNet(), only_head, torch.zeros(1, 3, 8, 8))
     with pytest.raises(ConfigError, match=r'scop_knockoff: "gaussian" is not allowed; one of "p'):
         compress.load_config(recipe(scop_knockoff="gaussian"))
     props = schema()["$defs"]["filter_pruning"]["properties"]["params"]["properties"]
