@@ -12,6 +12,9 @@ and attaches the plan of kept channels that the ``pruned`` export writes.
 
 With ``pruning_flops_target`` the schedule moves the fraction of MACs to remove, and the filter
 ratio that removes it is found by bisection on MACs counted from the kept widths.
+
+With ``filter_importance: scop`` the scores are control coefficients learned against knockoff
+features during the ``num_init_steps`` epochs (:mod:`compress.pruning.scop`).
 """
 
 from __future__ import annotations
