@@ -27,7 +27,18 @@ import pytorch_lightning as pl
 import torch
 from conftest import fit_quietly, quiet_trainer
 from pytorch_lightning.loggers import TensorBoardLogger
-from test_resume import CONST, FILTER, MAGNITUDE, MAGNITUDE_PER_STEP, RB, Lit, needs_fp, needs_rb
+from test_resume import (
+    CONST,
+    FILTER,
+    MAGNITUDE,
+    MAGNITUDE_PER_STEP,
+    RB,
+    SCOP,
+    SCOP_TRAINING,
+    Lit,
+    needs_fp,
+    needs_rb,
+)
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import CompressionCallback
@@ -186,6 +197,8 @@ SLOW = [
     pytest.param(MAGNITUDE, id="magnitude", marks=pytest.mark.slow),
     pytest.param(FILTER, id="filter_pruning", marks=[needs_fp, pytest.mark.slow]),
     pytest.param(RB, id="rb_sparsity", marks=[needs_rb, pytest.mark.slow]),
+    pytest.param(SCOP, id="scop", marks=[needs_fp, pytest.mark.slow]),
+    pytest.param(SCOP_TRAINING, id="scop-weights-train", marks=[needs_fp, pytest.mark.slow]),
     pytest.param(
         [FILTER, MAGNITUDE], id="filter_pruning+magnitude", marks=[needs_fp, pytest.mark.slow]
     ),

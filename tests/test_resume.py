@@ -157,6 +157,20 @@ FILTER = {
         "round_to": 1,
     },
 }
+# The knockoff phase covers epochs 0 and 1: the mid-epoch checkpoint (step 12) is inside it.
+SCOP = {
+    "algorithm": "filter_pruning",
+    "pruning_init": 0.5,
+    "params": {
+        "schedule": "baseline",
+        "pruning_target": 0.5,
+        "num_init_steps": 2,
+        "filter_importance": "scop",
+        "prune_first_conv": True,
+        "round_to": 1,
+    },
+}
+SCOP_TRAINING = {**SCOP, "params": {**SCOP["params"], "scop_freeze_weights": False}}
 
 needs_rb = pytest.mark.skipif("rb_sparsity" not in ALGORITHMS, reason="rb_sparsity not landed")
 needs_fp = pytest.mark.skipif(
@@ -170,6 +184,8 @@ CASES = [
     pytest.param(CONST, True, id="const"),
     pytest.param(FILTER, False, id="filter_pruning", marks=needs_fp),
     pytest.param(RB, False, id="rb_sparsity", marks=needs_rb),
+    pytest.param(SCOP, False, id="scop", marks=needs_fp),
+    pytest.param(SCOP_TRAINING, False, id="scop-weights-train", marks=needs_fp),
     pytest.param([CONST, MAGNITUDE_PER_STEP], True, id="const+magnitude"),
     pytest.param([FILTER, MAGNITUDE], False, id="filter_pruning+magnitude", marks=needs_fp),
     pytest.param([FILTER, RB], False, id="filter_pruning+rb", marks=needs_rb),

@@ -12,6 +12,9 @@ and attaches the plan of kept channels that the ``pruned`` export writes.
 
 With ``pruning_flops_target`` the schedule moves the fraction of MACs to remove, and the filter
 ratio that removes it is found by bisection on MACs counted from the kept widths.
+
+With ``filter_importance: scop`` the scores are control coefficients learned against knockoff
+features during the ``num_init_steps`` epochs (:mod:`compress.pruning.scop`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from compress.pruning.channel_groups import Excluded, build_groups
 from compress.pruning.coverage import check_reachable, coverage_warning, exclusion_rows
 from compress.pruning.hf_config import update_config, widths
 from compress.pruning.importance import FILTER_IMPORTANCE, feature_map_nuclear_norms
+from compress.pruning.scop import Scop
 from compress.pruning.structured import (
     INPUT_OWNER,
     OWNER,
@@ -83,6 +87,7 @@ class FilterPruning(Algorithm):
         self.full_params = sum(p.numel() for p in model.parameters())
         self.rounded_whole: list[str] = []  # groups whose rounding keeps every channel now
         self._check_coverage()
+        self.scop = self._scop()
         self.update(False)
 
     # --- construction ----------------------------------------------------------------------
@@ -215,6 +220,22 @@ class FilterPruning(Algorithm):
                 ratios[group.name] = float(ratio)
         return explicit, ratios
 
+    def _scop(self) -> Scop | None:
+        """The knockoff phase that learns the scores of ``filter_importance: scop``."""
+        p = self.params
+        if p["filter_importance"] != "scop":
+            return None
+        return Scop(
+            self.model,
+            self.groups,
+            self.scheduler,
+            epochs=p["num_init_steps"],
+            knockoff=p["scop_knockoff"],
+            freeze_weights=p["scop_freeze_weights"],
+            lr=p["scop_lr"],
+            path=f"{self.cfg.path}.params",
+        )
+
     # --- schedule ------------------------------------------------------------------------------
 
     @property
@@ -227,6 +248,8 @@ class FilterPruning(Algorithm):
         return pruning_level(params, min(self.init, target), epoch)
 
     def update(self, per_step: bool) -> None:
+        if self.scop is not None:
+            self.scop.update(per_step)  # ends the knockoff phase before the first scores
         # NNCF moves filter pruning once per epoch; steps only train the current masks.
         if per_step or self.frozen:
             return
@@ -260,6 +283,8 @@ class FilterPruning(Algorithm):
             if self.calibration is None:
                 self.calibration = self._nuclear_scores([self.example_inputs])  # type: ignore[list-item]
             return self.calibration
+        if self.scop is not None:
+            return self.scop.scores(self.groups)
         fn = FILTER_IMPORTANCE[criterion]
         return {g.name: fn(self.model, g) for g in self.groups}
 
@@ -434,6 +459,7 @@ class FilterPruning(Algorithm):
             "calibration": None
             if self.calibration is None
             else {n: s.clone() for n, s in self.calibration.items()},
+            "scop": None if self.scop is None else self.scop.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -452,11 +478,15 @@ class FilterPruning(Algorithm):
         self.keep = {n: torch.as_tensor(k, dtype=torch.bool).clone() for n, k in saved.items()}
         if state.get("calibration") is not None:
             self.calibration = {n: s.clone() for n, s in state["calibration"].items()}
+        if self.scop is not None and state.get("scop") is not None:
+            self.scop.load_state_dict(state["scop"])
         self._apply()
 
     def strip(self, model: nn.Module) -> nn.Module:
         """The shrunk model (every mask folded first, then channels removed), carrying the plan
         of kept channels as ``compress_pruning_plan`` for the ``pruned`` export."""
+        if self.scop is not None:
+            self.scop.release(model)
         device = next(model.parameters()).device
         inputs = tuple(t.to(device) for t in self.example_inputs or ())
         pruned = {n: k for n, k in self.keep.items() if not k.all()}
