@@ -6,7 +6,6 @@ a test writes, and every count in an assertion can be checked on paper.
 
 from __future__ import annotations
 
-import time
 import warnings
 from typing import TypeVar
 
@@ -365,18 +364,16 @@ def small_resnet() -> nn.Module:
     )  # fmt: skip
 
 
-def test_small_resnet_is_fast_and_consistent() -> None:
+def test_small_resnet_dead_channels_through_skips() -> None:
     torch.manual_seed(0)
     net = small_resnet()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         net[0].weight[5] = 0.0  # stem channel 5: dead from the input, but the skips carry ...
         net[-1].weight[:, 7] = 0.0  # ... nothing; head channel 7 unread
-    start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         report = sparsity_report(net, x)
-    assert time.perf_counter() - start < 1.0
     layers = {layer.name: layer for layer in report.layers}
     # Stem channel 5 feeds block 1's conv1 and, via the identity skip, everything after it.
     assert layers["1.conv1.weight"].inactive == 16 * 9  # its input slice [:, 5]
@@ -384,6 +381,3 @@ def test_small_resnet_is_fast_and_consistent() -> None:
     assert layers["3.conv2.weight"].inactive == 64 * 9
     assert layers["3.down.0.weight"].inactive == 32
     assert layers["6.weight"].inactive == 10
-    start = time.perf_counter()
-    sparsity_report(mlp(784, 300, 100, 10))
-    assert time.perf_counter() - start < 1.0
