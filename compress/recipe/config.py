@@ -221,8 +221,11 @@ def _algorithm(item: Any, path: str) -> AlgorithmConfig:
         )
     sub = schema()["$defs"][name]
     _validate(item, sub, path)
-    if name == "knowledge_distillation" and item.get("type") == "mse" and "temperature" in item:
-        raise ConfigError(f"{path}.temperature: only the 'softmax' type has a temperature; drop it")
+    if name == "knowledge_distillation" and item.get("type") == "mse":
+        if item.get("temperature", 1.0) != 1.0:  # the default is harmless: filled-in recipes load
+            raise ConfigError(
+                f"{path}.temperature: only the 'softmax' type has a temperature; drop it"
+            )
     params = {**_defaults(sub["properties"]["params"]), **copy.deepcopy(item.get("params", {}))}
     options = {**_defaults(sub), **{k: copy.deepcopy(v) for k, v in item.items() if k != "params"}}
     options.pop("params", None)
