@@ -39,6 +39,7 @@ def on_validation_end(aa: AccuracyAware, trainer: pl.Trainer, monitor: str, fitt
         "compression/aa/level": decision.level,
         "compression/aa/metric": decision.metric,
         "compression/aa/budget": decision.budget,
+        "compression/aa/next_level": decision.next_level,
         "compression/aa/stop": float(decision.stop),
     }
     for logger in trainer.loggers:

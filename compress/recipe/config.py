@@ -329,6 +329,9 @@ def _message(error: jsonschema.ValidationError, base: str) -> str:
         return f"{where}: {value} must be {bound[error.validator]} {error.validator_value}"
     if error.validator == "required":
         return f"{where}: {error.message}"
+    negated = error.validator_value
+    if error.validator == "not" and isinstance(negated, Mapping) and "required" in negated:
+        return f"{where}: {' and '.join(negated['required'])} are both set; give only one"
     if error.validator == "oneOf" and error.context:
         deepest = max(error.context, key=lambda e: len(e.absolute_path))
         if len(deepest.absolute_path) > len(error.absolute_path):
