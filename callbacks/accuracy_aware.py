@@ -28,16 +28,18 @@ def on_validation_end(aa: AccuracyAware, trainer: pl.Trainer, monitor: str, fitt
         return
     if not fitting:
         if aa.ctrl is None and aa.reference is None:
-            aa.reference = metric(trainer, monitor)
+            aa.reference = float(trainer.strategy.broadcast(metric(trainer, monitor), src=0))
             rank_zero_info(f"accuracy-aware: reference {monitor} = {aa.reference:.4f}")
         return
-    decision = aa.step(metric(trainer, monitor))
+    # Rank zero's metric decides on every rank, so that levels and masks stay identical.
+    decision = aa.step(float(trainer.strategy.broadcast(metric(trainer, monitor), src=0)))
     assert aa.reference is not None
     rank_zero_info(decision.line(aa.reference).replace("metric", monitor, 1))
     values = {
         "compression/aa/level": decision.level,
         "compression/aa/metric": decision.metric,
         "compression/aa/budget": decision.budget,
+        "compression/aa/next_level": decision.next_level,
         "compression/aa/stop": float(decision.stop),
     }
     for logger in trainer.loggers:

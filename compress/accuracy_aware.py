@@ -82,6 +82,7 @@ class Decision:
     reason: str
     stop: bool = False
     lr_factor: float = 1.0  # multiply the learning rates by this before the next epoch
+    next_level: float = 0.0  # the level the next epoch trains at (the restored one on stop)
 
     def line(self, reference: float) -> str:
         return (
@@ -272,7 +273,9 @@ class AccuracyAware:
     ) -> Decision:
         stop = stop or self.phase == "done"
         level = self._measured if self._measured is not None else self._level()
-        return Decision(self.epochs, metric, level, self.budget(metric), reason, stop, lr)
+        return Decision(
+            self.epochs, metric, level, self.budget(metric), reason, stop, lr, self._level()
+        )
 
     def _level(self) -> float:
         assert self.ctrl is not None

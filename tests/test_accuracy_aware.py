@@ -18,7 +18,7 @@ from pytorch_lightning.loggers import Logger
 import compress
 from callbacks import CompressionCallback
 from compress import masks
-from compress.accuracy_aware import fully_compressed
+from compress.accuracy_aware import AccuracyAware, from_config, fully_compressed
 from compress.errors import ConfigError
 
 
@@ -116,6 +116,25 @@ def test_adaptive_search_reaches_the_highest_level_within_budget() -> None:
     assert "step 0.0125 below minimal_compression_rate_step" in lines[-1]
     assert "level lowered to 0.4000" in lines[2]
     assert opt.param_groups[0]["lr"] == 0.5**3  # three changes of direction
+
+
+def test_budget_is_relative_or_absolute_and_mirrored_for_lower_is_better() -> None:
+    def aa(mode: str, **params: float) -> AccuracyAware:
+        made = from_config(compress.load_config(recipe("early_exit", **params)), mode=mode)
+        assert made is not None
+        made.reference = 2.0
+        return made
+
+    assert aa("max").tolerable == 2.0 * 0.99  # the default: 1% relative
+    assert aa("max", maximal_relative_accuracy_degradation=5.0).tolerable == 2.0 * 0.95
+    assert aa("min", maximal_absolute_accuracy_degradation=0.5).tolerable == 2.5
+    assert aa("min", maximal_absolute_accuracy_degradation=0.5).budget(2.4) > 0
+    with pytest.raises(
+        ConfigError,
+        match="params: maximal_relative_accuracy_degradation and maximal_absolute_accuracy_"
+        "degradation are both set; give only one",
+    ):
+        aa("max", maximal_relative_accuracy_degradation=1, maximal_absolute_accuracy_degradation=1)
 
 
 def test_adaptive_needs_an_algorithm_with_a_level() -> None:

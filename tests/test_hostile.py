@@ -150,7 +150,8 @@ def algorithm_schema(name: str, *, on_model: bool = False) -> dict[str, Any]:
             "additionalProperties": False,
         }
         params["calibration_batches"] = {"type": "integer", "minimum": 1, "maximum": 2}
-    return {**defs[name], "required": ["algorithm"], "$defs": defs}
+    required = sorted({"algorithm", *defs[name].get("required", [])})
+    return {**defs[name], "required": required, "$defs": defs}
 
 
 def _names_layers(section: Any) -> bool:
@@ -189,7 +190,9 @@ def build_and_verify(recipe: dict[str, Any]) -> None:
     model.eval()
     plain.eval()
     with torch.no_grad():
-        torch.testing.assert_close(plain(X), model(X), atol=1e-5, rtol=1e-4)
+        # A distillation scale in the hundreds can make these few SGD steps diverge; strip()
+        # must then give the same NaNs.
+        torch.testing.assert_close(plain(X), model(X), atol=1e-5, rtol=1e-4, equal_nan=True)
     ctrl.load_state_dict(state)
 
 

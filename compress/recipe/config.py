@@ -264,8 +264,11 @@ def _algorithm(item: Any, path: str) -> AlgorithmConfig:
         )
     sub = schema()["$defs"][name]
     _validate(item, sub, path)
-    if name == "knowledge_distillation" and item.get("type") == "mse" and "temperature" in item:
-        raise ConfigError(f"{path}.temperature: only the 'softmax' type has a temperature; drop it")
+    if name == "knowledge_distillation" and item.get("type") == "mse":
+        if item.get("temperature", 1.0) != 1.0:  # the default is harmless: filled-in recipes load
+            raise ConfigError(
+                f"{path}.temperature: only the 'softmax' type has a temperature; drop it"
+            )
     params = {**_defaults(sub["properties"]["params"]), **copy.deepcopy(item.get("params", {}))}
     options = {**_defaults(sub), **{k: copy.deepcopy(v) for k, v in item.items() if k != "params"}}
     options.pop("params", None)
@@ -400,6 +403,9 @@ def _message(error: jsonschema.ValidationError, base: str) -> str:
         return f"{where}: {value} must be {bound[error.validator]} {error.validator_value}"
     if error.validator == "required":
         return f"{where}: {error.message}"
+    negated = error.validator_value
+    if error.validator == "not" and isinstance(negated, Mapping) and "required" in negated:
+        return f"{where}: {' and '.join(negated['required'])} are both set; give only one"
     if error.validator == "oneOf" and error.context:
         # the alternative of the right type that failed on a bound says most
         bounds = [c for c in error.context if c.validator in ("maxLength", "maxItems")]
