@@ -165,9 +165,11 @@ def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str
 def _masked_checkpoint_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The checkpoint's weights with the masks saved by ``CompressionCallback`` applied
     (sparsity algorithms; a layer name is matched to the state_dict key ending with it)."""
+    from compress.controller import expand_state
+
     state = dict(checkpoint["state_dict"])
     entry = (checkpoint.get("callbacks") or {}).get("CompressionCallback") or {}
-    controller = entry.get("controller") or {}
+    controller = expand_state(entry.get("controller") or {})  # masks packed to bits
     for algo in (controller.get("state") or {}).values():
         for layer, mask in (algo.get("masks") or {}).items():
             keys = [k for k in state if k == f"{layer}.weight" or k.endswith(f".{layer}.weight")]

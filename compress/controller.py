@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,11 @@ class CompressionController:
             ALGORITHMS[a.name](model, a, self.scheduler, example_inputs) for a in ordered
         ]
         self.scheduler.on_change = self._on_change
+        # Only a per-step schedule without params.steps_per_epoch needs the epoch length.
+        self.scheduler.infer_steps_per_epoch = any(
+            a.params.get("update_per_optimizer_step") and not a.params.get("steps_per_epoch")
+            for a in self.algorithms
+        )
         self._on_change(False)
 
     def _on_change(self, per_step: bool) -> None:
@@ -117,6 +123,55 @@ class CompressionController:
             model = algo.strip(model)
         masks.fold(model)
         return model
+
+
+_BITS = "packed_bits"
+
+
+def pack_bits(mask: torch.Tensor) -> dict[str, Any]:
+    """A bool tensor as one bit per element: ``{"packed_bits": uint8, "shape": [...]}``.
+
+    Example:
+        >>> m = torch.tensor([[True, False, True]])
+        >>> torch.equal(unpack_bits(pack_bits(m)), m)
+        True
+    """
+    flat = mask.detach().reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).reshape(-1, 8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=flat.device)
+    return {_BITS: (flat * weights).sum(1, dtype=torch.uint8).cpu(), "shape": list(mask.shape)}
+
+
+def unpack_bits(packed: Mapping[str, Any]) -> torch.Tensor:
+    """The bool tensor ``pack_bits`` packed."""
+    bits = packed[_BITS].reshape(-1, 1)
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+    flat = ((bits >> shifts) & 1).reshape(-1).bool()
+    shape = [int(n) for n in packed["shape"]]
+    return flat[: math.prod(shape)].reshape(shape)
+
+
+def compact_state(state: Any) -> Any:
+    """``state`` (from ``CompressionController.state_dict``) with every bool tensor packed to
+    one bit per element (masks take 1/8 of their bytes); ``expand_state`` undoes it."""
+    if isinstance(state, torch.Tensor) and state.dtype == torch.bool:
+        return pack_bits(state)
+    if isinstance(state, Mapping):
+        return {k: compact_state(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [compact_state(v) for v in state]
+    return state
+
+
+def expand_state(state: Any) -> Any:
+    """The inverse of ``compact_state`` (a state that was never compacted passes unchanged)."""
+    if isinstance(state, Mapping):
+        if _BITS in state:
+            return unpack_bits(state)
+        return {k: expand_state(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [expand_state(v) for v in state]
+    return state
 
 
 def _get(state: Any, key: str) -> Any:
