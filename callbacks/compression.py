@@ -444,15 +444,25 @@ def check_finite_weights(ctrl: CompressionController, epoch: int, step: int) -> 
 
 
 def layer_metrics(ctrl: CompressionController) -> dict[str, float]:
-    """``compression/<algorithm>/<layer>/sparsity`` for every layer, plus the totals."""
+    """``compression/<algorithm>/<layer>/sparsity`` for every layer, plus the totals; for
+    filter pruning ``.../<layer>/kept_filters`` and ``pruning_level`` per layer and
+    ``compression/filter_pruning/{macs,params,filters}`` now and ``..._full``."""
     stats = ctrl.statistics().to_dict()
     out = {"compression/sparsity": float(stats["model"]["sparsity of compressed layers"])}
     for algo in stats["algorithms"]:
+        name = algo["algorithm"]
         for row in algo.get("layers", ()):
             if "sparsity" in row:
-                out[f"compression/{algo['algorithm']}/{row['layer']}/sparsity"] = float(
-                    row["sparsity"]
+                out[f"compression/{name}/{row['layer']}/sparsity"] = float(row["sparsity"])
+            if "kept filters" in row:  # filter pruning
+                out[f"compression/{name}/{row['layer']}/kept_filters"] = float(row["kept filters"])
+                out[f"compression/{name}/{row['layer']}/pruning_level"] = float(
+                    row["pruning level"]
                 )
+        for row in algo.get("summary", ()):  # filter pruning: MACs, params, filters
+            what = str(row[""]).lower()
+            out[f"compression/{name}/{what}"] = float(row["current"])
+            out[f"compression/{name}/{what}_full"] = float(row["full"])
     if "effective sparsity of compressed layers" in stats["model"]:
         eff = stats["model"]["effective sparsity of compressed layers"]
         out["compression/effective_sparsity"] = float(eff)
