@@ -116,6 +116,7 @@ class CompressionCallback(_Callback):
         self._epoch_offset = 0
         self._step_offset = 0
         self._fit_start_step = 0
+        self._key_prefix = ""  # of the compressed network in the LightningModule's state_dict
 
     @property
     def state_key(self) -> str:
@@ -132,7 +133,18 @@ class CompressionCallback(_Callback):
                 f"model_attr: the LightningModule has no submodule {self.model_attr!r}; "
                 f"its children are {[n for n, _ in pl_module.named_children()]}"
             )
-        return target
+        # torch.compile(net) wraps the network: compress and export it under its plain names
+        # (the compiled wrapper calls it, hooks included).
+        inner = getattr(target, "_orig_mod", None)
+        return inner if isinstance(inner, nn.Module) else target
+
+    def _prefix(self, pl_module: pl.LightningModule) -> str:
+        """The target's key prefix in the LightningModule's state_dict."""
+        target = self._target(pl_module)
+        for name, module in pl_module.named_modules():
+            if module is target:
+                return f"{name}." if name else ""
+        raise AssertionError("the target is a submodule")
 
     def _example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         example = pl_module.example_input_array
@@ -156,6 +168,7 @@ class CompressionCallback(_Callback):
             inputs = (inputs,)
         target = self._target(pl_module)
         self.ctrl, _ = compress.create_compressed_model(target, self.config, inputs)
+        self._key_prefix = self._prefix(pl_module)
         calibrate(self.ctrl, trainer)
         for _, module, _, _ in masks.iter_masked(target):
             _report_masked_weights(module)
@@ -233,6 +246,7 @@ class CompressionCallback(_Callback):
             "controller": compact_state(self.ctrl.state_dict()),
             "recipe": json.loads(json.dumps(self.config.data, default=dict)),
             "model_attr": self.model_attr,
+            "prefix": self._key_prefix,
             "inputs": [
                 [list(t.shape), str(t.dtype).removeprefix("torch.")]
                 for t in self.ctrl.example_inputs or ()
@@ -310,7 +324,7 @@ class CompressionCallback(_Callback):
         entry = checkpoint.get("callbacks", {}).get(self.state_key, {})
         if "controller" not in entry:
             raise CompressError(f"{path}: no {self.state_key} entry; cannot export it")
-        prefix = f"{self.model_attr}." if self.model_attr else ""
+        prefix = self._key_prefix
         weights = checkpoint["state_dict"]
         target.load_state_dict(
             {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}

@@ -206,12 +206,13 @@ def export_checkpoint(
             "'CompressionCallback' entry with a recipe and controller state)"
         )
     attr = entry.get("model_attr")
+    prefix = entry.get("prefix", f"{attr}." if attr else "")
     weights = payload["state_dict"]
     target = model
-    if attr and isinstance(getattr(model, attr, None), nn.Module):
-        target = getattr(model, attr)  # the factory built the LightningModule
-    elif attr:
-        weights = {k[len(attr) + 1 :]: v for k, v in weights.items() if k.startswith(f"{attr}.")}
+    if sorted(model.state_dict()) == sorted(weights):  # the factory built the LightningModule
+        target = model.get_submodule(prefix[:-1]) if prefix else model
+    else:  # the compressed network, under its plain names
+        weights = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

@@ -443,3 +443,48 @@ def test_train_loader_of_the_module_itself(tmp_path: Path) -> None:
     cb = CompressionCallback(PER_EPOCH, model_attr="model", verbose=False)
     fit_quietly(trainer(tmp_path, cb, epochs=1), LitClassifier(with_example=False), loader16())
     assert isinstance(cb.ctrl.model, nn.Module)
+
+
+# --- 6. torch.compile ----------------------------------------------------------------------------
+
+
+class CompiledLit(LitClassifier):
+    """A user's module that compiles its network in ``__init__``."""
+
+    def __init__(self) -> None:
+        super().__init__(model=torch.compile(lenet(16), backend="eager"))
+
+
+def test_a_compiled_network_is_compressed_and_exported_under_its_plain_names(
+    tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    last = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
+    cb = CompressionCallback(
+        PER_EPOCH,
+        model_attr="model",
+        verbose=False,
+        export_dir=tmp_path / "out",
+        export_formats=["sparse", "pt2"],
+    )
+    module = CompiledLit()
+    fit_quietly(trainer(tmp_path, cb, last, epochs=3), module, loader16())
+    assert cb.ctrl.compression_level == pytest.approx(0.8)
+    assert "model._orig_mod.0.weight" in module.state_dict()
+    x = torch.randn(5, 16)
+    module.eval()
+    plain = compress.load_sparse(cb.exported["sparse"], lenet(16))  # plain names
+    assert torch.equal(plain(x), module(x))
+    program = torch.export.load(str(cb.exported["pt2"]))
+    assert torch.allclose(program.module()(x), module(x), atol=1e-6)
+    # compress export of its checkpoint into the plain network
+    (tmp_path / "nets.py").write_text(
+        "from torch import nn\n"
+        "def net():\n"
+        "    return nn.Sequential(nn.Linear(16, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),"
+        " nn.Linear(100, 10))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "cli" / "m"
+    args = ["export", str(tmp_path / "ckpt" / "last.ckpt"), "--model", "nets:net"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert torch.equal(compress.load_sparse(f"{out}.sparse.pt", lenet(16))(x), module(x))
