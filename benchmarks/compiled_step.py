@@ -46,7 +46,7 @@ def variant(masked: bool, compiled: bool):  # type: ignore[no-untyped-def]
         recipe = {"compression": {"algorithm": "magnitude_sparsity", "sparsity_init": 0.5}}
         _, net = compress.create_compressed_model(net, recipe, torch.zeros(1, 256))
     if compiled:
-        net.compile()
+        net = torch.compile(net)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(64, 256)
     y = torch.randint(0, 256, (64,))

@@ -17,6 +17,7 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from test_resume import FILTER, MAGNITUDE, RB, Lit, assert_same_run, fit, needs_fp, needs_rb
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader, IterableDataset
 
 import compress
@@ -467,8 +468,15 @@ def test_a_compiled_network_is_compressed_and_exported_under_its_plain_names(
         export_formats=["sparse", "pt2"],
     )
     module = CompiledLit()
+    torch._dynamo.reset()
+    counters.clear()
     fit_quietly(trainer(tmp_path, cb, last, epochs=3), module, loader16())
     assert cb.ctrl.compression_level == pytest.approx(0.8)
+    # Masked training under compile: one graph for the whole network, masks moving at every
+    # epoch without a recompile (they change in place), no graph break.
+    assert counters["stats"]["unique_graphs"] == 1
+    assert sum(counters["recompiles"].values()) == 0
+    assert sum(counters["graph_break"].values()) == 0
     assert "model._orig_mod.0.weight" in module.state_dict()
     x = torch.randn(5, 16)
     module.eval()
