@@ -172,6 +172,13 @@ class CompressionCallback(_Callback):
         calibrate(self.ctrl, trainer)
         for _, module, _, _ in masks.iter_masked(target):
             _report_masked_weights(module)
+        # torch.compile does not guard on module hooks by default: a graph traced without the
+        # masking hooks (another instance of the class, or this one before setup) would be
+        # reused, masks silently ignored. With the guards a masked module gets its own graph;
+        # graphs traced before without them are dropped.
+        if torch._dynamo.config.skip_nnmodule_hook_guards:
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
+            torch._dynamo.reset()
         if self._pending_state is not None:
             self.load_state_dict(self._pending_state)
             self._pending_state = None
