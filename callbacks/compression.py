@@ -162,6 +162,8 @@ class CompressionCallback(_Callback):
             # A second fit: the new trainer counts from zero, the schedule continues.
             self._epoch_offset = max(self.ctrl.scheduler.epoch + 1, 0)
             self._step_offset = self.ctrl.scheduler.global_step
+            # An epoch that max_steps or a stop cut short is over, not uneven.
+            self.ctrl.scheduler.step_in_epoch = 0
             return
         inputs = self._example_inputs(trainer, pl_module)
         if isinstance(inputs, torch.Tensor):

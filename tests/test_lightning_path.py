@@ -293,14 +293,15 @@ def test_a_second_fit_continues_the_schedule_and_never_revives_pruned_weights(
     cb = CompressionCallback(recipe, model_attr="model", verbose=False)
     probe = Levels(cb)
     module = LitClassifier()
-    fit_quietly(trainer(tmp_path, cb, probe, epochs=2), module, loader16())
-    assert cb.ctrl.compression_level == pytest.approx(0.4)
+    # The first fit stops mid-epoch (max_steps): 1.5 epochs of 8 steps.
+    fit_quietly(trainer(tmp_path, cb, probe, epochs=2, max_steps=12), module, loader16())
+    assert cb.ctrl.compression_level == pytest.approx(0.3)
     pruned = masked_weights(module.state_dict()) == 0
     stored_zero = torch.cat([module.model[i].weight.flatten() for i in (0, 2, 4)]) == 0
     assert torch.equal(pruned, stored_zero)  # the stored weights are the masked ones
 
     fit_quietly(trainer(tmp_path / "2", cb, probe, epochs=2), module, loader16())
-    assert cb.ctrl.scheduler.epoch == 3 and cb.ctrl.scheduler.global_step == 32
+    assert cb.ctrl.scheduler.epoch == 3 and cb.ctrl.scheduler.global_step == 12 + 16
     assert cb.ctrl.compression_level == pytest.approx(0.8)
     assert probe.levels == sorted(probe.levels)  # never lowered
     after = masked_weights(module.state_dict())
