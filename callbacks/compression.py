@@ -8,27 +8,49 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
-from collections.abc import Mapping, Sequence
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 import compress
 from callbacks import accuracy_aware as aa_glue
 from compress import accuracy_aware, masks
-from compress.controller import CompressionController
+from compress.controller import (
+    CompressionController,
+    compact_state,
+    expand_state,
+    pack_bits,
+    unpack_bits,
+)
 from compress.deploy.export import FORMATS
 from compress.errors import CompressError, ConfigError
 from compress.recipe.config import Config, load_config
+from compress.schedules import SCHEDULES
+
+if TYPE_CHECKING:
+    _Callback = pl.Callback
+else:
+    try:  # one class for both namespaces: `lightning.pytorch` checks its own Callback base
+        from lightning.pytorch import Callback as _LightningCallback
+
+        class _Callback(pl.Callback, _LightningCallback):
+            pass
+
+    except ImportError:  # `lightning` is optional
+        _Callback = pl.Callback
 
 
-class CompressionCallback(pl.Callback):
+class CompressionCallback(_Callback):
     """Compresses the LightningModule (or its ``model_attr`` submodule) while it trains.
 
     - ``setup``: builds the controller. Example inputs come from ``example_input_array``, else
@@ -37,8 +59,15 @@ class CompressionCallback(pl.Callback):
       accumulation counts once per optimizer step), and adds ``ctrl.loss()`` to the loss that
       ``training_step`` returns.
     - Logs ``compression/level`` on the progress bar and per-layer sparsity at epoch end.
-    - Saves the controller state in its own checkpoint entry and restores it on resume.
-    - At fit end, on rank zero, strips the model and exports it to ``export_dir``.
+    - Checkpoints hold, under ``state_dict``, the masked weights (the model that computes), so
+      ``MyLit.load_from_checkpoint(path)`` is the compressed model without this library. The
+      callback's own entry holds the controller state (masks packed to bits) and, while masks
+      may still move, the stored values of masked-out weights, so resuming is bitwise exact.
+    - At fit end the module's weights become the masked ones (the module is the compressed
+      model) and, on rank zero, the final or the best checkpointed model is exported to
+      ``export_dir``; a run that ends before the recipe's target warns. ``fast_dev_run`` and
+      fits without an optimizer step export nothing.
+    - A second ``fit`` with the same callback continues the schedule where it stopped.
 
     Args:
         recipe: a recipe path, dict or ``Config``.
@@ -54,6 +83,8 @@ class CompressionCallback(pl.Callback):
             the model as it was when compression started).
         reference_metric: the uncompressed model's ``monitor``; by default recorded from a
             ``trainer.validate`` run before ``fit``.
+        export_from: ``"final"`` (the state at fit end) or ``"best"`` (the best checkpoint of
+            the trainer's ``ModelCheckpoint``, by its ``monitor``).
     """
 
     def __init__(
@@ -69,6 +100,7 @@ class CompressionCallback(pl.Callback):
         mode: Literal["max", "min"] = "max",
         teacher: nn.Module | None = None,
         reference_metric: float | None = None,
+        export_from: Literal["final", "best"] = "final",
     ) -> None:
         self.config = load_config(recipe)
         self.monitor, self.teacher = monitor, teacher
@@ -93,9 +125,18 @@ class CompressionCallback(pl.Callback):
         self.model_attr = model_attr
         self.export_name = export_name
         self.verbose = verbose
+        if export_from not in ("final", "best"):
+            raise ConfigError(f"export_from: got {export_from!r}; one of 'final', 'best'")
+        self.export_from = export_from
         self.ctrl: CompressionController | None = None
         self.exported: dict[str, Path] = {}
-        self._pending_state: Mapping[str, Any] | None = None
+        self.shortfall: list[str] = []  # what fell short of the recipe's targets at fit end
+        self._pending_state: dict[str, Any] | None = None
+        # epochs and optimizer steps of earlier fits, so that a second fit continues
+        self._epoch_offset = 0
+        self._step_offset = 0
+        self._fit_start_step = 0
+        self._key_prefix = ""  # of the compressed network in the LightningModule's state_dict
 
     @property
     def state_key(self) -> str:
@@ -112,7 +153,18 @@ class CompressionCallback(pl.Callback):
                 f"model_attr: the LightningModule has no submodule {self.model_attr!r}; "
                 f"its children are {[n for n, _ in pl_module.named_children()]}"
             )
-        return target
+        # torch.compile(net) wraps the network: compress and export it under its plain names
+        # (the compiled wrapper calls it, hooks included).
+        inner = getattr(target, "_orig_mod", None)
+        return inner if isinstance(inner, nn.Module) else target
+
+    def _prefix(self, pl_module: pl.LightningModule) -> str:
+        """The target's key prefix in the LightningModule's state_dict."""
+        target = self._target(pl_module)
+        for name, module in pl_module.named_modules():
+            if module is target:
+                return f"{name}." if name else ""
+        raise AssertionError("the target is a submodule")
 
     def _example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         example = pl_module.example_input_array
@@ -124,7 +176,14 @@ class CompressionCallback(pl.Callback):
         return first_batch_inputs(trainer)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.ctrl is not None:
+        if stage != "fit":
+            return
+        if self.ctrl is not None:
+            # A second fit: the new trainer counts from zero, the schedule continues.
+            self._epoch_offset = max(self.ctrl.scheduler.epoch + 1, 0)
+            self._step_offset = self.ctrl.scheduler.global_step
+            # An epoch that max_steps or a stop cut short is over, not uneven.
+            self.ctrl.scheduler.step_in_epoch = 0
             return
         inputs = self._example_inputs(trainer, pl_module)
         if isinstance(inputs, torch.Tensor):
@@ -135,12 +194,40 @@ class CompressionCallback(pl.Callback):
         )
         if self._aa is not None:
             self._aa.attach(self.ctrl)
+        self._key_prefix = self._prefix(pl_module)
         calibrate(self.ctrl, trainer)
+        for _, module, _, _ in masks.iter_masked(target):
+            _report_masked_weights(module)
+        # torch.compile does not guard on module hooks by default: a graph traced without the
+        # masking hooks (another instance of the class, or this one before setup) would be
+        # reused, masks silently ignored. With the guards a masked module gets its own graph;
+        # graphs traced before without them are dropped.
+        if torch._dynamo.config.skip_nnmodule_hook_guards:
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
+            torch._dynamo.reset()
         if self._pending_state is not None:
-            self.ctrl.load_state_dict(self._pending_state)
+            self.load_state_dict(self._pending_state)
             self._pending_state = None
         if any(a.loss() is not None for a in self.ctrl.algorithms):
             _add_loss(pl_module, self.ctrl)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.ctrl is not None
+        if self._aa is not None:
+            aa_glue.check_reference(self._aa)
+        self._fit_start_step = self.ctrl.scheduler.global_step
+        scheduler = self.ctrl.scheduler
+        batches = trainer.num_training_batches
+        if (
+            scheduler.infer_steps_per_epoch
+            and scheduler.inferred_steps_per_epoch is None
+            and isinstance(batches, int)
+            and batches > 0
+        ):
+            # Lightning steps the optimizer at an epoch's last batch even mid-accumulation.
+            scheduler.inferred_steps_per_epoch = math.ceil(
+                batches / trainer.accumulate_grad_batches
+            )
 
     # --- scheduling and logging --------------------------------------------------------------
 
@@ -157,8 +244,9 @@ class CompressionCallback(pl.Callback):
     def _sync_epoch(self, trainer: pl.Trainer) -> None:
         assert self.ctrl is not None
         # Resuming mid-epoch re-enters the same epoch: the scheduler is already there.
-        if self.ctrl.scheduler.epoch != trainer.current_epoch:
-            self.ctrl.scheduler.epoch_step(trainer.current_epoch)
+        epoch = trainer.current_epoch + self._epoch_offset
+        if self.ctrl.scheduler.epoch != epoch:
+            self.ctrl.scheduler.epoch_step(epoch)
 
     def on_train_batch_end(
         self,
@@ -170,10 +258,13 @@ class CompressionCallback(pl.Callback):
     ) -> None:
         assert self.ctrl is not None
         # global_step counts optimizer steps, so accumulation and skipped steps are respected.
-        while self.ctrl.scheduler.global_step < trainer.global_step:
+        while self.ctrl.scheduler.global_step < trainer.global_step + self._step_offset:
             self.ctrl.scheduler.step()
         check_finite_weights(self.ctrl, trainer.current_epoch, trainer.global_step)
         pl_module.log("compression/level", self.ctrl.compression_level, prog_bar=True, on_step=True)
+        if len(self.ctrl.algorithms) > 1:
+            for algo in self.ctrl.algorithms:
+                pl_module.log(f"compression/{algo.name}/level", algo.level, on_step=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.ctrl is not None
@@ -182,11 +273,26 @@ class CompressionCallback(pl.Callback):
     # --- checkpoints ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """The controller state (masks as bits), the stored values of masked-out weights while
+        they can still matter, and what ``compress export`` needs to rebuild the model."""
         if self.ctrl is None:
             return {}
+        out: dict[str, Any] = {
+            "controller": compact_state(self.ctrl.state_dict()),
+            "recipe": json.loads(json.dumps(self.config.data, default=dict)),
+            "model_attr": self.model_attr,
+            "prefix": self._key_prefix,
+            "inputs": [
+                [list(t.shape), str(t.dtype).removeprefix("torch.")]
+                for t in self.ctrl.example_inputs or ()
+            ],
+            "offsets": [self._epoch_offset, self._step_offset],
+        }
+        if masks_may_move(self.ctrl):
+            out["masked_values"] = masked_values(self.ctrl.model)
         if self._aa is not None:
-            return {"controller": self.ctrl.state_dict(), "accuracy_aware": self._aa.state_dict()}
-        return {"controller": self.ctrl.state_dict()}
+            out["accuracy_aware"] = self._aa.state_dict()
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._aa is not None and "accuracy_aware" in state_dict:
@@ -195,29 +301,54 @@ class CompressionCallback(pl.Callback):
         if state is None:
             return
         if self.ctrl is None:
-            self._pending_state = state
-        else:
-            self.ctrl.load_state_dict(state)
+            self._pending_state = state_dict
+            return
+        self.ctrl.load_state_dict(expand_state(state))
+        restore_masked_values(self.ctrl.model, state_dict.get("masked_values", {}))
+        self._epoch_offset, self._step_offset = state_dict.get("offsets", (0, 0))
 
     # --- accuracy-aware training ---------------------------------------------------------------
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._aa is not None:
-            aa_glue.check_reference(self._aa)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._aa is not None and self.monitor is not None:
             fitting = trainer.state.fn == "fit" and self.ctrl is not None
             aa_glue.on_validation_end(self._aa, trainer, self.monitor, fitting)
 
-    # --- export ----------------------------------------------------------------------------------
+    # --- fit end ---------------------------------------------------------------------------------
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.ctrl is not None
+        # The module becomes the compressed model: what validate/test/predict, state_dict and
+        # the export see, and where a second fit continues (pruned weights stay at zero).
+        fold_in_place(self.ctrl.model)
+        trained = self.ctrl.scheduler.global_step > self._fit_start_step
+        dev_run = bool(getattr(trainer, "fast_dev_run", False))
+        self.shortfall = [] if dev_run or not trained else shortfall(self.ctrl)
         if self.verbose:
-            rank_zero_info(str(self.ctrl.statistics()))
+            rank_zero_info("\n".join([str(self.ctrl.statistics()), *self.shortfall]))
+        for line in self.shortfall:
+            rank_zero_warn(line)
         if self.export_dir is None or not trainer.is_global_zero:
             return
+        if dev_run or not trained:
+            why = "fast_dev_run" if dev_run else "no optimizer step in this fit"
+            rank_zero_info(f"compression: nothing exported ({why})")
+            return
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        if self.export_from == "best" and not best:
+            rank_zero_warn(
+                "compression: export_from='best' but no checkpoint was written (add a "
+                "ModelCheckpoint with a monitor); exported the final state"
+            )
+        if self.export_from == "best" and best:
+            with self._checkpointed(pl_module, Path(best)):
+                self._export()
+        else:
+            self._export()
+        rank_zero_info(f"compression: exported {', '.join(str(p) for p in self.exported.values())}")
+
+    def _export(self) -> None:
+        assert self.ctrl is not None and self.export_dir is not None
         plain = self.ctrl.strip()
         inputs = self.ctrl.example_inputs
         if inputs is not None:
@@ -226,7 +357,133 @@ class CompressionCallback(pl.Callback):
         self.exported = compress.export(
             plain, self.export_dir / self.export_name, self.export_formats, example_inputs=inputs
         )
-        rank_zero_info(f"compression: exported {', '.join(str(p) for p in self.exported.values())}")
+
+    @contextlib.contextmanager
+    def _checkpointed(self, pl_module: pl.LightningModule, path: Path) -> Iterator[None]:
+        """The model and masks of checkpoint ``path`` for the duration of the block."""
+        assert self.ctrl is not None
+        target = self._target(pl_module)
+        tensors = dict(itertools.chain(target.named_parameters(), target.named_buffers()))
+        saved = {name: t.detach().clone() for name, t in tensors.items()}
+        saved_ctrl = self.ctrl.state_dict()
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        entry = checkpoint.get("callbacks", {}).get(self.state_key, {})
+        if "controller" not in entry:
+            raise CompressError(f"{path}: no {self.state_key} entry; cannot export it")
+        prefix = self._key_prefix
+        weights = checkpoint["state_dict"]
+        target.load_state_dict(
+            {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        )
+        self.ctrl.load_state_dict(expand_state(entry["controller"]))
+        try:
+            yield
+        finally:
+            self.ctrl.load_state_dict(saved_ctrl)
+            with torch.no_grad():
+                for name, t in tensors.items():
+                    t.copy_(saved[name])
+
+
+def masks_may_move(ctrl: CompressionController) -> bool:
+    """Whether the stored values of masked-out weights can still reach the model: some mask is
+    not frozen yet (it may give a weight back, or lets the gradient through, straight-through).
+    Const sparsity never moves its masks."""
+    return any(getattr(a, "frozen", True) is False for a in ctrl.algorithms)
+
+
+def _masked_params(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """``{"<module>.<param>": (module, param name)}`` for every masked parameter, once each."""
+    out: dict[str, tuple[nn.Module, str]] = {}
+    seen: set[int] = set()
+    for mod_name, module, pname, _ in masks.iter_masked(model):
+        param = module._parameters.get(pname)
+        if param is None or id(param) in seen:
+            continue
+        seen.add(id(param))
+        out[f"{mod_name}.{pname}" if mod_name else pname] = (module, pname)
+    return out
+
+
+def masked_values(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The stored values the masked ``state_dict`` loses: per parameter, the positions where
+    the stored value differs from the masked one (bits) and those values, in order."""
+    out = {}
+    for key, (module, pname) in _masked_params(model).items():
+        param = module._parameters[pname]
+        assert param is not None
+        stored = param.detach()
+        masked = masks.effective(module, pname)
+        lost = (stored != masked) | (stored.signbit() != masked.signbit())
+        if bool(lost.any()):
+            out[key] = {"where": pack_bits(lost), "values": stored[lost].cpu()}
+    return out
+
+
+def restore_masked_values(model: nn.Module, values: Mapping[str, Mapping[str, Any]]) -> None:
+    """Writes back what ``masked_values`` saved, into the weights loaded from ``state_dict``."""
+    params = _masked_params(model)
+    for key, saved in values.items():
+        if key not in params:
+            raise CompressError(f"checkpoint: masked values for {key!r}, which is not masked")
+        module, pname = params[key]
+        param = module._parameters[pname]
+        assert param is not None
+        where = unpack_bits(saved["where"]).to(param.device)
+        with torch.no_grad():
+            param[where] = saved["values"].to(param.device, param.dtype)
+
+
+def fold_in_place(model: nn.Module) -> None:
+    """Writes the masked values into the stored weights; the masks stay attached."""
+    with torch.no_grad():
+        for module, pname in _masked_params(model).values():
+            param = module._parameters[pname]
+            assert param is not None
+            param.copy_(masks.effective(module, pname))
+
+
+def _masked_state(module: nn.Module, state: dict[str, Any], prefix: str, meta: Any) -> None:
+    """A state_dict hook: a masked parameter is saved as the model computes with it.
+    ``keep_vars=True`` callers (who want the live Parameters) get the stored ones."""
+    for name in masks.masked_names(module):
+        key = prefix + name
+        if key in state and not isinstance(state[key], nn.Parameter):
+            state[key] = masks.effective(module, name)
+
+
+def _report_masked_weights(module: nn.Module) -> None:
+    if not module.__dict__.get("_compress_state_hook"):
+        module.register_state_dict_post_hook(_masked_state)
+        module.__dict__["_compress_state_hook"] = True
+
+
+def shortfall(ctrl: CompressionController) -> list[str]:
+    """One line per scheduled algorithm whose level at fit end is below the recipe's target."""
+    lines = []
+    epoch, step = ctrl.scheduler.epoch, ctrl.scheduler.global_step
+    for algo in ctrl.algorithms:
+        target = target_level(algo)
+        if target is not None and algo.level < target - 1e-6:
+            lines.append(
+                f"compression: {algo.name} reached level {algo.level:.4f}, below the recipe's "
+                f"target {target:.4f}, when the run ended (epoch {epoch}, optimizer step "
+                f"{step}); train longer or reach the target earlier in the schedule"
+            )
+    return lines
+
+
+def target_level(algo: Any) -> float | None:
+    """The level a scheduled algorithm's recipe ends at (None without a level schedule)."""
+    fn = SCHEDULES.get(algo.name)
+    params = dict(algo.params)
+    if fn is None or (algo.name == "filter_pruning" and "pruning_target" not in params):
+        return None
+    if params.get("schedule") == "adaptive":
+        return float(params["sparsity_target"])
+    options = algo.cfg.options
+    init = float(options.get("sparsity_init", options.get("pruning_init", 0.0)) or 0.0)
+    return float(fn(params, init, 1e9))
 
 
 def check_finite_weights(ctrl: CompressionController, epoch: int, step: int) -> None:
@@ -247,15 +504,25 @@ def check_finite_weights(ctrl: CompressionController, epoch: int, step: int) -> 
 
 
 def layer_metrics(ctrl: CompressionController) -> dict[str, float]:
-    """``compression/<algorithm>/<layer>/sparsity`` for every layer, plus the totals."""
+    """``compression/<algorithm>/<layer>/sparsity`` for every layer, plus the totals; for
+    filter pruning ``.../<layer>/kept_filters`` and ``pruning_level`` per layer and
+    ``compression/filter_pruning/{macs,params,filters}`` now and ``..._full``."""
     stats = ctrl.statistics().to_dict()
     out = {"compression/sparsity": float(stats["model"]["sparsity of compressed layers"])}
     for algo in stats["algorithms"]:
+        name = algo["algorithm"]
         for row in algo.get("layers", ()):
             if "sparsity" in row:
-                out[f"compression/{algo['algorithm']}/{row['layer']}/sparsity"] = float(
-                    row["sparsity"]
+                out[f"compression/{name}/{row['layer']}/sparsity"] = float(row["sparsity"])
+            if "kept filters" in row:  # filter pruning
+                out[f"compression/{name}/{row['layer']}/kept_filters"] = float(row["kept filters"])
+                out[f"compression/{name}/{row['layer']}/pruning_level"] = float(
+                    row["pruning level"]
                 )
+        for row in algo.get("summary", ()):  # filter pruning: MACs, params, filters
+            what = str(row[""]).lower()
+            out[f"compression/{name}/{what}"] = float(row["current"])
+            out[f"compression/{name}/{what}_full"] = float(row["full"])
     if "effective sparsity of compressed layers" in stats["model"]:
         eff = stats["model"]["effective sparsity of compressed layers"]
         out["compression/effective_sparsity"] = float(eff)

@@ -1,8 +1,10 @@
-"""The ``compress`` command: validate a recipe, print its schedule, inspect an exported file.
+"""The ``compress`` command: validate a recipe, print its schedule, inspect an exported file,
+export a checkpoint written with ``CompressionCallback``.
 
     compress validate configs/magnitude_sparsity.json
     compress schedule configs/magnitude_sparsity.json --epochs 40 --steps-per-epoch 20
     compress inspect exports/digits/model.sparse.pt
+    compress export checkpoints/best.ckpt --model mypkg.nets:Net --formats sparse,pt2
 
 Errors print one line and exit with status 2, never a traceback.
 """
@@ -184,9 +186,12 @@ def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str
 def _masked_checkpoint_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The checkpoint's weights with the masks saved by ``CompressionCallback`` applied
     (sparsity algorithms; a layer name is matched to the state_dict key ending with it)."""
+    from compress.controller import expand_state
+
     state = dict(checkpoint["state_dict"])
     entry = _field(_field(checkpoint, "callbacks"), "CompressionCallback")
-    for algo in _field(_field(entry, "controller"), "state").values():
+    controller = expand_state(_field(entry, "controller"))  # masks packed to bits
+    for algo in _field(controller, "state").values():
         for layer, mask in _field(algo, "masks").items():
             if not isinstance(layer, str) or not isinstance(mask, torch.Tensor):
                 continue
@@ -205,6 +210,52 @@ def _field(d: Any, key: str) -> dict[str, Any]:
     missing or of another shape, and then carry no masks."""
     value = d.get(key) if isinstance(d, dict) else None
     return value if isinstance(value, dict) else {}
+
+
+def export_checkpoint(
+    path: Path, model: nn.Module, formats: Sequence[str], out: Path
+) -> dict[str, Path]:
+    """Exports the model of a checkpoint written with ``CompressionCallback``: ``model`` is a
+    fresh instance of the LightningModule or of the compressed network (the callback's
+    ``model_attr`` submodule); the recipe, masks and example input shapes come from the
+    callback's entry."""
+    from compress.controller import create_compressed_model, expand_state
+    from compress.deploy.export import FORMATS, export
+    from compress.deploy.files import safe_load
+
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise CompressError(f"--formats: {unknown} not supported; one of {list(FORMATS)}")
+    payload = safe_load(path)
+    entry = (
+        (payload.get("callbacks") or {}).get("CompressionCallback")
+        if isinstance(payload, dict)
+        else None
+    )
+    if not isinstance(entry, dict) or "recipe" not in entry or "controller" not in entry:
+        raise CompressError(
+            f"{path}: not a checkpoint written with CompressionCallback (no "
+            "'CompressionCallback' entry with a recipe and controller state)"
+        )
+    attr = entry.get("model_attr")
+    prefix = entry.get("prefix", f"{attr}." if attr else "")
+    weights = payload["state_dict"]
+    target = model
+    if sorted(model.state_dict()) == sorted(weights):  # the factory built the LightningModule
+        target = model.get_submodule(prefix[:-1]) if prefix else model
+    else:  # the compressed network, under its plain names
+        weights = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise CompressError(f"{path}: the weights do not fit --model ({first})") from None
+    inputs = tuple(
+        torch.zeros(shape, dtype=getattr(torch, dtype)) for shape, dtype in entry["inputs"]
+    )
+    ctrl, _ = create_compressed_model(target, entry["recipe"], inputs or None)
+    ctrl.load_state_dict(expand_state(entry["controller"]))
+    return export(ctrl.strip(), out, formats, example_inputs=inputs or None)
 
 
 def _model_figures(model: nn.Module, inputs: Any) -> str:
@@ -281,6 +332,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sparsity and MACs of sparse, pruned and checkpoint files",
     )
     i.add_argument("--prefix", default="", help="state_dict key prefix to strip (e.g. 'model.')")
+    e = sub.add_parser("export", help="export a checkpoint written with CompressionCallback")
+    e.add_argument("checkpoint")
+    e.add_argument(
+        "--model",
+        required=True,
+        help="package.module:Factory building a fresh LightningModule or compressed network",
+    )
+    e.add_argument("--formats", default="sparse", help="comma-separated, e.g. sparse,pt2,onnx")
+    e.add_argument("--out", help="output path prefix (default: the checkpoint's, no suffix)")
     k = sub.add_parser("keys", help="print the recipe keys as a Markdown table (from the schema)")
     k.add_argument("--write-readme", metavar="README", nargs="?", const="README.md")
     args = parser.parse_args(argv)
@@ -302,6 +362,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(rows) if args.json else table(rows))
         elif args.command == "inspect":
             print(_inspect(Path(args.file), args.model, args.prefix))
+        elif args.command == "export":
+            ckpt = Path(args.checkpoint)
+            out = Path(args.out) if args.out else ckpt.with_suffix("")
+            formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+            written = export_checkpoint(ckpt, _load_model(args.model), formats, out)
+            print("\n".join(f"{fmt}: {p}" for fmt, p in written.items()))
         elif args.command == "keys":
             _keys(args.write_readme)
     except CompressError as e:

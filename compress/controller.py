@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -66,6 +67,11 @@ class CompressionController:
                 stacklevel=3,
             )
         self.scheduler.on_change = self._on_change
+        # Only a per-step schedule without params.steps_per_epoch needs the epoch length.
+        self.scheduler.infer_steps_per_epoch = any(
+            a.params.get("update_per_optimizer_step") and not a.params.get("steps_per_epoch")
+            for a in self.algorithms
+        )
         self._on_change(False)
 
     def _on_change(self, per_step: bool) -> None:
@@ -187,6 +193,64 @@ def check_state_values(state: Mapping[str, Any], names: list[str]) -> None:
                         f"compression state: {name}.{kind}[{layer!r}] holds values other than "
                         f"{allowed}; nothing was changed"
                     )
+
+
+_BITS = "packed_bits"
+
+
+def pack_bits(mask: torch.Tensor) -> dict[str, Any]:
+    """A bool tensor as one bit per element: ``{"packed_bits": uint8, "shape": [...]}``.
+
+    Example:
+        >>> m = torch.tensor([[True, False, True]])
+        >>> torch.equal(unpack_bits(pack_bits(m)), m)
+        True
+    """
+    flat = mask.detach().reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).reshape(-1, 8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=flat.device)
+    return {_BITS: (flat * weights).sum(1, dtype=torch.uint8).cpu(), "shape": list(mask.shape)}
+
+
+def unpack_bits(packed: Mapping[str, Any]) -> torch.Tensor:
+    """The bool tensor ``pack_bits`` packed; a damaged entry is a ``CompressError``."""
+    bits, shape = packed.get(_BITS), packed.get("shape")
+    if (
+        not isinstance(bits, torch.Tensor)
+        or bits.dtype != torch.uint8
+        or not isinstance(shape, (list, tuple))
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+        or math.prod(shape) > bits.numel() * 8
+    ):
+        raise CompressError(
+            "compression state: a packed mask is damaged (its bits do not hold its shape)"
+        )
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+    flat = ((bits.reshape(-1, 1) >> shifts) & 1).reshape(-1).bool()
+    return flat[: math.prod(shape)].reshape(shape)
+
+
+def compact_state(state: Any) -> Any:
+    """``state`` (from ``CompressionController.state_dict``) with every bool tensor packed to
+    one bit per element (masks take 1/8 of their bytes); ``expand_state`` undoes it."""
+    if isinstance(state, torch.Tensor) and state.dtype == torch.bool:
+        return pack_bits(state)
+    if isinstance(state, Mapping):
+        return {k: compact_state(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [compact_state(v) for v in state]
+    return state
+
+
+def expand_state(state: Any) -> Any:
+    """The inverse of ``compact_state`` (a state that was never compacted passes unchanged)."""
+    if isinstance(state, Mapping):
+        if _BITS in state:
+            return unpack_bits(state)
+        return {k: expand_state(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [expand_state(v) for v in state]
+    return state
 
 
 def _get(state: Any, key: str) -> Any:

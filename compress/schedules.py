@@ -132,12 +132,16 @@ class Scheduler:
         self.step_in_epoch = 0
         self.global_step = 0
         self.inferred_steps_per_epoch: int | None = None
+        # False when no schedule reads the epoch length: epochs may then differ in length.
+        self.infer_steps_per_epoch = True
         self.on_change = on_change
 
     def epoch_step(self, next_epoch: int | None = None) -> None:
         """Starts epoch ``next_epoch`` (default: the next one)."""
         target = self.epoch + 1 if next_epoch is None else next_epoch
-        if self.epoch == 0 and target == 1 and self.inferred_steps_per_epoch is None:
+        if not self.infer_steps_per_epoch:
+            pass
+        elif self.epoch == 0 and target == 1 and self.inferred_steps_per_epoch is None:
             self.inferred_steps_per_epoch = self.step_in_epoch or None
         elif (
             self.inferred_steps_per_epoch is not None

@@ -115,6 +115,8 @@ class RankProbe(pl.Callback):
             "steps": self.steps,
             "statistics": self.epochs,
             "exported": sorted(cb.exported),
+            # after the compression callback's on_fit_end: the module is the compressed model
+            "state_dict": _digest(pl_module.state_dict()),
         }
         path = self.out_dir / f"rank{trainer.global_rank}.json"
         path.write_text(json.dumps(record, default=str))
@@ -127,7 +129,7 @@ def ddp_loader() -> DataLoader:
     return DataLoader(ds, batch_size=8)
 
 
-def fit_ddp(tmp_path: Path, section: Any, strategy: str = "ddp_spawn") -> None:
+def fit_ddp(tmp_path: Path, section: Any, strategy: str = "ddp_spawn") -> pl.LightningModule:
     cb = CompressionCallback(
         {"compression": section},
         model_attr="model",
@@ -147,7 +149,9 @@ def fit_ddp(tmp_path: Path, section: Any, strategy: str = "ddp_spawn") -> None:
         enable_checkpointing=False,
     )
     pl.seed_everything(0, verbose=False)
-    fit_quietly(trainer, Lit(presparse=_presparse(section)), ddp_loader())
+    module = Lit(presparse=_presparse(section))
+    fit_quietly(trainer, module, ddp_loader())
+    return module
 
 
 def _presparse(section: Any) -> bool:
@@ -207,8 +211,17 @@ SLOW = [
 
 @pytest.mark.parametrize("section", DEFAULT + SLOW)
 def test_ddp_spawn_ranks_agree(section: Any, tmp_path: Path) -> None:
-    fit_ddp(tmp_path, section)
+    module = fit_ddp(tmp_path, section)
     check_ranks(tmp_path, section)
+    # The main process holds rank 0's compressed weights, those of the export.
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    assert _digest(module.state_dict()) == r0["state_dict"]
+    from compress.deploy.export import read_sparse
+
+    exported, _ = read_sparse(tmp_path / "exports" / "model.sparse.pt")
+    conv1 = module.state_dict()["model.conv1.weight"]
+    kept = int((conv1.flatten(1).abs().sum(1) != 0).sum())
+    assert exported["conv1.weight"].shape[0] == kept
 
 
 _SCRIPT = """
