@@ -154,3 +154,14 @@ def test_a_trace_that_never_ends_stops_at_the_time_budget(monkeypatch: pytest.Mo
     recipe = {"algorithm": "filter_pruning", "params": {"trace_time_budget": 0.2}}
     with pytest.raises(compress.CompressError, match="BertForSequenceClassification within 0.2 s"):
         compress.create_compressed_model(zoo.build(), {"compression": recipe}, zoo.inputs())
+
+
+def test_a_model_torch_pruning_cannot_trace_gets_no_groups_and_strips() -> None:
+    zoo = ZOO["gpt2"]
+    model, x = zoo.build(), zoo.inputs()
+    model.config.use_cache = True  # the cache in the output: Torch-Pruning's trace fails
+    recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5}
+    with pytest.warns(UserWarning, match="Torch-Pruning could not trace GPT2LMHeadModel"):
+        ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
+    assert ctrl.algorithms[0].groups == []
+    torch.testing.assert_close(_outputs(ctrl.strip(), x), _outputs(model, x))

@@ -228,9 +228,9 @@ def _tie_heads(
         head = _head_dim(model, mod_name) if role == "producer" else None
         if head is None:
             continue
-        for idx, root in zip(idxs, roots, strict=True):
-            first = roots[idxs.index(idx - idx % head)] if idx - idx % head in idxs else root
-            classes.union(first, root)
+        root_of = dict(zip(idxs, roots, strict=True))
+        for idx, root in root_of.items():
+            classes.union(root_of.get(idx - idx % head, root), root)
 
 
 def _map_group(
