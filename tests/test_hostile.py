@@ -109,11 +109,13 @@ X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
 # --- recipes ---------------------------------------------------------------------------------
 
-# Schema-valid recipes that break one of the cross-key rules config._check_rules enforces.
+# Schema-valid recipes that break one of the cross-key rules config._check_rules enforces, or
+# one of the bounds load_config adds (integers up to 2**53, input_info size, safe regexes).
 CROSS_KEY_RULES = re.compile(
     r"levels for \d+ steps|must be in ascending order|are both set; give only one|"
     r"'learned_ranking' \(LeGR\) is not supported|'uniform' contradicts all_weights|"
-    r"pruning_init: .* is above pruning_target"
+    r"pruning_init: .* is above pruning_target|an integer of \d+ digits is not allowed|"
+    r"input_info: the sample sizes hold|scopes: .*(not a valid regex|variable length|unbounded)"
 )
 # A ConfigError from building is acceptable only when the recipe names layers.
 SCOPE_ERRORS = re.compile(r"scope|no layer to compress|layer_ratios|prune_channels|no group")
