@@ -46,6 +46,8 @@ class CompressionController:
         self.algorithms: list[Algorithm] = [
             ALGORITHMS[a.name](model, a, self.scheduler, example_inputs) for a in ordered
         ]
+        # a module sharing a masked weight (a tied embedding) reads it masked too
+        masks.tie(model)
         self.scheduler.on_change = self._on_change
         self._on_change(False)
 
