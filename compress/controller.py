@@ -134,6 +134,7 @@ class CompressionController:
         for algo in reversed(self.algorithms):
             model = algo.strip(model)
         masks.fold(model)
+        masks.check_finite(model, "strip()")
         return model
 
 

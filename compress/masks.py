@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from compress.errors import CompressError
+
 _MASK_PREFIX = "_cmask_"
 _STATE = "_compress_masked"  # attribute on a module: {param_name: _Masking}
 
@@ -242,6 +244,17 @@ def fold(model: nn.Module) -> None:
             _param(module, name).copy_(value)
     for module in masked:
         remove(module)
+
+
+def check_finite(model: nn.Module, what: str) -> None:
+    """Raises ``CompressError`` naming the first parameter or buffer that holds NaN or Inf."""
+    for key, t in model.state_dict(keep_vars=True).items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta":
+            if not bool(torch.isfinite(t.detach()).all()):
+                raise CompressError(
+                    f"{what}: {key} holds NaN or Inf; the weights diverged during training "
+                    "(lower the learning rate or check the loss) and are not written"
+                )
 
 
 def remove(module: nn.Module) -> None:

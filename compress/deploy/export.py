@@ -25,6 +25,7 @@ from torch import nn
 
 from compress.deploy.files import atomic_write, safe_load, stored_inputs
 from compress.errors import CompressError, ConfigError
+from compress.masks import check_finite
 
 SPARSE_FORMAT = "compress.sparse"
 FORMATS = ("sparse", "pt2", "onnx", "pruned", "sparse_runtime")
@@ -202,6 +203,7 @@ def export(
     needs_inputs = [f for f in formats if f in ("pt2", "onnx", "pruned", "sparse_runtime")]
     if needs_inputs and inputs is None:
         raise ConfigError(f"export formats {needs_inputs} need example_inputs")
+    check_finite(model, "export")
     prefix = str(path_prefix)
     out: dict[str, Path] = {}
     was_training = model.training
