@@ -788,7 +788,7 @@ def test_every_export_format_is_written_to_a_temporary_name_and_renamed(
         for p in second.parameters():
             p.add_(1.0)
     monkeypatch.setattr(os, "replace", _fail_at_rename)
-    with pytest.raises(OSError, match="simulated crash"), warnings_ignored():
+    with pytest.raises(CompressError, match="simulated crash"), warnings_ignored():
         export(second, tmp_path / "m", [fmt], example_inputs=X)
     monkeypatch.undo()
     assert {p: p.read_bytes() for p in tmp_path.glob("m.*")} == before
