@@ -26,6 +26,7 @@ def test_sparse_file_to_runtime_model(tmp_path: Path) -> None:
     ctrl, net = compress.create_compressed_model(wide(), magnitude(sparsity_init=0.95), x)
     plain = ctrl.strip().eval()
     path = compress.export(plain, tmp_path / "m", ["sparse"], example_inputs=x)["sparse"]
+
     # min_speedup=0 converts every layer that the runtime supports, whatever the timing: here
     # a timer that calls anything sparse slower, the worst a loaded machine can report.
     def sparse_is_slower(fn: functools.partial) -> float:  # type: ignore[type-arg]
