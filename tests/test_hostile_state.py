@@ -88,3 +88,18 @@ def test_strip_and_export_refuse_non_finite_weights_naming_the_layer(name: str, 
     with pytest.raises(CompressError, match=r"export: fc.bias holds NaN or Inf"):
         compress.export(plain, tmp_path / "m", ["sparse"])
     assert not list(tmp_path.iterdir())
+
+
+def test_models_the_masks_cannot_work_on_are_errors() -> None:
+    from torch import nn
+    from torch.nn.utils import prune
+
+    recipe = {"compression": RECIPES["magnitude_sparsity"]}
+    pruned = nn.Sequential(nn.Linear(4, 4))
+    prune.l1_unstructured(pruned[0], "weight", amount=0.5)
+    with pytest.raises(CompressError, match=r"model: 0 carries a torch.nn.utils.prune .*'weight'"):
+        compress.create_compressed_model(pruned, recipe, torch.randn(1, 4))
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(CompressError, match=r"model: 0.weight is on the meta device"):
+        compress.create_compressed_model(meta, recipe, torch.randn(1, 4))
