@@ -66,6 +66,8 @@ class CompressionController:
                 '{"algorithm": "knowledge_distillation", "type": "softmax"} to its compression',
                 stacklevel=3,
             )
+        # a module sharing a masked weight (a tied embedding) reads it masked too
+        masks.tie(model)
         self.scheduler.on_change = self._on_change
         # Only a per-step schedule without params.steps_per_epoch needs the epoch length.
         self.scheduler.infer_steps_per_epoch = any(
@@ -157,6 +159,7 @@ class CompressionController:
         for algo in reversed(self.algorithms):
             model = algo.strip(model)
         masks.fold(model)
+        masks.check_finite(model, "strip()")
         return model
 
 
@@ -253,6 +256,27 @@ def expand_state(state: Any) -> Any:
     return state
 
 
+def _check_model(model: nn.Module) -> None:
+    """Models the masks cannot work on: weights on the meta device (no values) and modules
+    reparametrized by ``torch.nn.utils.prune`` (their weight is no longer a parameter)."""
+    if not isinstance(model, nn.Module):
+        raise CompressError(f"model: got {type(model).__name__}; give a torch.nn.Module")
+    for name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if param.device.type == "meta":
+                raise CompressError(
+                    f"model: {name + '.' if name else ''}{pname} is on the meta device (it has "
+                    "no values); materialize the model first (model.to_empty(device='cpu') and "
+                    "load its weights)"
+                )
+            if pname.endswith("_orig") and hasattr(module, pname.removesuffix("_orig") + "_mask"):
+                raise CompressError(
+                    f"model: {name or type(model).__name__} carries a torch.nn.utils.prune "
+                    f"reparametrization of {pname.removesuffix('_orig')!r}; HINT: call "
+                    "torch.nn.utils.prune.remove(module, name) first"
+                )
+
+
 def _get(state: Any, key: str) -> Any:
     return state.get(key) if isinstance(state, Mapping) else type(state).__name__
 
@@ -277,6 +301,7 @@ def create_compressed_model(
         >>> round(ctrl.statistics().to_dict()["model"]["sparsity of compressed layers"], 2)
         0.5
     """
+    _check_model(model)
     cfg = load_config(config)
     if example_inputs is None:
         inputs = cfg.example_inputs()

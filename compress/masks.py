@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from compress.errors import CompressError
+
 _MASK_PREFIX = "_cmask_"
 _STATE = "_compress_masked"  # attribute on a module: {param_name: _Masking}
 
@@ -39,9 +41,12 @@ MaskFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 class _Masking:
     """How one parameter is masked: an optional function, then the product of mask buffers."""
 
-    __slots__ = ("fn", "buffers", "ones", "straight")
+    __slots__ = ("fn", "buffers", "ones", "straight", "home")
 
     def __init__(self) -> None:
+        # a module that shares a masked parameter it does not own reads it through its home:
+        # (module, name) holding the masks
+        self.home: tuple[nn.Module, str] | None = None
         self.fn: MaskFn | None = None
         self.buffers: list[str] = []
         # buffers their owner declared all ones: left out of the product
@@ -55,6 +60,9 @@ def mask_name(param_name: str, owner: str = "") -> str:
 
 
 def _compute(module: nn.Module, name: str, param: torch.Tensor, m: _Masking) -> torch.Tensor:
+    if m.home is not None:
+        home, home_name = m.home
+        return _compute(home, home_name, param, home.__dict__[_STATE][home_name])
     out = m.fn(module, param) if m.fn else param
     for buf in m.buffers:
         if buf in m.straight:
@@ -79,6 +87,39 @@ def _post_hook(module: nn.Module, args: object, output: object) -> None:
         module.__dict__.pop(name, None)
 
 
+def _hook(module: nn.Module) -> dict[str, _Masking]:
+    """The module's masking state, with the hooks that apply it registered once."""
+    state = module.__dict__.get(_STATE)
+    if state is None:
+        state = {}
+        module.__dict__[_STATE] = state
+        module.register_forward_pre_hook(_pre_hook)
+        module.register_forward_hook(_post_hook, always_call=True)
+    return state
+
+
+def tie(model: nn.Module) -> list[str]:
+    """Makes every module of ``model`` that holds a masked parameter without masking it (an
+    ``Embedding`` sharing its weight with a masked output ``Linear``) read the masked value
+    too; returns the names of the modules it tied. Called once all masks are attached."""
+    homes: dict[int, tuple[nn.Module, str]] = {}
+    for module in model.modules():
+        for name, m in module.__dict__.get(_STATE, {}).items():
+            if m.home is None and m.buffers:
+                homes.setdefault(id(module._parameters[name]), (module, name))
+    tied = []
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for name, param in module._parameters.items():
+            home = homes.get(id(param)) if param is not None else None
+            if home is None or name in module.__dict__.get(_STATE, {}):
+                continue
+            m = _Masking()
+            m.home = home
+            _hook(module)[name] = m
+            tied.append(f"{mod_name}.{name}")
+    return tied
+
+
 def attach(
     module: nn.Module,
     name: str = "weight",
@@ -99,13 +140,7 @@ def attach(
     param = module._parameters.get(name)
     if param is None:
         raise ValueError(f"{type(module).__name__} has no parameter {name!r}")
-    state = module.__dict__.get(_STATE)
-    if state is None:
-        state = {}
-        module.__dict__[_STATE] = state
-        module.register_forward_pre_hook(_pre_hook)
-        module.register_forward_hook(_post_hook, always_call=True)
-    m = state.setdefault(name, _Masking())
+    m = _hook(module).setdefault(name, _Masking())
     if fn is not None:
         m.fn = fn
     buf = mask_name(name, owner)
@@ -199,15 +234,27 @@ def effective(module: nn.Module, name: str = "weight") -> torch.Tensor:
 
 
 def fold(model: nn.Module) -> None:
-    """Writes the masks into the parameters and removes every hook and mask buffer."""
-    for module in list(model.modules()):
-        state = module.__dict__.get(_STATE)
-        if state is None:
-            continue
-        with torch.no_grad():
-            for name in state:
-                _param(module, name).copy_(effective(module, name))
+    """Writes the masks into the parameters and removes every hook and mask buffer. Every
+    value is computed before any is written, so that a parameter shared between modules is
+    masked once, with all of its masks in place."""
+    masked = [m for m in model.modules() if _STATE in m.__dict__]
+    values = [(m, name, effective(m, name)) for m in masked for name in m.__dict__[_STATE]]
+    with torch.no_grad():
+        for module, name, value in values:
+            _param(module, name).copy_(value)
+    for module in masked:
         remove(module)
+
+
+def check_finite(model: nn.Module, what: str) -> None:
+    """Raises ``CompressError`` naming the first parameter or buffer that holds NaN or Inf."""
+    for key, t in model.state_dict(keep_vars=True).items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta":
+            if not bool(torch.isfinite(t.detach()).all()):
+                raise CompressError(
+                    f"{what}: {key} holds NaN or Inf; the weights diverged during training "
+                    "(lower the learning rate or check the loss) and are not written"
+                )
 
 
 def remove(module: nn.Module) -> None:

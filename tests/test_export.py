@@ -102,7 +102,7 @@ def test_atomic_write_keeps_the_previous_file_on_failure(tmp_path: Path) -> None
         Path(tmp).write_bytes(b"half")
         raise RuntimeError("disk full")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(CompressError, match=r"out.bin: the export failed \(.*disk full"):
         atomic_write(target, fail)
     assert target.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]

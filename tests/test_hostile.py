@@ -109,11 +109,14 @@ X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
 # --- recipes ---------------------------------------------------------------------------------
 
-# Schema-valid recipes that break one of the cross-key rules config._check_rules enforces.
+# Schema-valid recipes that break one of the cross-key rules config._check_rules enforces, or
+# one of the bounds load_config adds (integers up to 2**53, input_info size, safe regexes).
 CROSS_KEY_RULES = re.compile(
     r"levels for \d+ steps|must be in ascending order|are both set; give only one|"
     r"'learned_ranking' \(LeGR\) is not supported|'uniform' contradicts all_weights|"
-    r"pruning_init: .* is above pruning_target|only the 'softmax' type has a temperature"
+    r"pruning_init: .* is above pruning_target|only the 'softmax' type has a temperature|"
+    r"an integer of \d+ digits is not allowed|"
+    r"input_info: the sample sizes hold|scopes: .*(not a valid regex|variable length|unbounded)"
 )
 # A ConfigError from building is acceptable only when the recipe names layers.
 SCOPE_ERRORS = re.compile(r"scope|no layer to compress|layer_ratios|prune_channels|no group")
@@ -789,7 +792,7 @@ def test_every_export_format_is_written_to_a_temporary_name_and_renamed(
         for p in second.parameters():
             p.add_(1.0)
     monkeypatch.setattr(os, "replace", _fail_at_rename)
-    with pytest.raises(OSError, match="simulated crash"), warnings_ignored():
+    with pytest.raises(CompressError, match="simulated crash"), warnings_ignored():
         export(second, tmp_path / "m", [fmt], example_inputs=X)
     monkeypatch.undo()
     assert {p: p.read_bytes() for p in tmp_path.glob("m.*")} == before

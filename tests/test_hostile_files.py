@@ -4,11 +4,15 @@ check, errors instead of tracebacks."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
 import pickle
 import re
+import stat
+import subprocess
+import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -228,3 +232,77 @@ def test_damaged_sections_of_files_give_errors_naming_the_file(tmp_path: Path) -
     rewrite_payload(path, lambda p: p["tensors"].update({"conv1.weight": {"dense": 5}}))
     with pytest.raises(CompressError, match=r"sparse file is damaged \('dense' holds a int"):
         load_sparse(path, ConvBNNet())
+
+
+# --- 6. full disk, unwritable places, killed writers; 12. file mode -----------------------------
+
+
+@pytest.mark.parametrize("fmt", ["sparse", "pt2"])
+def test_a_full_disk_is_an_error_naming_the_path_and_the_cause(
+    fmt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net = ConvBNNet().eval()
+    paths = export(net, tmp_path / "m", [fmt], example_inputs=X)
+    before = paths[fmt].read_bytes()
+
+    def full_disk(self: Path, data: bytes) -> int:
+        with open(self, "wb") as f:
+            f.write(bytes(data)[:100])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(
+        CompressError,
+        match=r"m\.(sparse\.pt|pt2): the export failed \(No space left on device, errno ENOSPC\); "
+        "a previous file is intact",
+    ):
+        export(net, tmp_path / "m", [fmt], example_inputs=X)
+    monkeypatch.undo()
+    assert paths[fmt].read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [paths[fmt].name]
+
+
+def test_unwritable_places_are_errors_naming_the_path(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(
+        CompressError,
+        match=r"file/m.sparse.pt: cannot write here \(.*/file is a file, not a directory",
+    ):
+        export(ConvBNNet(), tmp_path / "file" / "m", ["sparse"])
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        with pytest.raises(
+            CompressError, match=r"ro/m.sparse.pt: cannot write here \(Permission denied"
+        ):
+            export(ConvBNNet(), ro / "m", ["sparse"])
+
+
+def test_temporary_files_of_killed_writers_are_cleaned_by_the_next_export(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [tmp_path / f".m.sparse.{dead.pid}.abc{i}.tmp.pt" for i in range(3)]
+    for p in stale:
+        p.write_bytes(b"x" * 1000)
+    live = tmp_path / f".m.sparse.{os.getpid()}.zzz.tmp.pt"  # a writer still running
+    live.write_bytes(b"x")
+    other = tmp_path / f".n.{dead.pid}.abc.tmp.pt"  # another target's
+    other.write_bytes(b"x")
+    export(ConvBNNet(), tmp_path / "m", ["sparse"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [live.name, other.name, "m.sparse.pt"]
+    )
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_exports_get_the_users_usual_file_mode(umask: int, tmp_path: Path) -> None:
+    old = os.umask(umask)
+    try:
+        paths = export(ConvBNNet().eval(), tmp_path / "m", ["sparse", "pt2"], example_inputs=X)
+        torch.save({}, tmp_path / "reference.pt")
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "reference.pt").stat().st_mode) == expected
+    for path in paths.values():
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path

@@ -69,3 +69,37 @@ def test_masks_that_are_not_binary_are_refused_before_anything_is_applied() -> N
     state["state"]["magnitude_sparsity"]["level"] = 3.0
     with pytest.raises(CompressError, match=r"magnitude_sparsity.level is 3.0, not in \[0, 1\]"):
         ctrl.load_state_dict(state)
+
+
+# --- 7. no silent NaN ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["rb_sparsity", "const_sparsity", "filter_pruning"])
+def test_strip_and_export_refuse_non_finite_weights_naming_the_layer(name: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    recipe = RECIPES.get(name, {"algorithm": name, "pruning_init": 0.25})
+    ctrl, model = compress.create_compressed_model(ConvBNNet(), {"compression": recipe}, X)
+    with torch.no_grad():
+        model.conv2.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(CompressError, match=r"strip\(\): conv2.weight holds NaN or Inf"):
+        ctrl.strip()
+    plain = ConvBNNet()
+    with torch.no_grad():
+        plain.fc.bias[0] = float("inf")
+    with pytest.raises(CompressError, match=r"export: fc.bias holds NaN or Inf"):
+        compress.export(plain, tmp_path / "m", ["sparse"])
+    assert not list(tmp_path.iterdir())
+
+
+def test_models_the_masks_cannot_work_on_are_errors() -> None:
+    from torch import nn
+    from torch.nn.utils import prune
+
+    recipe = {"compression": RECIPES["magnitude_sparsity"]}
+    pruned = nn.Sequential(nn.Linear(4, 4))
+    prune.l1_unstructured(pruned[0], "weight", amount=0.5)
+    with pytest.raises(CompressError, match=r"model: 0 carries a torch.nn.utils.prune .*'weight'"):
+        compress.create_compressed_model(pruned, recipe, torch.randn(1, 4))
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(CompressError, match=r"model: 0.weight is on the meta device"):
+        compress.create_compressed_model(meta, recipe, torch.randn(1, 4))

@@ -14,6 +14,7 @@ Formats of ``export``:
 from __future__ import annotations
 
 import functools
+import io
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -23,8 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.deploy.files import atomic_write, safe_load, stored_inputs
+from compress.deploy.files import atomic_write, safe_load, save_bytes, stored_inputs, torch_save
 from compress.errors import CompressError, ConfigError
+from compress.masks import check_finite
 
 SPARSE_FORMAT = "compress.sparse"
 FORMATS = ("sparse", "pt2", "onnx", "pruned", "sparse_runtime")
@@ -90,7 +92,7 @@ def save_sparse(
     if example_inputs is not None:
         payload["input_shapes"] = [list(t.shape) for t in example_inputs]
         payload["input_dtypes"] = [str(t.dtype).removeprefix("torch.") for t in example_inputs]
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return torch_save(path, payload)
 
 
 def declared_shape(entry: Mapping[str, Any]) -> tuple[int, ...]:
@@ -202,6 +204,7 @@ def export(
     needs_inputs = [f for f in formats if f in ("pt2", "onnx", "pruned", "sparse_runtime")]
     if needs_inputs and inputs is None:
         raise ConfigError(f"export formats {needs_inputs} need example_inputs")
+    check_finite(model, "export")
     prefix = str(path_prefix)
     out: dict[str, Path] = {}
     was_training = model.training
@@ -232,7 +235,9 @@ def _export_pt2(model: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...]) 
     # Without example inputs the archive holds no pickle: torch.export.save would store them
     # with torch.save, and loading them is what makes a third-party .pt2 unsafe.
     program.example_inputs = None
-    return atomic_write(path, lambda tmp: torch.export.save(program, tmp))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return save_bytes(path, buffer.getbuffer())
 
 
 def _as_tuple(x: torch.Tensor | Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, ...] | None:

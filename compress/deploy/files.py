@@ -7,8 +7,13 @@ target, renamed onto it), and every ``torch.save`` file it reads goes through :f
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
+import io
 import math
 import os
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
@@ -22,23 +27,90 @@ from compress.errors import CompressError
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> Path:
     """Calls ``write(tmp_path)`` and renames the result onto ``path``; on any failure the
-    temporary file is removed and a previous file at ``path`` is left intact."""
+    temporary file is removed and a previous file at ``path`` is left intact.
+
+    The file gets the mode ``open`` would give it (0666 less the umask), not mkstemp's 0600.
+    Temporary files that killed writers left beside ``path`` are removed first (their names
+    carry the writer's process id). A failure to write (a full disk, a read-only directory, a
+    parent that is a file) is a ``CompressError`` naming the path and the cause.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=".tmp" + path.suffix, dir=path.parent
-    )
-    os.close(fd)
+    for parent in (path.parent, *path.parent.parents):
+        if parent.exists() and not parent.is_dir():
+            raise CompressError(f"{path}: cannot write here ({parent} is a file, not a directory)")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(path)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.stem}.{os.getpid()}.", suffix=".tmp" + path.suffix, dir=path.parent
+        )
+    except OSError as e:
+        raise CompressError(f"{path}: cannot write here ({_cause(e, path)})") from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        os.close(fd)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, CompressError):
+            raise CompressError(
+                f"{path}: the export failed ({_cause(e, path)}); a previous file is intact"
+            ) from e
         raise
     return path
+
+
+def save_bytes(path: str | os.PathLike[str], data: bytes | memoryview) -> Path:
+    """Writes ``data`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def torch_save(path: str | os.PathLike[str], payload: object) -> Path:
+    """``torch.save`` into memory, then :func:`save_bytes`: a full disk then fails in Python's
+    own write, with errno ENOSPC, rather than inside torch's zip writer."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return save_bytes(path, buffer.getbuffer())
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _remove_stale(path: Path) -> None:
+    """Removes temporary files of ``path`` whose writer process no longer runs."""
+    for tmp in path.parent.glob(f".{glob.escape(path.stem)}.*.tmp{glob.escape(path.suffix)}"):
+        pid = tmp.name[len(path.stem) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _cause(e: BaseException, path: Path) -> str:
+    if isinstance(e, OSError) and e.errno is not None:
+        return f"{os.strerror(e.errno)}, errno {errno.errorcode.get(e.errno, e.errno)}"
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(path.parent).free
+        if free < 1 << 20:
+            return f"no space left on device: {free} bytes free; {text}"
+    return text
 
 
 def check_zip_crc(path: Path) -> None:

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from compress.deploy.files import (  # safe_load: CRC checked, no pickles
-    atomic_write,
     safe_load,
     stored_inputs,
+    torch_save,
 )
 from compress.errors import CompressError
 from compress.pruning.channel_groups import build_groups
@@ -49,7 +49,7 @@ def save_pruned(
         "input_dtypes": [str(x.dtype).removeprefix("torch.") for x in inputs],
         "state_dict": small_model.state_dict(),
     }
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    torch_save(path, payload)
 
 
 def read_pruned(path: Path) -> dict:

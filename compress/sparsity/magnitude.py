@@ -51,6 +51,7 @@ class MagnitudeSparsity(Algorithm):
         self.frozen = False
         self.current = self.init
         self.thresholds = [0.0] * len(self.entries)
+        self.collapsed: set[str] = set()  # layers already warned about as fully pruned
         self.set_straight_through()
 
     def set_straight_through(self) -> None:
@@ -80,6 +81,23 @@ class MagnitudeSparsity(Algorithm):
             self.set_effective_masks(self.current)
         else:
             self.set_masks(self.current)
+        self.warn_collapse()
+
+    def warn_collapse(self) -> None:
+        """Warns (once per layer) when a layer is pruned to 100%: the network is then cut in two
+        and computes a constant."""
+        dead = [name for name, _, mask in self.entries if not bool(mask.any())]
+        new = [name for name in dead if name not in self.collapsed]
+        if new:
+            self.collapsed.update(new)
+            warnings.warn(
+                f"{self.cfg.path}: layers {new} are pruned to 100% at level {self.current:.4g}: "
+                "the network is disconnected and its output no longer depends on the input. "
+                "Use an allocation that keeps every layer alive (params.layerwise_allocation: "
+                '"erk", "igq" or "uniform", or sparsity_level_setting_mode: "local") or a '
+                "lower sparsity_target",
+                stacklevel=2,
+            )
 
     def set_effective_masks(self, level: float, tolerance: float = 1e-4) -> float:
         """Sets the masks at the direct level whose effective sparsity is ``level``, by

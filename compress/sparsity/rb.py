@@ -35,6 +35,7 @@ Design choices, and why:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -172,6 +173,15 @@ class RBSparsity(Algorithm):
         for _, _, theta, mask in self.entries:
             mask.copy_(self._keep(theta))
         self.shared.frozen = True
+        reached = self.sparsity()
+        if abs(reached - self.current) > 0.05:
+            warnings.warn(
+                f"{self.cfg.path}: rb_sparsity froze at sparsity {reached:.3f}, far from the "
+                f"level {self.current:.3f}: the logits did not learn enough before "
+                "sparsity_freeze_epoch. Raise compression_lr_multiplier (the logits' learning "
+                "rate relative to the optimizer's) or train longer before freezing",
+                stacklevel=2,
+            )
 
     def _declare_ones(self, ones: bool) -> None:
         """Whether the forward pass may skip the mask buffers (all ones while learning), for
