@@ -70,9 +70,9 @@ _MAX_CANDIDATES = 16
 
 
 def time_call(fn: Callable[[], object], *, target_s: float = 2e-3) -> float:
-    """Seconds per call of ``fn``, looped to last about ``target_s`` (one warm-up call)."""
+    """Seconds per call of ``fn``, looped to last about ``target_s`` (after one warm-up call,
+    which also sets the loop count)."""
     with torch.no_grad():
-        fn()
         start = time.perf_counter()
         fn()
         once = max(time.perf_counter() - start, 1e-7)
@@ -241,7 +241,8 @@ def measure_table(
         x = torch.randn(shape)
         return functools.partial(layer, x)
 
-    # One list of (key, call) per group, plus the full layers; all take turns in each round.
+    # Every layer at full width and at each narrower candidate width of its groups (the full
+    # width is timed once per layer: it ends every curve); all take turns in each round.
     jobs: list[tuple[tuple[str, str, int, int], Callable[[], object]]] = []
     for name, e in layers.items():
         jobs.append(((name, "full", 0, 0), call(name, None, None)))
@@ -249,12 +250,12 @@ def measure_table(
             g = e["out"]
             weight = model.get_submodule(name).weight
             assert isinstance(weight, torch.Tensor)
-            for i, w in enumerate(table["groups"][g.name]["widths"]):
+            for i, w in enumerate(table["groups"][g.name]["widths"][:-1]):
                 width = max(1, round(weight.shape[0] * w / g.size))
                 jobs.append(((name, "out", 0, i), call(name, width, None)))
         full_in = shapes[name][-1 if isinstance(model.get_submodule(name), nn.Linear) else 1]
         for j, (g, share) in enumerate(e["in"]):
-            for i, w in enumerate(table["groups"][g.name]["widths"]):
+            for i, w in enumerate(table["groups"][g.name]["widths"][:-1]):
                 removed = round(full_in * share * (1 - w / g.size))
                 jobs.append(((name, "in", j, i), call(name, None, max(1, full_in - removed))))
     samples: dict[tuple[str, str, int, int], list[float]] = {key: [] for key, _ in jobs}
@@ -272,30 +273,29 @@ def measure_table(
         model.train(was_training)
     ms = {key: statistics.median(v) * 1e3 for key, v in samples.items()}
     table["model_ms"] = statistics.median(model_samples) * 1e3
+
+    def curve(name: str, kind: str, j: int, group: ChannelGroup) -> dict[str, Any]:
+        n = len(table["groups"][group.name]["widths"])
+        times = [ms[(name, kind, j, i)] for i in range(n - 1)] + [ms[(name, "full", 0, 0)]]
+        # A narrower layer is never taken to be slower than a wider one: on a loaded machine a
+        # stalled sample would otherwise make a width look worse than the full layer.
+        for i in range(n - 2, -1, -1):
+            times[i] = min(times[i], times[i + 1])
+        return {"group": group.name, "ms": times}
+
     for name, e in layers.items():
-        n_out = len(table["groups"][e["out"].name]["widths"]) if e["out"] is not None else 0
         table["layers"][name] = {
             "ms": ms[(name, "full", 0, 0)],
-            "out": None
-            if e["out"] is None
-            else {"group": e["out"].name, "ms": [ms[(name, "out", 0, i)] for i in range(n_out)]},
-            "in": [
-                {
-                    "group": g.name,
-                    "ms": [
-                        ms[(name, "in", j, i)]
-                        for i in range(len(table["groups"][g.name]["widths"]))
-                    ],
-                }
-                for j, (g, _) in enumerate(e["in"])
-            ],
+            "out": None if e["out"] is None else curve(name, "out", 0, e["out"]),
+            "in": [curve(name, "in", j, g) for j, (g, _) in enumerate(e["in"])],
         }
     return table
 
 
 def _ratio(table: Mapping[str, Any], curve: Mapping[str, Any], full_ms: float, width: int) -> float:
     """The layer's time at ``width`` of the curve's group over its full time (interpolated
-    linearly between measured widths; widths below the smallest scale down from it)."""
+    linearly between measured widths; widths below the smallest scale down from it). Measured
+    times never fall as the width grows (the table is made so)."""
     widths = table["groups"][curve["group"]]["widths"]
     times = curve["ms"]
     if full_ms <= 0:
