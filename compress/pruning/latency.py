@@ -377,7 +377,7 @@ def choose_widths(
         for g in groups:
             here = local(g, widths[g])
             # The next narrower width that saves time: small steps, so little overshoot.
-            for w in sorted({*table["groups"][g]["widths"], 1}, reverse=True):
+            for w in sorted(table["groups"][g]["widths"], reverse=True):
                 if w >= widths[g]:
                     continue
                 saved = here - local(g, w)
