@@ -208,3 +208,16 @@ def test_export_writes_the_table_beside_the_file_and_inspect_shows_it(
     out = capsys.readouterr().out
     assert "m.latency.json: latency table (batch 1)" in out
     assert f"| 0     | 64   | {widths(algo)['0']:<6} | 8 16 24 32 40 48 56 64 |" in out
+
+
+def test_validate_and_schedule_name_the_latency_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "r.json"
+    params = {"pruning_latency_target": 0.4, "pruning_steps": 2}
+    path.write_text(json.dumps({"compression": {"algorithm": "filter_pruning", "params": params}}))
+    assert main(["validate", str(path)]) == 0
+    assert "filter_pruning (exponential: 0.4 of latency after 2 epochs)" in capsys.readouterr().out
+    assert main(["schedule", str(path), "--epochs", "3", "--json"]) == 0
+    levels = [row["filter_pruning"] for row in json.loads(capsys.readouterr().out)]
+    assert levels[0] == 0.0 and levels[2] == 0.4
