@@ -101,6 +101,7 @@ def test_table_measures_each_group_at_its_candidate_widths() -> None:
     assert layer2["out"]["ms"] == pytest.approx([b * 64 * 9 * 1e-6 for b in blocks])
     assert layer2["ms"] == pytest.approx(64 * 64 * 9 * 1e-6)
     assert table["model_ms"] == pytest.approx(sum(e["ms"] for e in table["layers"].values()))
+    assert table["rest_ms"] == 0.0  # timed with every conv replaced by its recorded output
     json.dumps(table)  # plain JSON
 
 

@@ -5,18 +5,20 @@ efficiently than wide ones (oneDNN computes convolutions in blocks of 16 channel
 channels can cost what 32 do). So ``pruning_latency_target`` does not count MACs; before pruning
 starts, :func:`measure_table` times every layer a channel group touches, on this machine, at a
 few candidate widths of that group (the activation shapes the example inputs produce, at the
-recipe's batch size, all variants of a group taking turns, medians of rounds). :func:`choose_widths`
+recipe's batch size, all variants of a group taking turns, medians of rounds), and the rest of
+the model by running it with those layers replaced by their recorded outputs. :func:`choose_widths`
 then picks per-group widths that reach a fraction of latency removed while removing the least
 importance.
 
 The latency of a layer whose input and output groups are both narrowed is predicted as its full
 time times the two measured ratios (time at the narrowed out-width / full time, and the same for
-the in-width); layers no group touches, and everything that is not a conv or linear layer, count
-as the fixed rest of the measured whole-model time.
+the in-width). Layers no group touches and everything that is not a conv or linear layer
+(norms, activations, adds) count as the fixed ``rest_ms``; fractions are of the predicted
+full-width time, ``rest_ms`` plus the layers' times.
 
 The table is a plain dict (JSON and ``torch.load(weights_only=True)`` friendly)::
 
-    {"batch_size": 64, "model_ms": 12.3,
+    {"batch_size": 64, "model_ms": 12.3, "rest_ms": 2.1,
      "groups": {"layer1.0.conv1": {"size": 32, "widths": [8, 16, 24, 32]}},
      "layers": {"layer1.0.conv1": {"ms": 1.2,
                                    "out": {"group": "layer1.0.conv1", "ms": [0.4, 0.6, 1.1, 1.2]},
@@ -39,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import statistics
@@ -196,6 +199,44 @@ def _input_shapes(
     return shapes
 
 
+class _Replay(nn.Module):
+    """Stands in for a layer: returns the output it gave once, at no cost."""
+
+    def __init__(self, output: torch.Tensor) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        return self.output
+
+
+def _without(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: Sequence[str]) -> nn.Module:
+    """A copy of ``model`` whose layers ``names`` replay their outputs: timing it measures the
+    rest (norms, activations, adds, pooling), which the table keeps at its full-width time."""
+    outputs: dict[str, torch.Tensor] = {}
+
+    def hook(name: str, _module: nn.Module, _args: Any, out: torch.Tensor) -> None:
+        outputs.setdefault(name, out.detach())
+
+    handles = [
+        model.get_submodule(n).register_forward_hook(functools.partial(hook, n)) for n in names
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    rest = copy.deepcopy(model).eval()
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(rest.get_submodule(parent), child, _Replay(outputs[name]))
+    return rest
+
+
 def _batched(t: torch.Tensor, batch: int | None) -> torch.Tensor:
     if batch is None or t.dim() == 0:
         return t
@@ -260,19 +301,22 @@ def measure_table(
                 jobs.append(((name, "in", j, i), call(name, None, max(1, full_in - removed))))
     samples: dict[tuple[str, str, int, int], list[float]] = {key: [] for key, _ in jobs}
     whole = functools.partial(model, *inputs)
-    model_samples = []
+    rest = functools.partial(_without(model, inputs, list(layers)), *inputs)
+    model_samples, rest_samples = [], []
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for _ in range(rounds):
                 model_samples.append(time_fn(whole))
+                rest_samples.append(time_fn(rest))
                 for key, fn in jobs:
                     samples[key].append(time_fn(fn))
     finally:
         model.train(was_training)
     ms = {key: statistics.median(v) * 1e3 for key, v in samples.items()}
     table["model_ms"] = statistics.median(model_samples) * 1e3
+    table["rest_ms"] = statistics.median(rest_samples) * 1e3
 
     def curve(name: str, kind: str, j: int, group: ChannelGroup) -> dict[str, Any]:
         n = len(table["groups"][group.name]["widths"])
@@ -324,7 +368,7 @@ def layer_ms(table: Mapping[str, Any], name: str, widths: Mapping[str, int]) -> 
 def predicted_ms(table: Mapping[str, Any], widths: Mapping[str, int]) -> float:
     """Predicted whole-model time: the measured rest plus every table layer at ``widths``."""
     full = sum(e["ms"] for e in table["layers"].values())
-    rest = max(0.0, table["model_ms"] - full)
+    rest = table.get("rest_ms", max(0.0, table["model_ms"] - full))
     return rest + sum(layer_ms(table, n, widths) for n in table["layers"])
 
 
@@ -435,7 +479,8 @@ def text(table: Mapping[str, Any], widths: Mapping[str, int] | None = None) -> s
     full = predicted_ms(table, {})
     head = (
         f"latency table (batch {table.get('batch_size')}): model {table['model_ms']:.3f} ms "
-        f"measured, {full:.3f} ms predicted at full width"
+        f"measured, {full:.3f} ms predicted at full width (of which {table.get('rest_ms', 0):.3f}"
+        " ms outside the table's layers)"
     )
     if widths:
         head += f", {predicted_ms(table, widths):.3f} ms at the chosen widths"
