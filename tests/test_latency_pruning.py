@@ -93,7 +93,9 @@ def test_table_measures_each_group_at_its_candidate_widths() -> None:
     groups = build_groups(model, x, prune_first_conv=True)
     table = latency.measure_table(model, groups, (x,), batch_size=4, timer=blocked_timer)
     assert table["batch_size"] == 4
-    assert table["groups"]["0"] == {"size": 64, "widths": [8, 16, 24, 32, 40, 48, 56, 64]}
+    # 64 channels of 8x8 per sample: the activation the rest's share is counted by.
+    widths = [8, 16, 24, 32, 40, 48, 56, 64]
+    assert table["groups"]["0"] == {"size": 64, "widths": widths, "volume": 64 * 8 * 8}
     layer2 = table["layers"]["2"]
     assert layer2["out"]["group"] == "2" and [c["group"] for c in layer2["in"]] == ["0"]
     # Conv 64->64 3x3: out-width 24 and 32 cost the same (16-channel blocks), input full.
@@ -103,6 +105,13 @@ def test_table_measures_each_group_at_its_candidate_widths() -> None:
     assert table["model_ms"] == pytest.approx(sum(e["ms"] for e in table["layers"].values()))
     assert table["rest_ms"] == 0.0  # timed with every conv replaced by its recorded output
     json.dumps(table)  # plain JSON
+    # The rest (here planned at 10 ms) shrinks with each group's width, by its output size.
+    table = {**table, "rest_ms": 10.0}
+    full = latency.predicted_ms(table, {})
+    assert full - latency.predicted_ms(table, {"0": 32, "2": 64}) == pytest.approx(
+        sum(latency.layer_ms(table, n, {}) - latency.layer_ms(table, n, {"0": 32}) for n in "02")
+        + 10.0 * 0.5 * 0.5
+    )
 
 
 def test_choice_removes_the_least_important_channels_for_the_time() -> None:

@@ -13,8 +13,9 @@ importance.
 The latency of a layer whose input and output groups are both narrowed is predicted as its full
 time times the two measured ratios (time at the narrowed out-width / full time, and the same for
 the in-width). Layers no group touches and everything that is not a conv or linear layer
-(norms, activations, adds) count as the fixed ``rest_ms``; fractions are of the predicted
-full-width time, ``rest_ms`` plus the layers' times.
+(norms, activations, adds) are ``rest_ms``, shared among the groups by the size of their
+producers' outputs and shrinking linearly with each group's width; fractions are of the
+predicted full-width time, ``rest_ms`` plus the layers' times.
 
 The table is a plain dict (JSON and ``torch.load(weights_only=True)`` friendly)::
 
@@ -210,9 +211,11 @@ class _Replay(nn.Module):
         return self.output
 
 
-def _without(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: Sequence[str]) -> nn.Module:
-    """A copy of ``model`` whose layers ``names`` replay their outputs: timing it measures the
-    rest (norms, activations, adds, pooling), which the table keeps at its full-width time."""
+def _without(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], names: Sequence[str]
+) -> tuple[nn.Module, dict[str, int]]:
+    """A copy of ``model`` whose layers ``names`` replay their outputs (timing it measures the
+    rest: norms, activations, adds, pooling), and the size of each layer's output per sample."""
     outputs: dict[str, torch.Tensor] = {}
 
     def hook(name: str, _module: nn.Module, _args: Any, out: torch.Tensor) -> None:
@@ -234,7 +237,7 @@ def _without(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: Sequence
     for name in names:
         parent, _, child = name.rpartition(".")
         setattr(rest.get_submodule(parent), child, _Replay(outputs[name]))
-    return rest
+    return rest, {n: out[0].numel() for n, out in outputs.items()}
 
 
 def _batched(t: torch.Tensor, batch: int | None) -> torch.Tensor:
@@ -301,7 +304,12 @@ def measure_table(
                 jobs.append(((name, "in", j, i), call(name, None, max(1, full_in - removed))))
     samples: dict[tuple[str, str, int, int], list[float]] = {key: [] for key, _ in jobs}
     whole = functools.partial(model, *inputs)
-    rest = functools.partial(_without(model, inputs, list(layers)), *inputs)
+    replayed, outputs = _without(model, inputs, list(layers))
+    rest = functools.partial(replayed, *inputs)
+    for g in groups:  # the activation each group's producers write: the rest shrinks with it
+        table["groups"][g.name]["volume"] = sum(
+            outputs[n] for n, e in layers.items() if e["out"] is g
+        )
     model_samples, rest_samples = [], []
     was_training = model.training
     model.eval()
@@ -369,7 +377,21 @@ def predicted_ms(table: Mapping[str, Any], widths: Mapping[str, int]) -> float:
     """Predicted whole-model time: the measured rest plus every table layer at ``widths``."""
     full = sum(e["ms"] for e in table["layers"].values())
     rest = table.get("rest_ms", max(0.0, table["model_ms"] - full))
+    total = sum(info.get("volume", 0) for info in table["groups"].values())
+    if total:
+        rest -= sum(
+            _rest_saved(table, g, w, total) for g, w in widths.items() if g in table["groups"]
+        )
     return rest + sum(layer_ms(table, n, widths) for n in table["layers"])
+
+
+def _rest_saved(table: Mapping[str, Any], group: str, width: int, total: int) -> float:
+    """Time of the rest saved by ``group`` at ``width``: norms, activations and adds on its
+    channels shrink with them (rest_ms shared by the groups' output sizes)."""
+    info = table["groups"][group]
+    if not total or "rest_ms" not in table:
+        return 0.0
+    return float(table["rest_ms"] * info.get("volume", 0) / total * (1 - width / info["size"]))
 
 
 def removed_fraction(table: Mapping[str, Any], widths: Mapping[str, int]) -> float:
@@ -412,9 +434,12 @@ def choose_widths(
     goal = base * (1.0 - fraction)
     now = predicted_ms(table, widths)
 
+    volume = sum(info.get("volume", 0) for info in table["groups"].values())
+
     def local(g: str, w: int) -> float:
         trial = {**widths, g: w}
-        return sum(layer_ms(table, n, trial) for n in touching[g])
+        layers = sum(layer_ms(table, n, trial) for n in touching[g])
+        return layers - _rest_saved(table, g, w, volume)
 
     while now > goal + 1e-12:
         best: tuple[float, float, float, str, int] | None = None
