@@ -231,3 +231,20 @@ def test_validate_and_schedule_name_the_latency_target(
     assert main(["schedule", str(path), "--epochs", "3", "--json"]) == 0
     levels = [row["filter_pruning"] for row in json.loads(capsys.readouterr().out)]
     assert levels[0] == 0.0 and levels[2] == 0.4
+
+
+def test_a_target_out_of_reach_warns_and_prunes_to_the_narrowest_widths() -> None:
+    model, x = wide_net()
+    recipe = {
+        "compression": {
+            "algorithm": "filter_pruning",
+            "params": {**ALL, "pruning_latency_target": 0.99, "schedule": "baseline"},
+        }
+    }
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.filterwarnings("always", message=".*out of reach.*")
+        mp.setattr(latency, "default_timer", blocked_timer)
+        with pytest.warns(UserWarning, match=r"pruning_latency_target 0.990 is out of reach"):
+            ctrl, _ = compress.create_compressed_model(model, recipe, x)
+    assert widths(ctrl.algorithms[0]) == {"0": 8, "2": 8}

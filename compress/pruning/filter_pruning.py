@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -389,6 +390,14 @@ class FilterPruning(Algorithm):
         widths = latency.choose_widths(self.latency(), free, fraction, fixed)
         for name, width in widths.items():
             keep[name] = _top(scores[name], width)
+        reached = latency.removed_fraction(self.latency(), {**fixed, **widths})
+        if reached < fraction - 1e-6:
+            warnings.warn(
+                f"{self.cfg.path}: pruning_latency_target {fraction:.3f} is out of reach; the "
+                f"narrowest widths in the latency table remove {reached:.3f} of its predicted "
+                "latency",
+                stacklevel=2,
+            )
         return keep
 
     # --- reporting, state, strip -----------------------------------------------------------
