@@ -123,10 +123,10 @@ class RuntimeReport:
                 f"| {_fmt(layer.dense_ms)} | {_fmt(layer.sparse_ms)} "
                 f"| {_fmt(layer.speedup, 'x')} | {runs_as} |"
             )
-        threads = f", sparse kernels on {self.sparse_threads} thread(s)" * bool(self.sparse_threads)
+        threads = f"; sparse kernels on {self.sparse_threads} thread(s)" * bool(self.sparse_threads)
         rows.append(
             f"{len(self.converted)} of {len(self.layers)} candidate layers converted "
-            f"(min_speedup={self.min_speedup:g}{threads})"
+            f"(min_speedup={self.min_speedup:g}){threads}"
         )
         return "\n".join(rows)
 
