@@ -12,11 +12,19 @@ BSR with square blocks, to show whether BSR kernels pay off on this CPU.
 Usage:
     python benchmarks/sparse_inference.py            # full grid, about 2 minutes on 2 cores
     python benchmarks/sparse_inference.py --quick    # reduced grid, under a minute
+    python benchmarks/sparse_inference.py --whole 5  # the MLP at 95%: whole model vs its layers
+
+``--whole RUNS``: the 4096-4096-4096-1000 MLP at 95%, batches 1 and 8, converted once per batch;
+then RUNS runs of interleaved rounds of: the dense model, the converted model (its kernels on
+the thread count ``to_sparse_runtime`` chose), the same with kernels on all threads, and each
+converted layer alone on its captured input (summed). Per run the medians; reported as median
+and range over runs, with the bytes limit: weight bytes / read bandwidth (a 256 MiB sum).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 import warnings
@@ -84,7 +92,9 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def interleaved_medians(fns: list[Callable[[], object]], rounds: int) -> list[float]:
+def interleaved_medians(
+    fns: list[Callable[[], object]], rounds: int, clock: Callable[[], float] = time.perf_counter
+) -> list[float]:
     """Median seconds per call of each fn, alternating them call by call.
 
     Alternating makes load from other processes on a shared machine hit every variant alike.
@@ -100,10 +110,10 @@ def interleaved_medians(fns: list[Callable[[], object]], rounds: int) -> list[fl
         samples: list[list[float]] = [[] for _ in fns]
         for _ in range(rounds):
             for fn, n, out in zip(fns, loops, samples, strict=True):
-                start = time.perf_counter()
+                start = clock()
                 for _ in range(n):
                     fn()
-                out.append((time.perf_counter() - start) / n)
+                out.append((clock() - start) / n)
     return [statistics.median(s) for s in samples]
 
 
@@ -242,14 +252,88 @@ def check_goals(rows: list[Row]) -> list[str]:
     return lines
 
 
+def _read_bandwidth() -> float:
+    """Bytes per second of ``sum`` over 256 MiB (median of 5): what one pass over weights that
+    do not fit in cache costs."""
+    buf = torch.ones(64 * 2**20)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - start)
+    return buf.numel() * 4 / statistics.median(times)
+
+
+def whole_vs_layers(runs: int, rounds: int = 21) -> None:
+    """Where the MLP's end-to-end time goes: whole model against the sum of its layers alone."""
+    from compress.deploy.sparse_layers import SparseMatmul
+
+    torch.manual_seed(0)
+    dense = magnitude_prune(mlp(), 0.95).eval()
+    print(f"mlp-4096 at 95%, {torch.get_num_threads()} threads, {runs} runs of {rounds} rounds\n")
+    print(
+        "| batch | dense ms | runtime ms | runtime, kernels on all threads ms | sum of layers "
+        "alone ms | runtime / sum | same, CPU time | speed-up | kernel threads | weights MiB "
+        "| bytes limit ms |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for batch in (1, 8):
+        x = torch.randn(batch, 4096)
+        fast = to_sparse_runtime(dense, x)
+        all_threads = copy.deepcopy(fast)
+        for m in all_threads.modules():
+            if isinstance(m, SparseMatmul):
+                m.threads = 0
+        acts, h = [], x
+        with torch.no_grad():
+            for m in fast:
+                acts.append(h)
+                h = m(h)
+        fns = [partial(dense, x), partial(fast, x), partial(all_threads, x)]
+        fns += [partial(m, a) for m, a in zip(fast, acts, strict=True)]
+        per_run: list[list[float]] = [[], [], [], []]
+        cpu_ratio = []
+        bandwidth = []
+        for _ in range(runs):
+            medians = interleaved_medians(fns, rounds)
+            for i in range(3):
+                per_run[i].append(medians[i] * 1e3)
+            per_run[3].append(sum(medians[3:]) * 1e3)
+            # CPU time of the process leaves out the time spent descheduled, which on a loaded
+            # machine hits a long call (the whole model) more often than a short one (a layer).
+            cpu = interleaved_medians(fns, rounds, time.process_time)
+            cpu_ratio.append(cpu[1] / sum(cpu[3:]))
+            bandwidth.append(_read_bandwidth())
+        ratio = [w / s for w, s in zip(per_run[1], per_run[3], strict=True)]
+        speedup = [d / w for d, w in zip(per_run[0], per_run[1], strict=True)]
+        mib = weight_bytes(fast) / 2**20
+        limit = [weight_bytes(fast) / b * 1e3 for b in bandwidth]
+
+        def cell(v: list[float], fmt: str = ".3f") -> str:
+            return f"{statistics.median(v):{fmt}} ({min(v):{fmt}}-{max(v):{fmt}})"
+
+        print(
+            f"| {batch} | {cell(per_run[0])} | {cell(per_run[1])} | {cell(per_run[2])} "
+            f"| {cell(per_run[3])} | {cell(ratio, '.2f')} | {cell(cpu_ratio, '.2f')} "
+            f"| {cell(speedup, '.2f')} "
+            f"| {fast.runtime_report.sparse_threads or torch.get_num_threads()} | {mib:.2f} "
+            f"| {cell(limit)} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced grid (about a minute)")
     parser.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads"
     )
+    parser.add_argument("--whole", type=int, metavar="RUNS", help="MLP whole vs its layers")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.whole:
+        whole_vs_layers(args.whole)
+        return
     sparsities, batches = ((0.9, 0.95), (1, 64)) if args.quick else (SPARSITIES, BATCHES)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
 

@@ -18,6 +18,14 @@ two settings applied alike to every model:
     python benchmarks/structured.py --width 64   # the full ResNet-18, 11M parameters (slow)
     python benchmarks/structured.py --quick      # widths 16..128, a smoke run
     python benchmarks/structured.py --focus 200 --round-to 16  # dense vs ours only, deploy, b64
+    python benchmarks/structured.py --latency 40  # latency target vs FLOPs target vs Torch-Pruning
+
+``--latency ROUNDS``: for 30/50/70% of latency to remove, our ``pruning_latency_target`` (its
+table measured once, eager, at ``--batch``), our ``pruning_flops_target`` at the MACs the
+latency target reached, and Torch-Pruning (L1, ``round_to`` 8) at those MACs too, timed eager
+at ``--batch`` taking turns for ROUNDS rounds: the per-round speed-up (dense time / pruned time)
+as median and range, the latency removed it means, the importance kept (unit-L2-normalised L1
+channel norms per group, summed over kept channels) and MACs.
 
 The default is the half-width network because a batch of 64 through the full one takes
 seconds on a small shared CPU, which leaves too few repetitions in five minutes.
@@ -38,6 +46,8 @@ from models import BasicBlock  # benchmarks/ is on sys.path when run as a script
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
+import compress
+from compress.pruning import latency
 from compress.pruning.channel_groups import build_groups
 from compress.pruning.structured import (
     apply_channel_mask,
@@ -161,6 +171,111 @@ def focus(
     print(f"\ndense: median {statistics.median(times['dense']) * 1e3:.1f} ms")
 
 
+def _recipe(**params: object) -> dict[str, object]:
+    return {
+        "compression": {
+            "algorithm": "filter_pruning",
+            "params": {
+                "filter_importance": "L1",
+                "prune_first_conv": True,
+                "prune_downsample_convs": True,
+                "schedule": "baseline",
+                "num_init_steps": 1,
+                **params,
+            },
+        }
+    }
+
+
+def _pruned(dense: nn.Module, x: torch.Tensor, table: dict | None, **params: object) -> tuple:
+    """(stripped model, importance kept, table) of our filter pruning with ``params``; the
+    latency table is measured once and handed to later runs, as a resume would."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ctrl, _ = compress.create_compressed_model(copy.deepcopy(dense), _recipe(**params), x)
+    algo = ctrl.algorithms[0]
+    if "pruning_latency_target" in params:
+        algo.latency_table = table
+        table = algo.latency()
+    for _ in range(2):  # epoch 0: num_init_steps; epoch 1: the target
+        ctrl.scheduler.epoch_step()
+    scores = algo.scores()
+    kept = total = 0.0
+    for name, s in scores.items():
+        s = s / s.norm()
+        kept += float(s[algo.keep[name]].sum())
+        total += float(s.sum())
+    return ctrl.strip().eval(), kept / total, table
+
+
+def _tp_at_macs(dense: nn.Module, x: torch.Tensor, macs: int) -> nn.Module:
+    """Torch-Pruning (L1, round_to 8) at the ratio whose MACs come closest to ``macs``."""
+    lo, hi, best = 0.0, 0.95, (float("inf"), dense)
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        small = torch_pruning(dense, x, mid, 8)
+        got = count_macs_params(small, x)[0]
+        best = min(best, (abs(got - macs), small), key=lambda b: b[0])
+        lo, hi = (mid, hi) if got > macs else (lo, mid)
+    return best[1]
+
+
+def latency_target(dense: nn.Module, x1: torch.Tensor, batch: int, rounds: int) -> None:
+    """Our latency target beside our FLOPs target and Torch-Pruning at the same MACs."""
+    dense_macs = count_macs_params(dense, x1)[0]
+    xb = torch.randn(batch, *x1.shape[1:])
+    models: dict[str, nn.Module] = {"dense": dense}
+    info: dict[str, tuple[float, str]] = {}
+    table = None
+    start = time.perf_counter()
+    for target in (0.3, 0.5, 0.7):
+        small, kept, table = _pruned(
+            dense, x1, table, pruning_latency_target=target, latency_batch_size=batch
+        )
+        if target == 0.3:
+            print(f"latency table measured in {time.perf_counter() - start:.0f} s")
+        macs = count_macs_params(small, x1)[0]
+        models[f"ours latency {target:.0%}"] = small
+        info[f"ours latency {target:.0%}"] = (target, f"{kept:.3f}")
+        flops = 1 - macs / dense_macs
+        small, kept, _ = _pruned(dense, x1, None, pruning_flops_target=round(flops, 4))
+        models[f"ours FLOPs {flops:.1%}"] = small
+        info[f"ours FLOPs {flops:.1%}"] = (target, f"{kept:.3f}")
+        models[f"torch-pruning at {flops:.1%} MACs"] = _tp_at_macs(dense, x1, macs)
+        info[f"torch-pruning at {flops:.1%} MACs"] = (target, "-")
+    times = timings(models, xb, rounds)
+    print(
+        f"\nResNet-18 width {dense.stem.out_channels}, eager, batch {batch}, "
+        f"{torch.get_num_threads()} threads, {rounds} rounds taking turns\n"
+    )
+    print(
+        "| model | latency target | speed-up: median (range) | latency removed | "
+        "speed-up / target's | importance kept | MACs (M) | MAC reduction |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, model in models.items():
+        if name == "dense":
+            continue
+        target, kept = info[name]
+        per = [d / p for d, p in zip(times["dense"], times[name], strict=True)]
+        mid = statistics.median(per)
+        macs = count_macs_params(model, x1)[0]
+        print(
+            f"| {name} | {target:.0%} | {mid:.2f}x ({min(per):.2f}-{max(per):.2f}) | "
+            f"{1 - 1 / mid:.1%} | {mid * (1 - target):.2f} | {kept} | {macs / 1e6:.1f} | "
+            f"{dense_macs / macs:.2f}x |"
+        )
+    print(f"\ndense: median {statistics.median(times['dense']) * 1e3:.1f} ms")
+    assert table is not None
+    widths = {
+        n: w
+        for n, w in (getattr(models["ours latency 70%"], "compress_latency_table", {}) or {})
+        .get("chosen", {})
+        .items()
+    }
+    print("\n" + latency.text(table, widths))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="narrow model, few repetitions")
@@ -178,6 +293,14 @@ def main(argv: list[str] | None = None) -> None:
         help="only dense and ours (first --round-to) in the deploy setting at batch 64, for "
         "ROUNDS rounds: the per-round speed-up / MAC reduction, median and quartiles",
     )
+    parser.add_argument(
+        "--latency",
+        type=int,
+        metavar="ROUNDS",
+        help="pruning_latency_target at 30/50/70%% beside the FLOPs target and Torch-Pruning at "
+        "the same MACs, eager at --batch, ROUNDS rounds",
+    )
+    parser.add_argument("--batch", type=int, default=64, help="batch of --latency")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     width, reps1, reps64 = (16, 10, 3) if args.quick else (args.width, 30, 15)
@@ -191,6 +314,9 @@ def main(argv: list[str] | None = None) -> None:
             nn.init.uniform_(m.weight, 0.5, 1.5)
     x1 = torch.randn(1, 3, 32, 32)
     x64 = torch.randn(64, 3, 32, 32)
+    if args.latency:
+        latency_target(dense, x1, args.batch, args.latency)
+        return
     if args.focus:
         focus(dense, x1, x64, ratios, args.round_to[0], args.focus)
         return

@@ -47,6 +47,8 @@ def _summary(cfg: Config) -> str:
         elif a.name == "filter_pruning":
             target = p.get("pruning_target", p.get("pruning_flops_target"))
             kind = "FLOPs" if "pruning_flops_target" in p else "filters"
+            if "pruning_latency_target" in p:
+                target, kind = p["pruning_latency_target"], "latency"
             parts.append(
                 f"{a.name} ({p['schedule']}: {target} of {kind} after {p['pruning_steps']} epochs)"
             )
@@ -68,7 +70,9 @@ def schedule_rows(cfg: Config, epochs: int, steps_per_epoch: int | None) -> list
             init = a.options.get("sparsity_init", a.options.get("pruning_init", 0.0))
             params = dict(a.params)
             if a.name == "filter_pruning" and "pruning_target" not in params:
-                params["pruning_target"] = params["pruning_flops_target"]
+                params["pruning_target"] = params.get(
+                    "pruning_flops_target", params.get("pruning_latency_target")
+                )
             if a.name != "filter_pruning" and params["schedule"] == "adaptive":
                 row[a.name] = "adaptive"
                 continue
@@ -161,6 +165,17 @@ def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str
             ) from None
         lines.append(f"sparse runtime ({report_path.name}):")
         lines.append(str(report))
+    latency_path = Path(str(path).removesuffix(".pruned.pt") + ".latency.json")
+    if path.name.endswith(".pruned.pt") and latency_path.is_file():
+        from compress.pruning.latency import text
+
+        try:
+            lines.append(f"{latency_path.name}: " + text(json.loads(latency_path.read_text())))
+        except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
+            raise CompressError(
+                f"{latency_path}: not a latency table ({type(e).__name__}: {e}); delete it or "
+                "export again"
+            ) from None
     if model_spec is not None:
         model = _load_model(model_spec)
         if isinstance(payload, dict) and payload.get("format") == "compress.pruned":

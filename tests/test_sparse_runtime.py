@@ -149,8 +149,10 @@ def test_report_names_flags_and_round_trip() -> None:
         (1000.0, 2000.0),
     ]
     # Unstructured weights have no BSR candidate: dense and CSR take turns, three rounds a layer;
-    # then the dense and the converted model take turns end to end, three rounds.
-    assert calls == ["Linear", "SparseLinear"] * 3 * 3 + ["Sequential"] * 2 * 3
+    # then the dense and the converted model (and, with several threads, a copy whose kernels
+    # run on one) take turns end to end, three rounds.
+    ends = 3 if torch.get_num_threads() > 1 else 2
+    assert calls == ["Linear", "SparseLinear"] * 3 * 3 + ["Sequential"] * ends * 3
 
     text = str(report)
     assert "| 0 | linear | 128x64 | 90.0% | 1000 | 250 | 4.00x | csr |" in text
@@ -323,3 +325,41 @@ def test_median_timer_returns_seconds_per_call() -> None:
     seconds = median_timer(lambda: calls.append(1), repeats=3)
     assert 0 < seconds < 1e-3
     assert len(calls) >= 2 + 3
+
+
+def test_sparse_kernels_take_the_thread_count_that_times_faster_end_to_end() -> None:
+    model = mlp()
+    magnitude_prune_(model, 0.9)
+    x = torch.randn(4, 64)
+
+    def one_thread_faster(fn: Callable[[], object]) -> float:
+        target = fn.func  # type: ignore[attr-defined]
+        if isinstance(target, SparseLinear):
+            return 0.25
+        kernels = [m for m in target.modules() if isinstance(m, SparseLinear)]
+        if not kernels:
+            return 1.0
+        return 0.3 if all(m.threads == 1 for m in kernels) else 0.6
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fast = to_sparse_runtime(model, x, timer=one_thread_faster)
+        kernels = [m for m in fast.modules() if isinstance(m, SparseLinear)]
+        assert fast.runtime_report.sparse_threads == 1 and len(kernels) == 3
+        assert all(m.threads == 1 for m in kernels)
+        with torch.no_grad():
+            assert_close_to(fast(x), model(x))
+        assert torch.get_num_threads() == 2  # restored after every kernel call
+        assert "sparse kernels on 1 thread(s)" in str(fast.runtime_report)
+        again = report_from_dict(json.loads(json.dumps(fast.runtime_report.to_dict())))
+        assert again.sparse_threads == 1
+        # All threads when one is not faster; a fixed count when given.
+        fast = to_sparse_runtime(model, x, timer=SPARSE_FAST)
+        assert fast.runtime_report.sparse_threads == 0
+        fixed = to_sparse_runtime(model, x, timer=one_thread_faster, threads=1)
+        assert fixed.runtime_report.sparse_threads == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match="threads=0 is not allowed"):
+        to_sparse_runtime(model, x, threads=0)

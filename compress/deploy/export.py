@@ -273,6 +273,13 @@ def _export_pruned(model: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...
     from compress.deploy.pruned_file import save_pruned
 
     save_pruned(model, plan, path, inputs)
+    table = getattr(model, "compress_latency_table", None)
+    if table is not None:  # the measured latency table and the widths chosen from it
+        import json
+
+        text = json.dumps(table, indent=1)
+        latency_path = Path(str(path).removesuffix(".pruned.pt") + ".latency.json")
+        atomic_write(latency_path, lambda tmp: Path(tmp).write_text(text))
     return path
 
 

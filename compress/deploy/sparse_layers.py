@@ -53,6 +53,9 @@ class SparseMatmul(nn.Module):
                 sparse = weight2d.to_sparse_bsr((blocksize, blocksize))
         self.weight_shape = tuple(weight2d.shape)
         self.blocksize = blocksize
+        # Threads of the sparse kernel; 0: the process setting. One thread can beat two when
+        # the kernel is short and the other core is busy (see docs/sparse_runtime.md).
+        self.threads = 0
         # int32 indices: MKL's LP64 kernels take int32, so int64 indices would be converted on
         # every call (measured ~2x slower at batch 1) and would cost 4 more bytes per non-zero.
         index_dtype = torch.int32 if sparse.values().numel() < 2**31 else torch.int64
@@ -81,13 +84,24 @@ class SparseMatmul(nn.Module):
     def matmul(self, cols: Tensor) -> Tensor:
         """``W @ cols (+ bias)`` for ``cols`` of shape [in, n]; returns [out, n]."""
         weight = self.sparse_weight()
+        before = torch.get_num_threads()
+        if not self.threads or self.threads == before:
+            return self._product(weight, cols)
+        torch.set_num_threads(self.threads)  # well under a microsecond each way
+        try:
+            return self._product(weight, cols)
+        finally:
+            torch.set_num_threads(before)
+
+    def _product(self, weight: Tensor, cols: Tensor) -> Tensor:
         if self.bias is None:
             return torch.sparse.mm(weight, cols)
         return torch.sparse.addmm(self.bias, weight, cols)
 
     def extra_repr(self) -> str:
         density = self.values.numel() / max(1, math.prod(self.weight_shape))
-        return f"layout={self.layout}, stored={density:.3f}"
+        threads = f", threads={self.threads}" if self.threads else ""
+        return f"layout={self.layout}, stored={density:.3f}{threads}"
 
 
 class SparseLinear(SparseMatmul):

@@ -97,6 +97,8 @@ class RuntimeReport:
 
     layers: tuple[LayerRuntime, ...]
     min_speedup: float
+    sparse_threads: int = 0
+    """Threads the sparse kernels run with; 0: the process setting."""
 
     @property
     def converted(self) -> list[str]:
@@ -105,7 +107,11 @@ class RuntimeReport:
 
     def to_dict(self) -> dict[str, Any]:
         layers = [{**asdict(layer), "shape": list(layer.shape)} for layer in self.layers]
-        return {"min_speedup": self.min_speedup, "layers": layers}
+        return {
+            "min_speedup": self.min_speedup,
+            "sparse_threads": self.sparse_threads,
+            "layers": layers,
+        }
 
     def __str__(self) -> str:
         header = "| layer | kind | shape | sparsity | dense ms | sparse ms | speed-up | runs as |"
@@ -118,9 +124,10 @@ class RuntimeReport:
                 f"| {_fmt(layer.dense_ms)} | {_fmt(layer.sparse_ms)} "
                 f"| {_fmt(layer.speedup, 'x')} | {runs_as} |"
             )
+        threads = f"; sparse kernels on {self.sparse_threads} thread(s)" * bool(self.sparse_threads)
         rows.append(
             f"{len(self.converted)} of {len(self.layers)} candidate layers converted "
-            f"(min_speedup={self.min_speedup:g})"
+            f"(min_speedup={self.min_speedup:g}){threads}"
         )
         return "\n".join(rows)
 
@@ -136,7 +143,11 @@ def report_from_dict(d: dict[str, Any]) -> RuntimeReport:
         layers = tuple(
             LayerRuntime(**{**layer, "shape": tuple(layer["shape"])}) for layer in d["layers"]
         )
-        return RuntimeReport(layers=layers, min_speedup=float(d["min_speedup"]))
+        return RuntimeReport(
+            layers=layers,
+            min_speedup=float(d["min_speedup"]),
+            sparse_threads=int(d.get("sparse_threads", 0)),
+        )
     except (KeyError, TypeError) as err:
         raise ConfigError(
             f"report_from_dict: not a RuntimeReport dict ({err}); expected the output of "
@@ -171,6 +182,7 @@ def to_sparse_runtime(
     *,
     min_speedup: float = 1.1,
     timer: Timer | None = None,
+    threads: int | None = None,
 ) -> nn.Module:
     """Return a copy of ``model`` whose sparse-enough layers run with sparse kernels.
 
@@ -184,6 +196,11 @@ def to_sparse_runtime(
     ``timer(fn) -> seconds`` does all timing. Each ``fn`` is ``functools.partial(layer,
     activation)``, so a test timer can tell the dense layer from ``SparseLinear`` or
     ``SparseConv1x1`` by ``fn.func``. Default: :func:`median_timer`.
+
+    ``threads`` sets how many threads the sparse kernels use (``torch.set_num_threads`` around
+    each kernel call, restored after it). ``None``: with more than one thread in the process, the
+    converted model is timed end to end with its kernels on all threads and on one, and the
+    faster is kept (the report's ``sparse_threads``; 0 means all).
 
     Converted layers hold buffers, not parameters: the result is for inference, not training.
 
@@ -199,6 +216,13 @@ def to_sparse_runtime(
         ['']
     """
     _check_arguments(model, example_inputs, min_speedup)
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ConfigError(
+            f"to_sparse_runtime: threads={threads!r} is not allowed; use None (measure all "
+            "threads against one) or a thread count >= 1"
+        )
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     out = _copy(model)
     candidates = {name: m for name, m in out.named_modules() if _kind(m) is not None}
@@ -210,11 +234,10 @@ def to_sparse_runtime(
         layers.append(layer)
         if replacement is not None:
             out = _replace(out, name, replacement)
-    if (
-        min_speedup > 0
-        and any(layer.converted for layer in layers)
-        and _slower_end_to_end(model, out, inputs, time_fn)
-    ):
+    sparse_threads, slower = 0, False
+    if any(layer.converted for layer in layers):
+        out, sparse_threads, slower = _end_to_end(model, out, inputs, time_fn, threads)
+    if slower and min_speedup > 0:  # min_speedup=0: convert whatever the timing
         # Layers that win alone can still lose inside the model (tiny layers, cache effects):
         # the promise is a model never slower than the dense one, so keep the dense copy.
         out = _copy(model)
@@ -224,7 +247,12 @@ def to_sparse_runtime(
             else layer
             for layer in layers
         ]
-    report = RuntimeReport(layers=tuple(layers), min_speedup=float(min_speedup))
+    converted = any(layer.converted for layer in layers)
+    report = RuntimeReport(
+        layers=tuple(layers),
+        min_speedup=float(min_speedup),
+        sparse_threads=sparse_threads if converted else 0,
+    )
     setattr(out, "runtime_report", report)  # noqa: B010  (mypy: nn.Module attrs are tensors)
     return out
 
@@ -232,16 +260,31 @@ def to_sparse_runtime(
 _SLOWER_WHOLE = "the converted model timed slower end to end"
 
 
-def _slower_end_to_end(
-    dense: nn.Module, sparse: nn.Module, inputs: tuple[Tensor, ...], timer: Timer
-) -> bool:
-    """Whether the converted model is slower than the dense one on ``inputs`` (best of rounds,
-    taking turns, like the per-layer timing)."""
-    rounds = [
-        [timer(functools.partial(m, *inputs)) for m in (dense, sparse)] for _ in range(_ROUNDS)
-    ]
-    dense_s, sparse_s = (min(column) for column in zip(*rounds, strict=True))
-    return sparse_s > dense_s
+def _set_threads(model: nn.Module, threads: int) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, SparseMatmul):
+            m.threads = threads
+    return model
+
+
+def _end_to_end(
+    dense: nn.Module,
+    sparse: nn.Module,
+    inputs: tuple[Tensor, ...],
+    timer: Timer,
+    threads: int | None,
+) -> tuple[nn.Module, int, bool]:
+    """(converted model, its sparse kernels' threads, whether it is slower than the dense one
+    on ``inputs``). Best of rounds, taking turns, like the per-layer timing; with ``threads``
+    None and several threads, a copy with one-thread kernels takes its turn too."""
+    variants = [dense, _set_threads(sparse, threads or 0)]
+    if threads is None and torch.get_num_threads() > 1:
+        variants.append(_set_threads(copy.deepcopy(sparse), 1))
+    rounds = [[timer(functools.partial(m, *inputs)) for m in variants] for _ in range(_ROUNDS)]
+    best = [min(column) for column in zip(*rounds, strict=True)]
+    chosen = 2 if len(variants) == 3 and best[2] < best[1] else 1
+    model = variants[chosen]
+    return model, (1 if chosen == 2 else threads or 0), best[chosen] > best[0]
 
 
 def _check_arguments(model: object, example_inputs: object, min_speedup: object) -> None:

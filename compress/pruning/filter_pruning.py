@@ -11,7 +11,9 @@ epochs (``baseline``: ``num_init_steps``) the masks freeze. ``strip`` removes th
 and attaches the plan of kept channels that the ``pruned`` export writes.
 
 With ``pruning_flops_target`` the schedule moves the fraction of MACs to remove, and the filter
-ratio that removes it is found by bisection on MACs counted from the kept widths.
+ratio that removes it is found by bisection on MACs counted from the kept widths. With
+``pruning_latency_target`` it moves the fraction of measured latency to remove, and the widths
+come from a latency table measured once on this machine (:mod:`compress.pruning.latency`).
 
 With ``filter_importance: scop`` the scores are control coefficients learned against knockoff
 features during the ``num_init_steps`` epochs (:mod:`compress.pruning.scop`).
@@ -19,6 +21,7 @@ features during the ``num_init_steps`` epochs (:mod:`compress.pruning.scop`).
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Iterable, Mapping
@@ -31,6 +34,7 @@ from compress import masks
 from compress.algorithm import Algorithm, weight, weight_layers
 from compress.analysis.summary import layer_macs
 from compress.errors import CompressError, ConfigError
+from compress.pruning import latency
 from compress.pruning.channel_groups import Excluded, build_groups
 from compress.pruning.coverage import check_reachable, coverage_warning, exclusion_rows
 from compress.pruning.hf_config import update_config, widths
@@ -72,7 +76,9 @@ class FilterPruning(Algorithm):
         self.groups = self._build_groups()
         self.init = float(cfg.options["pruning_init"])
         self.flops_target = p.get("pruning_flops_target")
-        self.target = float(self.flops_target or p["pruning_target"])
+        self.latency_target = p.get("pruning_latency_target")
+        self.latency_table: dict[str, Any] | None = None  # measured when first needed
+        self.target = float(self.flops_target or self.latency_target or p["pruning_target"])
         steps = 0 if p["schedule"] == "baseline" else p["pruning_steps"]
         self.freeze_epoch = p["num_init_steps"] + steps
         self.explicit, self.ratios = self._layer_choices()
@@ -256,10 +262,18 @@ class FilterPruning(Algorithm):
         epoch = self.scheduler.progress(None, False)
         self.current = self._scheduled(self.target, epoch)
         scores = self.scores()
-        self.ratio = (
-            self._flops_ratio(self.current, scores, epoch) if self.flops_target else (self.current)
-        )
-        self.keep = self.choose(self.ratio, scores, epoch)
+        if self.latency_target:
+            self.keep = self._latency_keep(self.current, scores, epoch)
+            self.ratio = 1.0 - sum(int(k.sum()) for k in self.keep.values()) / max(
+                1, sum(g.size for g in self.groups)
+            )
+        else:
+            self.ratio = (
+                self._flops_ratio(self.current, scores, epoch)
+                if self.flops_target
+                else self.current
+            )
+            self.keep = self.choose(self.ratio, scores, epoch)
         self._apply()
         if self.scheduler.epoch >= 0 and epoch >= self.freeze_epoch:
             self.frozen = True
@@ -411,6 +425,45 @@ class FilterPruning(Algorithm):
             lo, hi = (mid, hi) if got < fraction else (lo, mid)
         return best[1]
 
+    # --- latency ---------------------------------------------------------------------------
+
+    def latency(self) -> dict[str, Any]:
+        """The latency table (measured on first use, on an unmasked copy of the model)."""
+        if self.latency_table is None:
+            model = copy.deepcopy(self.model)
+            for module in model.modules():
+                masks.remove(module)
+            self.latency_table = latency.measure_table(
+                model,
+                self.groups,
+                tuple(self.example_inputs or ()),
+                batch_size=self.params.get("latency_batch_size"),
+            )
+        return self.latency_table
+
+    def _latency_keep(
+        self, fraction: float, scores: Mapping[str, torch.Tensor], epoch: float
+    ) -> dict[str, torch.Tensor]:
+        """Keep masks whose widths remove ``fraction`` of the table's predicted latency;
+        groups set by prune_channels or layer_ratios keep their own widths."""
+        keep = self.choose(0.0, scores, epoch)
+        if fraction <= 0.0:
+            return keep
+        fixed = {n: int(keep[n].sum()) for n in {**self.explicit, **self.ratios}}
+        free = {g.name: scores[g.name] for g in self.groups if g.name not in fixed}
+        chosen = latency.choose_widths(self.latency(), free, fraction, fixed)
+        for name, width in chosen.items():
+            keep[name] = _top(scores[name], width)
+        reached = latency.removed_fraction(self.latency(), {**fixed, **chosen})
+        if reached < fraction - 1e-6:
+            warnings.warn(
+                f"{self.cfg.path}: pruning_latency_target {fraction:.3f} is out of reach; the "
+                f"narrowest widths in the latency table remove {reached:.3f} of its predicted "
+                "latency",
+                stacklevel=2,
+            )
+        return keep
+
     # --- reporting, state, strip -----------------------------------------------------------
 
     def statistics(self) -> dict[str, Any]:
@@ -438,11 +491,16 @@ class FilterPruning(Algorithm):
             _row("filters", full_filters, kept_filters),
         ]
         out = {"algorithm": self.name, "level": self.current, "frozen": self.frozen}
-        if self.flops_target:
+        if self.flops_target or self.latency_target:
             out["filter ratio"] = self.ratio
         out["prunable MACs share"] = self.macs_share
         out["prunable params share"] = self.params_share
         out["rounded whole"] = list(self.rounded_whole)
+        if self.latency_table is not None:
+            chosen = {n: int(k.sum()) for n, k in self.keep.items()}
+            out["latency removed (predicted)"] = latency.removed_fraction(
+                self.latency_table, chosen
+            )
         return {
             **out,
             "layers": rows,
@@ -460,6 +518,7 @@ class FilterPruning(Algorithm):
             if self.calibration is None
             else {n: s.clone() for n, s in self.calibration.items()},
             "scop": None if self.scop is None else self.scop.state_dict(),
+            "latency_table": copy.deepcopy(self.latency_table),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -480,6 +539,8 @@ class FilterPruning(Algorithm):
             self.calibration = {n: s.clone() for n, s in state["calibration"].items()}
         if self.scop is not None and state.get("scop") is not None:
             self.scop.load_state_dict(state["scop"])
+        if state.get("latency_table") is not None:
+            self.latency_table = copy.deepcopy(dict(state["latency_table"]))
         self._apply()
 
     def strip(self, model: nn.Module) -> nn.Module:
@@ -495,6 +556,9 @@ class FilterPruning(Algorithm):
         update_config(small, before)  # a Hugging Face model's config states its widths
         plan = pruning_plan(self.groups, self.keep)
         setattr(small, "compress_pruning_plan", plan)  # noqa: B010  (mypy: nn.Module attrs are tensors)
+        if self.latency_table is not None:
+            chosen = {n: int(k.sum()) for n, k in self.keep.items()}
+            setattr(small, "compress_latency_table", {**self.latency_table, "chosen": chosen})  # noqa: B010
         return small
 
 

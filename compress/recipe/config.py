@@ -331,7 +331,14 @@ def _check_rules(name: str, options: Mapping[str, Any], params: dict[str, Any], 
                 f"{p}: pruning_target ({params['pruning_target']}) and pruning_flops_target "
                 f"({params['pruning_flops_target']}) are both set; give only one"
             )
-        if "pruning_flops_target" not in params:
+        targets = ("pruning_target", "pruning_flops_target", "pruning_latency_target")
+        given = [k for k in targets if k in params]
+        if len(given) > 1:
+            raise ConfigError(
+                f"{p}: {' and '.join(f'{k} ({params[k]})' for k in given)} are both set; give "
+                "only one target (a fraction of filters, of MACs or of measured latency)"
+            )
+        if not given:
             params.setdefault("pruning_target", 0.5)
         if params["interlayer_ranking_type"] == "learned_ranking" or any(
             k in params

@@ -1,0 +1,512 @@
+"""Latency-aware filter pruning: a table of measured layer times, and the widths it chooses.
+
+A MAC removed is not a millisecond saved: a CPU runs narrow or odd-width layers less
+efficiently than wide ones (oneDNN computes convolutions in blocks of 16 channels, so 24
+channels can cost what 32 do). So ``pruning_latency_target`` does not count MACs; before pruning
+starts, :func:`measure_table` times every layer a channel group touches, on this machine, at a
+few candidate widths of that group (the activation shapes the example inputs produce, at the
+recipe's batch size, all variants of a group taking turns, medians of rounds), and the rest of
+the model by running it with those layers replaced by their recorded outputs. :func:`choose_widths`
+then picks per-group widths that reach a fraction of latency removed while removing the least
+importance.
+
+The latency of a layer whose input and output groups are both narrowed is predicted as its full
+time times the two measured ratios (time at the narrowed out-width / full time, and the same for
+the in-width). Layers no group touches and everything that is not a conv or linear layer
+(norms, activations, adds) are ``rest_ms``, shared among the groups by the size of their
+producers' outputs and shrinking linearly with each group's width; fractions are of the
+predicted full-width time, ``rest_ms`` plus the layers' times.
+
+The table is a plain dict (JSON and ``torch.load(weights_only=True)`` friendly)::
+
+    {"batch_size": 64, "model_ms": 12.3, "rest_ms": 2.1,
+     "groups": {"layer1.0.conv1": {"size": 32, "widths": [8, 16, 24, 32]}},
+     "layers": {"layer1.0.conv1": {"ms": 1.2,
+                                   "out": {"group": "layer1.0.conv1", "ms": [0.4, 0.6, 1.1, 1.2]},
+                                   "in": [{"group": "conv1", "ms": [...]}]}}}
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from compress.pruning.channel_groups import build_groups
+    >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    >>> x = torch.randn(1, 3, 8, 8)
+    >>> groups = build_groups(model, x, prune_first_conv=True)
+    >>> table = measure_table(model, groups, (x,), timer=layer_macs_timer)  # planned "times"
+    >>> table["groups"]["0"]["widths"]
+    [8, 16]
+    >>> widths = choose_widths(table, {"0": torch.arange(16.0)}, 0.5)
+    >>> widths, round(removed_fraction(table, widths), 2)
+    ({'0': 8}, 0.5)
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.pruning.structured import ChannelGroup
+
+__all__ = [
+    "Timer",
+    "choose_widths",
+    "layer_macs_timer",
+    "measure_table",
+    "predicted_ms",
+    "removed_fraction",
+    "text",
+]
+
+Timer = Callable[[Callable[[], object]], float]
+"""Seconds of one call of ``fn``. Layer calls are ``functools.partial(layer, x)``; the whole
+model's is ``functools.partial(model, *inputs)``: a test timer can return planned numbers."""
+
+_ROUNDS = 5
+_MAX_CANDIDATES = 16
+
+
+def time_call(fn: Callable[[], object], *, target_s: float = 2e-3) -> float:
+    """Seconds per call of ``fn``, looped to last about ``target_s`` (after one warm-up call,
+    which also sets the loop count)."""
+    with torch.no_grad():
+        start = time.perf_counter()
+        fn()
+        once = max(time.perf_counter() - start, 1e-7)
+        loops = max(1, min(100, int(target_s / once)))
+        start = time.perf_counter()
+        for _ in range(loops):
+            fn()
+        return (time.perf_counter() - start) / loops
+
+
+default_timer: Timer = time_call
+"""The timer :func:`measure_table` uses when none is given (tests replace it)."""
+
+
+def layer_macs_timer(fn: Callable[[], object]) -> float:
+    """A planned, load-free "timer": the MACs of the layer call (1e-9 s per MAC); a whole model
+    counts as the sum of its conv and linear layers. For docs and tests, never for decisions."""
+    assert isinstance(fn, functools.partial)
+    module, args = fn.func, fn.args
+    assert isinstance(module, nn.Module)
+    total = 0.0
+    shapes: list[tuple[nn.Module, torch.Size]] = []
+
+    def hook(m: nn.Module, _args: Any, out: torch.Tensor) -> None:
+        shapes.append((m, out.shape))
+
+    hooks = [
+        m.register_forward_hook(hook)
+        for m in module.modules()
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+    ]
+    try:
+        with torch.no_grad():
+            module(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    for m, shape in shapes:
+        w = m.weight
+        assert isinstance(w, torch.Tensor)
+        total += math.prod(shape) * (w.numel() // w.shape[0])
+    return total * 1e-9
+
+
+def candidate_widths(size: int) -> list[int]:
+    """Widths tried for a group of ``size`` channels: multiples of a step (8 for groups of 16
+    or more, fewer channels for smaller ones; at most 16 candidates) and the full width."""
+    step = 1 if size < 16 else 8 * max(1, math.ceil(size / (8 * _MAX_CANDIDATES)))
+    return sorted(set(range(step, size, step)) | {size})
+
+
+def _layers_of(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, dict[str, Any]]:
+    """Conv/linear layers the groups touch: the group of their out-channels and the groups of
+    their in-channels (with the share of input positions each one holds)."""
+    found: dict[str, dict[str, Any]] = {}
+    for g in groups:
+        for m in g.members:
+            if m.param_name != "weight":
+                continue
+            module = model.get_submodule(m.module_name)
+            if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                continue
+            entry = found.setdefault(m.module_name, {"out": None, "in": []})
+            depthwise = getattr(module, "groups", 1) > 1
+            if m.dim == 0 and m.role == "producer":
+                entry["out"] = g
+                entry["depthwise"] = depthwise
+            elif m.dim == 1 and m.role == "consumer" and not depthwise:
+                entry["in"].append((g, len(m.index) / module.weight.shape[1]))
+
+    def usable(name: str, entry: dict[str, Any]) -> bool:
+        """Grouped convolutions other than depthwise keep their full time (the rest)."""
+        m = model.get_submodule(name)
+        n_groups = getattr(m, "groups", 1)
+        if n_groups == 1:
+            return True
+        out = entry["out"]
+        return out is not None and n_groups == m.in_channels == m.out_channels == out.size
+
+    return {n: e for n, e in found.items() if usable(n, e)}
+
+
+def _resized(module: nn.Module, out_ch: int, in_ch: int, depthwise: bool) -> nn.Module:
+    """A fresh layer like ``module`` with ``out_ch`` outputs and ``in_ch`` inputs."""
+    if isinstance(module, nn.Linear):
+        return nn.Linear(in_ch, out_ch, bias=module.bias is not None)
+    assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    return type(module)(
+        in_ch,
+        out_ch,
+        module.kernel_size,  # type: ignore[arg-type]
+        stride=module.stride,  # type: ignore[arg-type]
+        padding=module.padding,  # type: ignore[arg-type]
+        dilation=module.dilation,  # type: ignore[arg-type]
+        groups=out_ch if depthwise else 1,
+        bias=module.bias is not None,
+        padding_mode=module.padding_mode,
+    )
+
+
+def _input_shapes(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], names: Sequence[str]
+) -> dict[str, torch.Size]:
+    shapes: dict[str, torch.Size] = {}
+
+    def hook(name: str, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        shapes.setdefault(name, args[0].shape)
+
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(functools.partial(hook, n)) for n in names
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+class _Replay(nn.Module):
+    """Stands in for a layer: returns the output it gave once, at no cost."""
+
+    def __init__(self, output: torch.Tensor) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        return self.output
+
+
+def _without(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], names: Sequence[str]
+) -> tuple[nn.Module, dict[str, int]]:
+    """A copy of ``model`` whose layers ``names`` replay their outputs (timing it measures the
+    rest: norms, activations, adds, pooling), and the size of each layer's output per sample."""
+    outputs: dict[str, torch.Tensor] = {}
+
+    def hook(name: str, _module: nn.Module, _args: Any, out: torch.Tensor) -> None:
+        outputs.setdefault(name, out.detach())
+
+    handles = [
+        model.get_submodule(n).register_forward_hook(functools.partial(hook, n)) for n in names
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    rest = copy.deepcopy(model).eval()
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(rest.get_submodule(parent), child, _Replay(outputs[name]))
+    return rest, {n: out[0].numel() for n, out in outputs.items()}
+
+
+def _batched(t: torch.Tensor, batch: int | None) -> torch.Tensor:
+    if batch is None or t.dim() == 0:
+        return t
+    return torch.randn(batch, *t.shape[1:], dtype=t.dtype, device=t.device)
+
+
+def measure_table(
+    model: nn.Module,
+    groups: Sequence[ChannelGroup],
+    example_inputs: tuple[torch.Tensor, ...],
+    *,
+    batch_size: int | None = None,
+    timer: Timer | None = None,
+    rounds: int = _ROUNDS,
+) -> dict[str, Any]:
+    """Times each group's layers at the group's candidate widths; returns the table (module
+    docstring). Every group's variants take turns within a round; values are medians of
+    ``rounds`` rounds. Fresh layers with random weights are timed, the model is not changed."""
+    time_fn = timer if timer is not None else default_timer
+    layers = _layers_of(model, groups)
+    inputs = tuple(_batched(t, batch_size) for t in example_inputs)
+    shapes = _input_shapes(model, inputs, list(layers))
+    layers = {n: e for n, e in layers.items() if n in shapes}
+    table: dict[str, Any] = {
+        "batch_size": int(inputs[0].shape[0]) if inputs and inputs[0].dim() else None,
+        "groups": {g.name: {"size": g.size, "widths": candidate_widths(g.size)} for g in groups},
+        "layers": {},
+    }
+
+    def call(name: str, out_ch: int | None, in_ch: int | None) -> Callable[[], object]:
+        module = model.get_submodule(name)
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        e = layers[name]
+        out_ch = weight.shape[0] if out_ch is None else out_ch
+        full_in = shapes[name][-1] if isinstance(module, nn.Linear) else shapes[name][1]
+        in_ch = full_in if in_ch is None else in_ch
+        if e.get("depthwise"):
+            in_ch = out_ch
+        layer = _resized(module, out_ch, in_ch, bool(e.get("depthwise"))).eval()
+        shape = list(shapes[name])
+        shape[-1 if isinstance(module, nn.Linear) else 1] = in_ch
+        x = torch.randn(shape)
+        return functools.partial(layer, x)
+
+    # Every layer at full width and at each narrower candidate width of its groups (the full
+    # width is timed once per layer: it ends every curve); all take turns in each round.
+    jobs: list[tuple[tuple[str, str, int, int], Callable[[], object]]] = []
+    for name, e in layers.items():
+        jobs.append(((name, "full", 0, 0), call(name, None, None)))
+        if e["out"] is not None:
+            g = e["out"]
+            weight = model.get_submodule(name).weight
+            assert isinstance(weight, torch.Tensor)
+            for i, w in enumerate(table["groups"][g.name]["widths"][:-1]):
+                width = max(1, round(weight.shape[0] * w / g.size))
+                jobs.append(((name, "out", 0, i), call(name, width, None)))
+        full_in = shapes[name][-1 if isinstance(model.get_submodule(name), nn.Linear) else 1]
+        for j, (g, share) in enumerate(e["in"]):
+            for i, w in enumerate(table["groups"][g.name]["widths"][:-1]):
+                removed = round(full_in * share * (1 - w / g.size))
+                jobs.append(((name, "in", j, i), call(name, None, max(1, full_in - removed))))
+    samples: dict[tuple[str, str, int, int], list[float]] = {key: [] for key, _ in jobs}
+    whole = functools.partial(model, *inputs)
+    replayed, outputs = _without(model, inputs, list(layers))
+    rest = functools.partial(replayed, *inputs)
+    for g in groups:  # the activation each group's producers write: the rest shrinks with it
+        table["groups"][g.name]["volume"] = sum(
+            outputs[n] for n, e in layers.items() if e["out"] is g
+        )
+    model_samples, rest_samples = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for _ in range(rounds):
+                model_samples.append(time_fn(whole))
+                rest_samples.append(time_fn(rest))
+                for key, fn in jobs:
+                    samples[key].append(time_fn(fn))
+    finally:
+        model.train(was_training)
+    ms = {key: statistics.median(v) * 1e3 for key, v in samples.items()}
+    table["model_ms"] = statistics.median(model_samples) * 1e3
+    table["rest_ms"] = statistics.median(rest_samples) * 1e3
+
+    def curve(name: str, kind: str, j: int, group: ChannelGroup) -> dict[str, Any]:
+        n = len(table["groups"][group.name]["widths"])
+        times = [ms[(name, kind, j, i)] for i in range(n - 1)] + [ms[(name, "full", 0, 0)]]
+        # A narrower layer is never taken to be slower than a wider one: on a loaded machine a
+        # stalled sample would otherwise make a width look worse than the full layer.
+        for i in range(n - 2, -1, -1):
+            times[i] = min(times[i], times[i + 1])
+        return {"group": group.name, "ms": times}
+
+    for name, e in layers.items():
+        table["layers"][name] = {
+            "ms": ms[(name, "full", 0, 0)],
+            "out": None if e["out"] is None else curve(name, "out", 0, e["out"]),
+            "in": [curve(name, "in", j, g) for j, (g, _) in enumerate(e["in"])],
+        }
+    return table
+
+
+def _ratio(table: Mapping[str, Any], curve: Mapping[str, Any], full_ms: float, width: int) -> float:
+    """The layer's time at ``width`` of the curve's group over its full time (interpolated
+    linearly between measured widths; widths below the smallest scale down from it). Measured
+    times never fall as the width grows (the table is made so)."""
+    widths = table["groups"][curve["group"]]["widths"]
+    times = curve["ms"]
+    if full_ms <= 0:
+        return 1.0
+    if width >= widths[-1]:
+        return times[-1] / full_ms
+    if width <= widths[0]:
+        return times[0] * width / widths[0] / full_ms
+    i = next(k for k, w in enumerate(widths) if w >= width)
+    lo, hi = widths[i - 1], widths[i]
+    t = times[i - 1] + (times[i] - times[i - 1]) * (width - lo) / (hi - lo)
+    return t / full_ms
+
+
+def layer_ms(table: Mapping[str, Any], name: str, widths: Mapping[str, int]) -> float:
+    """Predicted time of layer ``name`` with its groups at ``widths`` (missing: full)."""
+    entry = table["layers"][name]
+    t = entry["ms"]
+    curves = ([entry["out"]] if entry["out"] else []) + list(entry["in"])
+    for curve in curves:
+        size = table["groups"][curve["group"]]["size"]
+        t *= _ratio(table, curve, entry["ms"], widths.get(curve["group"], size))
+    return float(t)
+
+
+def predicted_ms(table: Mapping[str, Any], widths: Mapping[str, int]) -> float:
+    """Predicted whole-model time: the measured rest plus every table layer at ``widths``."""
+    full = sum(e["ms"] for e in table["layers"].values())
+    rest = table.get("rest_ms", max(0.0, table["model_ms"] - full))
+    total = sum(info.get("volume", 0) for info in table["groups"].values())
+    if total:
+        rest -= sum(
+            _rest_saved(table, g, w, total) for g, w in widths.items() if g in table["groups"]
+        )
+    return rest + sum(layer_ms(table, n, widths) for n in table["layers"])
+
+
+def _rest_saved(table: Mapping[str, Any], group: str, width: int, total: int) -> float:
+    """Time of the rest saved by ``group`` at ``width``: norms, activations and adds on its
+    channels shrink with them (rest_ms shared by the groups' output sizes)."""
+    info = table["groups"][group]
+    if not total or "rest_ms" not in table:
+        return 0.0
+    return float(table["rest_ms"] * info.get("volume", 0) / total * (1 - width / info["size"]))
+
+
+def removed_fraction(table: Mapping[str, Any], widths: Mapping[str, int]) -> float:
+    """Fraction of the (predicted) full-width time that ``widths`` remove."""
+    base = predicted_ms(table, {})
+    return 1.0 - predicted_ms(table, widths) / base if base > 0 else 0.0
+
+
+def choose_widths(
+    table: Mapping[str, Any],
+    scores: Mapping[str, torch.Tensor],
+    fraction: float,
+    fixed: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """Widths of the groups in ``scores`` that remove at least ``fraction`` of the predicted
+    time and as little importance as the greedy search finds.
+
+    Greedy: from full width, repeatedly take the narrowing (of one group, to its next candidate
+    width that saves time) with the most time saved per importance removed (scores made
+    comparable by unit L2 norm per group, the lowest channels go first), and as the last step the
+    one that reaches the target losing least; then give back width where the target
+    still holds, most important first. ``fixed`` groups keep their widths. Returns a width for
+    every group in ``scores``; short of the target when even the narrowest widths do not reach it.
+    """
+    fixed = dict(fixed or {})
+    groups = [g for g in scores if g not in fixed and g in table["groups"]]
+    widths = {**{g: table["groups"][g]["size"] for g in groups}, **fixed}
+    touching: dict[str, list[str]] = {g: [] for g in table["groups"]}
+    for name, e in table["layers"].items():
+        for curve in ([e["out"]] if e["out"] else []) + list(e["in"]):
+            touching[curve["group"]].append(name)
+    cum: dict[str, list[float]] = {}
+    for g in groups:
+        s = scores[g].float()
+        norm = float(s.norm())
+        s = torch.sort(s / norm if norm > 0 else s, descending=True).values
+        cum[g] = [0.0, *torch.cumsum(s, 0).tolist()]  # cum[g][w]: importance of the top w
+
+    base = predicted_ms(table, {})
+    goal = base * (1.0 - fraction)
+    now = predicted_ms(table, widths)
+
+    volume = sum(info.get("volume", 0) for info in table["groups"].values())
+
+    def local(g: str, w: int) -> float:
+        trial = {**widths, g: w}
+        layers = sum(layer_ms(table, n, trial) for n in touching[g])
+        return layers - _rest_saved(table, g, w, volume)
+
+    while now > goal + 1e-12:
+        best: tuple[float, float, float, str, int] | None = None
+        for g in groups:
+            here = local(g, widths[g])
+            # The next narrower width that saves time: small steps, so little overshoot.
+            for w in sorted(table["groups"][g]["widths"], reverse=True):
+                if w >= widths[g]:
+                    continue
+                saved = here - local(g, w)
+                if saved <= 0:
+                    continue
+                lost = cum[g][widths[g]] - cum[g][w]
+                # A step that reaches the goal: the one losing least wins; else the best rate.
+                reaches = now - saved <= goal + 1e-12
+                key = (float(reaches), -lost if reaches else saved / max(lost, 1e-12), saved)
+                if best is None or key > best[:3]:
+                    best = (*key, g, w)
+                break
+        if best is None:
+            break
+        _, _, saved, g, w = best
+        widths[g] = w
+        now -= saved
+    # Give width back where the target still holds: the most important channel first.
+    for _ in range(2):
+        for g in sorted(groups, key=lambda g: -(cum[g][-1] - cum[g][widths[g]])):
+            for w in sorted(table["groups"][g]["widths"], reverse=True):
+                if w <= widths[g]:
+                    break
+                extra = local(g, w) - local(g, widths[g])
+                if now + extra <= goal + 1e-12 or extra <= 0:
+                    widths[g] = w
+                    now += extra
+                    break
+    return {g: widths[g] for g in groups}
+
+
+def text(table: Mapping[str, Any], widths: Mapping[str, int] | None = None) -> str:
+    """The table as text: per group its candidate widths, the time its layers take at each
+    (others full), and the chosen width."""
+    from compress.analysis.summary import table as markdown
+
+    widths = dict(widths or table.get("chosen") or {})
+    rows = []
+    for g, info in table["groups"].items():
+        names = [
+            n
+            for n, e in table["layers"].items()
+            if (e["out"] and e["out"]["group"] == g) or any(c["group"] == g for c in e["in"])
+        ]
+        times = [sum(layer_ms(table, n, {g: w}) for n in names) for w in info["widths"]]
+        rows.append(
+            {
+                "group": g,
+                "size": info["size"],
+                "chosen": widths.get(g, info["size"]),
+                "widths": " ".join(str(w) for w in info["widths"]),
+                "ms": " ".join(f"{t:.3g}" for t in times),
+            }
+        )
+    full = predicted_ms(table, {})
+    head = (
+        f"latency table (batch {table.get('batch_size')}): model {table['model_ms']:.3f} ms "
+        f"measured, {full:.3f} ms predicted at full width (of which {table.get('rest_ms', 0):.3f}"
+        " ms outside the table's layers)"
+    )
+    if widths:
+        head += f", {predicted_ms(table, widths):.3f} ms at the chosen widths"
+    return head + "\n" + markdown(rows)
