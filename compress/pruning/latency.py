@@ -177,16 +177,19 @@ def _resized(module: nn.Module, out_ch: int, in_ch: int, depthwise: bool) -> nn.
     )
 
 
-def _input_shapes(
+def _record(
     model: nn.Module, inputs: tuple[torch.Tensor, ...], names: Sequence[str]
-) -> dict[str, torch.Size]:
+) -> tuple[dict[str, torch.Size], dict[str, torch.Tensor]]:
+    """One eval-mode forward pass of ``model``: each layer's input shape and its output."""
     shapes: dict[str, torch.Size] = {}
+    outputs: dict[str, torch.Tensor] = {}
 
-    def hook(name: str, _module: nn.Module, args: tuple[Any, ...]) -> None:
+    def hook(name: str, _module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
         shapes.setdefault(name, args[0].shape)
+        outputs.setdefault(name, out.detach())
 
-    hooks = [
-        model.get_submodule(n).register_forward_pre_hook(functools.partial(hook, n)) for n in names
+    handles = [
+        model.get_submodule(n).register_forward_hook(functools.partial(hook, n)) for n in names
     ]
     was_training = model.training
     model.eval()
@@ -195,9 +198,9 @@ def _input_shapes(
             model(*inputs)
     finally:
         model.train(was_training)
-        for h in hooks:
+        for h in handles:
             h.remove()
-    return shapes
+    return shapes, outputs
 
 
 class _Replay(nn.Module):
@@ -216,23 +219,7 @@ def _without(
 ) -> tuple[nn.Module, dict[str, int]]:
     """A copy of ``model`` whose layers ``names`` replay their outputs (timing it measures the
     rest: norms, activations, adds, pooling), and the size of each layer's output per sample."""
-    outputs: dict[str, torch.Tensor] = {}
-
-    def hook(name: str, _module: nn.Module, _args: Any, out: torch.Tensor) -> None:
-        outputs.setdefault(name, out.detach())
-
-    handles = [
-        model.get_submodule(n).register_forward_hook(functools.partial(hook, n)) for n in names
-    ]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    outputs = _record(model, inputs, names)[1]
     rest = copy.deepcopy(model).eval()
     for name in names:
         parent, _, child = name.rpartition(".")
@@ -261,7 +248,7 @@ def measure_table(
     time_fn = timer if timer is not None else default_timer
     layers = _layers_of(model, groups)
     inputs = tuple(_batched(t, batch_size) for t in example_inputs)
-    shapes = _input_shapes(model, inputs, list(layers))
+    shapes = _record(model, inputs, list(layers))[0]
     layers = {n: e for n, e in layers.items() if n in shapes}
     table: dict[str, Any] = {
         "batch_size": int(inputs[0].shape[0]) if inputs and inputs[0].dim() else None,
