@@ -42,7 +42,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ConvBNNet
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.internal.conjecture import utils as _cu
 from torch import nn
@@ -189,13 +189,17 @@ def build_and_verify(recipe: dict[str, Any]) -> None:
     assert math.isfinite(level) and 0.0 <= level < 1.0
     ctrl.statistics().to_dict()
     state = ctrl.state_dict()
+    if not all(bool(p.isfinite().all()) for p in model.parameters()):
+        # A distillation scale in the hundreds can make these few SGD steps diverge: strip()
+        # must then refuse the weights, naming the layer, rather than write them.
+        with pytest.raises(CompressError, match=r"\.weight holds NaN or Inf"):
+            ctrl.strip()
+        return
     plain = ctrl.strip()
     model.eval()
     plain.eval()
     with torch.no_grad():
-        # A distillation scale in the hundreds can make these few SGD steps diverge; strip()
-        # must then give the same NaNs.
-        torch.testing.assert_close(plain(X), model(X), atol=1e-5, rtol=1e-4, equal_nan=True)
+        torch.testing.assert_close(plain(X), model(X), atol=1e-5, rtol=1e-4)
     ctrl.load_state_dict(state)
 
 
@@ -330,8 +334,19 @@ def _loads_or_config_error(recipe: Any) -> Config | None:
         return None
 
 
+def _has_huge_integer(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_has_huge_integer(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_huge_integer(v) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53
+
+
 def _check_mutation(data: st.DataObject) -> None:
     section = data.draw(_any_valid_section(), label="valid")
+    # Integers above 2**53 are schema-valid but refused by load_config (a bound of its own):
+    # the mutated key's error must be the one that shows.
+    assume(not _has_huge_integer(section))
     kind = data.draw(st.sampled_from(["unknown key", "wrong type", "out of range", "random"]))
     TRIED["mutated recipes"] += 1
     recipe: Any = {"compression": copy.deepcopy(section)}

@@ -151,8 +151,8 @@ def test_a_trace_that_never_ends_stops_at_the_time_budget(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(channel_groups, "dependency_graph", endless)
     zoo = ZOO["bert"]
-    recipe = {"algorithm": "filter_pruning", "params": {"trace_time_budget": 0.2}}
-    with pytest.raises(compress.CompressError, match="BertForSequenceClassification within 0.2 s"):
+    recipe = {"algorithm": "filter_pruning", "params": {"trace_time_budget": 1}}
+    with pytest.raises(compress.CompressError, match="BertForSequenceClassification within 1 s"):
         compress.create_compressed_model(zoo.build(), {"compression": recipe}, zoo.inputs())
 
 
