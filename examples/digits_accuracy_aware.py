@@ -19,7 +19,13 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from digits import Classifier, accuracy, digits_loaders, lenet_300_100  # examples/ on sys.path
+from digits import (  # examples/ on sys.path
+    Classifier,
+    accuracy,
+    digits_loaders,
+    lenet_300_100,
+    quiet_trainer,
+)
 
 from callbacks import CompressionCallback
 
@@ -32,20 +38,6 @@ class Validated(Classifier):
     def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
         x, y = batch
         self.log("val_acc", (self(x).argmax(1) == y).float().mean())
-
-
-def trainer(epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-    )
 
 
 def main() -> None:
@@ -62,12 +54,12 @@ def main() -> None:
     pl.seed_everything(args.seed, workers=True)
     train, val = digits_loaders(seed=args.seed)
     dense = Validated(lenet_300_100())
-    trainer(args.dense_epochs, []).fit(dense, train)
+    quiet_trainer(args.dense_epochs, []).fit(dense, train)
     dense_acc = accuracy(dense.model, val)
 
     module = Validated(copy.deepcopy(dense.model).train())
     cb = CompressionCallback(args.recipe, monitor="val_acc", model_attr="model", verbose=False)
-    fine = trainer(10_000, [cb])  # the recipe's maximal_total_epochs ends it
+    fine = quiet_trainer(10_000, [cb])  # the recipe's maximal_total_epochs ends it
     fine.validate(module, val, verbose=False)  # the reference: the dense model, once
     module.model.train()
     fine.fit(module, train, val)
