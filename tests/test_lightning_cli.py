@@ -32,7 +32,9 @@ def _step(module: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.
     return nn.functional.cross_entropy(module(x), y)
 
 
-class PLNet(pl.LightningModule):
+class _Net:
+    """The module's body; PLNet and LNet put it on each namespace's LightningModule."""
+
     def __init__(self) -> None:
         super().__init__()
         self.model = lenet(16)
@@ -42,34 +44,21 @@ class PLNet(pl.LightningModule):
         return self.model(x)
 
     def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
-        return _step(self, batch)
+        return _step(self, batch)  # type: ignore[arg-type]
 
     def configure_optimizers(self):  # type: ignore[no-untyped-def]
-        return torch.optim.SGD(self.parameters(), lr=0.05)
+        return torch.optim.SGD(self.parameters(), lr=0.05)  # type: ignore[attr-defined]
 
     def train_dataloader(self):  # type: ignore[no-untyped-def]
         return loader16()
 
 
-class LNet(L.LightningModule):
+class PLNet(_Net, pl.LightningModule):
+    pass
+
+
+class LNet(_Net, L.LightningModule):
     """The same module, written against ``import lightning as L``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = lenet(16)
-        self.example_input_array = torch.zeros(1, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
-        return _step(self, batch)
-
-    def configure_optimizers(self):  # type: ignore[no-untyped-def]
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-    def train_dataloader(self):  # type: ignore[no-untyped-def]
-        return loader16()
 
 
 def test_the_callback_is_a_callback_of_both_namespaces() -> None:
