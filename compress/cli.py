@@ -242,19 +242,17 @@ def export_checkpoint(
     if unknown:
         raise CompressError(f"--formats: {unknown} not supported; one of {list(FORMATS)}")
     payload = safe_load(path)
-    entry = (
-        (payload.get("callbacks") or {}).get("CompressionCallback")
-        if isinstance(payload, dict)
-        else None
-    )
-    if not isinstance(entry, dict) or "recipe" not in entry or "controller" not in entry:
+    entry = _field(_field(payload, "callbacks"), "CompressionCallback")
+    if "recipe" not in entry or "controller" not in entry:
         raise CompressError(
             f"{path}: not a checkpoint written with CompressionCallback (no "
             "'CompressionCallback' entry with a recipe and controller state)"
         )
     attr = entry.get("model_attr")
     prefix = entry.get("prefix", f"{attr}." if attr else "")
-    weights = payload["state_dict"]
+    weights = payload.get("state_dict")
+    if not isinstance(weights, dict):
+        raise CompressError(f"{path}: the checkpoint has no 'state_dict' of weights")
     target = model
     if sorted(model.state_dict()) == sorted(weights):  # the factory built the LightningModule
         target = model.get_submodule(prefix[:-1]) if prefix else model

@@ -207,6 +207,12 @@ def test_damaged_sections_of_files_give_errors_naming_the_file(tmp_path: Path) -
     torch.save({"state_dict": ConvBNNet().state_dict(), "callbacks": [1, 2]}, ckpt)
     code, text = run_cli("inspect", str(ckpt))
     assert code == 0 and "conv1.weight" in text  # no masks to apply; the weights are shown
+    code, text = run_cli("export", str(ckpt), "--model", "conftest:ConvBNNet")
+    assert code == 2 and "not a checkpoint written with CompressionCallback" in text
+    entry = {"CompressionCallback": {"recipe": {}, "controller": {}}}
+    torch.save({"callbacks": entry}, ckpt)
+    code, text = run_cli("export", str(ckpt), "--model", "conftest:ConvBNNet")
+    assert code == 2 and "list.ckpt: the checkpoint has no 'state_dict' of weights" in text
 
     no_state = tmp_path / "no_state.pruned.pt"
     torch.save({"format": "compress.pruned", "version": 1, "plan": {}}, no_state)
