@@ -68,6 +68,7 @@ class CompressionController:
             )
         # a module sharing a masked weight (a tied embedding) reads it masked too
         masks.tie(model)
+        self._masked = [m for m in model.modules() if masks.masked_names(m)]
         self.scheduler.on_change = self._on_change
         # Only a per-step schedule without params.steps_per_epoch needs the epoch length.
         self.scheduler.infer_steps_per_epoch = any(
@@ -79,6 +80,7 @@ class CompressionController:
     def _on_change(self, per_step: bool) -> None:
         for algo in self.algorithms:
             algo.update(per_step)
+        masks.sync(self._masked)
 
     @property
     def compression_level(self) -> float:
@@ -148,6 +150,7 @@ class CompressionController:
         self.scheduler.load_state_dict(state["scheduler"])
         for algo in self.algorithms:
             algo.load_state_dict(state["state"][algo.name])
+        masks.sync(self._masked)
 
     def strip(self, *, copy_model: bool = True) -> nn.Module:
         """A plain ``nn.Module``: no hooks, no mask buffers, masks folded into the weights and,

@@ -9,6 +9,11 @@ sees the product: pruned weights get zero gradient and the optimizer keeps its r
 The rule, as in ``torch.ao`` pruning: the mask tensor is created once and then only updated in
 place (``copy_``), so DDP, optimizers and ``.to(device)`` keep valid references.
 
+Under ``torch.compile`` the forward pass reads a one-byte copy of each mask instead (a quarter
+of the memory traffic of the float mask, in the forward product and in the gradient's), which
+``sync`` refreshes from the masks that changed; the controller calls it after every mask
+update. Eager forward passes read the float mask itself, so they never see a stale copy.
+
 Example:
     >>> import torch
     >>> layer = torch.nn.Linear(4, 2)
@@ -24,7 +29,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -32,6 +37,7 @@ from torch import nn
 from compress.errors import CompressError
 
 _MASK_PREFIX = "_cmask_"
+_BYTES = "_u8"  # suffix of a mask's one-byte copy, read by compiled forward passes
 _STATE = "_compress_masked"  # attribute on a module: {param_name: _Masking}
 
 MaskFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -41,7 +47,7 @@ MaskFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 class _Masking:
     """How one parameter is masked: an optional function, then the product of mask buffers."""
 
-    __slots__ = ("fn", "buffers", "ones", "straight", "home")
+    __slots__ = ("fn", "buffers", "ones", "straight", "home", "synced")
 
     def __init__(self) -> None:
         # a module that shares a masked parameter it does not own reads it through its home:
@@ -53,6 +59,8 @@ class _Masking:
         self.ones: set[str] = set()
         # buffers applied in the forward pass only: the gradient passes them unmasked
         self.straight: set[str] = set()
+        # buffer -> the mask's version counter when its one-byte copy was last written
+        self.synced: dict[str, int] = {}
 
 
 def mask_name(param_name: str, owner: str = "") -> str:
@@ -64,12 +72,16 @@ def _compute(module: nn.Module, name: str, param: torch.Tensor, m: _Masking) -> 
         home, home_name = m.home
         return _compute(home, home_name, param, home.__dict__[_STATE][home_name])
     out = m.fn(module, param) if m.fn else param
+    compiled = torch.compiler.is_compiling()
     for buf in m.buffers:
+        if buf in m.ones:
+            continue
+        mask = getattr(module, buf + _BYTES if compiled else buf)
         if buf in m.straight:
             # value out * mask (exactly: out + (0 - out) is 0), gradient of the identity
-            out = out + (out * getattr(module, buf) - out).detach()
-        elif buf not in m.ones:
-            out = out * getattr(module, buf)
+            out = out + (out * mask - out).detach()
+        else:
+            out = out * mask
     return out
 
 
@@ -149,8 +161,23 @@ def attach(
     if mask is None:
         mask = torch.ones_like(param, dtype=param.dtype)
     module.register_buffer(buf, mask, persistent=False)
+    module.register_buffer(buf + _BYTES, mask.to(torch.uint8), persistent=False)
     m.buffers.append(buf)
+    m.synced[buf] = mask._version
     return mask
+
+
+def sync(modules: Iterable[nn.Module]) -> None:
+    """Refreshes the one-byte copy of every mask of ``modules`` that changed since the last
+    call (a version-counter check per mask, a copy only where it moved). Compiled forward
+    passes read these copies: call this after writing a mask outside the controller."""
+    for module in modules:
+        for m in module.__dict__.get(_STATE, {}).values():
+            for buf in m.buffers:
+                mask = getattr(module, buf)
+                if m.synced.get(buf) != mask._version:
+                    getattr(module, buf + _BYTES).copy_(mask)
+                    m.synced[buf] = mask._version
 
 
 def declare_ones(
@@ -274,3 +301,4 @@ def remove(module: nn.Module) -> None:
         module.__dict__.pop(name, None)
         for buf in m.buffers:
             delattr(module, buf)
+            delattr(module, buf + _BYTES)

@@ -115,6 +115,43 @@ def test_per_step_updates_move_the_level_within_the_epoch() -> None:
     assert seen == [0.2, 0.4, 0.6, 0.8]
 
 
+def test_compiled_forward_follows_every_mask_update() -> None:
+    """Compiled forward passes read a one-byte copy of each mask: after a schedule step, a
+    restored state and a mask written by hand (then ``masks.sync``) they compute what the eager
+    masked model computes, without recompiling."""
+    from torch._dynamo.utils import counters
+
+    ctrl, net = compress.create_compressed_model(
+        lenet(),
+        magnitude(
+            sparsity_init=0.2,
+            schedule="multistep",
+            multistep_steps=[1, 2],
+            multistep_sparsity_levels=[0.2, 0.5, 0.9],
+        ),
+    )
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(net, backend="eager")
+    x = torch.randn(4, 64)
+    first = ctrl.state_dict()
+    outputs = []
+    for _ in range(3):
+        ctrl.scheduler.epoch_step()
+        outputs.append(compiled(x))
+        assert torch.equal(outputs[-1], net(x))
+    assert not torch.equal(outputs[0], outputs[-1])  # the masks moved
+    ctrl.load_state_dict(first)
+    assert torch.equal(compiled(x), net(x))
+    mask = masks.get_mask(net[0])
+    assert mask is not None
+    mask[0].zero_()
+    masks.sync([net[0]])
+    assert torch.equal(compiled(x), net(x))
+    assert counters["stats"]["unique_graphs"] == 1
+    assert sum(counters["recompiles"].values()) == 0
+
+
 def test_pruned_weights_get_zero_gradient() -> None:
     ctrl, net = compress.create_compressed_model(lenet(), magnitude(sparsity_init=0.5))
     net(torch.randn(4, 64)).sum().backward()
