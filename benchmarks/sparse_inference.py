@@ -15,16 +15,17 @@ Usage:
     python benchmarks/sparse_inference.py --whole 5  # the MLP at 95%: whole model vs its layers
 
 ``--whole RUNS``: the 4096-4096-4096-1000 MLP at 95%, batches 1 and 8, converted once per batch;
-then RUNS runs of interleaved rounds of: the dense model, the converted model (its kernels on
-the thread count ``to_sparse_runtime`` chose), the same with kernels on all threads, and each
-converted layer alone on its captured input (summed). Per run the medians; reported as median
-and range over runs, with the bytes limit: weight bytes / read bandwidth (a 256 MiB sum).
+then RUNS runs of rounds that interleave: the dense model; the converted model and each of its
+layers alone on its captured input (summed), both warm (steady repeated calls) and both cold
+(each call right after 256 MiB were read, so its weights come from memory). The whole model is
+only ever compared with its layers in the same cache state. Per run the medians; reported as
+median and range over runs, with the bytes limit: weight bytes / read bandwidth (a 256 MiB
+sum).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 import warnings
@@ -264,62 +265,93 @@ def _read_bandwidth() -> float:
     return buf.numel() * 4 / statistics.median(times)
 
 
-def whole_vs_layers(runs: int, rounds: int = 21) -> None:
-    """Where the MLP's end-to-end time goes: whole model against the sum of its layers alone."""
-    from compress.deploy.sparse_layers import SparseMatmul
+def _steady(fn: Callable[[], object], n: int) -> float:
+    """Seconds per call of ``fn`` in a run of ``n`` calls after one untimed call: the weights
+    are as warm as repeated inference keeps them."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n
 
+
+def _cold(fn: Callable[[], object], flush: Tensor) -> float:
+    """Seconds of one call of ``fn`` right after reading ``flush`` (larger than the caches)."""
+    flush.sum()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _cell(v: list[float], fmt: str = ".3f") -> str:
+    return f"{statistics.median(v):{fmt}} ({min(v):{fmt}}-{max(v):{fmt}})"
+
+
+def _whole_row(dense: nn.Module, batch: int, runs: int, rounds: int, flush: Tensor) -> str:
+    x = torch.randn(batch, 4096)
+    fast = to_sparse_runtime(dense, x)
+    acts, h = [], x
+    with torch.no_grad():
+        for m in fast:
+            acts.append(h)
+            h = m(h)
+    layers = [partial(m, a) for m, a in zip(fast, acts, strict=True)]
+    variants: dict[str, Callable[[], float]] = {
+        "dense": partial(_steady, partial(dense, x), 2),
+        "warm": partial(_steady, partial(fast, x), 10),
+        "layers warm": lambda: sum(_steady(f, 10) for f in layers),
+        "cold": partial(_cold, partial(fast, x), flush),
+        "layers cold": lambda: sum(_cold(f, flush) for f in layers),
+    }
+    names = list(variants)
+    ms: dict[str, list[float]] = {n: [] for n in names}
+    bandwidth = []
+    with torch.no_grad():
+        for _ in range(runs):
+            samples: dict[str, list[float]] = {n: [] for n in names}
+            for r in range(rounds):
+                for n in names[r % len(names) :] + names[: r % len(names)]:
+                    samples[n].append(variants[n]())
+            for n in names:
+                ms[n].append(statistics.median(samples[n]) * 1e3)
+            bandwidth.append(_read_bandwidth())
+    warm = [w / s for w, s in zip(ms["warm"], ms["layers warm"], strict=True)]
+    cold = [c / s for c, s in zip(ms["cold"], ms["layers cold"], strict=True)]
+    speedup = [d / w for d, w in zip(ms["dense"], ms["warm"], strict=True)]
+    limit = [weight_bytes(fast) / b * 1e3 for b in bandwidth]
+    threads = fast.runtime_report.sparse_threads or torch.get_num_threads()
+    cells = [
+        _cell(ms["dense"]),
+        _cell(ms["warm"]),
+        _cell(ms["layers warm"]),
+        _cell(warm, ".2f"),
+        _cell(ms["cold"]),
+        _cell(ms["layers cold"]),
+        _cell(cold, ".2f"),
+        _cell(speedup, ".2f"),
+        str(threads),
+        f"{weight_bytes(fast) / 2**20:.2f}",
+        _cell(limit),
+    ]
+    return f"| {batch} | " + " | ".join(cells) + " |"
+
+
+def whole_vs_layers(runs: int, rounds: int = 21) -> None:
+    """Where the MLP's end-to-end time goes: the whole converted model against the sum of its
+    layers alone, each compared in the same cache state (warm: steady repeated calls; cold:
+    right after 256 MiB were read), the variants interleaved round by round."""
     torch.manual_seed(0)
     dense = magnitude_prune(mlp(), 0.95).eval()
+    flush = torch.ones(64 * 2**20)
     print(f"mlp-4096 at 95%, {torch.get_num_threads()} threads, {runs} runs of {rounds} rounds\n")
     print(
-        "| batch | dense ms | runtime ms | runtime, kernels on all threads ms | sum of layers "
-        "alone ms | runtime / sum | same, CPU time | speed-up | kernel threads | weights MiB "
-        "| bytes limit ms |"
+        "| batch | dense ms | runtime ms, warm | sum of layers ms, warm | runtime / sum, warm "
+        "| runtime ms, cold | sum of layers ms, cold | runtime / sum, cold | speed-up, warm "
+        "| kernel threads | weights MiB | bytes limit ms |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for batch in (1, 8):
-        x = torch.randn(batch, 4096)
-        fast = to_sparse_runtime(dense, x)
-        all_threads = copy.deepcopy(fast)
-        for m in all_threads.modules():
-            if isinstance(m, SparseMatmul):
-                m.threads = 0
-        acts, h = [], x
-        with torch.no_grad():
-            for m in fast:
-                acts.append(h)
-                h = m(h)
-        fns = [partial(dense, x), partial(fast, x), partial(all_threads, x)]
-        fns += [partial(m, a) for m, a in zip(fast, acts, strict=True)]
-        per_run: list[list[float]] = [[], [], [], []]
-        cpu_ratio = []
-        bandwidth = []
-        for _ in range(runs):
-            medians = interleaved_medians(fns, rounds)
-            for i in range(3):
-                per_run[i].append(medians[i] * 1e3)
-            per_run[3].append(sum(medians[3:]) * 1e3)
-            # CPU time of the process leaves out the time spent descheduled, which on a loaded
-            # machine hits a long call (the whole model) more often than a short one (a layer).
-            cpu = interleaved_medians(fns, rounds, time.process_time)
-            cpu_ratio.append(cpu[1] / sum(cpu[3:]))
-            bandwidth.append(_read_bandwidth())
-        ratio = [w / s for w, s in zip(per_run[1], per_run[3], strict=True)]
-        speedup = [d / w for d, w in zip(per_run[0], per_run[1], strict=True)]
-        mib = weight_bytes(fast) / 2**20
-        limit = [weight_bytes(fast) / b * 1e3 for b in bandwidth]
-
-        def cell(v: list[float], fmt: str = ".3f") -> str:
-            return f"{statistics.median(v):{fmt}} ({min(v):{fmt}}-{max(v):{fmt}})"
-
-        print(
-            f"| {batch} | {cell(per_run[0])} | {cell(per_run[1])} | {cell(per_run[2])} "
-            f"| {cell(per_run[3])} | {cell(ratio, '.2f')} | {cell(cpu_ratio, '.2f')} "
-            f"| {cell(speedup, '.2f')} "
-            f"| {fast.runtime_report.sparse_threads or torch.get_num_threads()} | {mib:.2f} "
-            f"| {cell(limit)} |",
-            flush=True,
-        )
+        print(_whole_row(dense, batch, runs, rounds, flush), flush=True)
 
 
 def main() -> None:
