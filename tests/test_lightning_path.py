@@ -400,6 +400,22 @@ def test_max_steps_before_the_target_warns(tmp_path: Path) -> None:
         )
 
 
+@needs_rb
+def test_rb_masks_that_lag_their_level_warn(tmp_path: Path) -> None:
+    """16 SGD steps move RB's logits too little to drop a weight: said, with both numbers."""
+    rb = {"algorithm": "rb_sparsity", "sparsity_init": 0.5, "params": {"sparsity_target": 0.5}}
+    cb = CompressionCallback({"compression": rb}, model_attr="model", verbose=False)
+    with pytest.warns(
+        UserWarning,
+        match=r"rb_sparsity's masks are 0\.0000 sparse where its "
+        r"schedule is at level 0\.5000 after 16 optimizer steps",
+    ):
+        trainer(tmp_path, cb, epochs=2, enable_checkpointing=False).fit(
+            LitClassifier(lr=1e-2), loader16()
+        )
+    assert len(cb.shortfall) == 1
+
+
 def test_fast_dev_run_exports_nothing(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cb = CompressionCallback(PER_EPOCH, model_attr="model", verbose=False, export_dir=out)
