@@ -24,18 +24,23 @@ from torch import nn
 
 import compress
 from callbacks import accuracy_aware as aa_glue
+from callbacks.checkpoint_state import (
+    fold_in_place,
+    masked_values,
+    masks_may_move,
+    report_masked_weights,
+    restore_masked_values,
+)
+from callbacks.run_report import check_finite_weights, layer_metrics, shortfall
 from compress import accuracy_aware, masks
 from compress.controller import (
     CompressionController,
     compact_state,
     expand_state,
-    pack_bits,
-    unpack_bits,
 )
 from compress.deploy.export import FORMATS
 from compress.errors import CompressError, ConfigError
 from compress.recipe.config import Config, load_config
-from compress.schedules import SCHEDULES
 
 if TYPE_CHECKING:
     _Callback = pl.Callback
@@ -197,7 +202,7 @@ class CompressionCallback(_Callback):
         self._key_prefix = self._prefix(pl_module)
         calibrate(self.ctrl, trainer)
         for _, module, _, _ in masks.iter_masked(target):
-            _report_masked_weights(module)
+            report_masked_weights(module)
         # torch.compile does not guard on module hooks by default: a graph traced without the
         # masking hooks (another instance of the class, or this one before setup) would be
         # reused, masks silently ignored. With the guards a masked module gets its own graph;
@@ -383,165 +388,6 @@ class CompressionCallback(_Callback):
             with torch.no_grad():
                 for name, t in tensors.items():
                     t.copy_(saved[name])
-
-
-def masks_may_move(ctrl: CompressionController) -> bool:
-    """Whether the stored values of masked-out weights can still reach the model: some mask is
-    not frozen yet (it may give a weight back, or lets the gradient through, straight-through).
-    Const sparsity never moves its masks."""
-    return any(getattr(a, "frozen", True) is False for a in ctrl.algorithms)
-
-
-def _masked_params(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    """``{"<module>.<param>": (module, param name)}`` for every masked parameter, once each."""
-    out: dict[str, tuple[nn.Module, str]] = {}
-    seen: set[int] = set()
-    for mod_name, module, pname, _ in masks.iter_masked(model):
-        param = module._parameters.get(pname)
-        if param is None or id(param) in seen:
-            continue
-        seen.add(id(param))
-        out[f"{mod_name}.{pname}" if mod_name else pname] = (module, pname)
-    return out
-
-
-def masked_values(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """The stored values the masked ``state_dict`` loses: per parameter, the positions where
-    the stored value differs from the masked one (bits) and those values, in order."""
-    out = {}
-    for key, (module, pname) in _masked_params(model).items():
-        param = module._parameters[pname]
-        assert param is not None
-        stored = param.detach()
-        masked = masks.effective(module, pname)
-        lost = (stored != masked) | (stored.signbit() != masked.signbit())
-        if bool(lost.any()):
-            out[key] = {"where": pack_bits(lost), "values": stored[lost].cpu()}
-    return out
-
-
-def restore_masked_values(model: nn.Module, values: Mapping[str, Mapping[str, Any]]) -> None:
-    """Writes back what ``masked_values`` saved, into the weights loaded from ``state_dict``."""
-    params = _masked_params(model)
-    for key, saved in values.items():
-        if key not in params:
-            raise CompressError(f"checkpoint: masked values for {key!r}, which is not masked")
-        module, pname = params[key]
-        param = module._parameters[pname]
-        assert param is not None
-        where = unpack_bits(saved["where"]).to(param.device)
-        with torch.no_grad():
-            param[where] = saved["values"].to(param.device, param.dtype)
-
-
-def fold_in_place(model: nn.Module) -> None:
-    """Writes the masked values into the stored weights; the masks stay attached."""
-    with torch.no_grad():
-        for module, pname in _masked_params(model).values():
-            param = module._parameters[pname]
-            assert param is not None
-            param.copy_(masks.effective(module, pname))
-
-
-def _masked_state(module: nn.Module, state: dict[str, Any], prefix: str, meta: Any) -> None:
-    """A state_dict hook: a masked parameter is saved as the model computes with it.
-    ``keep_vars=True`` callers (who want the live Parameters) get the stored ones."""
-    for name in masks.masked_names(module):
-        key = prefix + name
-        if key in state and not isinstance(state[key], nn.Parameter):
-            state[key] = masks.effective(module, name)
-
-
-def _report_masked_weights(module: nn.Module) -> None:
-    if not module.__dict__.get("_compress_state_hook"):
-        module.register_state_dict_post_hook(_masked_state)
-        module.__dict__["_compress_state_hook"] = True
-
-
-def shortfall(ctrl: CompressionController) -> list[str]:
-    """One line per scheduled algorithm whose level at fit end is below the recipe's target."""
-    lines = []
-    epoch, step = ctrl.scheduler.epoch, ctrl.scheduler.global_step
-    for algo in ctrl.algorithms:
-        target = target_level(algo)
-        if target is not None and algo.level < target - 1e-6:
-            lines.append(
-                f"compression: {algo.name} reached level {algo.level:.4f}, below the recipe's "
-                f"target {target:.4f}, when the run ended (epoch {epoch}, optimizer step "
-                f"{step}); train longer or reach the target earlier in the schedule"
-            )
-        lines += learned_lag(algo, step)
-    return lines
-
-
-def learned_lag(algo: Any, step: int) -> list[str]:
-    """A line when a learned mask (RB) is far sparser or denser than its schedule's level: its
-    logits learn by gradient, and with a plain optimizer or few steps they barely move."""
-    achieved = getattr(algo, "sparsity", None)
-    if not callable(achieved) or abs(achieved() - algo.level) <= 0.05:
-        return []
-    return [
-        f"compression: {algo.name}'s masks are {achieved():.4f} sparse where its schedule is "
-        f"at level {algo.level:.4f} after {step} optimizer steps: the mask logits learn by "
-        "gradient and moved too little; raise params.compression_lr_multiplier, train the "
-        "logits with Adam, or train longer"
-    ]
-
-
-def target_level(algo: Any) -> float | None:
-    """The level a scheduled algorithm's recipe ends at (None without a level schedule)."""
-    fn = SCHEDULES.get(algo.name)
-    params = dict(algo.params)
-    if fn is None or (algo.name == "filter_pruning" and "pruning_target" not in params):
-        return None
-    if params.get("schedule") == "adaptive":
-        return float(params["sparsity_target"])
-    options = algo.cfg.options
-    init = float(options.get("sparsity_init", options.get("pruning_init", 0.0)) or 0.0)
-    return float(fn(params, init, 1e9))
-
-
-def check_finite_weights(ctrl: CompressionController, epoch: int, step: int) -> None:
-    """Names the compressed layer whose weight became NaN or Inf, at the optimizer step it
-    happened (masks are recomputed only at schedule events, which may be an epoch later).
-    One ``isfinite`` reduction per compressed weight."""
-    seen: set[int] = set()
-    for name, module, pname, _ in masks.iter_masked(ctrl.model):
-        weight = module._parameters.get(pname)
-        if weight is None or id(weight) in seen:
-            continue
-        seen.add(id(weight))
-        if not bool(torch.isfinite(weight).all()):
-            raise CompressError(
-                f"layer {name!r}: the {pname} holds NaN or Inf after optimizer step {step} "
-                f"(epoch {epoch}); lower the learning rate or check the loss"
-            )
-
-
-def layer_metrics(ctrl: CompressionController) -> dict[str, float]:
-    """``compression/<algorithm>/<layer>/sparsity`` for every layer, plus the totals; for
-    filter pruning ``.../<layer>/kept_filters`` and ``pruning_level`` per layer and
-    ``compression/filter_pruning/{macs,params,filters}`` now and ``..._full``."""
-    stats = ctrl.statistics().to_dict()
-    out = {"compression/sparsity": float(stats["model"]["sparsity of compressed layers"])}
-    for algo in stats["algorithms"]:
-        name = algo["algorithm"]
-        for row in algo.get("layers", ()):
-            if "sparsity" in row:
-                out[f"compression/{name}/{row['layer']}/sparsity"] = float(row["sparsity"])
-            if "kept filters" in row:  # filter pruning
-                out[f"compression/{name}/{row['layer']}/kept_filters"] = float(row["kept filters"])
-                out[f"compression/{name}/{row['layer']}/pruning_level"] = float(
-                    row["pruning level"]
-                )
-        for row in algo.get("summary", ()):  # filter pruning: MACs, params, filters
-            what = str(row[""]).lower()
-            out[f"compression/{name}/{what}"] = float(row["current"])
-            out[f"compression/{name}/{what}_full"] = float(row["full"])
-    if "effective sparsity of compressed layers" in stats["model"]:
-        eff = stats["model"]["effective sparsity of compressed layers"]
-        out["compression/effective_sparsity"] = float(eff)
-    return out
 
 
 def first_batch_inputs(trainer: pl.Trainer) -> tuple[torch.Tensor, ...]:
