@@ -154,7 +154,7 @@ def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str
     lines = [inspect_state(state, str(path))]
     report_path = Path(str(path).removesuffix(".sparse.pt") + ".runtime.json")
     if path.name.endswith(".sparse.pt") and report_path.is_file():
-        from compress.deploy.sparse_runtime import report_from_dict
+        from compress.deploy.runtime_report import report_from_dict
 
         try:
             report = report_from_dict(json.loads(report_path.read_text()))

@@ -35,13 +35,14 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal, cast
+from dataclasses import replace
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from compress.deploy.runtime_report import LayerKind, LayerRuntime, RuntimeReport, report_from_dict
 from compress.deploy.sparse_layers import SparseConv1x1, SparseLinear, SparseMatmul
 from compress.errors import ConfigError
 from compress.sparsity.importance import block_scores
@@ -50,8 +51,6 @@ __all__ = ["RuntimeReport", "report_from_dict", "to_sparse_runtime"]
 
 Timer = Callable[[Callable[[], object]], float]
 """Times one call of ``fn`` and returns seconds; injectable so tests can fix every decision."""
-
-LayerKind = Literal["linear", "conv1x1"]
 
 # MKL's BSR kernel rejects non-square blocks. On our 2-core AVX-512 CPU, 8x8 blocks beat CSR
 # at batch 1 by about 2x on block-pruned weights (see docs/sparse_runtime.md).
@@ -65,94 +64,6 @@ _ROUNDS = 3
 # kernels sum in a different order, so exact equality is not expected.
 _CHECK_RTOL = 1e-4
 _CHECK_ATOL_REL = 1e-5
-
-
-@dataclass(frozen=True)
-class LayerRuntime:
-    """One candidate layer: what was measured and what was decided.
-
-    Times are ``None`` when the layer was never timed (not reached by ``example_inputs``, or
-    skipped for the ``reason`` given).
-    """
-
-    name: str
-    kind: LayerKind
-    shape: tuple[int, ...]
-    sparsity: float
-    dense_ms: float | None
-    sparse_ms: float | None
-    speedup: float | None
-    converted: bool
-    layout: str = "dense"
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class RuntimeReport:
-    """What :func:`to_sparse_runtime` measured and converted, per layer.
-
-    ``str(report)`` is a readable table; ``report.to_dict()`` is JSON-serialisable and
-    :func:`report_from_dict` turns it back into a report.
-    """
-
-    layers: tuple[LayerRuntime, ...]
-    min_speedup: float
-    sparse_threads: int = 0
-    """Threads the sparse kernels run with; 0: the process setting."""
-
-    @property
-    def converted(self) -> list[str]:
-        """Names of the layers that now run sparse."""
-        return [layer.name for layer in self.layers if layer.converted]
-
-    def to_dict(self) -> dict[str, Any]:
-        layers = [{**asdict(layer), "shape": list(layer.shape)} for layer in self.layers]
-        return {
-            "min_speedup": self.min_speedup,
-            "sparse_threads": self.sparse_threads,
-            "layers": layers,
-        }
-
-    def __str__(self) -> str:
-        header = "| layer | kind | shape | sparsity | dense ms | sparse ms | speed-up | runs as |"
-        rows = [header, "|---|---|---|---:|---:|---:|---:|---|"]
-        for layer in self.layers:
-            runs_as = layer.layout if layer.converted else f"dense ({layer.reason})"
-            shape = "x".join(str(d) for d in layer.shape)
-            rows.append(
-                f"| {layer.name} | {layer.kind} | {shape} | {layer.sparsity:.1%} "
-                f"| {_fmt(layer.dense_ms)} | {_fmt(layer.sparse_ms)} "
-                f"| {_fmt(layer.speedup, 'x')} | {runs_as} |"
-            )
-        threads = f"; sparse kernels on {self.sparse_threads} thread(s)" * bool(self.sparse_threads)
-        rows.append(
-            f"{len(self.converted)} of {len(self.layers)} candidate layers converted "
-            f"(min_speedup={self.min_speedup:g}){threads}"
-        )
-        return "\n".join(rows)
-
-
-def report_from_dict(d: dict[str, Any]) -> RuntimeReport:
-    """Rebuild a :class:`RuntimeReport` from ``report.to_dict()``, e.g. after a JSON round trip.
-
-    Example:
-        >>> report_from_dict({"min_speedup": 1.1, "layers": []}).converted
-        []
-    """
-    try:
-        layers = tuple(
-            LayerRuntime(**{**layer, "shape": tuple(layer["shape"])}) for layer in d["layers"]
-        )
-        return RuntimeReport(
-            layers=layers,
-            min_speedup=float(d["min_speedup"]),
-            sparse_threads=int(d.get("sparse_threads", 0)),
-        )
-    except (KeyError, TypeError) as err:
-        raise ConfigError(
-            f"report_from_dict: not a RuntimeReport dict ({err}); expected the output of "
-            "RuntimeReport.to_dict() with keys 'min_speedup' and 'layers'"
-        ) from None
 
 
 def median_timer(fn: Callable[[], object], *, repeats: int = 7, target_s: float = 2e-3) -> float:
@@ -477,9 +388,3 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name), child, new)
     return root
-
-
-def _fmt(value: float | None, suffix: str = "") -> str:
-    if value is None:
-        return "-"
-    return f"{value:.2f}{suffix}" if value < 100 else f"{value:.0f}{suffix}"
