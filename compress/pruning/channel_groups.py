@@ -180,7 +180,7 @@ def _item_members(
         full = dg._param_to_name[module]
         owner, _, param = full.rpartition(".")
         kind = type(dg.model.get_submodule(owner)).__name__
-        if kind.endswith("Norm"):  # Llama's RMSNorm, T5's LayerNorm: parameters, not layers
+        if kind.endswith(("RMSNorm", "LayerNorm")):  # LlamaRMSNorm, T5LayerNorm: bare parameters
             raise _Skip(
                 f"{kind}: its statistics include the zeroed channels, so masking is not exact"
             )
