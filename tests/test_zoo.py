@@ -241,3 +241,31 @@ def test_pruned_llama_exports(tmp_path: Path) -> None:
     torch.testing.assert_close(logits(program(*x)), want, rtol=1e-4, atol=1e-4)
     rebuilt = compress.load_pruned(type(model)(model.config), paths["pruned"])
     torch.testing.assert_close(_outputs(rebuilt, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen3_heads_go_and_the_norm_they_share_stays() -> None:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        use_cache=False,
+    )
+    model, x = Qwen3ForCausalLM(config), ZOO["llama"].inputs()
+    recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5}
+    with pytest.warns(UserWarning, match="Qwen3RMSNorm: its statistics include"):
+        ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
+    norm = model.model.layers[0].self_attn.q_norm.weight.detach().clone()
+    want = _outputs(model, x)
+    small = ctrl.strip()
+    attention = small.model.layers[0].self_attn
+    # q_norm normalises each head's 8 channels with one weight that every head shares
+    assert [attention.q_proj.out_features, attention.k_proj.out_features] == [16, 8]
+    torch.testing.assert_close(attention.q_norm.weight, norm)
+    torch.testing.assert_close(_outputs(small, x), want, rtol=1e-5, atol=1e-5)

@@ -16,6 +16,10 @@ Two things in a Llama-style block (Llama, Mistral, Qwen2 and the other models th
   heads that read it, and those are kept or removed together (Torch-Pruning's ``num_heads``
   grouping, with the layout read from the block instead of given by hand).
 
+Both apply to the trace only. ``rotary_as_identity`` patches the module that defines the model's
+layers while the trace runs, so that module should not be running a forward pass in another
+thread meanwhile.
+
 Example:
     >>> from torch import nn
     >>> with rotary_as_identity(nn.Linear(2, 2)):  # nothing to patch in a plain layer
@@ -33,7 +37,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["Item", "grouped_query_heads", "rotary_as_identity"]
+__all__ = ["Item", "grouped_query_heads", "per_head_parameter", "rotary_as_identity"]
 
 Item = tuple[str, str, int, Literal["producer", "norm", "consumer", "other"], list[int], list[int]]
 """(module name, parameter name, dim, role, positions, root channels) of one group member."""
@@ -70,14 +74,26 @@ def _parent(name: str) -> str:
 
 def _layout(model: nn.Module, block_name: str) -> tuple[int, int] | None:
     """(head_dim, query heads per key/value head) of a grouped-query attention block, or None."""
-    try:
-        block = model.get_submodule(block_name)
-    except AttributeError:
-        return None
+    block = _block(model, block_name)
     head, rep = getattr(block, "head_dim", None), getattr(block, "num_key_value_groups", None)
     if isinstance(head, int) and isinstance(rep, int) and head > 0 and rep > 1:
         return head, rep
     return None
+
+
+def per_head_parameter(model: nn.Module, owner: str, param: torch.Tensor) -> bool:
+    """Whether ``param`` of module ``owner`` is shared by every head of its attention block, as
+    the weight of Qwen3's per-head query and key norms is (``head_dim`` elements): removing whole
+    heads leaves it as it is, and a norm over one head's channels sees a removed head as zeros."""
+    head = getattr(_block(model, _parent(owner)), "head_dim", None)
+    return isinstance(head, int) and param.dim() == 1 and param.numel() == head
+
+
+def _block(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _width(model: nn.Module, name: str) -> int | None:

@@ -31,7 +31,7 @@ from torch import nn
 
 from compress import masks
 from compress.errors import CompressError
-from compress.pruning.attention import grouped_query_heads
+from compress.pruning.attention import grouped_query_heads, per_head_parameter
 from compress.pruning.deadline import TimeBudgetExceeded, deadline
 from compress.pruning.structured import (
     ChannelGroup,
@@ -179,6 +179,8 @@ def _item_members(
     if isinstance(module, nn.Parameter):  # node type PARAMETER
         full = dg._param_to_name[module]
         owner, _, param = full.rpartition(".")
+        if per_head_parameter(dg.model, owner, module):
+            return []  # whole heads go; what every head shares stays
         kind = type(dg.model.get_submodule(owner)).__name__
         if kind.endswith(("RMSNorm", "LayerNorm")):  # LlamaRMSNorm, T5LayerNorm: bare parameters
             raise _Skip(

@@ -263,8 +263,11 @@ def _use_member_positions(
     for m in group.members:
         if m.param_name == "weight" and m.role in ("producer", "consumer"):
             want[(m.module_name, m.role == "producer")] = sorted(m.index[~keep[m.channel]].tolist())
+    params = {f"{m.module_name}.{m.param_name}" for m in group.members}
     for k, item in enumerate(tp_group.items):
         layer = item.dep.target.module
+        if isinstance(layer, nn.Parameter) and dg._param_to_name.get(layer) not in params:
+            tp_group[k] = type(item)(item.dep, [])  # shared by all heads (Qwen3's q/k norms)
         if not isinstance(layer, nn.Linear):
             continue
         key = (dg._module2name.get(layer, ""), dg.is_out_channel_pruning_fn(item.dep.handler))
