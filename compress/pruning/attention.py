@@ -1,7 +1,7 @@
 """What Torch-Pruning's dependency graph needs to be told about Hugging Face attention blocks.
 
-Two things in a Llama-style block (Llama, Mistral, Qwen2 and the other models that copy its
-``modeling`` code) defeat the graph:
+Two things in a Llama-style block (Llama, Mistral, Qwen2, Qwen3, Gemma2: the models that copy
+Llama's ``modeling`` code) defeat the graph:
 
 - **Rotary embeddings.** ``rotate_half(x)`` is ``cat(-x[..., d/2:], x[..., :d/2])``: a permutation
   of each head's channels that the graph follows round and round the query/key cycle, finding a
@@ -16,9 +16,12 @@ Two things in a Llama-style block (Llama, Mistral, Qwen2 and the other models th
   heads that read it, and those are kept or removed together (Torch-Pruning's ``num_heads``
   grouping, with the layout read from the block instead of given by hand).
 
-Both apply to the trace only. ``rotary_as_identity`` patches the module that defines the model's
-layers while the trace runs, so that module should not be running a forward pass in another
-thread meanwhile.
+A third thing is told rather than fixed: a parameter every head shares (Qwen3's per-head query
+and key norms, ``head_dim`` elements) stays whole when whole heads go
+(:func:`per_head_parameter`).
+
+``rotary_as_identity`` patches the module that defines the model's layers while the trace runs,
+so no forward pass of that module should run in another thread meanwhile.
 
 Example:
     >>> from torch import nn
