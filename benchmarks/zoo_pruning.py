@@ -108,6 +108,16 @@ def torch_pruning(model: nn.Module, x: tuple[torch.Tensor, ...], budget: float) 
     return model
 
 
+def torch_pruning_plain_rotary(
+    model: nn.Module, x: tuple[torch.Tensor, ...], budget: float
+) -> nn.Module:
+    """Torch-Pruning alone, with the trace seeing ``rotate_half`` as the identity, as ours does."""
+    from compress.pruning.attention import rotary_as_identity
+
+    with rotary_as_identity(model):
+        return torch_pruning(model, x, budget)
+
+
 def latency(model: nn.Module, x: tuple[torch.Tensor, ...]) -> Callable[[], float]:
     model.eval()
 
@@ -125,17 +135,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--budget", type=float, default=60.0, help="trace time budget, s")
+    parser.add_argument("--models", default="bert,vit,gpt2,llama", help="comma-separated")
     args = parser.parse_args()
     hidden, layers, heads = (64, 2, 4) if args.quick else (256, 4, 8)
     torch.set_num_threads(1)
     rows: list[dict[str, Any]] = []
     for name, build in models(hidden, layers, heads).items():
+        if name not in args.models.split(","):
+            continue
         torch.manual_seed(0)
         dense = build().eval()
         trace_x = inputs(name, 1)
         x = inputs(name, 8)
         variants: dict[str, nn.Module | str] = {"dense": dense}
-        for label, fn in (("ours", ours), ("Torch-Pruning", torch_pruning)):
+        pruners = [("ours", ours), ("Torch-Pruning", torch_pruning)]
+        if name == "llama":
+            pruners.append(("Torch-Pruning, rotate_half as identity", torch_pruning_plain_rotary))
+        for label, fn in pruners:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:

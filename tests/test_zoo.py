@@ -11,6 +11,7 @@ import torch
 from hf_zoo import ZOO, logits
 
 import compress
+from compress.algorithm import weight
 
 pytest.importorskip("transformers")
 
@@ -165,3 +166,106 @@ def test_a_model_torch_pruning_cannot_trace_gets_no_groups_and_strips() -> None:
         ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
     assert ctrl.algorithms[0].groups == []
     torch.testing.assert_close(_outputs(ctrl.strip(), x), _outputs(model, x))
+
+
+def _llama_filter_pruning(recipe: dict[str, Any], **config: int) -> tuple[Any, Any, tuple]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4}
+    sizes |= {"num_key_value_heads": 2, **config}
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=100, num_hidden_layers=2, use_cache=False, **sizes)
+    )
+    x = ZOO["llama"].inputs()
+    # the budget turns a group search that never ends into an error instead of a hang
+    params = {"trace_time_budget": 60, **recipe.get("params", {})}
+    full = {"algorithm": "filter_pruning", **recipe, "params": params}
+    with pytest.warns(UserWarning, match="LlamaRMSNorm: its statistics include the zeroed"):
+        ctrl, model = compress.create_compressed_model(model, {"compression": full}, x)
+    return ctrl, model, x
+
+
+def test_llama_filter_pruning_removes_kv_groups_and_mlp_neurons(tmp_path: Path) -> None:
+    from transformers.models.llama import modeling_llama
+
+    rotate_half = modeling_llama.rotate_half
+    ctrl, model, x = _llama_filter_pruning({"pruning_init": 0.5})
+    assert modeling_llama.rotate_half is rotate_half  # the trace's stand-in is gone
+    _train(ctrl, model, x)
+    want = _outputs(model, x)
+    small = ctrl.strip()
+    for block in small.model.layers:
+        attention = block.self_attn
+        # one of two key/value heads, with the two query heads that read it
+        assert [attention.q_proj.out_features, attention.o_proj.in_features] == [16, 16]
+        assert [attention.k_proj.out_features, attention.v_proj.out_features] == [8, 8]
+        assert block.mlp.gate_proj.out_features == block.mlp.up_proj.out_features == 32
+        assert block.mlp.down_proj.in_features == 32
+    torch.testing.assert_close(_outputs(small, x), want, rtol=1e-5, atol=1e-5)
+    config = small.config
+    assert [config.num_attention_heads, config.num_key_value_heads] == [2, 1]
+    assert [config.head_dim, config.intermediate_size, config.hidden_size] == [8, 32, 32]
+    small.save_pretrained(tmp_path / "hf")
+    again = type(small).from_pretrained(tmp_path / "hf")
+    assert again.model.layers[1].self_attn.k_proj.out_features == 8
+    torch.testing.assert_close(_outputs(again, x), want, rtol=1e-5, atol=1e-5)
+    excluded = ctrl.algorithms[0].statistics()["excluded"]
+    assert any("LlamaRMSNorm" in str(row) for row in excluded)
+
+
+def test_llama_query_heads_go_with_the_key_value_head_they_read() -> None:
+    # 8 query heads of 8 channels read 2 key/value heads: query heads 0-3 read key head 0
+    recipe = {"params": {"prune_channels": {"model.layers.0.self_attn.k_proj": "0-7"}}}
+    ctrl, model, x = _llama_filter_pruning(recipe, hidden_size=64, num_attention_heads=8)
+    attention = model.model.layers[0].self_attn
+    q, k, v = (weight(getattr(attention, f"{n}_proj")).detach().clone() for n in "qkv")
+    want = _outputs(model, x)
+    with pytest.warns(UserWarning, match=r"num_attention_heads differs between layers"):
+        small = ctrl.strip()  # layer 1 keeps its heads: the config cannot say so
+    pruned = small.model.layers[0].self_attn
+    torch.testing.assert_close(pruned.q_proj.weight, q[32:])
+    torch.testing.assert_close(pruned.k_proj.weight, k[8:])
+    torch.testing.assert_close(pruned.v_proj.weight, v[8:])
+    assert pruned.o_proj.in_features == 32
+    torch.testing.assert_close(_outputs(small, x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_pruned_llama_exports(tmp_path: Path) -> None:
+    ctrl, model, x = _llama_filter_pruning({"pruning_init": 0.5, "params": {"round_to": 1}})
+    want = _outputs(model, x)
+    small = ctrl.strip()
+    paths = compress.export(small, tmp_path / "m", ["pt2", "pruned"], example_inputs=x)
+    program = torch.export.load(paths["pt2"]).module()
+    torch.testing.assert_close(logits(program(*x)), want, rtol=1e-4, atol=1e-4)
+    rebuilt = compress.load_pruned(type(model)(model.config), paths["pruned"])
+    torch.testing.assert_close(_outputs(rebuilt, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen3_heads_go_and_the_norm_they_share_stays() -> None:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        use_cache=False,
+    )
+    model, x = Qwen3ForCausalLM(config), ZOO["llama"].inputs()
+    recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5}
+    with pytest.warns(UserWarning, match="Qwen3RMSNorm: its statistics include"):
+        ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
+    norm = model.model.layers[0].self_attn.q_norm.weight.detach().clone()
+    want = _outputs(model, x)
+    small = ctrl.strip()
+    attention = small.model.layers[0].self_attn
+    # q_norm normalises each head's 8 channels with one weight that every head shares
+    assert [attention.q_proj.out_features, attention.k_proj.out_features] == [16, 8]
+    torch.testing.assert_close(attention.q_norm.weight, norm)
+    torch.testing.assert_close(_outputs(small, x), want, rtol=1e-5, atol=1e-5)

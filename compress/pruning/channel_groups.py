@@ -31,6 +31,7 @@ from torch import nn
 
 from compress import masks
 from compress.errors import CompressError
+from compress.pruning.attention import grouped_query_heads, per_head_parameter
 from compress.pruning.deadline import TimeBudgetExceeded, deadline
 from compress.pruning.structured import (
     ChannelGroup,
@@ -178,6 +179,13 @@ def _item_members(
     if isinstance(module, nn.Parameter):  # node type PARAMETER
         full = dg._param_to_name[module]
         owner, _, param = full.rpartition(".")
+        if per_head_parameter(dg.model, owner, module):
+            return []  # whole heads go; what every head shares stays
+        kind = type(dg.model.get_submodule(owner)).__name__
+        if kind.endswith(("RMSNorm", "LayerNorm")):  # LlamaRMSNorm, T5LayerNorm: bare parameters
+            raise _Skip(
+                f"{kind}: its statistics include the zeroed channels, so masking is not exact"
+            )
         return [(owner, param, dg.module2node[module].pruning_dim % module.dim(), "producer")]
     if node_type in (_OPS.CONV, _OPS.DEPTHWISE_CONV, _OPS.LINEAR):
         transposed = getattr(module, "transposed", False)
@@ -249,7 +257,7 @@ def _map_group(
             if not node.outputs:
                 raise _Skip("its channels are network outputs", warn=False, kind="network output")
             continue
-        if any(r < 0 or r >= root_size for r in roots):
+        if any(r is not None and not 0 <= r < root_size for r in roots):
             raise _Skip(f"root index outside the root layer at {node.name}")
         name = dg._module2name.get(module, str(node.name))
         is_out = dg.is_out_channel_pruning_fn(item.dep.handler)
@@ -263,6 +271,14 @@ def _map_group(
                 idxs = [i % (n // module.groups) for i in idxs]
         for mod_name, param, dim, role in _item_members(name, module, node.type, is_out, dg):
             raw.append((mod_name, param, dim, role, idxs, roots))
+    try:
+        raw, ties = grouped_query_heads(model, raw)
+    except ValueError as err:
+        raise _Skip(str(err)) from None
+    for a, b in ties:
+        classes.union(a, b)
+    if any(r is None for *_, roots in raw for r in roots):  # lost behind an expand op
+        raise _Skip("Torch-Pruning lost the root channels of a layer in this group")
     _tie_heads(model, classes, raw)
     labels, size = classes.labels()
     members: list[Member] = []

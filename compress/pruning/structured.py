@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from compress import masks
 from compress.errors import CompressError
+from compress.pruning.attention import rotary_as_identity
 
 __all__ = [
     "ChannelGroup",
@@ -124,7 +125,7 @@ def dependency_graph(model: nn.Module, example_inputs: Inputs) -> tp.DependencyG
     The graph is traced back from every tensor of the output that has a gradient, so outputs
     that are dicts or dataclasses holding caches (Hugging Face's ``ModelOutput``) trace too."""
     inputs = as_tuple(example_inputs)
-    with torch.enable_grad(), warnings.catch_warnings():
+    with torch.enable_grad(), warnings.catch_warnings(), rotary_as_identity(model):
         warnings.simplefilter("ignore")  # Torch-Pruning's own notices; we report what matters
         return tp.DependencyGraph().build_dependency(
             model,
@@ -246,7 +247,32 @@ def _prune_group(
     if module not in dg.module2node:
         raise CompressError(f"layer {root.module_name!r} is not used in the forward pass")
     fn = dg.get_pruner_of_module(module).prune_out_channels
-    dg.get_pruning_group(module, fn, sorted(dropped)).prune(record_history=False)
+    tp_group = dg.get_pruning_group(module, fn, sorted(dropped))
+    _use_member_positions(dg, tp_group, group, keep)
+    tp_group.prune(record_history=False)
+
+
+def _use_member_positions(
+    dg: tp.DependencyGraph, tp_group: tp.dependency.Group, group: ChannelGroup, keep: torch.Tensor
+) -> None:
+    """Gives every Linear layer of ``tp_group`` the positions ``group`` drops from it, where
+    Torch-Pruning's index mapping differs: it maps through attention as if the key and value
+    projections of grouped-query attention were as wide as the query projection
+    (:func:`compress.pruning.attention.grouped_query_heads` maps them)."""
+    want: dict[tuple[str, bool], list[int]] = {}
+    for m in group.members:
+        if m.param_name == "weight" and m.role in ("producer", "consumer"):
+            want[(m.module_name, m.role == "producer")] = sorted(m.index[~keep[m.channel]].tolist())
+    params = {f"{m.module_name}.{m.param_name}" for m in group.members}
+    for k, item in enumerate(tp_group.items):
+        layer = item.dep.target.module
+        if isinstance(layer, nn.Parameter) and dg._param_to_name.get(layer) not in params:
+            tp_group[k] = type(item)(item.dep, [])  # shared by all heads (Qwen3's q/k norms)
+        if not isinstance(layer, nn.Linear):
+            continue
+        key = (dg._module2name.get(layer, ""), dg.is_out_channel_pruning_fn(item.dep.handler))
+        if key in want and sorted(item.idxs) != want[key]:
+            tp_group[k] = type(item)(item.dep, want[key])
 
 
 def pruning_plan(
