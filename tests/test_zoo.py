@@ -141,6 +141,14 @@ def test_vit_mlp_only_pruning_round_trips(tmp_path: Path) -> None:
     torch.testing.assert_close(_round_trip(small, x, tmp_path / "hf"), want, rtol=1e-5, atol=1e-5)
 
 
+def test_head_counts_that_differ_between_layers_are_warned_of() -> None:
+    ratios = {"vit.layers.0.attention.q_proj": 0.25}
+    ctrl, _, _, _ = _pruned("vit", params={"round_to": 1, "layer_ratios": ratios})
+    with pytest.warns(UserWarning, match=r"different widths \(\[16, 24\]\); one ratio for every"):
+        small = ctrl.strip()
+    assert small.config.num_attention_heads == 4  # left as it was
+
+
 def test_bert_heads_the_config_cannot_describe_are_warned_of_with_what_to_do(
     tmp_path: Path,
 ) -> None:
@@ -178,9 +186,11 @@ def test_gpt2_filter_pruning_removes_heads_and_mlp_neurons(tmp_path: Path) -> No
     assert (attention.c_attn.nf, attention.c_proj.nx, attention.split_size) == (48, 16, 16)
     assert (mlp.c_fc.nf, mlp.c_proj.nx) == (64, 64)
     torch.testing.assert_close(_outputs(small, x), want, rtol=1e-5, atol=1e-5)
-    paths = compress.export(small, tmp_path / "m", ["pt2"], example_inputs=x)
+    paths = compress.export(small, tmp_path / "m", ["pt2", "pruned"], example_inputs=x)
     program = torch.export.load(paths["pt2"]).module()
     torch.testing.assert_close(logits(program(*x)), want, rtol=1e-4, atol=1e-4)
+    again = compress.load_pruned(ZOO["gpt2"].build(), paths["pruned"])
+    torch.testing.assert_close(_outputs(again, x), want, rtol=1e-5, atol=1e-5)
     # the embedding tied to lm_head counts once, before and after
     params = ctrl.algorithms[0].statistics()["summary"][1]
     assert params["full"] == sum(p.numel() for p in model.parameters())

@@ -96,9 +96,13 @@ def update_config(model: nn.Module, before: dict[str, tuple[str, int]]) -> None:
     for key in sorted(changed):
         values = kept[key]
         if len(values) != 1:
-            uniform = key == "num_attention_heads"
-            hint = " (allocation 'uniform' keeps them equal)" if uniform else ""
-            problems.append(f"{key} differs between layers ({sorted(values)}){hint}")
+            hint = (
+                "; one ratio for every attention block (allocation 'uniform', no layer_ratios "
+                "on them) keeps them equal"
+                if key == "num_attention_heads"
+                else ""
+            )
+            problems.append(f"{key}: the layers keep different widths ({sorted(values)}){hint}")
             continue
         (value,) = values
         if key != "num_attention_heads":
