@@ -77,7 +77,7 @@ class Excluded:
     it), ``network output`` (its channels are outputs of the model), ``not mapped`` (a norm or
     attention coupling whose masking would not equal removal), ``not exact`` (the numerical check
     failed), ``overlap``, ``trace failure``, ``single channel``, ``unsupported layer`` (a matrix
-    layer of another type, such as transformers' ``Conv1D``).
+    layer of a type other than conv, Linear and transformers' ``Conv1D``).
     """
 
     group: str
