@@ -229,3 +229,26 @@ def test_a_model_torch_pruning_cannot_trace_gets_no_groups_and_strips() -> None:
         ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
     assert ctrl.algorithms[0].groups == []
     torch.testing.assert_close(_outputs(ctrl.strip(), x), _outputs(model, x))
+
+
+def test_gpt2_latency_target_and_scop_see_the_conv1d_layers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from compress.pruning import latency
+
+    monkeypatch.setattr(latency, "default_timer", latency.layer_macs_timer)  # planned, not timed
+    ctrl, model, x, want = _pruned("gpt2", params={"round_to": 1, "pruning_latency_target": 0.3})
+    algo = ctrl.algorithms[0]
+    layers = algo.latency()["layers"]
+    assert {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc"} <= set(layers)
+    assert algo.statistics()["latency removed (predicted)"] == pytest.approx(0.3, abs=0.05)
+    small = ctrl.strip()
+    assert small.transformer.h[0].mlp.c_fc.nf < 128 or small.transformer.h[0].attn.c_attn.nf < 96
+    torch.testing.assert_close(_outputs(small, x), want, rtol=1e-5, atol=1e-5)
+
+    options = {"round_to": 1, "filter_importance": "scop", "num_init_steps": 1}
+    ctrl, model, x, _ = _pruned("gpt2", params=options)
+    assert "transformer.h.0.mlp.c_fc" in ctrl.algorithms[0].scop.coefficients
+    ctrl.scheduler.epoch_step()  # the knockoff phase ends, the learned scores choose
+    want = _outputs(model, x)
+    torch.testing.assert_close(_outputs(ctrl.strip(), x), want, rtol=1e-5, atol=1e-5)
