@@ -89,14 +89,18 @@ def map_last_dim_splits(dg: tp.DependencyGraph) -> None:
             continue
         if dim not in (-1, len(sizes) - 1) or not _channels_last(dg, node, sizes):
             continue
+        # One dependency per part, in order: two parts may feed the same op (q * k).
+        done: set[int] = set()
         for i, out_node in enumerate(node.outputs):
             span = offsets[i : i + 2]
-            for dep in node.dependencies:
-                if dep.target is out_node:
-                    dep.index_mapping[0] = _SplitIndexMapping(offset=span, reverse=False)
-            for dep in out_node.dependencies:
-                if dep.target is node:
-                    dep.index_mapping[0] = _SplitIndexMapping(offset=span, reverse=True)
+            for deps, target, reverse in (
+                (node.dependencies, out_node, False),
+                (out_node.dependencies, node, True),
+            ):
+                dep = next((d for d in deps if d.target is target and id(d) not in done), None)
+                if dep is not None:
+                    done.add(id(dep))
+                    dep.index_mapping[0] = _SplitIndexMapping(offset=span, reverse=reverse)
 
 
 def _channels_last(dg: tp.DependencyGraph, node: Any, sizes: Sequence[int]) -> bool:
