@@ -252,3 +252,33 @@ def test_gpt2_latency_target_and_scop_see_the_conv1d_layers(
     ctrl.scheduler.epoch_step()  # the knockoff phase ends, the learned scores choose
     want = _outputs(model, x)
     torch.testing.assert_close(_outputs(ctrl.strip(), x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_without_lm_head_prunes_heads_too() -> None:
+    # GPT2Model alone: Torch-Pruning's reshape mapping would scale the split parts' channels by
+    # three here; the views of the parts keep their channel order
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=100,
+        n_positions=16,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_inner=64,
+        use_cache=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model, x = GPT2Model(config), ZOO["gpt2"].inputs()
+    recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5, "params": {"round_to": 1}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
+        small = ctrl.strip().eval()
+    assert {g.name: g.size for g in ctrl.algorithms[0].groups}["h.0.attn.c_attn"] == 4
+    assert (small.h[0].attn.c_attn.nf, small.h[0].mlp.c_fc.nf) == (48, 32)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(*x)[0], model(*x)[0], rtol=1e-5, atol=1e-5)

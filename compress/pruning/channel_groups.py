@@ -276,6 +276,9 @@ def _map_group(
     labels, size = classes.labels()
     members: list[Member] = []
     for mod_name, param, dim, role, idxs, roots in raw:
+        tensor = model.get_submodule(mod_name)._parameters.get(param)
+        if tensor is not None and idxs and max(idxs) >= tensor.shape[dim]:
+            raise _Skip(f"Torch-Pruning mapped a channel outside {mod_name}.{param}")
         channel = labels[torch.tensor(roots, dtype=torch.long)]
         members.append(Member(mod_name, param, dim, torch.tensor(idxs), channel, role))
     return members, size

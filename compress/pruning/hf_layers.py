@@ -101,6 +101,26 @@ def map_last_dim_splits(dg: tp.DependencyGraph) -> None:
                 if dep is not None:
                     done.add(id(dep))
                     dep.index_mapping[0] = _SplitIndexMapping(offset=span, reverse=reverse)
+            if out_node.type == tp.ops.OPTYPE.RESHAPE:
+                _keep_channel_order(out_node, span[1] - span[0])
+
+
+def _keep_channel_order(node: Any, part: int) -> None:
+    """A view of one part that splits its last dim into heads, ``(B, T, part)`` to ``(B, T, H,
+    head_dim)``, keeps the channel order. Torch-Pruning's reshape mapping infers the part's
+    width through the split (the whole fused layer's) and would map channel ``i`` to ``3i``;
+    the view is marked element-wise (channel ``i`` stays ``i``) and that mapping dropped."""
+    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+    if sizes is None or len(sizes) < 3 or sizes[-1] != part:
+        return
+    node.type = tp.ops.OPTYPE.ELEMENTWISE  # Torch-Pruning re-maps RESHAPE nodes on every query
+    for dep in node.dependencies:
+        if dep.target.type != tp.ops.OPTYPE.SPLIT:  # the split's own mapping stays
+            dep.index_mapping[0] = None
+    for other in node.outputs:
+        for dep in other.dependencies:
+            if dep.target is node:
+                dep.index_mapping[0] = None
 
 
 def _channels_last(dg: tp.DependencyGraph, node: Any, sizes: Sequence[int]) -> bool:
