@@ -6,7 +6,8 @@ Torch-Pruning prunes such a layer through its extension point, a customised prun
 and v with one ``Conv1D`` of ``3 * hidden`` outputs and splits them along the last dim;
 Torch-Pruning maps channels through a split along dim 1 only, so :func:`map_last_dim_splits`
 adds the same index mapping for splits along the last dim, which couples channel ``i`` of q,
-k and v (and the output projection's input ``i``). After the surgery :func:`fit_attention` sets
+k and v (and the output projection's input ``i``), and keeps the channel order through the
+views that split each part into heads. After the surgery :func:`fit_attention` sets
 the attention block's ``split_size`` and ``num_heads`` to what the smaller ``c_attn`` holds.
 
 Example:
