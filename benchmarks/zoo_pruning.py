@@ -7,6 +7,7 @@ interleaved repetitions, one process. A row that fails says why instead of a num
 
     python benchmarks/zoo_pruning.py              # hidden 256, 4 layers, 8 heads
     python benchmarks/zoo_pruning.py --quick      # hidden 64, 2 layers: a smoke run
+    python benchmarks/zoo_pruning.py --models gpt2  # one model
 """
 
 from __future__ import annotations
@@ -135,13 +136,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--budget", type=float, default=60.0, help="trace time budget, s")
-    parser.add_argument("--models", default="bert,vit,gpt2,llama", help="comma-separated")
+    parser.add_argument("--models", default="bert,vit,gpt2,llama", help="comma-separated subset")
     args = parser.parse_args()
     hidden, layers, heads = (64, 2, 4) if args.quick else (256, 4, 8)
     torch.set_num_threads(1)
     rows: list[dict[str, Any]] = []
+    chosen = args.models.split(",")
     for name, build in models(hidden, layers, heads).items():
-        if name not in args.models.split(","):
+        if name not in chosen:
             continue
         torch.manual_seed(0)
         dense = build().eval()

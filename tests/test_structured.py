@@ -449,3 +449,30 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
     other.fc = nn.Linear(32, 7)  # same layer names, another shape
     with pytest.raises(CompressError, match=r"(?s)good\.pt: does not fit this model.*fc\.weight"):
         load_pruned(other, good)
+
+
+class _FusedProjection(torch.nn.Module):
+    """One Linear computes q, k and v, split along the last dim (GPT-2's c_attn, in small)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(6, 12)
+        self.out = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # dim=2, as GPT-2 writes it (Torch-Pruning maps dim=-1 splits, not dim=2 ones)
+        q, k, v = self.qkv(x).split(self.qkv.out_features // 3, dim=2)
+        return self.out(torch.tanh(q * k) + v)
+
+
+def test_a_fused_projection_split_along_the_last_dim_keeps_its_parts_in_step() -> None:
+    torch.manual_seed(0)
+    model, x = _FusedProjection(), torch.randn(2, 5, 6)
+    (group,) = build_groups(model, x, prune_first_conv=True)  # validated: masked == shrunk
+    assert group.size == 4  # channel i of q, k and v is one channel, not three
+    qkv = next(m for m in group.members if m.module_name == "qkv" and m.param_name == "weight")
+    assert qkv.channel.tolist() == [0, 1, 2, 3] * 3
+    keep = torch.tensor([True, False, True, False])
+    apply_channel_mask(model, group, keep)
+    small = shrink(model, [group], {group.name: keep}, example_inputs=x)
+    assert (small.qkv.out_features, small.out.in_features) == (6, 2)

@@ -3,6 +3,7 @@ build, a few steps, statistics, strip equals the masked model, pt2 export, save_
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -101,46 +102,109 @@ def test_filter_pruning_removes_attention_heads_and_mlp_neurons() -> None:
     assert 0.5 < stats["prunable MACs share"] < 1.0
 
 
-def test_stripped_hf_model_config_round_trips(tmp_path: Path) -> None:
+def _pruned(name: str, **options: Any) -> tuple[Any, torch.nn.Module, tuple, torch.Tensor]:
+    """Filter pruning at 0.5 (round_to 1), two steps: controller, masked model, inputs, outputs."""
     torch.manual_seed(0)
-    zoo = ZOO["vit"]
-    model, x = zoo.build(), zoo.inputs()
-    recipe = {
-        "algorithm": "filter_pruning",
-        "pruning_init": 0.5,
-        "ignored_scopes": ["{re}.*attention.*"],
-        "params": {"round_to": 1},
-    }
-    ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
-    want = _outputs(model, x)
-    small = ctrl.strip()
-    assert small.config.intermediate_size == 32
-    small.save_pretrained(tmp_path / "hf")
-    again = type(small).from_pretrained(tmp_path / "hf")
-    torch.testing.assert_close(_outputs(again, x), want, rtol=1e-5, atol=1e-5)
-
-
-def test_pruned_heads_the_config_cannot_describe_are_warned_of() -> None:
-    zoo = ZOO["vit"]
+    zoo = ZOO[name]
     model, x = zoo.build(), zoo.inputs()
     recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5, "params": {"round_to": 1}}
-    ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
-    with pytest.warns(UserWarning, match="save_pretrained will not rebuild"):
-        ctrl.strip()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the coverage warning: LayerNorm-coupled groups stay
+        ctrl, model = compress.create_compressed_model(model, {"compression": recipe | options}, x)
+    _train(ctrl, model, x)
+    return ctrl, model, x, _outputs(model, x)
 
 
-def test_gpt2_filter_pruning_says_it_prunes_nothing_and_strips() -> None:
-    zoo = ZOO["gpt2"]
-    model, x = zoo.build(), zoo.inputs()
-    recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5}
-    with pytest.warns(UserWarning, match=r"at most 0\.0% .*Conv1D layers are not pruned"):
-        ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
-    want = _outputs(model, x)
-    torch.testing.assert_close(_outputs(ctrl.strip(), x), want)
-    # the tied embedding and output layer count once
-    stats = ctrl.algorithms[0].statistics()
-    assert stats["summary"][1]["full"] == stats["summary"][1]["current"]
-    assert stats["summary"][1]["full"] == sum(p.numel() for p in model.parameters())
+def _round_trip(small: torch.nn.Module, x: tuple, path: Path) -> torch.Tensor:
+    small.save_pretrained(path)
+    return _outputs(type(small).from_pretrained(path), x)
+
+
+def test_vit_head_pruning_round_trips_through_save_pretrained(tmp_path: Path) -> None:
+    # ViT reads config.head_dim: with the same head count in every layer (allocation uniform,
+    # the default) the config states num_attention_heads = kept and head_dim = original size.
+    ctrl, _, x, want = _pruned("vit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small = ctrl.strip()
+    attention = small.vit.layers[0].attention
+    assert attention.q_proj.out_features == attention.o_proj.in_features == 16
+    assert (small.config.num_attention_heads, small.config.head_dim) == (2, 8)
+    assert small.config.intermediate_size == 32
+    torch.testing.assert_close(_round_trip(small, x, tmp_path / "hf"), want, rtol=1e-5, atol=1e-5)
+
+
+def test_vit_mlp_only_pruning_round_trips(tmp_path: Path) -> None:
+    ctrl, _, x, want = _pruned("vit", ignored_scopes=["{re}.*attention.*"])
+    small = ctrl.strip()
+    assert small.config.intermediate_size == 32
+    assert small.config.num_attention_heads == 4
+    torch.testing.assert_close(_round_trip(small, x, tmp_path / "hf"), want, rtol=1e-5, atol=1e-5)
+
+
+def test_head_counts_that_differ_between_layers_are_warned_of() -> None:
+    ratios = {"vit.layers.0.attention.q_proj": 0.25}
+    ctrl, _, _, _ = _pruned("vit", params={"round_to": 1, "layer_ratios": ratios})
+    with pytest.warns(UserWarning, match=r"different widths \(\[16, 24\]\); one ratio for every"):
+        small = ctrl.strip()
+    assert small.config.num_attention_heads == 4  # left as it was
+
+
+def test_bert_heads_the_config_cannot_describe_are_warned_of_with_what_to_do(
+    tmp_path: Path,
+) -> None:
+    ctrl, _, x, want = _pruned("bert")
+    with pytest.warns(UserWarning, match=r"derives the head size from hidden_size") as record:
+        small = ctrl.strip()
+    message = str(record[0].message)
+    assert "formats=['pruned']" in message
+    assert small.config.num_attention_heads == 4  # left as it was, not half-updated
+    assert small.config.intermediate_size == 64
+    # what the warning offers: the pruned file rebuilds the small model from a fresh instance
+    paths = compress.export(small, tmp_path / "m", ["pruned"], example_inputs=x)
+    again = compress.load_pruned(ZOO["bert"].build(), paths["pruned"])
+    torch.testing.assert_close(_outputs(again, x), want, rtol=1e-5, atol=1e-5)
+    # ... or the ignored_scopes it names, after which save_pretrained rebuilds the model
+    scopes = eval(message.rpartition("ignored_scopes: ")[2])  # noqa: S307 - a list literal
+    ctrl, _, x, want = _pruned("bert", ignored_scopes=scopes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small = ctrl.strip()
+    assert small.config.intermediate_size == 32
+    torch.testing.assert_close(_round_trip(small, x, tmp_path / "hf"), want, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_filter_pruning_removes_heads_and_mlp_neurons(tmp_path: Path) -> None:
+    ctrl, model, x, want = _pruned("gpt2")
+    groups = {g.name: g.size for g in ctrl.algorithms[0].groups}
+    # whole heads of the fused c_attn (q, k, v of one head together), and the MLP's neurons
+    assert groups["transformer.h.0.attn.c_attn"] == 4
+    assert groups["transformer.h.0.mlp.c_fc"] == 128
+    with pytest.warns(UserWarning, match=r"ignored_scopes: \['transformer\.h\.\*\.attn\.c_attn'\]"):
+        small = ctrl.strip()
+    attention, mlp = small.transformer.h[0].attn, small.transformer.h[0].mlp
+    # 2 of 4 heads of 8: each of q, k, v keeps 16 outputs, the output projection 16 inputs
+    assert (attention.c_attn.nf, attention.c_proj.nx, attention.split_size) == (48, 16, 16)
+    assert (mlp.c_fc.nf, mlp.c_proj.nx) == (64, 64)
+    torch.testing.assert_close(_outputs(small, x), want, rtol=1e-5, atol=1e-5)
+    paths = compress.export(small, tmp_path / "m", ["pt2", "pruned"], example_inputs=x)
+    program = torch.export.load(paths["pt2"]).module()
+    torch.testing.assert_close(logits(program(*x)), want, rtol=1e-4, atol=1e-4)
+    again = compress.load_pruned(ZOO["gpt2"].build(), paths["pruned"])
+    torch.testing.assert_close(_outputs(again, x), want, rtol=1e-5, atol=1e-5)
+    # the embedding tied to lm_head counts once, before and after
+    params = ctrl.algorithms[0].statistics()["summary"][1]
+    assert params["full"] == sum(p.numel() for p in model.parameters())
+    assert params["current"] == sum(p.numel() for p in small.parameters())
+
+
+def test_gpt2_mlp_pruning_round_trips_through_save_pretrained(tmp_path: Path) -> None:
+    ctrl, _, x, want = _pruned("gpt2", ignored_scopes=["transformer.h.*.attn.c_attn"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small = ctrl.strip()
+    assert small.config.n_inner == 64
+    torch.testing.assert_close(_round_trip(small, x, tmp_path / "hf"), want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_trace_that_never_ends_stops_at_the_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -221,7 +285,7 @@ def test_llama_query_heads_go_with_the_key_value_head_they_read() -> None:
     attention = model.model.layers[0].self_attn
     q, k, v = (weight(getattr(attention, f"{n}_proj")).detach().clone() for n in "qkv")
     want = _outputs(model, x)
-    with pytest.warns(UserWarning, match=r"num_attention_heads differs between layers"):
+    with pytest.warns(UserWarning, match=r"num_attention_heads: the layers keep different widths"):
         small = ctrl.strip()  # layer 1 keeps its heads: the config cannot say so
     pruned = small.model.layers[0].self_attn
     torch.testing.assert_close(pruned.q_proj.weight, q[32:])
@@ -269,3 +333,56 @@ def test_qwen3_heads_go_and_the_norm_they_share_stays() -> None:
     assert [attention.q_proj.out_features, attention.k_proj.out_features] == [16, 8]
     torch.testing.assert_close(attention.q_norm.weight, norm)
     torch.testing.assert_close(_outputs(small, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_latency_target_and_scop_see_the_conv1d_layers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from compress.pruning import latency
+
+    monkeypatch.setattr(latency, "default_timer", latency.layer_macs_timer)  # planned, not timed
+    ctrl, model, x, want = _pruned("gpt2", params={"round_to": 1, "pruning_latency_target": 0.3})
+    algo = ctrl.algorithms[0]
+    layers = algo.latency()["layers"]
+    assert {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc"} <= set(layers)
+    assert algo.statistics()["latency removed (predicted)"] == pytest.approx(0.3, abs=0.05)
+    small = ctrl.strip()
+    assert small.transformer.h[0].mlp.c_fc.nf < 128 or small.transformer.h[0].attn.c_attn.nf < 96
+    torch.testing.assert_close(_outputs(small, x), want, rtol=1e-5, atol=1e-5)
+
+    options = {"round_to": 1, "filter_importance": "scop", "num_init_steps": 1}
+    ctrl, model, x, _ = _pruned("gpt2", params=options)
+    assert "transformer.h.0.mlp.c_fc" in ctrl.algorithms[0].scop.coefficients
+    ctrl.scheduler.epoch_step()  # the knockoff phase ends, the learned scores choose
+    want = _outputs(model, x)
+    torch.testing.assert_close(_outputs(ctrl.strip(), x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_without_lm_head_prunes_heads_too() -> None:
+    # GPT2Model alone: Torch-Pruning's reshape mapping would scale the split parts' channels by
+    # three here; the views of the parts keep their channel order
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=100,
+        n_positions=16,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_inner=64,
+        use_cache=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model, x = GPT2Model(config), ZOO["gpt2"].inputs()
+    recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5, "params": {"round_to": 1}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
+        small = ctrl.strip().eval()
+    assert {g.name: g.size for g in ctrl.algorithms[0].groups}["h.0.attn.c_attn"] == 4
+    assert (small.h[0].attn.c_attn.nf, small.h[0].mlp.c_fc.nf) == (48, 32)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(*x)[0], model(*x)[0], rtol=1e-5, atol=1e-5)

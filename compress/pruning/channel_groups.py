@@ -30,7 +30,9 @@ import torch_pruning as tp
 from torch import nn
 
 from compress import masks
+from compress.analysis.node_kinds import is_transposed_linear
 from compress.errors import CompressError
+from compress.pruning import hf_layers
 from compress.pruning.attention import grouped_query_heads, per_head_parameter
 from compress.pruning.deadline import TimeBudgetExceeded, deadline
 from compress.pruning.structured import (
@@ -76,7 +78,7 @@ class Excluded:
     it), ``network output`` (its channels are outputs of the model), ``not mapped`` (a norm or
     attention coupling whose masking would not equal removal), ``not exact`` (the numerical check
     failed), ``overlap``, ``trace failure``, ``single channel``, ``unsupported layer`` (a matrix
-    layer of another type, such as transformers' ``Conv1D``).
+    layer of a type other than conv, Linear and transformers' ``Conv1D``).
     """
 
     group: str
@@ -199,6 +201,11 @@ def _item_members(
                 dims.append((name, "bias", 0, "producer"))
             return dims
         return [(name, "weight", 0 if transposed else 1, "consumer")]
+    if node_type == _OPS.CUSTOMIZED and is_transposed_linear(module):  # weight (in, out)
+        if not is_out:
+            return [(name, "weight", 0, "consumer")]
+        out: list[tuple[str, str, int, Role]] = [(name, "weight", 1, "producer")]
+        return out + ([(name, "bias", 0, "producer")] if module.bias is not None else [])
     if node_type in (_OPS.BN, _OPS.IN):
         return [(name, p, 0, "norm") for p in ("weight", "bias") if getattr(module, p) is not None]
     if isinstance(module, nn.PReLU):  # node type PRELU
@@ -245,7 +252,7 @@ def _map_group(
     dg: tp.DependencyGraph, tp_group: tp.dependency.Group, model: nn.Module
 ) -> tuple[list[Member], int]:
     """Maps one Torch-Pruning group to Members; raises _Skip when that is not possible."""
-    root_size = len(tp_group[0].idxs)
+    root_size = len(set(tp_group[0].root_idxs))
     classes = _Classes(root_size)
     raw: list[tuple[str, str, int, Role, list[int], list[int]]] = []
     for item in tp_group.items:
@@ -261,7 +268,9 @@ def _map_group(
             raise _Skip(f"root index outside the root layer at {node.name}")
         name = dg._module2name.get(module, str(node.name))
         is_out = dg.is_out_channel_pruning_fn(item.dep.handler)
-        consumer = node.type in (_OPS.CONV, _OPS.LINEAR) and not is_out
+        consumer = not is_out and (
+            node.type in (_OPS.CONV, _OPS.LINEAR) or is_transposed_linear(module)
+        )
         if not consumer and not node.outputs:
             raise _Skip("its channels are network outputs", warn=False, kind="network output")
         if node.type == _OPS.CONV and module.groups > 1:
@@ -283,6 +292,9 @@ def _map_group(
     labels, size = classes.labels()
     members: list[Member] = []
     for mod_name, param, dim, role, idxs, roots in raw:
+        tensor = model.get_submodule(mod_name)._parameters.get(param)
+        if tensor is not None and idxs and max(idxs) >= tensor.shape[dim]:
+            raise _Skip(f"Torch-Pruning mapped a channel outside {mod_name}.{param}")
         channel = labels[torch.tensor(roots, dtype=torch.long)]
         members.append(Member(mod_name, param, dim, torch.tensor(idxs), channel, role))
     return members, size
@@ -414,17 +426,15 @@ def _build(
     claimed: set[tuple[str, str, int, int]] = set()
     problems: list[str] = []
     for name, module in clone.named_modules():
-        if module in visited or module not in dg.module2node or not isinstance(module, prunable):
+        layer = isinstance(module, prunable) or is_transposed_linear(module)
+        if module in visited or module not in dg.module2node or not layer:
             continue
         if _is_named(name, ignored):
             excluded.append(Excluded(name, "out of scope", f"{name!r} is out of scope"))
             continue
         try:
-            tp_group = dg.get_pruning_group(
-                module,
-                dg.get_pruner_of_module(module).prune_out_channels,
-                list(range(_width(module))),
-            )
+            fn = dg.get_pruner_of_module(module).prune_out_channels
+            tp_group = dg.get_pruning_group(module, fn, _root_channels(dg, module, fn))
             visited.update(
                 item.dep.target.module
                 for item in tp_group.items
@@ -463,6 +473,7 @@ def _build(
             isinstance(weight, torch.Tensor)
             and weight.dim() == 2
             and not isinstance(module, (nn.Linear, nn.Embedding, nn.EmbeddingBag))
+            and not is_transposed_linear(module)
         ):
             detail = f"{type(module).__name__} layers are not pruned by filter pruning"
             excluded.append(Excluded(name, "unsupported layer", detail))
@@ -479,10 +490,33 @@ def _build(
     return groups
 
 
-def _width(module: Layer) -> int:
-    return (
-        module.out_channels if isinstance(module, nn.modules.conv._ConvNd) else module.out_features
+def _root_channels(dg: tp.DependencyGraph, module: nn.Module, fn: object) -> list[int]:
+    """The root channels to ask Torch-Pruning for: all of them, or for a fused projection
+    (GPT-2's ``c_attn``: q, k and v in one layer, split along the last dim) those of its first
+    part. Channel 0 coupled to channels ``p, 2p, ...`` of its own layer means ``p`` channels
+    per part; asked for all channels at once, Torch-Pruning would merge each coupled channel
+    with its own root and lose the coupling."""
+    width = _width(module)
+    probe = dg.get_pruning_group(module, fn, [0])
+    own = sorted(
+        {
+            int(i)
+            for item in probe.items
+            if item.dep.target.module is module and dg.is_out_channel_pruning_fn(item.dep.handler)
+            for i in item.idxs
+        }
     )
+    if len(own) > 1 and own == list(range(0, width, own[1])):
+        return list(range(own[1]))
+    return list(range(width))
+
+
+def _width(module: nn.Module) -> int:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return hf_layers.out_width(module)  # transformers' Conv1D
 
 
 def _claim(claimed: set[tuple[str, str, int, int]], members: Sequence[Member]) -> None:

@@ -34,7 +34,7 @@ from compress import masks
 from compress.algorithm import Algorithm, weight, weight_layers
 from compress.analysis.summary import layer_macs
 from compress.errors import CompressError, ConfigError
-from compress.pruning import latency
+from compress.pruning import hf_layers, latency
 from compress.pruning.channel_groups import Excluded, build_groups
 from compress.pruning.coverage import check_reachable, coverage_warning, exclusion_rows
 from compress.pruning.hf_config import update_config, widths
@@ -102,16 +102,17 @@ class FilterPruning(Algorithm):
         """Groups whose producers the scopes allow; the others stay whole."""
         opts, p = self.cfg.options, self.params
         self.excluded: list[Excluded] = []
+        kinds = _LAYERS + hf_layers.matrix_layer_types(self.model)  # GPT-2's Conv1D
         allowed = scopes.select(
             self.model,
-            _LAYERS,
+            kinds,
             ignored=opts.get("ignored_scopes"),
             target=opts.get("target_scopes"),
             validate=opts.get("validate_scopes", True),
             path=self.cfg.path,
         )
         names = {n for n, _ in allowed}
-        ignored = [n for n, m in self.model.named_modules() if isinstance(m, _LAYERS)]
+        ignored = [n for n, m in self.model.named_modules() if isinstance(m, kinds)]
         return build_groups(
             self.model,
             self.example_inputs,  # type: ignore[arg-type]
@@ -161,7 +162,8 @@ class FilterPruning(Algorithm):
 
     def _weight_layers(self) -> list[str]:
         names = {m.module_name for g in self.groups for m in g.members if m.param_name == "weight"}
-        return sorted(n for n in names if isinstance(self.model.get_submodule(n), _LAYERS))
+        kinds = _LAYERS + hf_layers.matrix_layer_types(self.model)
+        return sorted(n for n in names if isinstance(self.model.get_submodule(n), kinds))
 
     def _weight(self, layer: str) -> torch.Tensor:
         """The layer's weight parameter, unmasked (outside the forward pass)."""
@@ -326,7 +328,7 @@ class FilterPruning(Algorithm):
                 module = self.model.get_submodule(m.module_name)
                 if m.role != "producer" or m.param_name != "weight":
                     continue
-                dim = -1 if isinstance(module, nn.Linear) else 1
+                dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
 
                 def hook(mod, args, out, s=scores[group.name], m=m, dim=dim):  # type: ignore[no-untyped-def]
                     norms = feature_map_nuclear_norms(out, dim).cpu()

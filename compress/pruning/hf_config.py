@@ -1,12 +1,14 @@
 """Keeps a Hugging Face model's config in step with the widths filter pruning leaves, so that
 ``save_pretrained`` then ``from_pretrained`` rebuilds the small model.
 
-A config holds one width per kind for every layer: ``intermediate_size`` (the MLP hidden
-width) and, where the config states ``head_dim`` apart from ``hidden_size``, the number of
-attention heads. When every layer kept the same width it is written to the config; when the
-layers differ, or the config cannot express the change (BERT and ViT derive the head size from
-``hidden_size / num_attention_heads``), a warning says that ``save_pretrained`` will not rebuild
-the model and the ``pruned`` export should be used instead.
+A config holds one width per kind for every layer: ``intermediate_size`` (``n_inner`` in
+GPT-2: the MLP hidden width) and the number of attention heads. When every layer kept the same
+width it is written to the config; heads are written with ``head_dim`` (the original head
+size), which ViT, Llama and others read from the config. The updated config is checked by
+building the model from it on the meta device: when that model's parameter shapes are not the
+pruned ones (BERT and GPT-2 derive the head size from ``hidden_size / num_attention_heads``),
+or the layers kept different widths, the config is left as it was and a warning says why and
+what rebuilds the model instead (the ``pruned`` export, or attention kept whole).
 
 Example:
     >>> from torch import nn
@@ -17,15 +19,21 @@ Example:
 
 from __future__ import annotations
 
+import copy
+import re
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
+
+from compress.analysis.node_kinds import is_transposed_linear
+from compress.pruning.hf_layers import out_width
 
 __all__ = ["update_config", "widths"]
 
 _INTERMEDIATE = ("intermediate_size", "n_inner")
-_HEADS = ("q_proj", "query")
+_HEADS = ("q_proj", "query", "c_attn")
 
 
 def _config(model: nn.Module) -> Any:
@@ -33,69 +41,137 @@ def _config(model: nn.Module) -> Any:
     return config if hasattr(config, "to_dict") else None
 
 
+def _out(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return out_width(module) if is_transposed_linear(module) else None
+
+
 def widths(model: nn.Module) -> dict[str, tuple[str, int]]:
-    """Per Linear layer whose width the config states: (config key, out_features). Read before
-    pruning, so the layers are found by the width the config gives them."""
+    """Per Linear (or GPT-2 ``Conv1D``) layer whose width the config states: (config key, out
+    width). Read before pruning, so the layers are found by the width the config gives them."""
     config = _config(model)
     if config is None:
         return {}
     keys = {
         getattr(config, k): k for k in _INTERMEDIATE if isinstance(getattr(config, k, None), int)
     }
+    if hasattr(config, "n_inner") and config.n_inner is None:  # GPT-2: None means 4 * n_embd
+        keys.setdefault(4 * config.hidden_size, "n_inner")
     heads = getattr(config, "num_attention_heads", None)
     out = {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        width = _out(module)
+        if width is None:
             continue
         if name.rpartition(".")[2] in _HEADS and isinstance(heads, int):
-            out[name] = ("num_attention_heads", module.out_features)
-        elif module.out_features in keys:
-            out[name] = (keys[module.out_features], module.out_features)
+            out[name] = ("num_attention_heads", width)
+        elif width in keys:
+            out[name] = (keys[width], width)
     return out
 
 
 def update_config(model: nn.Module, before: dict[str, tuple[str, int]]) -> None:
     """Writes the widths ``model`` kept (layers named in ``before``) into its config, or warns
-    that its config cannot describe them."""
+    that its config cannot describe them and leaves it as it was."""
     config = _config(model)
     if config is None or not before:
         return
     kept: dict[str, set[int]] = {}
+    full: dict[str, int] = {}
     changed: set[str] = set()
     for name, (key, width) in before.items():
         try:
             now = model.get_submodule(name)
         except AttributeError:
             continue
-        assert isinstance(now, nn.Linear)
-        kept.setdefault(key, set()).add(now.out_features)
-        if now.out_features != width:
+        value = _out(now)
+        assert value is not None
+        kept.setdefault(key, set()).add(value)
+        full[key] = width
+        if value != width:
             changed.add(key)
+    updates: dict[str, Any] = {}
     problems = []
     for key in sorted(changed):
         values = kept[key]
         if len(values) != 1:
-            problems.append(f"{key} differs between layers ({sorted(values)})")
+            hint = (
+                "; one ratio for every attention block (allocation 'uniform', no layer_ratios "
+                "on them) keeps them equal"
+                if key == "num_attention_heads"
+                else ""
+            )
+            problems.append(f"{key}: the layers keep different widths ({sorted(values)}){hint}")
             continue
         (value,) = values
-        if key == "num_attention_heads":
-            head_dim = getattr(config, "head_dim", None)
-            if not isinstance(head_dim, int) or value % head_dim:
-                problems.append("the config derives the head size from num_attention_heads")
-                continue
-            ratio = config.num_attention_heads // getattr(
-                config, "num_key_value_heads", config.num_attention_heads
-            )
-            config.num_attention_heads = value // head_dim
-            if hasattr(config, "num_key_value_heads"):
-                config.num_key_value_heads = max(config.num_attention_heads // ratio, 1)
-        else:
-            setattr(config, key, value)
+        if key != "num_attention_heads":
+            updates[key] = value
+            continue
+        heads = config.num_attention_heads
+        head = full[key] // heads  # the projection's channels per head
+        ratio = heads // (getattr(config, "num_key_value_heads", None) or heads)
+        updates["num_attention_heads"] = value // head
+        if getattr(config, "head_dim", None) is None:
+            updates["head_dim"] = config.hidden_size // heads
+        if getattr(config, "num_key_value_heads", None) is not None:
+            updates["num_key_value_heads"] = max(updates["num_attention_heads"] // ratio, 1)
+    layers: list[str] = []
+    if not problems and updates:
+        problem, layers = _rebuild_problem(model, config, updates)
+        if problem is None:
+            for key, value in updates.items():
+                setattr(config, key, value)
+            return
+        problems.append(problem)
     if problems:
+        scopes = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in layers})
+        keep_whole = (
+            f", or keep the layers whose widths the config cannot state whole with "
+            f"ignored_scopes: {scopes}"
+            if scopes
+            else ""
+        )
         warnings.warn(
             f"{type(model).__name__}'s config cannot describe the pruned widths ("
             + "; ".join(problems)
-            + "): save_pretrained will not rebuild this model; use the 'pruned' export, or "
-            "allocation 'uniform' with the attention blocks in ignored_scopes",
+            + "): the config is left as it was and save_pretrained will not rebuild this model; "
+            "use the 'pruned' export (compress.export(..., formats=['pruned']), then "
+            f"compress.load_pruned on a fresh model){keep_whole}",
             stacklevel=3,
         )
+
+
+def _rebuild_problem(
+    model: nn.Module, config: Any, updates: dict[str, Any]
+) -> tuple[str | None, list[str]]:
+    """(None, []) when the model built from ``config`` with ``updates`` (on the meta device: no
+    memory, no init cost) has the parameter shapes of ``model``; else the first shape that
+    differs, and the layers whose outputs were cut where the config cannot say so (their bias
+    differs, or their weight when no bias does)."""
+    trial = copy.deepcopy(config)
+    for key, value in updates.items():
+        setattr(trial, key, value)
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(trial)
+    except Exception as err:  # noqa: BLE001 - any failure means the config does not describe it
+        return f"the model class does not build from it ({type(err).__name__}: {err})", []
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    wrong = [k for k in want if got.get(k) != want[k]]
+    if not wrong:
+        return None, []
+    key = wrong[0]
+    why = (
+        ": the model derives the head size from hidden_size / num_attention_heads"
+        if "num_attention_heads" in updates
+        else ""
+    )
+    cut = [k for k in wrong if k.endswith(".bias")] or wrong
+    layers = [k.rpartition(".")[0] for k in cut]
+    return (
+        f"a model built from it has {key} of shape {got.get(key)}, the pruned model "
+        f"{want[key]}{why}",
+        layers,
+    )

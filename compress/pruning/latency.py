@@ -53,6 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.analysis.node_kinds import is_transposed_linear
 from compress.pruning.structured import ChannelGroup
 
 __all__ = [
@@ -106,7 +107,7 @@ def layer_macs_timer(fn: Callable[[], object]) -> float:
     hooks = [
         m.register_forward_hook(hook)
         for m in module.modules()
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) or is_transposed_linear(m)
     ]
     try:
         with torch.no_grad():
@@ -117,7 +118,7 @@ def layer_macs_timer(fn: Callable[[], object]) -> float:
     for m, shape in shapes:
         w = m.weight
         assert isinstance(w, torch.Tensor)
-        total += math.prod(shape) * (w.numel() // w.shape[0])
+        total += math.prod(shape) * (w.numel() // w.shape[_dims(m)[0]])
     return total * 1e-9
 
 
@@ -137,15 +138,18 @@ def _layers_of(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, di
             if m.param_name != "weight":
                 continue
             module = model.get_submodule(m.module_name)
-            if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            layer = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+            if not (layer or is_transposed_linear(module)):
                 continue
             entry = found.setdefault(m.module_name, {"out": None, "in": []})
             depthwise = getattr(module, "groups", 1) > 1
-            if m.dim == 0 and m.role == "producer":
+            out_dim, in_dim = _dims(module)
+            if m.dim == out_dim and m.role == "producer":
                 entry["out"] = g
                 entry["depthwise"] = depthwise
-            elif m.dim == 1 and m.role == "consumer" and not depthwise:
-                entry["in"].append((g, len(m.index) / module.weight.shape[1]))
+            elif m.dim == in_dim and m.role == "consumer" and not depthwise:
+                full = module.get_parameter("weight").shape[in_dim]
+                entry["in"].append((g, len(m.index) / full))
 
     def usable(name: str, entry: dict[str, Any]) -> bool:
         """Grouped convolutions other than depthwise keep their full time (the rest)."""
@@ -159,8 +163,20 @@ def _layers_of(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, di
     return {n: e for n, e in found.items() if usable(n, e)}
 
 
+def _dims(module: nn.Module) -> tuple[int, int]:
+    """The weight's (output, input) dims: transformers' ``Conv1D`` stores it ``(in, out)``."""
+    return (1, 0) if is_transposed_linear(module) else (0, 1)
+
+
+def _last(module: nn.Module) -> bool:
+    """Whether the layer's channels are the last dim of its input (Linear, Conv1D)."""
+    return isinstance(module, nn.Linear) or is_transposed_linear(module)
+
+
 def _resized(module: nn.Module, out_ch: int, in_ch: int, depthwise: bool) -> nn.Module:
     """A fresh layer like ``module`` with ``out_ch`` outputs and ``in_ch`` inputs."""
+    if is_transposed_linear(module):
+        return type(module)(out_ch, in_ch)  # Conv1D(nf, nx)
     if isinstance(module, nn.Linear):
         return nn.Linear(in_ch, out_ch, bias=module.bias is not None)
     assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
@@ -261,14 +277,14 @@ def measure_table(
         weight = module.weight
         assert isinstance(weight, torch.Tensor)
         e = layers[name]
-        out_ch = weight.shape[0] if out_ch is None else out_ch
-        full_in = shapes[name][-1] if isinstance(module, nn.Linear) else shapes[name][1]
+        out_ch = weight.shape[_dims(module)[0]] if out_ch is None else out_ch
+        full_in = shapes[name][-1] if _last(module) else shapes[name][1]
         in_ch = full_in if in_ch is None else in_ch
         if e.get("depthwise"):
             in_ch = out_ch
         layer = _resized(module, out_ch, in_ch, bool(e.get("depthwise"))).eval()
         shape = list(shapes[name])
-        shape[-1 if isinstance(module, nn.Linear) else 1] = in_ch
+        shape[-1 if _last(module) else 1] = in_ch
         x = torch.randn(shape)
         return functools.partial(layer, x)
 
@@ -279,12 +295,13 @@ def measure_table(
         jobs.append(((name, "full", 0, 0), call(name, None, None)))
         if e["out"] is not None:
             g = e["out"]
-            weight = model.get_submodule(name).weight
+            module = model.get_submodule(name)
+            weight = module.weight
             assert isinstance(weight, torch.Tensor)
             for i, w in enumerate(table["groups"][g.name]["widths"][:-1]):
-                width = max(1, round(weight.shape[0] * w / g.size))
+                width = max(1, round(weight.shape[_dims(module)[0]] * w / g.size))
                 jobs.append(((name, "out", 0, i), call(name, width, None)))
-        full_in = shapes[name][-1 if isinstance(model.get_submodule(name), nn.Linear) else 1]
+        full_in = shapes[name][-1 if _last(model.get_submodule(name)) else 1]
         for j, (g, share) in enumerate(e["in"]):
             for i, w in enumerate(table["groups"][g.name]["widths"][:-1]):
                 removed = round(full_in * share * (1 - w / g.size))

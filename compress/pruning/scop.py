@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.hooks import RemovableHandle
 
+from compress.analysis.node_kinds import is_transposed_linear
 from compress.errors import ConfigError
 from compress.pruning.structured import ChannelGroup
 from compress.schedules import Scheduler
@@ -105,8 +106,8 @@ class Scop:
                 module = model.get_submodule(m.module_name)
                 if m.role != "producer" or m.param_name != "weight":
                     continue
-                if isinstance(module, _LAYERS):
-                    n = module.weight.shape[0]
+                if isinstance(module, _LAYERS) or is_transposed_linear(module):
+                    n = module.get_parameter("weight").shape[int(is_transposed_linear(module))]
                     self.coefficients.setdefault(
                         m.module_name, torch.full((n,), 0.5, requires_grad=True)
                     )
@@ -152,7 +153,7 @@ class Scop:
         self._handles.append(self.model.register_forward_hook(_fn(self._cut)))
         for name, k in self.coefficients.items():
             module = self.model.get_submodule(name)
-            dim = -1 if isinstance(module, nn.Linear) else 1
+            dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
             self._handles.append(module.register_forward_hook(self._mixer(k, dim)))
         if self.freeze_weights:
             for module in self.model.modules():

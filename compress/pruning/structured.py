@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from compress import masks
 from compress.errors import CompressError
+from compress.pruning import hf_layers
 from compress.pruning.attention import rotary_as_identity
 
 __all__ = [
@@ -127,12 +128,15 @@ def dependency_graph(model: nn.Module, example_inputs: Inputs) -> tp.DependencyG
     inputs = as_tuple(example_inputs)
     with torch.enable_grad(), warnings.catch_warnings(), rotary_as_identity(model):
         warnings.simplefilter("ignore")  # Torch-Pruning's own notices; we report what matters
-        return tp.DependencyGraph().build_dependency(
+        dg = tp.DependencyGraph().build_dependency(
             model,
             inputs,
             forward_fn=lambda m, x: [t for t in _leaves(m(*x)) if t.grad_fn is not None],
+            customized_pruners=hf_layers.pruners(model),  # type: ignore[arg-type]
             verbose=False,
         )
+    hf_layers.map_last_dim_splits(dg)
+    return dg
 
 
 def group_weights(
@@ -229,6 +233,7 @@ def shrink(
     dg = dependency_graph(small, example_inputs)
     for group in pruned:
         _prune_group(dg, small, group, _check_keep(group, keep[group.name]))
+    hf_layers.fit_attention(small)
     small.train(was_training)
     return small
 
