@@ -17,8 +17,10 @@ Usage:
 ``--whole RUNS``: the 4096-4096-4096-1000 MLP at 95%, batches 1 and 8, converted once per batch;
 then RUNS runs of rounds that interleave: the dense model; the converted model and each of its
 layers alone on its captured input (summed), both warm (steady repeated calls) and both cold
-(each call right after 256 MiB were read, so its weights come from memory). The whole model is
-only ever compared with its layers in the same cache state. Per run the medians; reported as
+(each call right after 256 MiB were read, so its weights come from memory); and the layers in
+turn (one call of each after the other, each timed: the whole model's cache footprint without
+the model around them). A layer called again and again keeps its own weights in cache, which
+the whole model, reading all three layers' weights, cannot. Per run the medians; reported as
 median and range over runs, with the bytes limit: weight bytes / read bandwidth (a 256 MiB
 sum).
 """
@@ -275,6 +277,21 @@ def _steady(fn: Callable[[], object], n: int) -> float:
     return (time.perf_counter() - start) / n
 
 
+def _in_turn(fns: list[Callable[[], object]], n: int) -> float:
+    """Seconds of one pass over ``fns`` called one after another, each call timed on its own
+    (``n`` passes after an untimed one): the layers with the whole model's cache footprint,
+    without the model around them."""
+    for fn in fns:
+        fn()
+    total = 0.0
+    for _ in range(n):
+        for fn in fns:
+            start = time.perf_counter()
+            fn()
+            total += time.perf_counter() - start
+    return total / n
+
+
 def _cold(fn: Callable[[], object], flush: Tensor) -> float:
     """Seconds of one call of ``fn`` right after reading ``flush`` (larger than the caches)."""
     flush.sum()
@@ -300,6 +317,7 @@ def _whole_row(dense: nn.Module, batch: int, runs: int, rounds: int, flush: Tens
         "dense": partial(_steady, partial(dense, x), 2),
         "warm": partial(_steady, partial(fast, x), 10),
         "layers warm": lambda: sum(_steady(f, 10) for f in layers),
+        "layers in turn": partial(_in_turn, layers, 10),
         "cold": partial(_cold, partial(fast, x), flush),
         "layers cold": lambda: sum(_cold(f, flush) for f in layers),
     }
@@ -316,6 +334,7 @@ def _whole_row(dense: nn.Module, batch: int, runs: int, rounds: int, flush: Tens
                 ms[n].append(statistics.median(samples[n]) * 1e3)
             bandwidth.append(_read_bandwidth())
     warm = [w / s for w, s in zip(ms["warm"], ms["layers warm"], strict=True)]
+    in_turn = [w / s for w, s in zip(ms["warm"], ms["layers in turn"], strict=True)]
     cold = [c / s for c, s in zip(ms["cold"], ms["layers cold"], strict=True)]
     speedup = [d / w for d, w in zip(ms["dense"], ms["warm"], strict=True)]
     limit = [weight_bytes(fast) / b * 1e3 for b in bandwidth]
@@ -325,6 +344,8 @@ def _whole_row(dense: nn.Module, batch: int, runs: int, rounds: int, flush: Tens
         _cell(ms["warm"]),
         _cell(ms["layers warm"]),
         _cell(warm, ".2f"),
+        _cell(ms["layers in turn"]),
+        _cell(in_turn, ".2f"),
         _cell(ms["cold"]),
         _cell(ms["layers cold"]),
         _cell(cold, ".2f"),
@@ -346,10 +367,11 @@ def whole_vs_layers(runs: int, rounds: int = 21) -> None:
     print(f"mlp-4096 at 95%, {torch.get_num_threads()} threads, {runs} runs of {rounds} rounds\n")
     print(
         "| batch | dense ms | runtime ms, warm | sum of layers ms, warm | runtime / sum, warm "
-        "| runtime ms, cold | sum of layers ms, cold | runtime / sum, cold | speed-up, warm "
+        "| sum of layers in turn ms | runtime / in turn | runtime ms, cold "
+        "| sum of layers ms, cold | runtime / sum, cold | speed-up, warm "
         "| kernel threads | weights MiB | bytes limit ms |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for batch in (1, 8):
         print(_whole_row(dense, batch, runs, rounds, flush), flush=True)
 
