@@ -61,7 +61,6 @@ def gpt2() -> nn.Module:
         n_embd=32,
         n_layer=2,
         n_head=4,
-        use_cache=False,
         bos_token_id=0,
         eos_token_id=0,
     )
@@ -79,7 +78,6 @@ def llama() -> nn.Module:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=16,
-        use_cache=False,
     )
     return LlamaForCausalLM(config)
 

@@ -63,3 +63,27 @@ def test_statistics_say_what_share_is_removable() -> None:
     assert 0.0 < stats["prunable params share"] < 1.0
     assert 0.0 < stats["prunable MACs share"] < 1.0
     assert "Removable at most" in str(ctrl.statistics())
+
+
+class CacheOut(torch.nn.Module):
+    """Returns, beside its output, a cache holding the hidden channels (as a decoder's key/value
+    cache does): every channel group reaches a network output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+        self.register_buffer("past", torch.zeros(2, 3, 16))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.a(x)
+        return self.b(h), torch.cat([self.past, h[:, None]], dim=1)
+
+
+def test_a_model_with_nothing_prunable_is_told_why() -> None:
+    recipe = {"compression": {"algorithm": "filter_pruning", "pruning_init": 0.5}}
+    with pytest.warns(
+        UserWarning,
+        match=r"at most 0\.0% of the model's MACs .* 2 groups stay whole \(2 network output\): "
+        r"a \(network output: its channels are network outputs\)",
+    ):
+        compress.create_compressed_model(CacheOut(), recipe, torch.randn(2, 8))

@@ -188,6 +188,7 @@ def test_gpt2_filter_pruning_removes_heads_and_mlp_neurons(tmp_path: Path) -> No
     assert (mlp.c_fc.nf, mlp.c_proj.nx) == (64, 64)
     torch.testing.assert_close(_outputs(small, x), want, rtol=1e-5, atol=1e-5)
     paths = compress.export(small, tmp_path / "m", ["pt2", "pruned"], example_inputs=x)
+    assert small.config.use_cache is True  # exported without the cache, which stays on
     program = torch.export.load(paths["pt2"]).module()
     torch.testing.assert_close(logits(program(*x)), want, rtol=1e-4, atol=1e-4)
     again = compress.load_pruned(ZOO["gpt2"].build(), paths["pruned"])
@@ -221,15 +222,45 @@ def test_a_trace_that_never_ends_stops_at_the_time_budget(monkeypatch: pytest.Mo
         compress.create_compressed_model(zoo.build(), {"compression": recipe}, zoo.inputs())
 
 
-def test_a_model_torch_pruning_cannot_trace_gets_no_groups_and_strips() -> None:
+def test_a_model_torch_pruning_cannot_trace_gets_no_groups_and_strips(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from compress.pruning import structured
+
+    def fails(*args: object, **kwargs: object) -> None:
+        # what Torch-Pruning raised on GPT-2's key/value cache before tracing turned it off
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")
+
+    monkeypatch.setattr(structured.tp.DependencyGraph, "build_dependency", fails)
     zoo = ZOO["gpt2"]
     model, x = zoo.build(), zoo.inputs()
-    model.config.use_cache = True  # the cache in the output: Torch-Pruning's trace fails
     recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5}
     with pytest.warns(UserWarning, match="Torch-Pruning could not trace GPT2LMHeadModel"):
         ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
     assert ctrl.algorithms[0].groups == []
     torch.testing.assert_close(_outputs(ctrl.strip(), x), _outputs(model, x))
+
+
+def test_decoders_keep_their_cache_and_are_traced_without_it() -> None:
+    # GPT-2 and Llama return a key/value cache by default; the trace runs without it
+    for name in ("gpt2", "llama"):
+        zoo = ZOO[name]
+        model, x = zoo.build(), zoo.inputs()
+        assert model.config.use_cache is True
+        recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the norm-coupled groups left whole
+            ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
+        assert ctrl.algorithms[0].groups
+        assert model.config.use_cache is True
+        model.eval()
+        out = model(*x)
+        assert out.past_key_values is not None
+        small = ctrl.strip()
+        assert sum(p.numel() for p in small.parameters()) < sum(
+            p.numel() for p in model.parameters()
+        )
+        torch.testing.assert_close(_outputs(small, x), logits(out), rtol=1e-5, atol=1e-5)
 
 
 def _llama_filter_pruning(recipe: dict[str, Any], **config: int) -> tuple[Any, Any, tuple]:
@@ -238,9 +269,7 @@ def _llama_filter_pruning(recipe: dict[str, Any], **config: int) -> tuple[Any, A
     torch.manual_seed(0)
     sizes = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4}
     sizes |= {"num_key_value_heads": 2, **config}
-    model = LlamaForCausalLM(
-        LlamaConfig(vocab_size=100, num_hidden_layers=2, use_cache=False, **sizes)
-    )
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, num_hidden_layers=2, **sizes))
     x = ZOO["llama"].inputs()
     # the budget turns a group search that never ends into an error instead of a hang
     params = {"trace_time_budget": 60, **recipe.get("params", {})}

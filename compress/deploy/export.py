@@ -27,6 +27,7 @@ from torch import nn
 from compress.deploy.files import atomic_write, safe_load, save_bytes, stored_inputs, torch_save
 from compress.errors import CompressError, ConfigError
 from compress.masks import check_finite
+from compress.pruning.attention import cache_off
 
 SPARSE_FORMAT = "compress.sparse"
 FORMATS = ("sparse", "pt2", "onnx", "pruned", "sparse_runtime")
@@ -209,21 +210,24 @@ def export(
     out: dict[str, Path] = {}
     was_training = model.training
     model.eval()
+    # A Hugging Face decoder's key/value cache is for generation; the exported forward pass
+    # returns its outputs without it (torch.export cannot return a cache object).
     try:
-        for fmt in formats:
-            path = Path(prefix + _SUFFIX[fmt])
-            if fmt == "sparse":
-                out[fmt] = save_sparse(model, path, inputs)
-                continue
-            assert inputs is not None  # checked above for every format but "sparse"
-            if fmt == "pt2":
-                out[fmt] = _export_pt2(model, path, inputs)
-            elif fmt == "onnx":
-                out[fmt] = atomic_write(path, functools.partial(_onnx, model, inputs))
-            elif fmt == "pruned":
-                out[fmt] = _export_pruned(model, path, inputs)
-            elif fmt == "sparse_runtime":
-                out[fmt] = _export_sparse_runtime(model, path, inputs)
+        with cache_off(model):
+            for fmt in formats:
+                path = Path(prefix + _SUFFIX[fmt])
+                if fmt == "sparse":
+                    out[fmt] = save_sparse(model, path, inputs)
+                    continue
+                assert inputs is not None  # checked above for every format but "sparse"
+                if fmt == "pt2":
+                    out[fmt] = _export_pt2(model, path, inputs)
+                elif fmt == "onnx":
+                    out[fmt] = atomic_write(path, functools.partial(_onnx, model, inputs))
+                elif fmt == "pruned":
+                    out[fmt] = _export_pruned(model, path, inputs)
+                elif fmt == "sparse_runtime":
+                    out[fmt] = _export_sparse_runtime(model, path, inputs)
     finally:
         model.train(was_training)
     return out

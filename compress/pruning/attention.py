@@ -35,7 +35,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import ModuleType
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -69,6 +69,25 @@ def rotary_as_identity(model: nn.Module) -> Iterator[None]:
     finally:
         for source, rotate in patched.items():
             source.rotate_half = rotate  # type: ignore[attr-defined]
+
+
+@contextmanager
+def cache_off(model: nn.Module) -> Iterator[None]:
+    """Inside the block, Hugging Face models run without their key/value cache (every
+    ``config.use_cache`` among the model's modules is False), as in training. Only for tracing:
+    Torch-Pruning's trace fails on the cache that GPT-2 returns by default."""
+    configs: dict[int, Any] = {}
+    for layer in model.modules():
+        config: Any = getattr(layer, "config", None)
+        if getattr(config, "use_cache", None) is True:
+            configs[id(config)] = config
+    for config in configs.values():
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in configs.values():
+            config.use_cache = True
 
 
 def _parent(name: str) -> str:

@@ -54,9 +54,12 @@ def coverage_warning(
 ) -> str | None:
     """The build-time warning: what share filter pruning may remove and what it leaves whole;
     None when nothing is excluded for a reason the user could act on or should know."""
-    loud = [r for r in exclusion_rows(excluded) if r["excluded because"] not in _QUIET]
+    rows = exclusion_rows(excluded)
+    loud = [r for r in rows if r["excluded because"] not in _QUIET]
     if not loud and macs_share + params_share > 0:
         return None
+    # nothing prunable at all: the reasons inherent to the model are then the news
+    loud = loud or rows
     kinds = Counter(r["excluded because"] for r in loud)
     listed = "; ".join(
         f"{r['group']} ({r['excluded because']}: "

@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from compress import masks
 from compress.errors import CompressError
 from compress.pruning import hf_layers
-from compress.pruning.attention import rotary_as_identity
+from compress.pruning.attention import cache_off, rotary_as_identity
 
 __all__ = [
     "ChannelGroup",
@@ -126,7 +126,12 @@ def dependency_graph(model: nn.Module, example_inputs: Inputs) -> tp.DependencyG
     The graph is traced back from every tensor of the output that has a gradient, so outputs
     that are dicts or dataclasses holding caches (Hugging Face's ``ModelOutput``) trace too."""
     inputs = as_tuple(example_inputs)
-    with torch.enable_grad(), warnings.catch_warnings(), rotary_as_identity(model):
+    with (
+        torch.enable_grad(),
+        warnings.catch_warnings(),
+        rotary_as_identity(model),
+        cache_off(model),
+    ):
         warnings.simplefilter("ignore")  # Torch-Pruning's own notices; we report what matters
         dg = tp.DependencyGraph().build_dependency(
             model,
