@@ -415,3 +415,16 @@ def test_gpt2_without_lm_head_prunes_heads_too() -> None:
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(small(*x)[0], model(*x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_an_mlp_as_wide_as_the_hidden_size_still_updates_the_config(tmp_path: Path) -> None:
+    # intermediate_size == hidden_size: the projections back to the hidden size have the same
+    # width as the MLP's and keep it; the config still states the pruned model
+    ctrl, model, x = _llama_filter_pruning({"pruning_init": 0.5}, intermediate_size=32)
+    want = _outputs(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small = ctrl.strip()
+    assert [small.config.intermediate_size, small.config.hidden_size] == [16, 32]
+    assert small.model.layers[0].mlp.down_proj.in_features == 16
+    torch.testing.assert_close(_round_trip(small, x, tmp_path / "hf"), want, rtol=1e-5, atol=1e-5)

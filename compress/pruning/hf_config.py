@@ -93,18 +93,19 @@ def update_config(model: nn.Module, before: dict[str, tuple[str, int]]) -> None:
             changed.add(key)
     updates: dict[str, Any] = {}
     problems = []
+    # Layers are found by width: when intermediate_size equals hidden_size, the projections
+    # back to the hidden size match too and keep it. One pruned width beside the full one is
+    # therefore tried, and the rebuild check below decides.
+    mixed: list[str] = []
     for key in sorted(changed):
         values = kept[key]
-        if len(values) != 1:
-            hint = (
-                "; one ratio for every attention block (allocation 'uniform', no layer_ratios "
-                "on them) keeps them equal"
-                if key == "num_attention_heads"
-                else ""
-            )
-            problems.append(f"{key}: the layers keep different widths ({sorted(values)}){hint}")
+        pruned = values - {full[key]}
+        if len(values) > 1:
+            mixed.append(f"{key}: the layers keep different widths ({sorted(values)}){_hint(key)}")
+        if len(pruned) != 1:
+            problems.append(mixed.pop())
             continue
-        (value,) = values
+        (value,) = pruned
         if key != "num_attention_heads":
             updates[key] = value
             continue
@@ -123,7 +124,7 @@ def update_config(model: nn.Module, before: dict[str, tuple[str, int]]) -> None:
             for key, value in updates.items():
                 setattr(config, key, value)
             return
-        problems.append(problem)
+        problems += mixed or [problem]
     if problems:
         scopes = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in layers})
         keep_whole = (
@@ -140,6 +141,15 @@ def update_config(model: nn.Module, before: dict[str, tuple[str, int]]) -> None:
             f"compress.load_pruned on a fresh model){keep_whole}",
             stacklevel=3,
         )
+
+
+def _hint(key: str) -> str:
+    if key != "num_attention_heads":
+        return ""
+    return (
+        "; one ratio for every attention block (allocation 'uniform', no layer_ratios on them) "
+        "keeps them equal"
+    )
 
 
 def _rebuild_problem(
