@@ -62,14 +62,15 @@ def test_sparsity_on_hf_models(name: str, algo: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("algo", SPARSITY, ids=lambda a: a["algorithm"])
 @pytest.mark.parametrize("name", sorted(ZOO))
-def test_stripped_hf_models_export_and_round_trip(name: str, tmp_path: Path) -> None:
+def test_stripped_hf_models_export_and_round_trip(
+    name: str, algo: dict[str, Any], tmp_path: Path
+) -> None:
     torch.manual_seed(0)
     zoo = ZOO[name]
     model, x = zoo.build(), zoo.inputs()
-    recipe = (
-        {**SPARSITY[0], "ignored_scopes": ["lm_head"]} if name in ("gpt2", "llama") else SPARSITY[0]
-    )
+    recipe = {**algo, "ignored_scopes": ["lm_head"]} if name in ("gpt2", "llama") else algo
     ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
     _train(ctrl, model, x)
     want = _outputs(model, x)

@@ -30,7 +30,7 @@ from torch import nn
 from compress.analysis.node_kinds import is_transposed_linear
 from compress.pruning.hf_layers import out_width
 
-__all__ = ["update_config", "widths"]
+__all__ = ["config_warning", "update_config", "widths"]
 
 _INTERMEDIATE = ("intermediate_size", "n_inner")
 _HEADS = ("q_proj", "query", "c_attn")
@@ -141,6 +141,55 @@ def update_config(model: nn.Module, before: dict[str, tuple[str, int]]) -> None:
             f"compress.load_pruned on a fresh model){keep_whole}",
             stacklevel=3,
         )
+
+
+def config_warning(model: nn.Module, group_names: list[str]) -> str | None:
+    """Before training: a warning when pruning the groups ``group_names`` (root layer names)
+    would leave a Hugging Face model whose config cannot state its widths, so that
+    ``save_pretrained`` would not rebuild it, naming the ``ignored_scopes`` that keep it
+    working; None when the config can state every pruned width (or there is no config). A
+    group's width is stated when a config key gives it (``intermediate_size``; heads, where the
+    config reads ``head_dim`` instead of deriving the head size from ``hidden_size /
+    num_attention_heads`` as BERT and GPT-2 do)."""
+    config = _config(model)
+    if config is None:
+        return None
+    stated = widths(model)
+    cannot = [n for n in group_names if n not in stated]
+    heads = [n for n in group_names if stated.get(n, ("",))[0] == "num_attention_heads"]
+    if heads and not _fewer_heads_stated(model, config, heads[0]):
+        cannot += heads
+    if not cannot:
+        return None
+    scopes = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in cannot})
+    return (
+        f"{type(model).__name__}'s config cannot state the widths of {scopes} once pruned (it "
+        "has no key for them, or derives the head size from hidden_size / "
+        "num_attention_heads): save_pretrained will not rebuild the pruned model. To keep "
+        f"save_pretrained, leave them whole with ignored_scopes: {scopes}; or use the 'pruned' "
+        "export (compress.load_pruned rebuilds the small model on a fresh instance)"
+    )
+
+
+def _fewer_heads_stated(model: nn.Module, config: Any, name: str) -> bool:
+    """Whether a model built from ``config`` with half the heads has half the heads' width in
+    layer ``name`` (built on the meta device: no memory, no init cost)."""
+    heads = config.num_attention_heads
+    trial = copy.deepcopy(config)
+    trial.num_attention_heads = max(heads // 2, 1)
+    if getattr(config, "head_dim", None) is None:
+        trial.head_dim = config.hidden_size // heads
+    if isinstance(getattr(config, "num_key_value_heads", None), int):
+        trial.num_key_value_heads = max(config.num_key_value_heads // 2, 1)
+    try:
+        with torch.device("meta"):
+            half = _out(type(model)(trial).get_submodule(name))
+    except Exception:  # noqa: BLE001 - any failure means the config cannot state it
+        return False
+    width = _out(model.get_submodule(name))
+    return (
+        half is not None and width is not None and half * heads == width * trial.num_attention_heads
+    )
 
 
 def _hint(key: str) -> str:
