@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import itertools
 import json
 import math
@@ -178,7 +179,7 @@ class CompressionCallback(_Callback):
         recipe_inputs = self.config.example_inputs()
         if recipe_inputs is not None:
             return recipe_inputs
-        return first_batch_inputs(trainer)
+        return first_batch_inputs(trainer, self._target(pl_module))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -390,9 +391,11 @@ class CompressionCallback(_Callback):
                     t.copy_(saved[name])
 
 
-def first_batch_inputs(trainer: pl.Trainer) -> tuple[torch.Tensor, ...]:
+def first_batch_inputs(trainer: pl.Trainer, model: nn.Module) -> tuple[torch.Tensor, ...]:
     """The model inputs of the first training batch: the first element of a tuple/list batch,
-    the batch itself when it is a tensor."""
+    the batch itself when it is a tensor, and from a dict batch (a Hugging Face tokenizer's or
+    collator's) the entry named as ``model.forward``'s first parameter (``input_ids``,
+    ``pixel_values``)."""
     source = trainer.fit_loop._data_source  # the loader given to fit() or by the datamodule
     loader = source.dataloader()
     batch = next(iter(loader))
@@ -400,10 +403,25 @@ def first_batch_inputs(trainer: pl.Trainer) -> tuple[torch.Tensor, ...]:
         return (batch,)
     if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
         return (batch[0],)
+    if isinstance(batch, Mapping):
+        params = [
+            p.name
+            for p in inspect.signature(model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        if params and isinstance(batch.get(params[0]), torch.Tensor):
+            return (batch[params[0]],)
+        raise ConfigError(
+            f"cannot take example inputs from the first batch: it is a dict with keys "
+            f"{sorted(map(str, batch))}, and {type(model).__name__}.forward's first parameter "
+            f"({params[0] if params else 'none'}) is not one of them; set model_attr to the "
+            "network the batch feeds, or example_input_array on the LightningModule, or "
+            "input_info in the recipe"
+        )
     raise ConfigError(
-        "cannot take example inputs from the first batch (it is neither a tensor nor a "
-        "(inputs, targets) tuple); set example_input_array on the LightningModule or "
-        "input_info in the recipe"
+        "cannot take example inputs from the first batch (it is neither a tensor, an "
+        "(inputs, targets) tuple nor a dict); set example_input_array on the LightningModule "
+        "or input_info in the recipe"
     )
 
 

@@ -416,6 +416,19 @@ def test_rb_masks_that_lag_their_level_warn(tmp_path: Path) -> None:
     assert len(cb.shortfall) == 1
 
 
+def test_a_dict_batch_without_the_forward_input_says_what_to_set(tmp_path: Path) -> None:
+    rows = [{"features": torch.randn(16), "target": torch.tensor(0)} for _ in range(8)]
+    cb = CompressionCallback(PER_EPOCH, model_attr="model", verbose=False)
+    with pytest.raises(
+        compress.ConfigError,
+        match=r"a dict with keys \['features', 'target'\], and Sequential.forward's first "
+        r"parameter \(input\) is not one of them; set model_attr",
+    ):
+        trainer(tmp_path, cb, epochs=1).fit(
+            LitClassifier(with_example=False), DataLoader(rows, batch_size=4)
+        )
+
+
 def test_fast_dev_run_exports_nothing(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cb = CompressionCallback(PER_EPOCH, model_attr="model", verbose=False, export_dir=out)

@@ -427,3 +427,57 @@ def test_an_mlp_as_wide_as_the_hidden_size_still_updates_the_config(tmp_path: Pa
     assert [small.config.intermediate_size, small.config.hidden_size] == [16, 32]
     assert small.model.layers[0].mlp.down_proj.in_features == 16
     torch.testing.assert_close(_round_trip(small, x, tmp_path / "hf"), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lightning_module_on_hf_dict_batches(tmp_path: Path) -> None:
+    """The way a Hugging Face user trains: batches are dicts (input_ids, attention_mask,
+    labels), the LightningModule calls ``self.model(**batch)``; the callback takes its example
+    inputs from the batch's ``input_ids``."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from callbacks import CompressionCallback
+
+    class Lit(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = ZOO["bert"].build()
+
+        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return self.model(**batch).loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    gen = torch.Generator().manual_seed(0)
+    rows = [
+        {
+            "input_ids": torch.randint(0, 100, (8,), generator=gen),
+            "attention_mask": torch.ones(8, dtype=torch.long),
+            "labels": torch.tensor(i % 2),
+        }
+        for i in range(16)
+    ]
+    torch.manual_seed(0)
+    lit = Lit()
+    recipe = {"compression": {"algorithm": "magnitude_sparsity", "sparsity_init": 0.5}}
+    cb = CompressionCallback(recipe, model_attr="model", verbose=False, export_dir=tmp_path / "out")
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(lit, DataLoader(rows, batch_size=4))
+    assert cb.ctrl is not None and cb.ctrl.example_inputs[0].shape == (4, 8)
+    stats = cb.ctrl.statistics().to_dict()["model"]
+    assert stats["sparsity of compressed layers"] == pytest.approx(0.5, abs=0.01)
+    x = (rows[0]["input_ids"][None],)
+    want = _outputs(lit.model, x)
+    plain = compress.load_sparse(cb.exported["sparse"], ZOO["bert"].build())
+    torch.testing.assert_close(_outputs(plain, x), want)
+    torch.testing.assert_close(_round_trip(lit.model, x, tmp_path / "hf"), want)
