@@ -381,3 +381,30 @@ def test_small_resnet_dead_channels_through_skips() -> None:
     assert layers["3.conv2.weight"].inactive == 64 * 9
     assert layers["3.down.0.weight"].inactive == 32
     assert layers["6.weight"].inactive == 10
+
+
+class _Branchy(nn.Module):
+    """A forward that torch.fx cannot trace (control flow on a value), around an MLP that it
+    can: the MLP is read alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mlp(x)
+        return self.head(h) if float(h.sum()) > -1e9 else h
+
+
+def test_a_model_that_does_not_trace_is_read_by_the_parts_that_do() -> None:
+    net = _Branchy()
+    with torch.no_grad():
+        net.mlp[0].weight[1] = 0.0  # hidden unit 1 of the MLP is cut off from its input
+    with pytest.warns(
+        UserWarning, match=r"could not trace _Branchy .*traced 1 parts alone \(mlp\)"
+    ):
+        active = active_weights(net, torch.randn(2, 4))
+    assert active["mlp.2.weight"][:, 1].tolist() == [False, False]  # found inside the part
+    assert bool(active["mlp.2.weight"][:, [0, 2]].all())
+    assert bool(active["head.weight"].all())  # outside the parts: the direct mask

@@ -41,6 +41,7 @@ effective sparsity per layer.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -228,14 +229,75 @@ def active_weights(
     with untouched(model):
         try:
             graph_module = _trace(model, example_inputs)
-        except Exception as error:  # any trace failure: report the direct masks
+        except Exception as error:  # the parts that trace, the direct masks elsewhere
+            active, parts = _by_parts(model, example_inputs, direct)
+            traced = (
+                f"traced {len(parts)} parts alone ({', '.join(parts[:3])}"
+                + (", ..." if len(parts) > 3 else "")
+                + "), every nonzero weight elsewhere counted as active"
+                if parts
+                else "counting every nonzero weight as active"
+            )
             warnings.warn(
                 f"effective sparsity: torch.fx could not trace {type(model).__name__} ({error}); "
-                "counting every nonzero weight as active",
+                + traced,
                 stacklevel=2,
             )
-            return direct
+            return active
         return _sweep(graph_module, {m: n for n, m in layers.items()}, direct)
+
+
+def _by_parts(
+    model: nn.Module, example_inputs: Any, direct: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """When the model does not trace as a whole (Hugging Face models, whose ``forward`` takes
+    ``**kwargs``): the largest submodules with two or more layers that do trace, each on the
+    positional tensors it received in one forward pass of ``example_inputs`` and read as if
+    its input and output were the network's. A weight found idle inside a part is idle in the
+    model; paths between parts are not followed (counted as active)."""
+    active = dict(direct)
+    if example_inputs is None:
+        return active, []
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    seen: dict[str, tuple[Any, ...]] = {}
+
+    def keep(name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not kwargs and args and all(isinstance(a, torch.Tensor) for a in args):
+            seen.setdefault(name, args)
+
+    candidates = [
+        (name, m)
+        for name, m in model.named_modules()
+        if name and sum(is_prunable(c) for c in m.modules()) >= 2
+    ]
+    hooks = [
+        m.register_forward_pre_hook(functools.partial(keep, name), with_kwargs=True)
+        for name, m in candidates
+    ]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+    except Exception:  # noqa: BLE001 - no forward pass, no parts
+        return active, []
+    finally:
+        for hook in hooks:
+            hook.remove()
+    parts: list[str] = []
+    for name, part in candidates:
+        if name not in seen or any(name.startswith(p + ".") for p in parts):
+            continue
+        mine = {n: direct[f"{name}.{n}"] for n in prunable_layers(part)}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph_module = _trace(part, seen[name])
+                found = _sweep(graph_module, {m: n for n, m in prunable_layers(part).items()}, mine)
+        except Exception:  # noqa: BLE001 - this part does not trace either: its children may
+            continue
+        active.update({f"{name}.{n}": v for n, v in found.items()})
+        parts.append(name)
+    return active, parts
 
 
 def _sweep(
