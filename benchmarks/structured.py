@@ -49,10 +49,10 @@ from torch.fx.experimental.optimization import fuse
 import compress
 from compress.pruning import latency
 from compress.pruning.channel_groups import build_groups
+from compress.pruning.sizes import count_macs_params
 from compress.pruning.structured import (
     apply_channel_mask,
     channel_norms,
-    count_macs_params,
     round_keep,
     shrink,
 )

@@ -40,17 +40,16 @@ from compress.pruning.coverage import check_reachable, coverage_warning, exclusi
 from compress.pruning.hf_config import update_config, widths
 from compress.pruning.importance import FILTER_IMPORTANCE, feature_map_nuclear_norms
 from compress.pruning.scop import Scop
+from compress.pruning.sizes import distinct_numel, shrunk_numel
 from compress.pruning.structured import (
     INPUT_OWNER,
     OWNER,
     ChannelGroup,
     Member,
     apply_channel_mask,
-    distinct_numel,
     pruning_plan,
     round_keep,
     shrink,
-    shrunk_numel,
 )
 from compress.recipe import scopes
 from compress.recipe.scopes import parse_channels
