@@ -34,7 +34,7 @@ from compress import masks
 from compress.algorithm import Algorithm, weight, weight_layers
 from compress.analysis.summary import layer_macs
 from compress.errors import CompressError, ConfigError
-from compress.pruning import hf_layers, latency
+from compress.pruning import hf_layers, latency, latency_widths
 from compress.pruning.channel_groups import Excluded, build_groups
 from compress.pruning.coverage import check_reachable, coverage_warning, exclusion_rows
 from compress.pruning.hf_config import update_config, widths
@@ -452,10 +452,10 @@ class FilterPruning(Algorithm):
             return keep
         fixed = {n: int(keep[n].sum()) for n in {**self.explicit, **self.ratios}}
         free = {g.name: scores[g.name] for g in self.groups if g.name not in fixed}
-        chosen = latency.choose_widths(self.latency(), free, fraction, fixed)
+        chosen = latency_widths.choose_widths(self.latency(), free, fraction, fixed)
         for name, width in chosen.items():
             keep[name] = _top(scores[name], width)
-        reached = latency.removed_fraction(self.latency(), {**fixed, **chosen})
+        reached = latency_widths.removed_fraction(self.latency(), {**fixed, **chosen})
         if reached < fraction - 1e-6:
             warnings.warn(
                 f"{self.cfg.path}: pruning_latency_target {fraction:.3f} is out of reach; the "
@@ -499,7 +499,7 @@ class FilterPruning(Algorithm):
         out["rounded whole"] = list(self.rounded_whole)
         if self.latency_table is not None:
             chosen = {n: int(k.sum()) for n, k in self.keep.items()}
-            out["latency removed (predicted)"] = latency.removed_fraction(
+            out["latency removed (predicted)"] = latency_widths.removed_fraction(
                 self.latency_table, chosen
             )
         return {
