@@ -35,15 +35,14 @@ from compress.algorithm import Algorithm, weight, weight_layers
 from compress.analysis.summary import layer_macs
 from compress.errors import CompressError, ConfigError
 from compress.pruning import hf_layers, latency, latency_widths
+from compress.pruning.calibration import nuclear_scores
 from compress.pruning.channel_groups import Excluded, build_groups
 from compress.pruning.coverage import check_reachable, coverage_warning, exclusion_rows
 from compress.pruning.hf_config import update_config, widths
-from compress.pruning.importance import FILTER_IMPORTANCE, feature_map_nuclear_norms
+from compress.pruning.importance import FILTER_IMPORTANCE
 from compress.pruning.scop import Scop
 from compress.pruning.sizes import distinct_numel, shrunk_numel
 from compress.pruning.structured import (
-    INPUT_OWNER,
-    OWNER,
     ChannelGroup,
     Member,
     apply_channel_mask,
@@ -296,7 +295,8 @@ class FilterPruning(Algorithm):
         criterion = self.params["filter_importance"]
         if criterion == "nuclear_norm":
             if self.calibration is None:
-                self.calibration = self._nuclear_scores([self.example_inputs])  # type: ignore[list-item]
+                inputs = [self.example_inputs]
+                self.calibration = nuclear_scores(self.model, self.groups, inputs)  # type: ignore[arg-type]
             return self.calibration
         if self.scop is not None:
             return self.scop.scores(self.groups)
@@ -311,59 +311,11 @@ class FilterPruning(Algorithm):
         Example:
             >>> ctrl.algorithms[0].calibrate(x for x, _ in islice(loader, 4))  # doctest: +SKIP
         """
-        scores = self._nuclear_scores(batches)
+        scores = nuclear_scores(self.model, self.groups, batches)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for s in scores.values():
                 torch.distributed.all_reduce(s)
         self.calibration = scores
-
-    def _nuclear_scores(
-        self, batches: Iterable[torch.Tensor | tuple[torch.Tensor, ...]]
-    ) -> dict[str, torch.Tensor]:
-        scores = {g.name: torch.zeros(g.size) for g in self.groups}
-        hooks = []
-        for group in self.groups:
-            for m in group.members:
-                module = self.model.get_submodule(m.module_name)
-                if m.role != "producer" or m.param_name != "weight":
-                    continue
-                dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
-
-                def hook(mod, args, out, s=scores[group.name], m=m, dim=dim):  # type: ignore[no-untyped-def]
-                    norms = feature_map_nuclear_norms(out, dim).cpu()
-                    s.index_add_(0, m.channel, norms[m.index])
-
-                hooks.append(module.register_forward_hook(hook))
-        device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()  # calibration must not move BatchNorm statistics
-        # Our own masks are lifted while measuring, else a pruned channel could never return.
-        saved = [(mask, mask.clone()) for mask in self._masks()]
-        for mask, _ in saved:
-            mask.fill_(1.0)
-        try:
-            with torch.no_grad():
-                for batch in batches:
-                    args = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
-                    self.model(*(a.to(device) for a in args))
-        finally:
-            self.model.train(was_training)
-            for h in hooks:
-                h.remove()
-            for mask, values in saved:
-                mask.copy_(values)
-        return scores
-
-    def _masks(self) -> list[torch.Tensor]:
-        found = {}
-        for group in self.groups:
-            for m in group.members:
-                module = self.model.get_submodule(m.module_name)
-                for owner in (OWNER, INPUT_OWNER):
-                    mask = masks.get_mask(module, m.param_name, owner)
-                    if mask is not None:
-                        found[id(mask)] = mask
-        return list(found.values())
 
     def choose(
         self, ratio: float, scores: Mapping[str, torch.Tensor], epoch: float
