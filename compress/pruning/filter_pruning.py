@@ -40,6 +40,7 @@ from compress.pruning.channel_groups import Excluded, build_groups
 from compress.pruning.coverage import check_reachable, coverage_warning, exclusion_rows
 from compress.pruning.hf_config import update_config, widths
 from compress.pruning.importance import FILTER_IMPORTANCE
+from compress.pruning.layer_choices import layer_choices
 from compress.pruning.scop import Scop
 from compress.pruning.sizes import distinct_numel, shrunk_numel
 from compress.pruning.structured import (
@@ -51,7 +52,6 @@ from compress.pruning.structured import (
     shrink,
 )
 from compress.recipe import scopes
-from compress.recipe.scopes import parse_channels
 from compress.schedules import pruning_level
 from compress.sparsity.allocation import slamp_scores
 
@@ -79,7 +79,7 @@ class FilterPruning(Algorithm):
         self.target = float(self.flops_target or self.latency_target or p["pruning_target"])
         steps = 0 if p["schedule"] == "baseline" else p["pruning_steps"]
         self.freeze_epoch = p["num_init_steps"] + steps
-        self.explicit, self.ratios = self._layer_choices()
+        self.explicit, self.ratios = layer_choices(model, self._layers(), p, f"{cfg.path}.params")
         self.keep = {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
         self.current = 0.0
         self.ratio = 0.0  # the filter ratio of the scored groups; differs from level for FLOPs
@@ -166,65 +166,6 @@ class FilterPruning(Algorithm):
     def _weight(self, layer: str) -> torch.Tensor:
         """The layer's weight parameter, unmasked (outside the forward pass)."""
         return weight(self.model.get_submodule(layer))
-
-    def _resolve(self, key: str, path: str) -> list[tuple[ChannelGroup, Member]]:
-        layers = self._layers()
-        found = [layers[n] for n in layers if scopes.matches(key, n)]
-        if found:
-            return found
-        modules = [n for n, _ in self.model.named_modules() if n]
-        if any(scopes.matches(key, n) for n in modules):
-            raise ConfigError(
-                f"{path}: layer {key!r} cannot be pruned (its channels reach the output, it is "
-                "out of scope, or prune_first_conv/prune_downsample_convs exclude it); prunable "
-                f"layers: {sorted(layers)[:8]}"
-            )
-        raise ConfigError(
-            f"{path}: {key!r} matches no layer of the model; layers look like {modules[:4]}"
-        )
-
-    def _layer_choices(self) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Groups fixed by ``prune_channels`` (keep masks) and by ``layer_ratios`` (ratios)."""
-        base = f"{self.cfg.path}.params"
-        explicit: dict[str, torch.Tensor] = {}
-        ratios: dict[str, float] = {}
-        owner: dict[str, str] = {}
-
-        def claim(group: ChannelGroup, path: str) -> None:
-            if group.name in owner:
-                raise ConfigError(
-                    f"{path}: group {group.name!r} is already set by {owner[group.name]} (layers "
-                    "joined by a residual add or concat share their channels); set it once"
-                )
-            owner[group.name] = path
-
-        for key, text in self.params["prune_channels"].items():
-            path = f'{base}.prune_channels["{key}"]'
-            channels = parse_channels(text, path)
-            for group, member in self._resolve(key, path):
-                claim(group, path)
-                size = self._weight(member.module_name).shape[member.dim]
-                if channels and channels[-1] >= size:
-                    raise ConfigError(
-                        f"{path}: channel {channels[-1]} is outside layer "
-                        f"{member.module_name!r}, which has {size} output channels (0-{size - 1})"
-                    )
-                keep = torch.ones(group.size, dtype=torch.bool)
-                keep[member.channel[torch.isin(member.index, torch.tensor(channels))]] = False
-                if not keep.any():
-                    raise ConfigError(
-                        f"{path}: prunes all {group.size} channels of group {group.name!r}; at "
-                        "least one channel must remain"
-                    )
-                explicit[group.name] = keep
-        for key, ratio in self.params["layer_ratios"].items():
-            path = f'{base}.layer_ratios["{key}"]'
-            if not 0.0 <= ratio < 1.0:
-                raise ConfigError(f"{path}: {ratio} is not a ratio in [0, 1)")
-            for group, _ in self._resolve(key, path):
-                claim(group, path)
-                ratios[group.name] = float(ratio)
-        return explicit, ratios
 
     def _scop(self) -> Scop | None:
         """The knockoff phase that learns the scores of ``filter_importance: scop``."""
