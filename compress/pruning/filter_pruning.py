@@ -35,6 +35,7 @@ from compress.algorithm import Algorithm, weight, weight_layers
 from compress.analysis.summary import layer_macs
 from compress.errors import CompressError, ConfigError
 from compress.pruning import hf_layers, latency, latency_widths
+from compress.pruning.allocation import global_counts, top
 from compress.pruning.calibration import nuclear_scores
 from compress.pruning.channel_groups import Excluded, build_groups
 from compress.pruning.coverage import check_reachable, coverage_warning, exclusion_rows
@@ -53,7 +54,6 @@ from compress.pruning.structured import (
 )
 from compress.recipe import scopes
 from compress.schedules import pruning_level
-from compress.sparsity.allocation import slamp_scores
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -271,18 +271,18 @@ class FilterPruning(Algorithm):
         if allocation == "uniform":
             counts = {g.name: g.size - math.floor(ratio * g.size + 1e-9) for g in scored}
         else:
-            counts = _global_counts(scored, scores, ratio, slamp=allocation == "slamp")
+            counts = global_counts(scored, scores, ratio, slamp=allocation == "slamp")
         self.rounded_whole = []
         for g in scored:
             n = round_keep(g.size, counts[g.name], round_to, g.unit)
             if n == g.size > counts[g.name]:
                 self.rounded_whole.append(g.name)
-            keep[g.name] = _top(scores[g.name], n)
+            keep[g.name] = top(scores[g.name], n)
         for name, target in self.ratios.items():
             g = next(g for g in self.groups if g.name == name)
             level = self._scheduled(target, epoch)
             n = round_keep(g.size, g.size - math.floor(level * g.size + 1e-9), round_to, g.unit)
-            keep[name] = _top(scores[name], n)
+            keep[name] = top(scores[name], n)
         for name, k in self.explicit.items():
             keep[name] = k.clone() if started else torch.ones_like(k)
         return keep
@@ -347,7 +347,7 @@ class FilterPruning(Algorithm):
         free = {g.name: scores[g.name] for g in self.groups if g.name not in fixed}
         chosen = latency_widths.choose_widths(self.latency(), free, fraction, fixed)
         for name, width in chosen.items():
-            keep[name] = _top(scores[name], width)
+            keep[name] = top(scores[name], width)
         reached = latency_widths.removed_fraction(self.latency(), {**fixed, **chosen})
         if reached < fraction - 1e-6:
             warnings.warn(
@@ -454,33 +454,6 @@ class FilterPruning(Algorithm):
             chosen = {n: int(k.sum()) for n, k in self.keep.items()}
             setattr(small, "compress_latency_table", {**self.latency_table, "chosen": chosen})  # noqa: B010
         return small
-
-
-def _top(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """The ``n`` highest scores; ties go to the lower index."""
-    keep = torch.zeros(scores.numel(), dtype=torch.bool)
-    keep[torch.argsort(scores, descending=True, stable=True)[:n]] = True
-    return keep
-
-
-def _global_counts(
-    groups: list[ChannelGroup], scores: Mapping[str, torch.Tensor], ratio: float, *, slamp: bool
-) -> dict[str, int]:
-    """Kept channels per group after one ranking of all groups' channels. Scores are made
-    comparable per layer: unit L2 norm per group (NNCF normalises each weight), or SLAMP."""
-    if not groups:
-        return {}
-    normed = []
-    for g in groups:
-        s = scores[g.name].float()
-        norm = s.norm()
-        normed.append(slamp_scores(s) if slamp else (s / norm if norm > 0 else s))
-    sizes = [g.size for g in groups]
-    owner = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(sizes))
-    order = torch.argsort(torch.cat(normed), stable=True)
-    n_prune = math.floor(ratio * sum(sizes) + 1e-9)
-    pruned = torch.bincount(owner[order[:n_prune]], minlength=len(groups))
-    return {g.name: g.size - int(p) for g, p in zip(groups, pruned, strict=True)}
 
 
 def _row(what: str, full: int, current: int) -> dict[str, Any]:
