@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import compress
-from compress.pruning.structured import count_macs_params
+from compress.pruning.sizes import count_macs_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from digits import digits_loaders  # noqa: E402

@@ -47,12 +47,12 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 import compress
-from compress.pruning import latency
+from compress.pruning import latency_widths
 from compress.pruning.channel_groups import build_groups
+from compress.pruning.sizes import count_macs_params
 from compress.pruning.structured import (
     apply_channel_mask,
     channel_norms,
-    count_macs_params,
     round_keep,
     shrink,
 )
@@ -273,7 +273,7 @@ def latency_target(dense: nn.Module, x1: torch.Tensor, batch: int, rounds: int) 
         .get("chosen", {})
         .items()
     }
-    print("\n" + latency.text(table, widths))
+    print("\n" + latency_widths.text(table, widths))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,7 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import compress  # noqa: E402
 from compress.errors import CompressError  # noqa: E402
-from compress.pruning.structured import count_macs_params  # noqa: E402
+from compress.pruning.sizes import count_macs_params  # noqa: E402
 
 
 def models(hidden: int, layers: int, heads: int) -> dict[str, Callable[[], nn.Module]]:

@@ -167,7 +167,7 @@ def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str
         lines.append(str(report))
     latency_path = Path(str(path).removesuffix(".pruned.pt") + ".latency.json")
     if path.name.endswith(".pruned.pt") and latency_path.is_file():
-        from compress.pruning.latency import text
+        from compress.pruning.latency_widths import text
 
         try:
             lines.append(f"{latency_path.name}: " + text(json.loads(latency_path.read_text())))

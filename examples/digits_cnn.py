@@ -31,7 +31,7 @@ from torch import nn
 
 import compress
 from callbacks import CompressionCallback
-from compress.pruning.structured import count_macs_params
+from compress.pruning.sizes import count_macs_params
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # runs from any directory
 

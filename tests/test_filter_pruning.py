@@ -22,7 +22,8 @@ from compress.errors import ConfigError
 from compress.pruning.channel_groups import build_groups
 from compress.pruning.filter_pruning import FilterPruning
 from compress.pruning.importance import FILTER_IMPORTANCE, feature_map_nuclear_norms
-from compress.pruning.structured import OWNER, count_macs_params
+from compress.pruning.sizes import count_macs_params
+from compress.pruning.structured import OWNER
 from compress.recipe.scopes import parse_channels
 
 ALL = {"prune_first_conv": True, "prune_downsample_convs": True}

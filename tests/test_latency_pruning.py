@@ -22,7 +22,7 @@ from torch import nn
 import compress
 from compress.cli import main
 from compress.errors import ConfigError
-from compress.pruning import latency
+from compress.pruning import latency, latency_widths
 from compress.pruning.filter_pruning import FilterPruning
 from compress.schedules import pruning_level
 
@@ -107,9 +107,12 @@ def test_table_measures_each_group_at_its_candidate_widths() -> None:
     json.dumps(table)  # plain JSON
     # The rest (here planned at 10 ms) shrinks with each group's width, by its output size.
     table = {**table, "rest_ms": 10.0}
-    full = latency.predicted_ms(table, {})
-    assert full - latency.predicted_ms(table, {"0": 32, "2": 64}) == pytest.approx(
-        sum(latency.layer_ms(table, n, {}) - latency.layer_ms(table, n, {"0": 32}) for n in "02")
+    full = latency_widths.predicted_ms(table, {})
+    assert full - latency_widths.predicted_ms(table, {"0": 32, "2": 64}) == pytest.approx(
+        sum(
+            latency_widths.layer_ms(table, n, {}) - latency_widths.layer_ms(table, n, {"0": 32})
+            for n in "02"
+        )
         + 10.0 * 0.5 * 0.5
     )
 
@@ -124,10 +127,10 @@ def test_choice_removes_the_least_important_channels_for_the_time() -> None:
     }
     scores = {"a": torch.tensor([4.0, 3.0, 2.0, 1.0]), "b": torch.tensor([1.0, 0.5, 0.2, 0.1])}
     # 25% of 8 ms = 2 ms: take it all from "b" (its two lowest channels weigh little).
-    assert latency.choose_widths(table, scores, 0.25) == {"a": 4, "b": 2}
-    assert latency.removed_fraction(table, {"a": 4, "b": 2}) == pytest.approx(0.25)
+    assert latency_widths.choose_widths(table, scores, 0.25) == {"a": 4, "b": 2}
+    assert latency_widths.removed_fraction(table, {"a": 4, "b": 2}) == pytest.approx(0.25)
     # A fixed group keeps its width and counts toward the time.
-    assert latency.choose_widths(table, {"a": scores["a"]}, 0.25, {"b": 2}) == {"a": 4}
+    assert latency_widths.choose_widths(table, {"a": scores["a"]}, 0.25, {"b": 2}) == {"a": 4}
 
 
 def test_widths_come_from_the_table_not_a_fixed_rounding() -> None:
@@ -139,13 +142,13 @@ def test_widths_come_from_the_table_not_a_fixed_rounding() -> None:
         chosen = widths(algo)
         latency_table = algo.latency_table
         assert latency_table is not None
-        removed = latency.removed_fraction(latency_table, chosen)
+        removed = latency_widths.removed_fraction(latency_table, chosen)
         # Reached, and close to the least any pair of table widths removes while reaching it.
         candidates = latency_table["groups"]["0"]["widths"]
         closest = min(
             f
             for a, b in itertools.product(candidates, candidates)
-            if (f := latency.removed_fraction(latency_table, {"0": a, "2": b})) >= target
+            if (f := latency_widths.removed_fraction(latency_table, {"0": a, "2": b})) >= target
         )
         assert target <= removed <= closest + 0.07
         # 16-channel blocks: a width between blocks costs a whole block, so it is never kept.
@@ -164,7 +167,7 @@ def test_schedule_raises_the_latency_fraction_over_pruning_steps() -> None:
         for _ in range(5):
             ctrl.scheduler.epoch_step()
             table = algo.latency_table  # measured when the level first leaves 0
-            removed = 0.0 if table is None else latency.removed_fraction(table, widths(algo))
+            removed = 0.0 if table is None else latency_widths.removed_fraction(table, widths(algo))
             seen.append((algo.level, removed))
     expected = [pruning_level({**params, "schedule": "exponential",
                                "pruning_target": 0.6, "num_init_steps": 0}, 0.0, e)

@@ -17,12 +17,12 @@ from compress import masks
 from compress.deploy.pruned_file import load_pruned, save_pruned
 from compress.errors import CompressError
 from compress.pruning.channel_groups import build_groups
+from compress.pruning.sizes import count_macs_params
 from compress.pruning.structured import (
     OWNER,
     ChannelGroup,
     apply_channel_mask,
     channel_norms,
-    count_macs_params,
     group_weights,
     pruning_plan,
     round_keep,

@@ -34,28 +34,26 @@ from compress import masks
 from compress.algorithm import Algorithm, weight, weight_layers
 from compress.analysis.summary import layer_macs
 from compress.errors import CompressError, ConfigError
-from compress.pruning import hf_layers, latency
+from compress.pruning import hf_layers, latency, latency_widths
+from compress.pruning.allocation import global_counts, top
+from compress.pruning.calibration import nuclear_scores
 from compress.pruning.channel_groups import Excluded, build_groups
 from compress.pruning.coverage import check_reachable, coverage_warning, exclusion_rows
 from compress.pruning.hf_config import update_config, widths
-from compress.pruning.importance import FILTER_IMPORTANCE, feature_map_nuclear_norms
+from compress.pruning.importance import FILTER_IMPORTANCE
+from compress.pruning.layer_choices import layer_choices
 from compress.pruning.scop import Scop
+from compress.pruning.sizes import distinct_numel, shrunk_numel
 from compress.pruning.structured import (
-    INPUT_OWNER,
-    OWNER,
     ChannelGroup,
     Member,
     apply_channel_mask,
-    distinct_numel,
     pruning_plan,
     round_keep,
     shrink,
-    shrunk_numel,
 )
 from compress.recipe import scopes
-from compress.recipe.scopes import parse_channels
 from compress.schedules import pruning_level
-from compress.sparsity.allocation import slamp_scores
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -81,7 +79,7 @@ class FilterPruning(Algorithm):
         self.target = float(self.flops_target or self.latency_target or p["pruning_target"])
         steps = 0 if p["schedule"] == "baseline" else p["pruning_steps"]
         self.freeze_epoch = p["num_init_steps"] + steps
-        self.explicit, self.ratios = self._layer_choices()
+        self.explicit, self.ratios = layer_choices(model, self._layers(), p, f"{cfg.path}.params")
         self.keep = {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
         self.current = 0.0
         self.ratio = 0.0  # the filter ratio of the scored groups; differs from level for FLOPs
@@ -169,65 +167,6 @@ class FilterPruning(Algorithm):
         """The layer's weight parameter, unmasked (outside the forward pass)."""
         return weight(self.model.get_submodule(layer))
 
-    def _resolve(self, key: str, path: str) -> list[tuple[ChannelGroup, Member]]:
-        layers = self._layers()
-        found = [layers[n] for n in layers if scopes.matches(key, n)]
-        if found:
-            return found
-        modules = [n for n, _ in self.model.named_modules() if n]
-        if any(scopes.matches(key, n) for n in modules):
-            raise ConfigError(
-                f"{path}: layer {key!r} cannot be pruned (its channels reach the output, it is "
-                "out of scope, or prune_first_conv/prune_downsample_convs exclude it); prunable "
-                f"layers: {sorted(layers)[:8]}"
-            )
-        raise ConfigError(
-            f"{path}: {key!r} matches no layer of the model; layers look like {modules[:4]}"
-        )
-
-    def _layer_choices(self) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Groups fixed by ``prune_channels`` (keep masks) and by ``layer_ratios`` (ratios)."""
-        base = f"{self.cfg.path}.params"
-        explicit: dict[str, torch.Tensor] = {}
-        ratios: dict[str, float] = {}
-        owner: dict[str, str] = {}
-
-        def claim(group: ChannelGroup, path: str) -> None:
-            if group.name in owner:
-                raise ConfigError(
-                    f"{path}: group {group.name!r} is already set by {owner[group.name]} (layers "
-                    "joined by a residual add or concat share their channels); set it once"
-                )
-            owner[group.name] = path
-
-        for key, text in self.params["prune_channels"].items():
-            path = f'{base}.prune_channels["{key}"]'
-            channels = parse_channels(text, path)
-            for group, member in self._resolve(key, path):
-                claim(group, path)
-                size = self._weight(member.module_name).shape[member.dim]
-                if channels and channels[-1] >= size:
-                    raise ConfigError(
-                        f"{path}: channel {channels[-1]} is outside layer "
-                        f"{member.module_name!r}, which has {size} output channels (0-{size - 1})"
-                    )
-                keep = torch.ones(group.size, dtype=torch.bool)
-                keep[member.channel[torch.isin(member.index, torch.tensor(channels))]] = False
-                if not keep.any():
-                    raise ConfigError(
-                        f"{path}: prunes all {group.size} channels of group {group.name!r}; at "
-                        "least one channel must remain"
-                    )
-                explicit[group.name] = keep
-        for key, ratio in self.params["layer_ratios"].items():
-            path = f'{base}.layer_ratios["{key}"]'
-            if not 0.0 <= ratio < 1.0:
-                raise ConfigError(f"{path}: {ratio} is not a ratio in [0, 1)")
-            for group, _ in self._resolve(key, path):
-                claim(group, path)
-                ratios[group.name] = float(ratio)
-        return explicit, ratios
-
     def _scop(self) -> Scop | None:
         """The knockoff phase that learns the scores of ``filter_importance: scop``."""
         p = self.params
@@ -297,7 +236,8 @@ class FilterPruning(Algorithm):
         criterion = self.params["filter_importance"]
         if criterion == "nuclear_norm":
             if self.calibration is None:
-                self.calibration = self._nuclear_scores([self.example_inputs])  # type: ignore[list-item]
+                inputs = [self.example_inputs]
+                self.calibration = nuclear_scores(self.model, self.groups, inputs)  # type: ignore[arg-type]
             return self.calibration
         if self.scop is not None:
             return self.scop.scores(self.groups)
@@ -312,59 +252,11 @@ class FilterPruning(Algorithm):
         Example:
             >>> ctrl.algorithms[0].calibrate(x for x, _ in islice(loader, 4))  # doctest: +SKIP
         """
-        scores = self._nuclear_scores(batches)
+        scores = nuclear_scores(self.model, self.groups, batches)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for s in scores.values():
                 torch.distributed.all_reduce(s)
         self.calibration = scores
-
-    def _nuclear_scores(
-        self, batches: Iterable[torch.Tensor | tuple[torch.Tensor, ...]]
-    ) -> dict[str, torch.Tensor]:
-        scores = {g.name: torch.zeros(g.size) for g in self.groups}
-        hooks = []
-        for group in self.groups:
-            for m in group.members:
-                module = self.model.get_submodule(m.module_name)
-                if m.role != "producer" or m.param_name != "weight":
-                    continue
-                dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
-
-                def hook(mod, args, out, s=scores[group.name], m=m, dim=dim):  # type: ignore[no-untyped-def]
-                    norms = feature_map_nuclear_norms(out, dim).cpu()
-                    s.index_add_(0, m.channel, norms[m.index])
-
-                hooks.append(module.register_forward_hook(hook))
-        device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()  # calibration must not move BatchNorm statistics
-        # Our own masks are lifted while measuring, else a pruned channel could never return.
-        saved = [(mask, mask.clone()) for mask in self._masks()]
-        for mask, _ in saved:
-            mask.fill_(1.0)
-        try:
-            with torch.no_grad():
-                for batch in batches:
-                    args = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
-                    self.model(*(a.to(device) for a in args))
-        finally:
-            self.model.train(was_training)
-            for h in hooks:
-                h.remove()
-            for mask, values in saved:
-                mask.copy_(values)
-        return scores
-
-    def _masks(self) -> list[torch.Tensor]:
-        found = {}
-        for group in self.groups:
-            for m in group.members:
-                module = self.model.get_submodule(m.module_name)
-                for owner in (OWNER, INPUT_OWNER):
-                    mask = masks.get_mask(module, m.param_name, owner)
-                    if mask is not None:
-                        found[id(mask)] = mask
-        return list(found.values())
 
     def choose(
         self, ratio: float, scores: Mapping[str, torch.Tensor], epoch: float
@@ -379,18 +271,18 @@ class FilterPruning(Algorithm):
         if allocation == "uniform":
             counts = {g.name: g.size - math.floor(ratio * g.size + 1e-9) for g in scored}
         else:
-            counts = _global_counts(scored, scores, ratio, slamp=allocation == "slamp")
+            counts = global_counts(scored, scores, ratio, slamp=allocation == "slamp")
         self.rounded_whole = []
         for g in scored:
             n = round_keep(g.size, counts[g.name], round_to, g.unit)
             if n == g.size > counts[g.name]:
                 self.rounded_whole.append(g.name)
-            keep[g.name] = _top(scores[g.name], n)
+            keep[g.name] = top(scores[g.name], n)
         for name, target in self.ratios.items():
             g = next(g for g in self.groups if g.name == name)
             level = self._scheduled(target, epoch)
             n = round_keep(g.size, g.size - math.floor(level * g.size + 1e-9), round_to, g.unit)
-            keep[name] = _top(scores[name], n)
+            keep[name] = top(scores[name], n)
         for name, k in self.explicit.items():
             keep[name] = k.clone() if started else torch.ones_like(k)
         return keep
@@ -453,10 +345,10 @@ class FilterPruning(Algorithm):
             return keep
         fixed = {n: int(keep[n].sum()) for n in {**self.explicit, **self.ratios}}
         free = {g.name: scores[g.name] for g in self.groups if g.name not in fixed}
-        chosen = latency.choose_widths(self.latency(), free, fraction, fixed)
+        chosen = latency_widths.choose_widths(self.latency(), free, fraction, fixed)
         for name, width in chosen.items():
-            keep[name] = _top(scores[name], width)
-        reached = latency.removed_fraction(self.latency(), {**fixed, **chosen})
+            keep[name] = top(scores[name], width)
+        reached = latency_widths.removed_fraction(self.latency(), {**fixed, **chosen})
         if reached < fraction - 1e-6:
             warnings.warn(
                 f"{self.cfg.path}: pruning_latency_target {fraction:.3f} is out of reach; the "
@@ -500,7 +392,7 @@ class FilterPruning(Algorithm):
         out["rounded whole"] = list(self.rounded_whole)
         if self.latency_table is not None:
             chosen = {n: int(k.sum()) for n, k in self.keep.items()}
-            out["latency removed (predicted)"] = latency.removed_fraction(
+            out["latency removed (predicted)"] = latency_widths.removed_fraction(
                 self.latency_table, chosen
             )
         return {
@@ -562,33 +454,6 @@ class FilterPruning(Algorithm):
             chosen = {n: int(k.sum()) for n, k in self.keep.items()}
             setattr(small, "compress_latency_table", {**self.latency_table, "chosen": chosen})  # noqa: B010
         return small
-
-
-def _top(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """The ``n`` highest scores; ties go to the lower index."""
-    keep = torch.zeros(scores.numel(), dtype=torch.bool)
-    keep[torch.argsort(scores, descending=True, stable=True)[:n]] = True
-    return keep
-
-
-def _global_counts(
-    groups: list[ChannelGroup], scores: Mapping[str, torch.Tensor], ratio: float, *, slamp: bool
-) -> dict[str, int]:
-    """Kept channels per group after one ranking of all groups' channels. Scores are made
-    comparable per layer: unit L2 norm per group (NNCF normalises each weight), or SLAMP."""
-    if not groups:
-        return {}
-    normed = []
-    for g in groups:
-        s = scores[g.name].float()
-        norm = s.norm()
-        normed.append(slamp_scores(s) if slamp else (s / norm if norm > 0 else s))
-    sizes = [g.size for g in groups]
-    owner = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(sizes))
-    order = torch.argsort(torch.cat(normed), stable=True)
-    n_prune = math.floor(ratio * sum(sizes) + 1e-9)
-    pruned = torch.bincount(owner[order[:n_prune]], minlength=len(groups))
-    return {g.name: g.size - int(p) for g, p in zip(groups, pruned, strict=True)}
 
 
 def _row(what: str, full: int, current: int) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Structured (filter/channel) pruning on channel groups: scores, masks, shrinking, sizes.
+"""Structured (filter/channel) pruning on channel groups: scores, masks, shrinking.
 
 A :class:`ChannelGroup` names, by module name, every parameter slice that holds one set of
 coupled output channels (:func:`compress.pruning.channel_groups.build_groups` finds them with
@@ -7,7 +7,8 @@ Torch-Pruning's ``DependencyGraph``). A pruning algorithm scores the channels
 (:func:`apply_channel_mask`), and finally calls :func:`shrink` to remove the channels
 physically. The masked model computes exactly what the shrunk model computes: a pruned channel
 is zero at every producer (weights, bias, norm affine), so consumers see exact zeros, which is
-what removing the channel gives. :func:`exact_groups` checks that numerically.
+what removing the channel gives. :func:`exact_groups` checks that numerically. The sizes of
+the shrunk model, counted without shrinking, are in :mod:`compress.pruning.sizes`.
 
 Example:
     >>> import torch
@@ -35,7 +36,6 @@ from typing import Literal
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from compress import masks
 from compress.errors import CompressError
@@ -47,13 +47,11 @@ __all__ = [
     "Member",
     "apply_channel_mask",
     "channel_norms",
-    "count_macs_params",
-    "distinct_numel",
+    "check_keep",
     "group_weights",
     "pruning_plan",
     "round_keep",
     "shrink",
-    "shrunk_numel",
 ]
 
 Role = Literal["producer", "norm", "consumer", "other"]
@@ -176,7 +174,8 @@ def channel_norms(model: nn.Module, group: ChannelGroup, *, p: float = 1.0) -> t
     return scores
 
 
-def _check_keep(group: ChannelGroup, keep: torch.Tensor) -> torch.Tensor:
+def check_keep(group: ChannelGroup, keep: torch.Tensor) -> torch.Tensor:
+    """``keep`` as a bool tensor of the group's width with at least one channel kept."""
     keep = torch.as_tensor(keep, dtype=torch.bool)
     if keep.shape != (group.size,):
         raise CompressError(
@@ -200,7 +199,7 @@ def apply_channel_mask(model: nn.Module, group: ChannelGroup, keep: torch.Tensor
     masks are owned by :data:`OWNER` (:data:`INPUT_OWNER` for consumers), so a sparsity mask on
     the same weight is never overwritten: the forward pass multiplies all of them.
     """
-    keep = _check_keep(group, keep)
+    keep = check_keep(group, keep)
     owners = {"producer": OWNER}
     if group.mask_norms:
         owners |= {"norm": OWNER, "consumer": INPUT_OWNER}
@@ -231,13 +230,13 @@ def shrink(
     """
     small = copy.deepcopy(model)
     masks.fold(small)
-    pruned = [g for g in groups if g.name in keep and not _check_keep(g, keep[g.name]).all()]
+    pruned = [g for g in groups if g.name in keep and not check_keep(g, keep[g.name]).all()]
     if not pruned:  # nothing to remove: no trace (a model Torch-Pruning cannot trace strips too)
         return small
     was_training = small.training
     dg = dependency_graph(small, example_inputs)
     for group in pruned:
-        _prune_group(dg, small, group, _check_keep(group, keep[group.name]))
+        _prune_group(dg, small, group, check_keep(group, keep[group.name]))
     hf_layers.fit_attention(small)
     small.train(was_training)
     return small
@@ -291,7 +290,7 @@ def pruning_plan(
     """Kept channel indices per group name: enough to rebuild the small model from its class."""
     by_name = {g.name: g for g in groups}
     return {
-        name: torch.nonzero(_check_keep(by_name[name], k)).flatten().tolist()
+        name: torch.nonzero(check_keep(by_name[name], k)).flatten().tolist()
         for name, k in keep.items()
         if name in by_name
     }
@@ -387,66 +386,3 @@ def round_keep(size: int, n_keep: int, round_to: int = 8, unit: int = 1) -> int:
         return n_keep
     rounded = math.floor(n_keep / step + 0.5) * step
     return min(max(rounded, step), size)
-
-
-def count_macs_params(model: nn.Module, example_inputs: Inputs) -> tuple[int, int]:
-    """(MACs, parameters) of one forward pass, counted by ``torch.utils.flop_counter``."""
-    inputs = as_tuple(example_inputs)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(*inputs)
-    return counter.get_total_flops() // 2, sum(p.numel() for p in model.parameters())
-
-
-def shrunk_numel(
-    model: nn.Module, groups: Sequence[ChannelGroup], keep: Mapping[str, torch.Tensor]
-) -> dict[str, int]:
-    """Elements of every parameter (``"module.param"``) in the model :func:`shrink` would build.
-
-    Each dimension loses the positions its groups drop. Counting without shrinking is what makes
-    a search over pruning ratios (a FLOPs target) cheap: a conv or linear layer's MACs scale with
-    its number of weight elements, since shrinking never changes spatial sizes.
-
-    Example:
-        >>> from compress.pruning.channel_groups import build_groups
-        >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
-        >>> (g,) = build_groups(m, torch.randn(1, 3, 8, 8), prune_first_conv=True)
-        >>> shrunk_numel(m, [g], {"0": torch.arange(8) < 2})
-        {'0.weight': 54, '0.bias': 2, '2.weight': 8, '2.bias': 4}
-    """
-    dropped: dict[tuple[str, str, int], set[int]] = {}
-    for group in groups:
-        if group.name not in keep:
-            continue
-        k = _check_keep(group, keep[group.name])
-        for m in group.members:
-            gone = m.index[~k[m.channel]]
-            if gone.numel():
-                dropped.setdefault((m.module_name, m.param_name, m.dim), set()).update(
-                    gone.tolist()
-                )
-    out = {}
-    for mod_name, module in model.named_modules():
-        for p_name, param in module.named_parameters(recurse=False):
-            out[f"{mod_name}.{p_name}" if mod_name else p_name] = math.prod(
-                size - len(dropped.get((mod_name, p_name, d), ()))
-                for d, size in enumerate(param.shape)
-            )
-    return out
-
-
-def distinct_numel(model: nn.Module, numel: Mapping[str, int]) -> int:
-    """The total of ``numel`` (from :func:`shrunk_numel`) with a parameter tied between modules
-    (a language model's embedding and output layer) counted once.
-
-    Example:
-        >>> tied = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False))
-        >>> tied[1].weight = tied[0].weight
-        >>> distinct_numel(tied, {"0.weight": 4, "1.weight": 4})
-        4
-    """
-    first: dict[int, str] = {}
-    for mod_name, module in model.named_modules():
-        for p_name, param in module.named_parameters(recurse=False):
-            first.setdefault(id(param), f"{mod_name}.{p_name}" if mod_name else p_name)
-    return sum(numel[key] for key in first.values())
