@@ -481,3 +481,33 @@ def test_a_lightning_module_on_hf_dict_batches(tmp_path: Path) -> None:
     plain = compress.load_sparse(cb.exported["sparse"], ZOO["bert"].build())
     torch.testing.assert_close(_outputs(plain, x), want)
     torch.testing.assert_close(_round_trip(lit.model, x, tmp_path / "hf"), want)
+
+
+@pytest.mark.parametrize(
+    ("name", "scopes"),
+    [
+        ("bert", ["bert.encoder.layer.*.attention.self.query", "bert.pooler.dense"]),
+        ("gpt2", ["transformer.h.*.attn.c_attn"]),
+        ("vit", None),
+        ("llama", None),
+    ],
+)
+def test_a_config_that_cannot_state_the_pruned_widths_is_said_before_training(
+    name: str, scopes: list[str] | None, tmp_path: Path
+) -> None:
+    zoo = ZOO[name]
+    recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5, "params": {"round_to": 1}}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        compress.create_compressed_model(zoo.build(), {"compression": recipe}, zoo.inputs())
+    said = [str(w.message) for w in record if "config cannot state" in str(w.message)]
+    if scopes is None:  # ViT and Llama read head_dim: their configs state pruned heads
+        assert said == []
+        return
+    assert len(said) == 1 and f"ignored_scopes: {scopes}" in said[0]
+    # what it offers: with those scopes left whole, nothing to warn of and save_pretrained works
+    ctrl, model, x, want = _pruned(name, ignored_scopes=scopes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small = ctrl.strip()
+    torch.testing.assert_close(_round_trip(small, x, tmp_path / "hf"), want, rtol=1e-5, atol=1e-5)

@@ -39,7 +39,7 @@ from compress.pruning.allocation import global_counts, top
 from compress.pruning.calibration import nuclear_scores
 from compress.pruning.channel_groups import Excluded, build_groups
 from compress.pruning.coverage import check_reachable, coverage_warning, exclusion_rows
-from compress.pruning.hf_config import update_config, widths
+from compress.pruning.hf_config import config_warning, update_config, widths
 from compress.pruning.importance import FILTER_IMPORTANCE
 from compress.pruning.layer_choices import layer_choices
 from compress.pruning.scop import Scop
@@ -137,6 +137,10 @@ class FilterPruning(Algorithm):
         check_reachable(self.cfg.path, len(reachable), self.excluded)
         self.macs_share, self.params_share = self._removable()
         message = coverage_warning(self.macs_share, self.params_share, self.excluded)
+        if message:
+            warnings.warn(message, stacklevel=5)
+        # a Hugging Face config that cannot state the pruned widths: said before training
+        message = config_warning(self.model, [g.name for g in reachable])
         if message:
             warnings.warn(message, stacklevel=5)
 
