@@ -18,7 +18,9 @@ Llama's ``modeling`` code) defeat the graph:
 
 A third thing is told rather than fixed: a parameter every head shares (Qwen3's per-head query
 and key norms, ``head_dim`` elements) stays whole when whole heads go
-(:func:`per_head_parameter`).
+(:func:`per_head_parameter`). And a decoder's key/value cache, which GPT-2 and Llama return by
+default and on which Torch-Pruning's trace fails, is off while tracing and exporting
+(:func:`cache_off`), as in training.
 
 ``rotary_as_identity`` patches the module that defines the model's layers while the trace runs,
 so no forward pass of that module should run in another thread meanwhile.
