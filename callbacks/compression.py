@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import itertools
 import json
 import math
@@ -25,6 +24,7 @@ from torch import nn
 
 import compress
 from callbacks import accuracy_aware as aa_glue
+from callbacks.batches import calibrate, first_batch_inputs
 from callbacks.checkpoint_state import (
     fold_in_place,
     masked_values,
@@ -201,7 +201,7 @@ class CompressionCallback(_Callback):
         if self._aa is not None:
             self._aa.attach(self.ctrl)
         self._key_prefix = self._prefix(pl_module)
-        calibrate(self.ctrl, trainer)
+        calibrate(self.ctrl, trainer, target)
         for _, module, _, _ in masks.iter_masked(target):
             report_masked_weights(module)
         # torch.compile does not guard on module hooks by default: a graph traced without the
@@ -391,40 +391,6 @@ class CompressionCallback(_Callback):
                     t.copy_(saved[name])
 
 
-def first_batch_inputs(trainer: pl.Trainer, model: nn.Module) -> tuple[torch.Tensor, ...]:
-    """The model inputs of the first training batch: the first element of a tuple/list batch,
-    the batch itself when it is a tensor, and from a dict batch (a Hugging Face tokenizer's or
-    collator's) the entry named as ``model.forward``'s first parameter (``input_ids``,
-    ``pixel_values``)."""
-    source = trainer.fit_loop._data_source  # the loader given to fit() or by the datamodule
-    loader = source.dataloader()
-    batch = next(iter(loader))
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return (batch[0],)
-    if isinstance(batch, Mapping):
-        params = [
-            p.name
-            for p in inspect.signature(model.forward).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-        if params and isinstance(batch.get(params[0]), torch.Tensor):
-            return (batch[params[0]],)
-        raise ConfigError(
-            f"cannot take example inputs from the first batch: it is a dict with keys "
-            f"{sorted(map(str, batch))}, and {type(model).__name__}.forward's first parameter "
-            f"({params[0] if params else 'none'}) is not one of them; set model_attr to the "
-            "network the batch feeds, or example_input_array on the LightningModule, or "
-            "input_info in the recipe"
-        )
-    raise ConfigError(
-        "cannot take example inputs from the first batch (it is neither a tensor, an "
-        "(inputs, targets) tuple nor a dict); set example_input_array on the LightningModule "
-        "or input_info in the recipe"
-    )
-
-
 def _add_loss(pl_module: pl.LightningModule, ctrl: CompressionController) -> None:
     """Makes ``training_step`` return its loss plus ``ctrl.loss()``, without changing the class."""
     step = pl_module.training_step
@@ -441,14 +407,3 @@ def _add_loss(pl_module: pl.LightningModule, ctrl: CompressionController) -> Non
         return out
 
     pl_module.training_step = training_step  # type: ignore[method-assign]
-
-
-def calibrate(ctrl: CompressionController, trainer: pl.Trainer) -> None:
-    """Feeds training batches to algorithms whose importance reads feature maps (filter
-    pruning's ``nuclear_norm``: ``params.calibration_batches`` batches), before training."""
-    for algo in ctrl.algorithms:
-        if not getattr(algo, "needs_calibration", False):
-            continue
-        loader = trainer.fit_loop._data_source.dataloader()
-        batches = itertools.islice(loader, int(algo.params["calibration_batches"]))
-        algo.calibrate(b[0] if isinstance(b, (list, tuple)) else b for b in batches)  # type: ignore[attr-defined]

@@ -429,10 +429,11 @@ def test_an_mlp_as_wide_as_the_hidden_size_still_updates_the_config(tmp_path: Pa
     torch.testing.assert_close(_round_trip(small, x, tmp_path / "hf"), want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_lightning_module_on_hf_dict_batches(tmp_path: Path) -> None:
-    """The way a Hugging Face user trains: batches are dicts (input_ids, attention_mask,
-    labels), the LightningModule calls ``self.model(**batch)``; the callback takes its example
-    inputs from the batch's ``input_ids``."""
+def _fit_on_dict_batches(
+    tmp_path: Path, recipe: dict[str, Any], formats: tuple[str, ...] = ("sparse",)
+) -> tuple[Any, Any, list]:
+    """BERT trained the way a Hugging Face user trains it: batches are dicts (input_ids,
+    attention_mask, labels) and the LightningModule calls ``self.model(**batch)``."""
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader
 
@@ -460,8 +461,13 @@ def test_a_lightning_module_on_hf_dict_batches(tmp_path: Path) -> None:
     ]
     torch.manual_seed(0)
     lit = Lit()
-    recipe = {"compression": {"algorithm": "magnitude_sparsity", "sparsity_init": 0.5}}
-    cb = CompressionCallback(recipe, model_attr="model", verbose=False, export_dir=tmp_path / "out")
+    cb = CompressionCallback(
+        {"compression": recipe},
+        model_attr="model",
+        verbose=False,
+        export_dir=tmp_path / "out",
+        export_formats=list(formats),
+    )
     trainer = pl.Trainer(
         max_epochs=2,
         accelerator="cpu",
@@ -472,7 +478,16 @@ def test_a_lightning_module_on_hf_dict_batches(tmp_path: Path) -> None:
         enable_model_summary=False,
         default_root_dir=tmp_path,
     )
-    trainer.fit(lit, DataLoader(rows, batch_size=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # filter pruning's coverage and config notices
+        trainer.fit(lit, DataLoader(rows, batch_size=4))
+    return cb, lit, rows
+
+
+def test_a_lightning_module_on_hf_dict_batches(tmp_path: Path) -> None:
+    # the callback takes its example inputs from the batch's input_ids
+    recipe = {"algorithm": "magnitude_sparsity", "sparsity_init": 0.5}
+    cb, lit, rows = _fit_on_dict_batches(tmp_path, recipe)
     assert cb.ctrl is not None and cb.ctrl.example_inputs[0].shape == (4, 8)
     stats = cb.ctrl.statistics().to_dict()["model"]
     assert stats["sparsity of compressed layers"] == pytest.approx(0.5, abs=0.01)
@@ -481,6 +496,18 @@ def test_a_lightning_module_on_hf_dict_batches(tmp_path: Path) -> None:
     plain = compress.load_sparse(cb.exported["sparse"], ZOO["bert"].build())
     torch.testing.assert_close(_outputs(plain, x), want)
     torch.testing.assert_close(_round_trip(lit.model, x, tmp_path / "hf"), want)
+
+
+def test_feature_map_importance_calibrates_on_hf_dict_batches(tmp_path: Path) -> None:
+    params = {"filter_importance": "nuclear_norm", "calibration_batches": 2, "round_to": 1}
+    recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5, "params": params}
+    cb, lit, rows = _fit_on_dict_batches(tmp_path, recipe, ("pruned",))
+    algo = cb.ctrl.algorithms[0]
+    assert algo.calibration and "bert.encoder.layer.0.intermediate.dense" in algo.calibration
+    small = compress.load_pruned(ZOO["bert"].build(), cb.exported["pruned"])
+    x = (rows[0]["input_ids"][None],)
+    assert small.bert.encoder.layer[0].intermediate.dense.out_features == 32
+    torch.testing.assert_close(_outputs(small, x), _outputs(lit.model, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
