@@ -39,7 +39,7 @@ from compress.errors import CompressError, ConfigError
 from compress.recipe.config import Config, load_config, schema
 
 Mode = Literal["max", "min"]
-# Algorithms whose level set_level can move, in the order the search picks one.
+# Algorithms whose level ``set_level`` can move, in the order the search picks one.
 ADAPTIVE = ("filter_pruning", "magnitude_sparsity", "rb_sparsity")
 STATE_VERSION = 1
 
@@ -246,7 +246,7 @@ class AccuracyAware:
         if self.best is not None:
             self._restore(self.best)
         self.target = new
-        set_level(self._searched_or_fail(), new)
+        self._searched_or_fail().set_level(new)
         self.epochs_at_level = 0
         self.best_at_level = None
         verb = "raised" if sign > 0 else "lowered"
@@ -375,33 +375,6 @@ def fully_compressed(ctrl: CompressionController) -> bool:
         if algo.level < _final_target(algo) - 1e-9:
             return False
     return True
-
-
-def set_level(algo: Algorithm, level: float) -> None:
-    """Moves one algorithm to ``level`` now, outside its schedule."""
-    a: Any = algo  # each branch uses its own algorithm's methods
-    if algo.name == "magnitude_sparsity":
-        a.current = level
-        if a.params["sparsity_target_type"] == "effective":
-            a.set_effective_masks(level)
-        else:
-            a.set_masks(level)
-    elif algo.name == "rb_sparsity":
-        if a.frozen:
-            raise CompressError(
-                "rb_sparsity is frozen (sparsity_freeze_epoch reached): its level cannot move; "
-                "raise params.sparsity_freeze_epoch above the accuracy-aware epochs"
-            )
-        a.current = level  # the density loss pulls the learned masks there
-    elif algo.name == "filter_pruning":
-        epoch = float(max(a.freeze_epoch, a.params["num_init_steps"]))
-        scores = a.scores()
-        a.current = level
-        a.ratio = a._flops_ratio(level, scores, epoch) if a.flops_target else level
-        a.keep = a.choose(a.ratio, scores, epoch)
-        a._apply()
-    else:
-        raise CompressError(f"{algo.name}: its level cannot be set")
 
 
 def run_accuracy_aware(

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from compress import masks
-from compress.errors import ConfigError
+from compress.errors import CompressError, ConfigError
 from compress.recipe import scopes
 from compress.recipe.config import AlgorithmConfig
 from compress.schedules import Scheduler
@@ -67,6 +67,10 @@ class Algorithm:
     def level(self) -> float:
         """The level the schedule asks for now."""
         return 0.0
+
+    def set_level(self, level: float) -> None:
+        """Moves to ``level`` now, outside the schedule (accuracy-aware training)."""
+        raise CompressError(f"{self.name}: its level cannot be set")
 
     def loss(self) -> torch.Tensor | None:
         return None

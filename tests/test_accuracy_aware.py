@@ -240,3 +240,22 @@ def test_callback_without_reference_is_a_config_error(tmp_path: Path) -> None:
     cb = CompressionCallback(recipe("early_exit"), monitor="val_acc", verbose=False)
     with pytest.raises(ConfigError, match="no reference metric. HINT: run trainer.validate"):
         fit_quietly(quiet_trainer(tmp_path, cb, epochs=1, logger=False), LevelMetric(), loader16())
+
+
+def test_a_frozen_rb_level_cannot_be_moved_and_says_what_to_raise() -> None:
+    rb = {"algorithm": "rb_sparsity", "sparsity_init": 0.1, "params": {"sparsity_freeze_epoch": 1}}
+    ctrl, _ = compress.create_compressed_model(lenet(), {"compression": rb})
+    ctrl.algorithms[0].set_level(0.3)
+    assert ctrl.algorithms[0].level == 0.3
+    ctrl.scheduler.epoch_step()
+    ctrl.scheduler.epoch_step()  # epoch 1: frozen
+    with pytest.raises(compress.CompressError, match="raise params.sparsity_freeze_epoch"):
+        ctrl.algorithms[0].set_level(0.5)
+
+
+def test_an_algorithm_without_a_level_refuses_one() -> None:
+    ctrl, _ = compress.create_compressed_model(
+        lenet(), {"compression": {"algorithm": "const_sparsity"}}
+    )
+    with pytest.raises(compress.CompressError, match="const_sparsity: its level cannot be set"):
+        ctrl.algorithms[0].set_level(0.5)

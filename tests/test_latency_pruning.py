@@ -251,3 +251,17 @@ def test_a_target_out_of_reach_warns_and_prunes_to_the_narrowest_widths() -> Non
         with pytest.warns(UserWarning, match=r"pruning_latency_target 0.990 is out of reach"):
             ctrl, _ = compress.create_compressed_model(model, recipe, x)
     assert widths(ctrl.algorithms[0]) == {"0": 8, "2": 8}
+
+
+def test_a_level_set_outside_the_schedule_is_a_latency_fraction_too() -> None:
+    # accuracy-aware training sets the level itself: with a latency target it is still the
+    # fraction of latency removed, not of filters
+    model, x = wide_net()
+    params = {"pruning_latency_target": 0.6, "pruning_steps": 3, "round_to": 1}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(latency, "default_timer", latency.layer_macs_timer)
+        ctrl, algo = compressed(model, x, **params)
+        algo.set_level(0.3)
+        removed = latency_widths.removed_fraction(algo.latency_table, widths(algo))
+    assert algo.level == 0.3
+    assert 0.3 <= removed < 0.3 + 0.15

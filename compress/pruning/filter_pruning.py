@@ -205,23 +205,28 @@ class FilterPruning(Algorithm):
         if per_step or self.frozen:
             return
         epoch = self.scheduler.progress(None, False)
-        self.current = self._scheduled(self.target, epoch)
+        self._move(self._scheduled(self.target, epoch), epoch)
+        if self.scheduler.epoch >= 0 and epoch >= self.freeze_epoch:
+            self.frozen = True
+
+    def set_level(self, level: float) -> None:
+        """Moves to ``level`` now, outside the schedule (accuracy-aware training), with the
+        allocation of the schedule's last epoch."""
+        self._move(level, float(max(self.freeze_epoch, self.params["num_init_steps"])))
+
+    def _move(self, level: float, epoch: float) -> None:
+        """Keeps the channels ``level`` (of filters, MACs or latency) leaves at ``epoch``."""
+        self.current = level
         scores = self.scores()
         if self.latency_target:
-            self.keep = self._latency_keep(self.current, scores, epoch)
+            self.keep = self._latency_keep(level, scores, epoch)
             self.ratio = 1.0 - sum(int(k.sum()) for k in self.keep.values()) / max(
                 1, sum(g.size for g in self.groups)
             )
         else:
-            self.ratio = (
-                self._flops_ratio(self.current, scores, epoch)
-                if self.flops_target
-                else self.current
-            )
+            self.ratio = self._flops_ratio(level, scores, epoch) if self.flops_target else level
             self.keep = self.choose(self.ratio, scores, epoch)
         self._apply()
-        if self.scheduler.epoch >= 0 and epoch >= self.freeze_epoch:
-            self.frozen = True
 
     def _apply(self) -> None:
         for group in self.groups:

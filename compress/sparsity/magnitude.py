@@ -76,12 +76,16 @@ class MagnitudeSparsity(Algorithm):
             self.set_straight_through()
         if event != "update":
             return
-        self.current = self.target_level()
-        if self.params["sparsity_target_type"] == "effective":
-            self.set_effective_masks(self.current)
-        else:
-            self.set_masks(self.current)
+        self.set_level(self.target_level())
         self.warn_collapse()
+
+    def set_level(self, level: float) -> None:
+        """Moves to ``level`` now: the schedule's level, or one accuracy-aware training sets."""
+        self.current = level
+        if self.params["sparsity_target_type"] == "effective":
+            self.set_effective_masks(level)
+        else:
+            self.set_masks(level)
 
     def warn_collapse(self) -> None:
         """Warns (once per layer) when a layer is pruned to 100%: the network is then cut in two

@@ -167,6 +167,16 @@ class RBSparsity(Algorithm):
                 patience=p["patience"],
             )
 
+    def set_level(self, level: float) -> None:
+        """Moves the level now (accuracy-aware training): the density loss pulls the learned
+        masks there."""
+        if self.frozen:
+            raise CompressError(
+                "rb_sparsity is frozen (sparsity_freeze_epoch reached): its level cannot move; "
+                "raise params.sparsity_freeze_epoch above the accuracy-aware epochs"
+            )
+        self.current = level
+
     def freeze(self) -> None:
         """Fixes every mask at its deterministic value; the loss turns off."""
         self._declare_ones(False)
