@@ -33,11 +33,14 @@ def shortfall(ctrl: CompressionController) -> list[str]:
 def learned_lag(algo: Any, step: int) -> list[str]:
     """A line when a learned mask (RB) is far sparser or denser than its schedule's level: its
     logits learn by gradient, and with a plain optimizer or few steps they barely move."""
-    achieved = getattr(algo, "sparsity", None)
-    if not callable(achieved) or abs(achieved() - algo.level) <= 0.05:
+    sparsity = getattr(algo, "sparsity", None)
+    if not callable(sparsity):
+        return []
+    achieved = float(sparsity())
+    if abs(achieved - algo.level) <= 0.05:
         return []
     return [
-        f"compression: {algo.name}'s masks are {achieved():.4f} sparse where its schedule is "
+        f"compression: {algo.name}'s masks are {achieved:.4f} sparse where its schedule is "
         f"at level {algo.level:.4f} after {step} optimizer steps: the mask logits learn by "
         "gradient and moved too little; raise params.compression_lr_multiplier, train the "
         "logits with Adam, or train longer"

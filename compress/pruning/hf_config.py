@@ -109,14 +109,8 @@ def update_config(model: nn.Module, before: dict[str, tuple[str, int]]) -> None:
         if key != "num_attention_heads":
             updates[key] = value
             continue
-        heads = config.num_attention_heads
-        head = full[key] // heads  # the projection's channels per head
-        ratio = heads // (getattr(config, "num_key_value_heads", None) or heads)
-        updates["num_attention_heads"] = value // head
-        if getattr(config, "head_dim", None) is None:
-            updates["head_dim"] = config.hidden_size // heads
-        if getattr(config, "num_key_value_heads", None) is not None:
-            updates["num_key_value_heads"] = max(updates["num_attention_heads"] // ratio, 1)
+        head = full[key] // config.num_attention_heads  # the projection's channels per head
+        updates |= _head_updates(config, value // head)
     layers: list[str] = []
     if not problems and updates:
         problem, layers = _rebuild_problem(model, config, updates)
@@ -172,24 +166,39 @@ def config_warning(model: nn.Module, group_names: list[str]) -> str | None:
 
 
 def _fewer_heads_stated(model: nn.Module, config: Any, name: str) -> bool:
-    """Whether a model built from ``config`` with half the heads has half the heads' width in
-    layer ``name`` (built on the meta device: no memory, no init cost)."""
+    """Whether a model built from ``config`` stating half the heads has half the heads' width
+    in layer ``name``."""
     heads = config.num_attention_heads
-    trial = copy.deepcopy(config)
-    trial.num_attention_heads = max(heads // 2, 1)
-    if getattr(config, "head_dim", None) is None:
-        trial.head_dim = config.hidden_size // heads
-    if isinstance(getattr(config, "num_key_value_heads", None), int):
-        trial.num_key_value_heads = max(config.num_key_value_heads // 2, 1)
+    fewer = max(heads // 2, 1)
     try:
-        with torch.device("meta"):
-            half = _out(type(model)(trial).get_submodule(name))
+        half = _out(_built(model, config, _head_updates(config, fewer)).get_submodule(name))
     except Exception:  # noqa: BLE001 - any failure means the config cannot state it
         return False
     width = _out(model.get_submodule(name))
-    return (
-        half is not None and width is not None and half * heads == width * trial.num_attention_heads
-    )
+    return half is not None and width is not None and half * heads == width * fewer
+
+
+def _head_updates(config: Any, kept: int) -> dict[str, Any]:
+    """The config keys that state ``kept`` attention heads of the original head size (and the
+    key/value heads that go with them under grouped-query attention)."""
+    heads = config.num_attention_heads
+    updates: dict[str, Any] = {"num_attention_heads": kept}
+    if getattr(config, "head_dim", None) is None:
+        updates["head_dim"] = config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    if kv_heads is not None:
+        updates["num_key_value_heads"] = max(kept // (heads // kv_heads), 1)
+    return updates
+
+
+def _built(model: nn.Module, config: Any, updates: dict[str, Any]) -> nn.Module:
+    """``model``'s class built from ``config`` with ``updates``, on the meta device (no memory,
+    no init cost)."""
+    trial = copy.deepcopy(config)
+    for key, value in updates.items():
+        setattr(trial, key, value)
+    with torch.device("meta"):
+        return type(model)(trial)
 
 
 def _hint(key: str) -> str:
@@ -204,16 +213,11 @@ def _hint(key: str) -> str:
 def _rebuild_problem(
     model: nn.Module, config: Any, updates: dict[str, Any]
 ) -> tuple[str | None, list[str]]:
-    """(None, []) when the model built from ``config`` with ``updates`` (on the meta device: no
-    memory, no init cost) has the parameter shapes of ``model``; else the first shape that
-    differs, and the layers whose outputs were cut where the config cannot say so (their bias
-    differs, or their weight when no bias does)."""
-    trial = copy.deepcopy(config)
-    for key, value in updates.items():
-        setattr(trial, key, value)
+    """(None, []) when the model built from ``config`` with ``updates`` has the parameter shapes
+    of ``model``; else the first shape that differs, and the layers whose outputs were cut where
+    the config cannot say so (their bias differs, or their weight when no bias does)."""
     try:
-        with torch.device("meta"):
-            fresh = type(model)(trial)
+        fresh = _built(model, config, updates)
     except Exception as err:  # noqa: BLE001 - any failure means the config does not describe it
         return f"the model class does not build from it ({type(err).__name__}: {err})", []
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
