@@ -246,7 +246,8 @@ class AccuracyAware:
         if self.best is not None:
             self._restore(self.best)
         self.target = new
-        self._searched_or_fail().set_level(new)
+        assert self.ctrl is not None
+        self.ctrl.set_level(self._searched_or_fail(), new)
         self.epochs_at_level = 0
         self.best_at_level = None
         verb = "raised" if sign > 0 else "lowered"

@@ -82,6 +82,12 @@ class CompressionController:
             algo.update(per_step)
         masks.sync(self._masked)
 
+    def set_level(self, algo: Algorithm, level: float) -> None:
+        """Moves ``algo`` to ``level`` now, outside the schedule (accuracy-aware training), and
+        publishes its masks to compiled forward passes, as every schedule event does."""
+        algo.set_level(level)
+        masks.sync(self._masked)
+
     @property
     def compression_level(self) -> float:
         """The current level of the last algorithm (sparsity when a sparsity algorithm is used)."""

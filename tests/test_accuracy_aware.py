@@ -259,3 +259,15 @@ def test_an_algorithm_without_a_level_refuses_one() -> None:
     )
     with pytest.raises(compress.CompressError, match="const_sparsity: its level cannot be set"):
         ctrl.algorithms[0].set_level(0.5)
+
+
+def test_a_level_set_through_the_controller_reaches_compiled_forward_passes() -> None:
+    torch._dynamo.reset()
+    recipe = {"compression": {"algorithm": "magnitude_sparsity", "sparsity_init": 0.2}}
+    ctrl, net = compress.create_compressed_model(lenet(), recipe)
+    compiled = torch.compile(net, backend="eager")
+    x = torch.randn(4, 64)
+    before = compiled(x)
+    ctrl.set_level(ctrl.algorithms[0], 0.7)
+    assert ctrl.algorithms[0].level == 0.7
+    assert torch.equal(compiled(x), net(x)) and not torch.equal(compiled(x), before)

@@ -458,3 +458,26 @@ def test_combined_sparsity_level_applies_to_the_weights_that_remain() -> None:
         fp, own = masks.get_mask(module, "weight", OWNER), masks.get_mask(module, "weight")
         if fp is not None and own is not None:
             assert torch.all(own[fp == 0] == 1)  # no budget spent on removed filters
+
+
+def test_calibration_of_a_compiled_model_sees_every_channel() -> None:
+    # compiled forward passes read the masks' one-byte copies: lifting the masks for the
+    # calibration (and putting them back) must reach them too
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(2, 4, bias=False), nn.ReLU(), nn.Linear(4, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0], [0, 1], [2, 0], [0, 3]]))
+    ctrl, algo = compressed(
+        model,
+        torch.tensor([[0.0, 10.0]]),
+        pruning_target=0.5,
+        schedule="baseline",
+        filter_importance="nuclear_norm",
+    )
+    model.compile(backend="eager")
+    assert algo.keep["0"].tolist() == [False, True, False, True]
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):  # as the callback sets it
+        algo.calibrate(iter([torch.tensor([[10.0, 0.0]]), (torch.tensor([[1.0, 0.0]]),)]))
+        x = torch.tensor([[1.0, 1.0]])
+        assert torch.equal(model(x), model._call_impl(x))  # compiled and eager: the same masks
+    assert algo.calibration["0"].tolist() == [11.0, 0.0, 22.0, 0.0]

@@ -46,6 +46,7 @@ def nuclear_scores(
     saved = [(mask, mask.clone()) for mask in channel_masks(model, groups)]
     for mask, _ in saved:
         mask.fill_(1.0)
+    masks.sync(model.modules())  # compiled forward passes read the masks' one-byte copies
     try:
         with torch.no_grad():
             for batch in batches:
@@ -57,6 +58,7 @@ def nuclear_scores(
             h.remove()
         for mask, values in saved:
             mask.copy_(values)
+        masks.sync(model.modules())
     return scores
 
 
