@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,34 +53,33 @@ def vit() -> nn.Module:
     return ViTForImageClassification(config)
 
 
+def gpt2_config(**overrides: Any) -> Any:
+    from transformers import GPT2Config
+
+    sizes = {"vocab_size": 100, "n_positions": 16, "n_embd": 32, "n_layer": 2, "n_head": 4}
+    return GPT2Config(**sizes, bos_token_id=0, eos_token_id=0, **overrides)
+
+
 def gpt2() -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
-    config = GPT2Config(
-        vocab_size=100,
-        n_positions=16,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPT2LMHeadModel(config)
+    return GPT2LMHeadModel(gpt2_config())
 
 
-def llama() -> nn.Module:
+def llama(**overrides: Any) -> nn.Module:
+    """A small Llama; ``overrides`` change its config's sizes."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-    )
-    return LlamaForCausalLM(config)
+    sizes = {
+        "vocab_size": 100,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 16,
+    }
+    return LlamaForCausalLM(LlamaConfig(**(sizes | overrides)))
 
 
 def _pixels() -> tuple[torch.Tensor, ...]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from hf_zoo import ZOO, logits
+from hf_zoo import ZOO, gpt2_config, llama, logits
 
 import compress
 from compress.algorithm import weight
@@ -262,13 +262,9 @@ def test_decoders_keep_their_cache_and_are_traced_without_it() -> None:
         torch.testing.assert_close(_outputs(small, x), logits(out), rtol=1e-5, atol=1e-5)
 
 
-def _llama_filter_pruning(recipe: dict[str, Any], **config: int) -> tuple[Any, Any, tuple]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def _llama_filter_pruning(recipe: dict[str, Any], **sizes: int) -> tuple[Any, Any, tuple]:
     torch.manual_seed(0)
-    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4}
-    sizes |= {"num_key_value_heads": 2, **config}
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, num_hidden_layers=2, **sizes))
+    model = llama(**sizes)
     x = ZOO["llama"].inputs()
     # the budget turns a group search that never ends into an error instead of a hang
     params = {"trace_time_budget": 60, **recipe.get("params", {})}
@@ -389,20 +385,10 @@ def test_gpt2_latency_target_and_scop_see_the_conv1d_layers(
 def test_gpt2_without_lm_head_prunes_heads_too() -> None:
     # GPT2Model alone: Torch-Pruning's reshape mapping would scale the split parts' channels by
     # three here; the views of the parts keep their channel order
-    from transformers import GPT2Config, GPT2Model
+    from transformers import GPT2Model
 
     torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=100,
-        n_positions=16,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_inner=64,
-        use_cache=False,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
+    config = gpt2_config(n_inner=64, use_cache=False)
     model, x = GPT2Model(config), ZOO["gpt2"].inputs()
     recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5, "params": {"round_to": 1}}
     with warnings.catch_warnings():
