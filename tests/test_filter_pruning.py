@@ -253,7 +253,8 @@ def test_nuclear_norm_of_known_feature_maps() -> None:
     assert torch.allclose(feature_map_nuclear_norms(tokens, -1), torch.tensor([5.0, 1.0]))
 
 
-def test_nuclear_norm_follows_the_calibration_data() -> None:
+def _nuclear_norm_net() -> tuple[nn.Module, Any, Any]:
+    """Channels 1 and 3 win on the example input, 0 and 2 on the calibration batches."""
     model = nn.Sequential(nn.Linear(2, 4, bias=False), nn.ReLU(), nn.Linear(4, 1))
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[1.0, 0], [0, 1], [2, 0], [0, 3]]))
@@ -264,6 +265,11 @@ def test_nuclear_norm_follows_the_calibration_data() -> None:
         schedule="baseline",
         filter_importance="nuclear_norm",
     )
+    return model, ctrl, algo
+
+
+def test_nuclear_norm_follows_the_calibration_data() -> None:
+    model, ctrl, algo = _nuclear_norm_net()
     assert algo.keep["0"].tolist() == [False, True, False, True]  # from the example inputs
     algo.calibrate(iter([torch.tensor([[10.0, 0.0]]), (torch.tensor([[1.0, 0.0]]),)]))
     assert algo.calibration["0"].tolist() == [11.0, 0.0, 22.0, 0.0]
@@ -464,16 +470,7 @@ def test_calibration_of_a_compiled_model_sees_every_channel() -> None:
     # compiled forward passes read the masks' one-byte copies: lifting the masks for the
     # calibration (and putting them back) must reach them too
     torch._dynamo.reset()
-    model = nn.Sequential(nn.Linear(2, 4, bias=False), nn.ReLU(), nn.Linear(4, 1))
-    with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[1.0, 0], [0, 1], [2, 0], [0, 3]]))
-    ctrl, algo = compressed(
-        model,
-        torch.tensor([[0.0, 10.0]]),
-        pruning_target=0.5,
-        schedule="baseline",
-        filter_importance="nuclear_norm",
-    )
+    model, ctrl, algo = _nuclear_norm_net()
     model.compile(backend="eager")
     assert algo.keep["0"].tolist() == [False, True, False, True]
     with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):  # as the callback sets it
