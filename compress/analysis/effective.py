@@ -287,12 +287,13 @@ def _by_parts(
     for name, part in candidates:
         if name not in seen or any(name.startswith(p + ".") for p in parts):
             continue
-        mine = {n: direct[f"{name}.{n}"] for n in prunable_layers(part)}
+        own = prunable_layers(part)
+        mine = {n: direct[f"{name}.{n}"] for n in own}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 graph_module = _trace(part, seen[name])
-                found = _sweep(graph_module, {m: n for n, m in prunable_layers(part).items()}, mine)
+                found = _sweep(graph_module, {m: n for n, m in own.items()}, mine)
         except Exception:  # noqa: BLE001 - this part does not trace either: its children may
             continue
         active.update({f"{name}.{n}": v for n, v in found.items()})
