@@ -185,14 +185,14 @@ def select(
                 if not any(matches(scope, n) for n in names) and not _names_other_op(scope, names):
                     raise ConfigError(f"{path}.{key}: {unmatched(scope, names)}")
     out = []
-    for names, module in named:
+    for own, module in named:
         if not isinstance(module, kinds):
             continue
-        if target_l and not any(matches(s, names) for s in target_l):
+        if target_l and not any(matches(s, own) for s in target_l):
             continue
-        if any(matches(s, names) for s in ignored_l):
+        if any(matches(s, own) for s in ignored_l):
             continue
-        out.append((names.path, module))
+        out.append((own.path, module))
     return out
 
 
