@@ -137,23 +137,62 @@ def matches(scope: str, name: str | Names) -> bool:
             return False
         if names.scope == scope or names.scope.startswith(scope + "/"):
             return True  # the module's scope, or a container holding it
-        return names.node is not None and _same_node(scope, names.node)
+        return scope == names.node
     return fnmatch.fnmatchcase(names.path, scope)
 
 
-def _same_node(scope: str, node: str) -> bool:
-    """``scope`` is ``node`` or another call of its operation (``conv2d_1``: a layer run twice)."""
-    head, _, _ = node.rpartition("_")
-    return scope == node or re.fullmatch(re.escape(head) + r"_\d+", scope) is not None
+# Operations that are not layers and often have nodes of their own in NNCF's graph: a '{re}'
+# scope that matches one of them under some module is accepted, as NNCF accepts it (it selects
+# no layer there either).
+OTHER_OPS = (
+    "relu",
+    "relu_",
+    "__add__",
+    "__iadd__",
+    "__mul__",
+    "cat",
+    "flatten",
+    "view",
+    "reshape",
+    "mean",
+    "max_pool2d",
+    "avg_pool2d",
+    "adaptive_avg_pool2d",
+    "interpolate",
+    "dropout",
+    "sigmoid",
+    "softmax",
+    "matmul",
+    "__getitem__",
+    "silu",
+    "gelu",
+    "hardswish",
+    "hardtanh",
+    "tanh",
+    "pad",
+    "chunk",
+    "transpose",
+    "permute",
+)
 
 
 def _names_other_op(scope: str, names: list[Names]) -> bool:
     """A node name NNCF's graph may hold besides the layers': an operation that is not a module
     (``ResNet/Sequential[layer1]/BasicBlock[0]/__add___0``, ``ResNet/relu_0``) inside a module
-    the model has. It selects no layer, in NNCF as here."""
+    the model has (not a layer: a layer's scope holds its own operation only). It selects no
+    layer, in NNCF as here."""
+    if scope.startswith("{re}"):
+        pattern = re.compile(scope[4:])
+        return any(
+            pattern.search(f"{n.scope}/{op}_{i}")
+            for n in names
+            if n.node is None
+            for op in OTHER_OPS
+            for i in range(10)
+        )
     head, _, op_call = scope.rpartition("/")
     match = re.fullmatch(r"(\w+?)_(\d+)", op_call)
-    if match is None or not any(n.scope == head for n in names):
+    if match is None or not any(n.scope == head and n.node is None for n in names):
         return False
     op = match[1]
     return any(hasattr(space, op) for space in (torch.Tensor, torch.nn.functional, torch))
