@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 import torch
+from nncf217_models import MODELS, example_input, seeded
 
 import compress
 from compress import masks
 from compress.errors import ConfigError
 from compress.recipe import scopes
-from nncf217_models import MODELS, example_input, seeded
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "nncf217" / "scopes.json").read_text())
 SPARSITY = {"algorithm": "magnitude_sparsity", "sparsity_init": 0.5}

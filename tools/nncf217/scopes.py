@@ -20,10 +20,9 @@ import copy
 import logging
 from typing import Any
 
+import nncf217_models as models
 import torch
 from torch import nn
-
-import nncf217_models as models
 
 SPARSITY = {"algorithm": "magnitude_sparsity", "sparsity_init": 0.5}
 PRUNING = {
