@@ -179,3 +179,56 @@ def test_an_unmatched_nncf_name_says_the_closest_names() -> None:
         r"module of the model; closest: \[.*'LeNet300/NNCFLinear\[fc1\]/linear_0'\]",
     ):
         compress.create_compressed_model(seeded("lenet300"), recipe)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_statistics_name_nncfs_figures(name: str) -> None:
+    """NNCF's sparsity figures at level 0.5, and its FLOPs (2 x MACs) and parameters (conv and
+    linear weights) from its filter pruning statistics, under the names ours gives them."""
+    recorded = FIXTURE["statistics"][name]
+    ctrl, _ = compress.create_compressed_model(
+        seeded(name), {"compression": SPARSITY}, example_inputs=example_input(name)
+    )
+    stats = ctrl.statistics().to_dict()
+    model = stats["model"]
+    assert model["sparsity of compressed layers"] == recorded["sparsity_level_for_layers"]
+    assert model["sparsity of the model"] == pytest.approx(recorded["sparsity_level"], abs=1e-12)
+    rows = {r["layer"]: r["weight's percentage"] for r in stats["algorithms"][0]["layers"]}
+    assert rows == pytest.approx(recorded["weight_percentage"], abs=1e-9)
+    if "full_flops" in recorded:
+        assert model["FLOPs (2 x MACs)"] == recorded["full_flops"] == 2 * model["MACs"]
+        assert model["conv/linear weights (NNCF's params)"] == recorded["full_params_num"]
+        assert model["params"] > recorded["full_params_num"]  # ours: every parameter
+
+
+KD = FIXTURE["distillation"]
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> None:
+    """The recorder's change of the student after the teacher was copied."""
+    gen = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for pname in sorted(params):
+            params[pname].add_(torch.randn(params[pname].shape, generator=gen) * 0.05)
+
+
+@pytest.mark.parametrize(
+    "case", KD, ids=[f"{c['model']}-{c['type']}-{i}" for i, c in enumerate(KD)]
+)
+def test_distillation_loss_is_nncfs_with_the_teacher_in_eval_mode(case: dict[str, Any]) -> None:
+    """NNCF's loss formulas (mse; softmax cross-entropy with temperature; scale) give NNCF's
+    value. NNCF runs its teacher in train mode (BatchNorm on batch statistics); ours in eval
+    mode: equal without BatchNorm, and equal to NNCF with its teacher put in eval mode."""
+    section = {k: case[k] for k in ("algorithm", "type", "scale", "temperature") if k in case}
+    model = seeded(case["model"])
+    ctrl, model = compress.create_compressed_model(model, {"compression": section})
+    _perturb(model, seed=3)
+    shape = MODELS[case["model"]][1]
+    batch = torch.randn((4, *shape[1:]), generator=torch.Generator().manual_seed(7))
+    model.train()
+    model(batch)
+    loss = float(ctrl.loss())
+    assert loss == pytest.approx(case["loss_teacher_eval"], rel=1e-5)
+    same_in_train_mode = loss == pytest.approx(case["loss_teacher_train"], rel=1e-5)
+    assert same_in_train_mode == (case["model"] == "lenet300")  # only it has no BatchNorm
