@@ -54,6 +54,8 @@ def _summary(cfg: Config) -> str:
             )
         else:
             parts.append(a.name)
+    if not parts:
+        return f"{cfg.source}: valid: no 'compression' section, the model trains uncompressed"
     return f"{cfg.source}: valid: " + " + ".join(parts)
 
 

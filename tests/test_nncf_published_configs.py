@@ -228,3 +228,13 @@ def test_top_level_scopes_apply_to_every_algorithm_as_in_nncf() -> None:
     ctrl, model = compress.create_compressed_model(Classifier(3), cfg, torch.randn(1, 3, 8, 8))
     masked = sorted(n for n, _, p, _ in masks.iter_masked(model) if p == "weight")
     assert masked == ["block.0", "block.3"]
+
+
+def test_compress_validate_says_a_baseline_config_trains_uncompressed(capsys) -> None:  # type: ignore[no-untyped-def]
+    from compress.cli import main
+
+    path = ROOT / "examples/torch/classification/configs/pruning/resnet18_imagenet.json"
+    assert main(["validate", str(path)]) == 0
+    assert (
+        "valid: no 'compression' section, the model trains uncompressed" in capsys.readouterr().out
+    )
