@@ -232,3 +232,7 @@ def test_distillation_loss_is_nncfs_with_the_teacher_in_eval_mode(case: dict[str
     assert loss == pytest.approx(case["loss_teacher_eval"], rel=1e-5)
     same_in_train_mode = loss == pytest.approx(case["loss_teacher_train"], rel=1e-5)
     assert same_in_train_mode == (case["model"] == "lenet300")  # only it has no BatchNorm
+    # A second read without a forward pass: NNCF gives the same loss again, ours zero (the
+    # loss of one forward pass is added once; docs/nncf_differences.md)
+    assert case["loss_read_again"] == case["loss_teacher_train"]
+    assert float(ctrl.loss()) == 0.0

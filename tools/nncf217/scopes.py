@@ -11,7 +11,8 @@ model of ``tests/nncf217_models.py``:
 - ``statistics``: NNCF's sparsity figures at level 0.5 and its filter pruning FLOPs, weights and
   filters before pruning;
 - ``distillation``: the knowledge distillation loss on a seeded batch after a seeded change of
-  the student's weights, with NNCF's teacher in train mode (its default) and in eval mode.
+  the student's weights, with NNCF's teacher in train mode (its default) and in eval mode, and
+  what a second read of the loss gives.
 """
 
 from __future__ import annotations
@@ -228,6 +229,8 @@ def _distillation() -> list[dict[str, Any]]:
                     ctrl.loss._kd_loss_handler._kd_original_model.eval()
                 net(batch)
                 case[f"loss_teacher_{teacher_mode}"] = float(ctrl.loss().detach())
+                if teacher_mode == "train":  # a second read, without a forward pass between
+                    case["loss_read_again"] = float(ctrl.loss().detach())
             out.append(case)
     return out
 
