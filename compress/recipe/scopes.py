@@ -11,10 +11,10 @@ A scope is one of:
   name (``{re}.*NNCFConv2d\\[conv1\\]``, ``{re}fc``); it also selects a module whose whole name
   it matches (``{re}layer[12]\\..*conv1``).
 
-NNCF names come from the module tree, as NNCF builds them without its trace: the model's class,
-then ``Class[attribute]`` per level, with NNCF's wrapper names for the layers it wraps
-(``NNCFConv2d``, ``NNCFLinear``, ``NNCFBatchNorm2d``, ...) and the operation a layer's forward
-runs (``conv2d_0``, ``linear_0``).
+NNCF takes its names from a trace; here they come from the module tree, which gives the same
+names for layers: the model's class, then ``Class[attribute]`` per level, with NNCF's wrapper
+names for the layer types it wraps (``NNCFConv2d``, ``NNCFLinear``, ``NNCFBatchNorm2d``, ...) and
+the operation the layer's forward runs, first call (``conv2d_0``, ``linear_0``).
 
 Example:
     >>> from torch import nn
