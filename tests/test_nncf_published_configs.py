@@ -241,3 +241,35 @@ def test_compress_validate_says_a_baseline_config_trains_uncompressed(capsys) ->
     assert (
         "valid: no 'compression' section, the model trains uncompressed" in capsys.readouterr().out
     )
+
+
+def test_nncf_keys_our_schema_lacked_are_accepted() -> None:
+    """Keys NNCF 2.17's schema accepts: an algorithm's ``initializer`` (BatchNorm adaptation,
+    not run here), magnitude sparsity's ``params.patience``, and the top-level
+    ``compression_lr_multiplier`` (the default of every algorithm that has the key)."""
+    cfg = compress.load_config(
+        {
+            "compression_lr_multiplier": 2.0,
+            "disable_shape_matching": True,
+            "compression": [
+                {"algorithm": "rb_sparsity"},
+                {
+                    "algorithm": "filter_pruning",
+                    "initializer": {"batchnorm_adaptation": {"num_bn_adaptation_samples": 512}},
+                },
+            ],
+        }
+    )
+    assert cfg.algorithms[0].options["compression_lr_multiplier"] == 2.0
+    own = {"algorithm": "rb_sparsity", "compression_lr_multiplier": 5.0}
+    assert (
+        compress.load_config({"compression_lr_multiplier": 2.0, "compression": own})
+        .algorithms[0]
+        .options["compression_lr_multiplier"]
+        == 5.0
+    )
+    magnitude = {"algorithm": "magnitude_sparsity", "params": {"patience": 2}}
+    magnitude["initializer"] = {"batchnorm_adaptation": {"num_bn_adaptation_samples": 0}}
+    assert compress.load_config({"compression": magnitude}).algorithms[0].params["patience"] == 2
+    with pytest.raises(ConfigError, match=r"^compression_lr_multiplier: \"x\" is not of type"):
+        compress.load_config({"compression_lr_multiplier": "x", "compression": own})

@@ -153,7 +153,7 @@ def load_config(recipe: str | Path | Mapping[str, Any] | Config) -> Config:
     algorithms = []
     for i, item in enumerate(items):
         path = f"compression[{i}]" if isinstance(section, list) else "compression"
-        algorithms.append(_algorithm(item, path))
+        algorithms.append(_algorithm(_with_global_params(item, data), path))
     names = [a.name for a in algorithms]
     for name in set(names):
         if names.count(name) > 1:
@@ -173,6 +173,19 @@ def load_config(recipe: str | Path | Mapping[str, Any] | Config) -> Config:
             else _as_dict(algorithms[0])
         )
     return Config(data=MappingProxyType(data), algorithms=tuple(algorithms), source=source)
+
+
+def _with_global_params(item: Any, top: Mapping[str, Any]) -> Any:
+    """NNCF's top-level ``compression_lr_multiplier`` is the default of every algorithm that
+    has the key (``get_redefinable_global_param_value_for_algo``)."""
+    key = "compression_lr_multiplier"
+    value = top.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return item  # absent, or wrong: the top-level check says so under its own name
+    if not isinstance(item, dict) or key in item:
+        return item
+    properties = schema()["$defs"].get(str(item.get("algorithm")), {}).get("properties", {})
+    return {**item, key: value} if key in properties else item
 
 
 def _global_scopes(top: Mapping[str, Any], algorithms: list[AlgorithmConfig]) -> None:
