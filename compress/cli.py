@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.analysis.summary import layer_macs, table
+from compress.analysis.summary import NNCF_PARAMS, conv_linear_weights, layer_macs, table
 from compress.errors import CompressError, ConfigError
 from compress.recipe.config import Config, load_config
 from compress.schedules import SCHEDULES
@@ -54,6 +54,8 @@ def _summary(cfg: Config) -> str:
             )
         else:
             parts.append(a.name)
+    if not parts:
+        return f"{cfg.source}: valid: no 'compression' section, the model trains uncompressed"
     return f"{cfg.source}: valid: " + " + ".join(parts)
 
 
@@ -194,7 +196,7 @@ def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str
                 ) from None
         lines.append(_model_figures(model, inputs))
     elif pt2_macs is not None:
-        lines.append(table([{"MACs": pt2_macs}]))
+        lines.append(table([{"MACs": pt2_macs, "FLOPs (2 x MACs)": 2 * pt2_macs}]))
     return "\n".join(lines)
 
 
@@ -277,11 +279,13 @@ def _model_figures(model: nn.Module, inputs: Any) -> str:
     report = sparsity_report(model, tuple(inputs) if inputs is not None else None)
     row: dict[str, Any] = {
         "params": sum(p.numel() for p in model.parameters()),
+        NNCF_PARAMS: conv_linear_weights(model),
         "direct sparsity": report.direct_sparsity,
         "effective sparsity": report.effective_sparsity,
     }
     if inputs is not None:
         row["MACs"] = layer_macs(model, tuple(inputs)).get("", 0)
+        row["FLOPs (2 x MACs)"] = 2 * row["MACs"]
     return str(report) + "\n" + table([row])
 
 
