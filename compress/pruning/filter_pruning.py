@@ -35,7 +35,7 @@ from compress.algorithm import Algorithm, weight, weight_layers
 from compress.analysis.summary import layer_macs
 from compress.errors import CompressError, ConfigError
 from compress.pruning import hf_layers, latency, latency_widths
-from compress.pruning.allocation import global_counts, top
+from compress.pruning.allocation import global_counts, global_keep, kept_count, top
 from compress.pruning.calibration import nuclear_scores
 from compress.pruning.channel_groups import Excluded, build_groups
 from compress.pruning.coverage import check_reachable, coverage_warning, exclusion_rows
@@ -56,6 +56,11 @@ from compress.recipe import scopes
 from compress.schedules import pruning_level
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_ROUNDING = {"uniform": "up", "global": "none", "slamp": "nearest"}
+"""How kept counts are rounded when the recipe does not say: as NNCF 2.17 for uniform (up to a
+multiple of round_to) and all_weights (not at all); slamp, ours, to the nearest multiple."""
+_QUOTA = 0.9
+"""NNCF's FLOPs-target ranking prunes at most this fraction of a group's channels."""
 
 
 class FilterPruning(Algorithm):
@@ -79,6 +84,7 @@ class FilterPruning(Algorithm):
         self.target = float(self.flops_target or self.latency_target or p["pruning_target"])
         steps = 0 if p["schedule"] == "baseline" else p["pruning_steps"]
         self.freeze_epoch = p["num_init_steps"] + steps
+        self.rounding = p.get("rounding") or _ROUNDING[p["allocation"]]
         self.explicit, self.ratios = layer_choices(model, self._layers(), p, f"{cfg.path}.params")
         self.keep = {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
         self.current = 0.0
@@ -89,6 +95,10 @@ class FilterPruning(Algorithm):
         self.full_macs = macs.get("", sum(macs.values()))
         self.layer_macs = {n: macs.get(n, 0) for n in self._weight_layers()}
         self.full_params = sum(p.numel() for p in model.parameters())
+        # NNCF counts the filters of every conv and linear layer, prunable or not
+        self.full_filters = sum(
+            weight(m).shape[0] for m in model.modules() if isinstance(m, _LAYERS)
+        )
         self.rounded_whole: list[str] = []  # groups whose rounding keeps every channel now
         self._check_coverage()
         self.scop = self._scop()
@@ -128,7 +138,9 @@ class FilterPruning(Algorithm):
         round_to = self.params["round_to"]
         for g in self.groups:
             n = g.size - math.floor(self.target * g.size + 1e-9)
-            if n < g.size and round_keep(g.size, n, round_to, g.unit) == g.size:
+            whole = kept_count(g.size, self.target, round_to, unit=g.unit, rounding=self.rounding)
+            uniform = self.params["allocation"] == "uniform" and not self.flops_target
+            if uniform and n < g.size and whole == g.size:
                 detail = f"{g.size * g.unit} channels with round_to {round_to} keep all"
                 self.excluded.append(Excluded(g.name, "rounding", detail))
         rounded = {e.group for e in self.excluded if e.kind == "rounding"}
@@ -196,7 +208,7 @@ class FilterPruning(Algorithm):
 
     def _scheduled(self, target: float, epoch: float) -> float:
         params = {**self.params, "pruning_target": target}
-        return pruning_level(params, min(self.init, target), epoch)
+        return pruning_level(params, self.init, epoch)
 
     def update(self, per_step: bool) -> None:
         if self.scop is not None:
@@ -205,6 +217,10 @@ class FilterPruning(Algorithm):
         if per_step or self.frozen:
             return
         epoch = self.scheduler.progress(None, False)
+        if self.scheduler.epoch < 0 and self.scop is None:
+            # NNCF prunes at pruning_init when built, before the first epoch_step
+            self._move(self.init, epoch)
+            return
         self._move(self._scheduled(self.target, epoch), epoch)
         if self.scheduler.epoch >= 0 and epoch >= self.freeze_epoch:
             self.frozen = True
@@ -220,6 +236,11 @@ class FilterPruning(Algorithm):
         scores = self.scores()
         if self.latency_target:
             self.keep = self._latency_keep(level, scores, epoch)
+            self.ratio = 1.0 - sum(int(k.sum()) for k in self.keep.values()) / max(
+                1, sum(g.size for g in self.groups)
+            )
+        elif self.flops_target and self.params["allocation"] == "global":
+            self.keep = self._flops_keep(level, scores, epoch)
             self.ratio = 1.0 - sum(int(k.sum()) for k in self.keep.values()) / max(
                 1, sum(g.size for g in self.groups)
             )
@@ -277,24 +298,55 @@ class FilterPruning(Algorithm):
         fixed = {**self.explicit, **self.ratios}
         scored = [g for g in self.groups if g.name not in fixed]
         allocation = self.params["allocation"]
-        if allocation == "uniform":
-            counts = {g.name: g.size - math.floor(ratio * g.size + 1e-9) for g in scored}
-        else:
-            counts = global_counts(scored, scores, ratio, slamp=allocation == "slamp")
         self.rounded_whole = []
+        if allocation == "global":
+            keep = global_keep(scored, self._ranking_scores(scored, scores), ratio, round_to)
+        if allocation == "slamp":
+            counts = global_counts(scored, scores, ratio, slamp=True)
         for g in scored:
-            n = round_keep(g.size, counts[g.name], round_to, g.unit)
-            if n == g.size > counts[g.name]:
+            if allocation == "uniform":
+                unrounded = g.size - math.floor(ratio * g.size + 1e-9)
+                n = kept_count(g.size, ratio, round_to, unit=g.unit, rounding=self.rounding)
+            else:
+                unrounded = counts[g.name] if allocation == "slamp" else int(keep[g.name].sum())
+                n = self._rounded(g, unrounded)
+                if allocation == "global" and n == unrounded:
+                    continue  # NNCF's threshold mask, kept as it is
+            if n == g.size > unrounded:
                 self.rounded_whole.append(g.name)
             keep[g.name] = top(scores[g.name], n)
         for name, target in self.ratios.items():
             g = next(g for g in self.groups if g.name == name)
             level = self._scheduled(target, epoch)
-            n = round_keep(g.size, g.size - math.floor(level * g.size + 1e-9), round_to, g.unit)
+            n = kept_count(g.size, level, round_to, unit=g.unit, rounding=self.rounding)
             keep[name] = top(scores[name], n)
         for name, k in self.explicit.items():
             keep[name] = k.clone() if started else torch.ones_like(k)
         return keep
+
+    def _rounded(self, group: ChannelGroup, n: int) -> int:
+        """A kept count of a ranking allocation, rounded as the recipe says (``none``: as is)."""
+        round_to = self.params["round_to"]
+        if self.rounding == "nearest":
+            return round_keep(group.size, n, round_to, group.unit)
+        if self.rounding == "up":
+            step = round_to // math.gcd(round_to, group.unit) if round_to > 1 else 1
+            return min(max(math.ceil(n / step) * step, 1), group.size)
+        return n
+
+    def _ranking_scores(
+        self, groups: list[ChannelGroup], scores: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Scores comparable across groups: the criterion on weights divided by their L2 norm
+        (NNCF's all_weights), or data-dependent scores divided by their group's L2 norm."""
+        fn = FILTER_IMPORTANCE.get(self.params["filter_importance"])
+        if fn is not None:
+            return {g.name: fn(self.model, g, normalise=True) for g in groups}
+        out = {}
+        for g in groups:
+            norm = scores[g.name].float().norm()
+            out[g.name] = scores[g.name].float() / norm if norm > 0 else scores[g.name].float()
+        return out
 
     # --- FLOPs -----------------------------------------------------------------------------------
 
@@ -310,23 +362,78 @@ class FilterPruning(Algorithm):
     def _flops_ratio(
         self, fraction: float, scores: Mapping[str, torch.Tensor], epoch: float
     ) -> float:
-        """The filter ratio whose shrunk model has ``fraction`` fewer MACs, by bisection
-        (removed MACs never fall as the ratio rises); the closest of the ratios tried."""
+        """NNCF's search for the filter ratio that removes ``fraction`` of the MACs: bisection
+        on [0, 1] down to an interval of 0.01, keeping the upper end, the first ratio tried
+        that removes more than the fraction. A warning when even ratio 1 falls short (NNCF
+        raises)."""
         if fraction <= 0.0:
             return 0.0
+        goal = self.full_macs * (1.0 - fraction)
 
-        def removed(ratio: float) -> float:
-            macs, _ = self.macs_params(self.choose(ratio, scores, epoch))
-            return 1.0 - macs / self.full_macs
+        def macs(ratio: float) -> int:
+            return self.macs_params(self.choose(ratio, scores, epoch))[0]
 
-        lo, hi = 0.0, 0.999
-        best = (abs(removed(0.0) - fraction), 0.0)
-        for _ in range(24):
-            mid = (lo + hi) / 2
-            got = removed(mid)
-            best = min(best, (abs(got - fraction), mid))
-            lo, hi = (mid, hi) if got < fraction else (lo, mid)
-        return best[1]
+        left, right = 0.0, 1.0
+        while abs(right - left) > 0.01:
+            middle = (left + right) / 2
+            left, right = (left, middle) if macs(middle) < goal else (middle, right)
+        self._warn_short(fraction, macs(right))
+        return right
+
+    def _flops_keep(
+        self, fraction: float, scores: Mapping[str, torch.Tensor], epoch: float
+    ) -> dict[str, torch.Tensor]:
+        """NNCF's all_weights FLOPs target: filters are pruned one at a time in the order of
+        their normalised scores (at most 90% of a group's) until fewer MACs than the target
+        remain; the shortest such prefix, found by bisection (MACs fall as it grows)."""
+        keep = self.choose(0.0, scores, epoch)
+        fixed = {**self.explicit, **self.ratios}
+        scored = [g for g in self.groups if g.name not in fixed]
+        if fraction <= 0.0 or not scored:
+            return keep
+        ranking = self._ranking_scores(scored, scores)
+        entries = sorted(
+            (
+                (float(v), i, c)
+                for i, g in enumerate(scored)
+                for c, v in enumerate(ranking[g.name].tolist())
+            ),
+            key=lambda entry: entry[0],
+        )
+        quota = [math.floor(g.size * _QUOTA) for g in scored]
+        order = []
+        for _, i, c in entries:
+            if quota[i] > 0:
+                quota[i] -= 1
+                order.append((i, c))
+
+        def pruned(n: int) -> dict[str, torch.Tensor]:
+            out = dict(keep)
+            for g in scored:
+                out[g.name] = torch.ones(g.size, dtype=torch.bool)
+            for i, c in order[:n]:
+                out[scored[i].name][c] = False
+            return out
+
+        goal = self.full_macs * (1.0 - fraction)
+        lo, hi = 1, len(order)
+        if self.macs_params(pruned(hi))[0] >= goal:
+            self._warn_short(fraction, self.macs_params(pruned(hi))[0])
+            return pruned(hi)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if self.macs_params(pruned(mid))[0] < goal else (mid + 1, hi)
+        return pruned(lo)
+
+    def _warn_short(self, fraction: float, macs: int) -> None:
+        if macs > self.full_macs * (1.0 - fraction):
+            removed = 1.0 - macs / self.full_macs if self.full_macs else 0.0
+            warnings.warn(
+                f"{self.cfg.path}: pruning_flops_target {fraction:.3f} is out of reach; the "
+                f"most pruning allowed removes {removed:.3f} of the MACs (NNCF 2.17 raises "
+                "here; this run goes on with that)",
+                stacklevel=3,
+            )
 
     # --- latency ---------------------------------------------------------------------------
 
@@ -388,10 +495,12 @@ class FilterPruning(Algorithm):
                 }
             )
         macs, params = self.macs_params(self.keep)
+        # as NNCF: filters of every conv and linear layer, the pruned ones removed
+        filters = self.full_filters - (full_filters - kept_filters)
         summary = [
             _row("MACs", self.full_macs, macs),
             _row("params", self.full_params, params),
-            _row("filters", full_filters, kept_filters),
+            _row("filters", self.full_filters, filters),
         ]
         out = {"algorithm": self.name, "level": self.current, "frozen": self.frozen}
         if self.flops_target or self.latency_target:
