@@ -126,6 +126,14 @@ def build(model: str, params: dict[str, Any], init: float = 0.0) -> tuple[Any, F
     return ctrl, ctrl.algorithms[0]
 
 
+def _clusters(algo: FilterPruning) -> set[frozenset[str]]:
+    """Our groups as NNCF's clusters: the set of prunable layers of each."""
+    layers: dict[str, set[str]] = {}
+    for name, (group, _) in algo._layers().items():
+        layers.setdefault(group.name, set()).add(name)
+    return {frozenset(names) for names in layers.values()}
+
+
 def _filters(algo: FilterPruning) -> int:
     return next(r["current"] for r in algo.statistics()["summary"] if r[""] == "filters")
 
@@ -161,6 +169,8 @@ def _check_sane(params: dict[str, Any], init: float) -> None:
 
 
 def mask_outcomes() -> dict[str, bool]:
+    """Per level: the same filters pruned, NNCF's filter count and FLOPs (2 x our MACs). The
+    groups must be NNCF's clusters (the layers pruned together: residual adds) in every build."""
     out = {}
     for case in cases("masks"):
         ids = [f"{case['id']}/l{level}" for level in case["levels"]]
@@ -171,6 +181,7 @@ def mask_outcomes() -> dict[str, bool]:
                 assert not any(ours_pruned(algo).values())  # ours prunes nothing there
                 out[case_id] = False
             continue
+        assert _clusters(algo) == {frozenset(c) for c in case["clusters"]}, case["id"]
         for case_id, level, pruned, figures in zip(
             ids, case["levels"], case["pruned"], case["figures"], strict=True
         ):
