@@ -257,7 +257,7 @@ def test_distillation_recipe_builds_and_trains() -> None:
     loss = ctrl.loss()
     assert float(loss) > 0 and loss.requires_grad  # the pruned student already differs
     opt.step()
-    for _ in range(5):
+    for _ in range(7):  # epoch 7, level 0.275: NNCF's rounding up first removes 8 of conv2's 32
         ctrl.scheduler.epoch_step()
     plain = ctrl.strip()
     assert plain.conv2.out_channels < 32 and not plain._forward_hooks

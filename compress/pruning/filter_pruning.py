@@ -1,19 +1,24 @@
 """Filter pruning (NNCF ``filter_pruning``): whole output channels masked while training,
-physically removed by ``strip``.
+physically removed by ``strip``. NNCF 2.17's results are the default (tests/fixtures/nncf217/
+pruning.json; the deliberate differences are in docs/nncf_differences.md).
 
 The groups of coupled channels come from :mod:`compress.pruning.channel_groups` (Torch-Pruning's
-dependency graph) and are built once, at construction. At every epoch start the level comes
-from NNCF's pruning schedule, every group is scored by ``filter_importance`` over all the layers
-that produce its channels, and the lowest channels are masked: every group at the level
-(``uniform``), or after one ranking of all groups (``global``, ``slamp``). Kept counts are
-rounded to ``round_to``; one channel always remains. After ``num_init_steps + pruning_steps``
-epochs (``baseline``: ``num_init_steps``) the masks freeze. ``strip`` removes the masked channels
-and attaches the plan of kept channels that the ``pruned`` export writes.
+dependency graph; on residual models they are NNCF's clusters) and are built once, at
+construction, where the model is pruned at ``pruning_init`` as NNCF does. At every epoch start
+the level comes from NNCF's pruning schedule, every group is scored by ``filter_importance``
+(per-layer weight scores summed over the layers that produce its channels), and the lowest
+channels are masked: every group at the level with its kept count rounded up to ``round_to``
+(``uniform``, NNCF's default), or under one threshold on scores of normalised weights
+(``global``, NNCF's ``all_weights``), or after a SLAMP ranking (``slamp``); ``rounding`` says
+how counts are rounded, and one channel always remains. At epoch ``num_init_steps +
+pruning_steps`` (``baseline``: ``num_init_steps``) the masks freeze. ``strip`` removes the masked
+channels and attaches the plan of kept channels that the ``pruned`` export writes.
 
-With ``pruning_flops_target`` the schedule moves the fraction of MACs to remove, and the filter
-ratio that removes it is found by bisection on MACs counted from the kept widths. With
-``pruning_latency_target`` it moves the fraction of measured latency to remove, and the widths
-come from a latency table measured once on this machine (:mod:`compress.pruning.latency`).
+With ``pruning_flops_target`` the schedule moves the fraction of MACs to remove, found as NNCF
+finds it: the filter ratio by bisection (uniform) or filters pruned one at a time in ranking
+order (global), on MACs counted from the kept widths. With ``pruning_latency_target`` it moves
+the fraction of measured latency to remove, and the widths come from a latency table measured
+once on this machine (:mod:`compress.pruning.latency`).
 
 With ``filter_importance: scop`` the scores are control coefficients learned against knockoff
 features during the ``num_init_steps`` epochs (:mod:`compress.pruning.scop`).
@@ -34,7 +39,7 @@ from compress import masks
 from compress.algorithm import Algorithm, weight, weight_layers
 from compress.analysis.summary import layer_macs
 from compress.errors import CompressError, ConfigError
-from compress.pruning import hf_layers, latency, latency_widths
+from compress.pruning import flops_target, hf_layers, latency, latency_widths
 from compress.pruning.allocation import global_counts, global_keep, kept_count, top
 from compress.pruning.calibration import nuclear_scores
 from compress.pruning.channel_groups import Excluded, build_groups
@@ -59,8 +64,6 @@ _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _ROUNDING = {"uniform": "up", "global": "none", "slamp": "nearest"}
 """How kept counts are rounded when the recipe does not say: as NNCF 2.17 for uniform (up to a
 multiple of round_to) and all_weights (not at all); slamp, ours, to the nearest multiple."""
-_QUOTA = 0.9
-"""NNCF's FLOPs-target ranking prunes at most this fraction of a group's channels."""
 
 
 class FilterPruning(Algorithm):
@@ -217,8 +220,9 @@ class FilterPruning(Algorithm):
         if per_step or self.frozen:
             return
         epoch = self.scheduler.progress(None, False)
-        if self.scheduler.epoch < 0 and self.scop is None:
-            # NNCF prunes at pruning_init when built, before the first epoch_step
+        if self.scheduler.epoch < 0 and self.scop is None and not self.latency_target:
+            # NNCF prunes at pruning_init when built, before the first epoch_step (SCOP and
+            # latency targets, ours, start from the schedule's first epoch as before)
             self._move(self.init, epoch)
             return
         self._move(self._scheduled(self.target, epoch), epoch)
@@ -362,68 +366,45 @@ class FilterPruning(Algorithm):
     def _flops_ratio(
         self, fraction: float, scores: Mapping[str, torch.Tensor], epoch: float
     ) -> float:
-        """NNCF's search for the filter ratio that removes ``fraction`` of the MACs: bisection
-        on [0, 1] down to an interval of 0.01, keeping the upper end, the first ratio tried
-        that removes more than the fraction. A warning when even ratio 1 falls short (NNCF
-        raises)."""
+        """The filter ratio that removes ``fraction`` of the MACs, as NNCF's uniform search
+        finds it; a warning when even ratio 1 falls short (NNCF raises)."""
         if fraction <= 0.0:
             return 0.0
-        goal = self.full_macs * (1.0 - fraction)
 
         def macs(ratio: float) -> int:
             return self.macs_params(self.choose(ratio, scores, epoch))[0]
 
-        left, right = 0.0, 1.0
-        while abs(right - left) > 0.01:
-            middle = (left + right) / 2
-            left, right = (left, middle) if macs(middle) < goal else (middle, right)
-        self._warn_short(fraction, macs(right))
-        return right
+        ratio = flops_target.uniform_ratio(macs, self.full_macs * (1.0 - fraction))
+        self._warn_short(fraction, macs(ratio))
+        return ratio
 
     def _flops_keep(
         self, fraction: float, scores: Mapping[str, torch.Tensor], epoch: float
     ) -> dict[str, torch.Tensor]:
-        """NNCF's all_weights FLOPs target: filters are pruned one at a time in the order of
-        their normalised scores (at most 90% of a group's) until fewer MACs than the target
-        remain; the shortest such prefix, found by bisection (MACs fall as it grows)."""
+        """Keep masks that remove ``fraction`` of the MACs, as NNCF's all_weights search finds
+        them (filters pruned one at a time in ranking order)."""
         keep = self.choose(0.0, scores, epoch)
         fixed = {**self.explicit, **self.ratios}
         scored = [g for g in self.groups if g.name not in fixed]
         if fraction <= 0.0 or not scored:
             return keep
         ranking = self._ranking_scores(scored, scores)
-        entries = sorted(
-            (
-                (float(v), i, c)
-                for i, g in enumerate(scored)
-                for c, v in enumerate(ranking[g.name].tolist())
-            ),
-            key=lambda entry: entry[0],
+        order = flops_target.ranking_order(
+            [g.size for g in scored], [ranking[g.name].tolist() for g in scored]
         )
-        quota = [math.floor(g.size * _QUOTA) for g in scored]
-        order = []
-        for _, i, c in entries:
-            if quota[i] > 0:
-                quota[i] -= 1
-                order.append((i, c))
 
         def pruned(n: int) -> dict[str, torch.Tensor]:
-            out = dict(keep)
-            for g in scored:
-                out[g.name] = torch.ones(g.size, dtype=torch.bool)
+            out = {**keep, **{g.name: torch.ones(g.size, dtype=torch.bool) for g in scored}}
             for i, c in order[:n]:
                 out[scored[i].name][c] = False
             return out
 
-        goal = self.full_macs * (1.0 - fraction)
-        lo, hi = 1, len(order)
-        if self.macs_params(pruned(hi))[0] >= goal:
-            self._warn_short(fraction, self.macs_params(pruned(hi))[0])
-            return pruned(hi)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if self.macs_params(pruned(mid))[0] < goal else (mid + 1, hi)
-        return pruned(lo)
+        def macs(n: int) -> int:
+            return self.macs_params(pruned(n))[0]
+
+        n = flops_target.shortest_prefix(len(order), macs, self.full_macs * (1.0 - fraction))
+        self._warn_short(fraction, macs(n))
+        return pruned(n)
 
     def _warn_short(self, fraction: float, macs: int) -> None:
         if macs > self.full_macs * (1.0 - fraction):
