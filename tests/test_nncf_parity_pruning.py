@@ -300,6 +300,43 @@ def test_runs_match_nncf() -> None:
     _check(run_outcomes(), _errors("run"))
 
 
+def test_init_above_target_warns_and_builds_as_nncf() -> None:
+    """NNCF's own resnet18_pruning_accuracy_aware.json has pruning_init 0.95 above the target
+    0.1: NNCF builds the model pruned at 0.95 and prunes at 0.1 from the first epoch."""
+    recipe = {
+        "algorithm": "filter_pruning",
+        "pruning_init": 0.95,
+        "params": {"pruning_target": 0.1, "pruning_steps": 3, **ALL_LAYERS},
+    }
+    with pytest.warns(UserWarning, match=r"pruning_init: 0.95 is above pruning_target 0.1; as in"):
+        ctrl, _ = compress.create_compressed_model(
+            seeded("plain_cnn"), {"compression": recipe}, example_input("plain_cnn")
+        )
+    algo = ctrl.algorithms[0]
+    assert {n: bin(b).count("1") for n, b in ours_pruned(algo).items()} == {
+        "conv1": 8,
+        "conv2": 24,
+        "conv3": 56,
+    }  # NNCF's recorded construction (run/plain_cnn/exponential/i0.95/t0.1/s3/w0)
+    ctrl.scheduler.epoch_step()
+    assert algo.level == pytest.approx(0.1) and not any(ours_pruned(algo).values())
+
+
+def test_a_target_rounding_keeps_whole_builds_and_warns() -> None:
+    """NarrowCNN's only prunable layer is 16 wide: at target 0.4 NNCF keeps all 16 and builds."""
+    recipe = {"algorithm": "filter_pruning", "params": {"pruning_target": 0.4}}
+    with pytest.warns(UserWarning, match="can prune nothing.*or a smaller round_to to prune some"):
+        ctrl, _ = compress.create_compressed_model(
+            seeded("narrow_cnn"), {"compression": recipe}, example_input("narrow_cnn")
+        )
+    for _ in range(3):
+        ctrl.scheduler.epoch_step()
+    assert not any(ours_pruned(ctrl.algorithms[0]).values())
+
+
+ALL_LAYERS = {"prune_first_conv": True, "prune_downsample_convs": True}
+
+
 # --- the ids of the cases that differ on purpose (by reason above) -----------------------------
 
 FALLS_BELOW = (
