@@ -32,9 +32,10 @@ TOL = 1e-7
 # --- the cases that differ on purpose (docs/nncf_differences.md, "Filter pruning") -----------
 
 NNCF_DIVIDES_BY_ZERO = (
-    "NNCF's exponential_with_bias raises ZeroDivisionError (pruning_steps 1, or pruning_init equal "
-    "to the target, or its solver landing exactly on k = 0); ours: the target from the first "
-    "pruning epoch, or the straight line from pruning_init to the target"
+    "NNCF's exponential_with_bias raises ZeroDivisionError (pruning_steps 1, pruning_init equal "
+    "to the target, or its solver landing exactly on k = 0: pruning_steps 2, or 3 with init above "
+    "the target); ours: the target from the first pruning epoch, else the solution of the "
+    "equations where one with k > 0 exists, or the straight line from pruning_init to the target"
 )
 NNCF_EMPTY_CAT = (
     "all_weights with no prunable group: NNCF raises (torch.cat of nothing); ours builds, warns "
