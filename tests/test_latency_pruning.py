@@ -231,7 +231,7 @@ def test_validate_and_schedule_name_the_latency_target(
     params = {"pruning_latency_target": 0.4, "pruning_steps": 2}
     path.write_text(json.dumps({"compression": {"algorithm": "filter_pruning", "params": params}}))
     assert main(["validate", str(path)]) == 0
-    assert "filter_pruning (exponential: 0.4 of latency after 2 epochs)" in capsys.readouterr().out
+    assert "filter_pruning (exponential: 0.4 of latency from epoch 1)" in capsys.readouterr().out
     assert main(["schedule", str(path), "--epochs", "3", "--json"]) == 0
     levels = [row["filter_pruning"] for row in json.loads(capsys.readouterr().out)]
     assert levels[0] == 0.0 and levels[2] == 0.4
