@@ -49,9 +49,10 @@ def _summary(cfg: Config) -> str:
             kind = "FLOPs" if "pruning_flops_target" in p else "filters"
             if "pruning_latency_target" in p:
                 target, kind = p["pruning_latency_target"], "latency"
-            parts.append(
-                f"{a.name} ({p['schedule']}: {target} of {kind} after {p['pruning_steps']} epochs)"
-            )
+            # NNCF 2.17: the target at epoch num_init_steps + pruning_steps - 1
+            start = p["num_init_steps"]
+            epoch = start if p["schedule"] == "baseline" else start + max(p["pruning_steps"] - 1, 0)
+            parts.append(f"{a.name} ({p['schedule']}: {target} of {kind} from epoch {epoch})")
         else:
             parts.append(a.name)
     if not parts:

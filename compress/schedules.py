@@ -72,42 +72,84 @@ def sparsity_level(params: Mapping[str, Any], init: float, epoch: float) -> floa
 
 
 def exponential_with_bias_coefficients(
-    init: float, target: float, pruning_steps: float, d: float = 1 / 8
-) -> tuple[float, float, float]:
+    init: float, target: float, last_epoch: float, factor: float = 1 / 8
+) -> tuple[float, float, float] | None:
     """(a, b, k) of level(e) = a * exp(-k * e) + b solving NNCF's three equations (SPFP):
-    init = a + b; target = a * exp(-k * E) + b; 3/4 * target = a * exp(-k * E * d) + b.
+    init = a + b; target = a * exp(-k * E) + b; 3/4 * target = a * exp(-k * factor * E) + b,
+    with E = ``last_epoch`` (NNCF: pruning_steps - 1).
 
-    With y = exp(d * k * E) and d = 1/8 the system reduces to y / 3 + y ** -7 = 4 / 3, whose
-    root y > 1 is found by bisection (y = 1 is the trivial root k = 0).
+    With y = exp(-k * E) and c = (3/4 * target - init) / (target - init) the system reduces to
+    y ** factor - c * y + c - 1 = 0, whose root y in (0, 1) (k > 0) exists when factor < c < 1
+    and is found by bisection below the maximum of the left side. None when there is no such
+    root (init at or above 3/4 of the target, or E = 0): NNCF's solver then lands on the
+    trivial root y = 1 and divides by zero or by a rounding error; the schedule is then the
+    k -> 0 limit, a straight line from init to target.
+
+    Example:
+        >>> a, b, k = exponential_with_bias_coefficients(0.0, 0.5, 4)
+        >>> round(a + b, 9), round(a * math.exp(-k * 4) + b, 9), round(a * math.exp(-k / 2) + b, 9)
+        (0.0, 0.5, 0.375)
     """
-    lo, hi = 1.0 + 1e-9, 16.0
+    if last_epoch <= 0 or target == init:
+        return None
+    c = (0.75 * target - init) / (target - init)
+    if not factor < c < 1:
+        return None
+    lo, hi = 0.0, (c / factor) ** (1 / (factor - 1))  # the left side peaks at hi
     for _ in range(200):
         mid = (lo + hi) / 2
-        if mid / 3 + mid**-7 - 4 / 3 < 0:
+        if mid**factor - c * mid + c - 1 < 0:
             lo = mid
         else:
             hi = mid
-    k = math.log(lo) / (d * pruning_steps)
-    a = (0.75 * target - init) / (math.exp(-d * k * pruning_steps) - 1)
+    y = (lo + hi) / 2
+    k = -math.log(y) / last_epoch
+    a = (target - init) / (math.exp(-k * last_epoch) - 1)
     return a, init - a, k
 
 
 def pruning_level(params: Mapping[str, Any], init: float, epoch: float) -> float:
-    """NNCF's filter pruning level: 0 before num_init_steps, then the schedule over pruning_steps
-    epochs, then the target. ``params['pruning_target']`` is the target ratio, which is a
-    fraction of filters or, for a FLOPs target, the controller's search variable."""
+    """NNCF 2.17's filter pruning level at the start of ``epoch``: 0 before num_init_steps, then
+    the schedule, which reaches the target at epoch ``num_init_steps + pruning_steps - 1``
+    (NNCF's ``target_epoch = pruning_steps - 1``), then the target.
+
+    exponential: density 1 - level decays geometrically from 1 - init and never below
+    1 - target. exponential_with_bias: a * exp(-k * e) + b (see
+    :func:`exponential_with_bias_coefficients`), at most the target. baseline: the target.
+    ``params['pruning_target']`` is the target ratio: a fraction of filters or, for a FLOPs
+    target, a fraction of FLOPs.
+
+    Where NNCF 2.17 fails this returns the sane level (docs/nncf_differences.md): its
+    exponential_with_bias divides by zero for pruning_steps 1 or init equal to the target (here:
+    the target from the first pruning epoch, or the k -> 0 straight line), and with init above
+    the target its exponential level falls below the target after the last step (here: the
+    target).
+
+    Example:
+        >>> p = {"pruning_target": 0.5, "num_init_steps": 0, "pruning_steps": 5,
+        ...      "schedule": "exponential"}
+        >>> [round(pruning_level(p, 0.0, e), 3) for e in range(6)]
+        [0.0, 0.159, 0.293, 0.405, 0.5, 0.5]
+    """
     target = params["pruning_target"]
     e = epoch - params["num_init_steps"]
-    steps = params["pruning_steps"]
+    last = params["pruning_steps"] - 1
     kind = params["schedule"]
     if e < 0:
         return 0.0
-    if kind == "baseline" or e >= steps:
+    if kind == "baseline" or e > last or last <= 0:
         return target
     if kind == "exponential":
-        return min(exponential(e, init=init, target=target, target_epoch=steps), target)
+        density, target_density = 1.0 - init, 1.0 - target
+        if density <= 0.0:
+            return target
+        density = density * (target_density / density) ** (e / last)
+        return min(1.0 - max(density, target_density), target)
     if kind == "exponential_with_bias":
-        a, b, k = exponential_with_bias_coefficients(init, target, steps)
+        coefficients = exponential_with_bias_coefficients(init, target, last)
+        if coefficients is None:
+            return min(init + (target - init) * e / last, target)
+        a, b, k = coefficients
         return min(a * math.exp(-k * e) + b, target)
     raise KeyError(kind)
 

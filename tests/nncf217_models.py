@@ -90,10 +90,49 @@ class ResNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class WideCNN(nn.Module):
+    """Widths that are not multiples of 8 (12 -> 40 -> 100), so rounding kept filters matters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 12, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.conv2 = nn.Conv2d(12, 40, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(40)
+        self.conv3 = nn.Conv2d(40, 100, 3, padding=1, stride=2)
+        self.bn3 = nn.BatchNorm2d(100)
+        self.conv4 = nn.Conv2d(100, 20, 1)
+        self.fc = nn.Linear(20, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        x = torch.relu(self.conv4(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class NarrowCNN(nn.Module):
+    """A first conv and one prunable conv 16 wide: a pruning target rounding keeps whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.mean((2, 3)))
+
+
 MODELS: dict[str, tuple[type[nn.Module], tuple[int, ...]]] = {
     "lenet300": (LeNet300, (1, 1, 28, 28)),
     "plain_cnn": (PlainCNN, (1, 3, 32, 32)),
     "resnet": (ResNet, (1, 3, 32, 32)),
+    "wide_cnn": (WideCNN, (1, 3, 16, 16)),
+    "narrow_cnn": (NarrowCNN, (1, 3, 16, 16)),
 }
 
 

@@ -25,6 +25,7 @@ from compress.pruning.importance import FILTER_IMPORTANCE, feature_map_nuclear_n
 from compress.pruning.sizes import count_macs_params
 from compress.pruning.structured import OWNER
 from compress.recipe.scopes import parse_channels
+from compress.schedules import pruning_level
 
 ALL = {"prune_first_conv": True, "prune_downsample_convs": True}
 
@@ -33,10 +34,16 @@ def recipe(init: float = 0.0, **params: Any) -> dict[str, Any]:
     return {"compression": {"algorithm": "filter_pruning", "pruning_init": init, "params": params}}
 
 
-def compressed(model: nn.Module, x: torch.Tensor, **kw: Any) -> tuple[Any, FilterPruning]:
+def compressed(
+    model: nn.Module, x: torch.Tensor, *, epochs: int = 0, **kw: Any
+) -> tuple[Any, FilterPruning]:
+    """The controller and its algorithm after ``epochs`` epoch steps (as NNCF 2.17, a model is
+    built at pruning_init; a baseline schedule reaches its target at the first epoch step)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ctrl, _ = compress.create_compressed_model(model, recipe(**kw), x)
+        for _ in range(epochs):
+            ctrl.scheduler.epoch_step()
     return ctrl, ctrl.algorithms[0]
 
 
@@ -65,17 +72,14 @@ def test_exponential_schedule_boundaries_and_freeze() -> None:
         seen.append((algo.level, kept(algo)["0"], algo.frozen))
         ctrl.scheduler.step()  # optimizer steps never move filter pruning
         assert seen[-1] == (algo.level, kept(algo)["0"], algo.frozen)
+    # NNCF 2.17: built at pruning_init; the target at epoch num_init_steps + pruning_steps - 1
     expected = [
-        (0.0, 64, False),  # construction
+        (pytest.approx(0.1), 58, False),  # construction: pruning_init, ceil(57.6) kept
         (0.0, 64, False),  # epoch 0: inside num_init_steps
-        (
-            pytest.approx(0.1),
-            58,
-            False,
-        ),  # epoch 1 = num_init_steps: pruning_init; floor(6.4) pruned
-        (pytest.approx(0.2601363777), 48, False),
-        (pytest.approx(0.3917798004), 39, False),
-        (0.5, 32, True),  # epoch 4 = num_init_steps + pruning_steps: target, then frozen
+        (pytest.approx(0.1), 58, False),  # epoch 1 = num_init_steps: pruning_init
+        (pytest.approx(1 - 0.9 * (0.5 / 0.9) ** 0.5), 43, False),  # ceil(42.93) kept
+        (0.5, 32, False),  # epoch 3 = num_init_steps + pruning_steps - 1: the target
+        (0.5, 32, True),  # epoch 4 = num_init_steps + pruning_steps: frozen
         (0.5, 32, True),
     ]
     assert seen == expected
@@ -113,7 +117,11 @@ def test_baseline_and_exponential_with_bias_boundaries() -> None:
         ctrl.scheduler.epoch_step()
         levels.append(algo.level)
     assert levels[0] == pytest.approx(0.1)  # a + b = init
-    assert levels[1] == pytest.approx(0.375, abs=1e-9)  # 3/4 of the target after 1/8 of steps
+    # NNCF's equations with E = pruning_steps - 1 = 7: 3/4 of the target at E / 8
+    params = {**algo.params, "pruning_target": 0.5}
+    assert pruning_level(params, 0.1, 7 / 8) == pytest.approx(0.375, abs=1e-9)
+    assert levels[1] == pytest.approx(0.3941392, abs=1e-6)
+    assert levels[6] < 0.5 and levels[7] == pytest.approx(0.5)  # the target at pruning_steps - 1
     assert levels[8:] == [0.5, 0.5]
     assert algo.frozen
 
@@ -139,7 +147,9 @@ def test_state_dict_resumes_exactly() -> None:
 def test_strip_matches_masked_and_round_trips(kind: str, tmp_path: Path) -> None:
     model, x = _make(kind)
     dense_params = sum(p.numel() for p in model.parameters())
-    ctrl, algo = compressed(model, x, pruning_target=0.5, schedule="baseline", round_to=1, **ALL)
+    ctrl, algo = compressed(
+        model, x, pruning_target=0.5, schedule="baseline", round_to=1, epochs=1, **ALL
+    )
     assert all(n == (k.numel() + 1) // 2 for n, k in zip(kept(algo).values(), algo.keep.values()))
     with torch.no_grad():
         want = model(x)
@@ -173,21 +183,32 @@ def test_flops_target_is_reached_within_two_percent(allocation: str) -> None:
         schedule="baseline",
         round_to=1,
         allocation=allocation,
+        epochs=1,
         **ALL,
     )
     macs, _ = count_macs_params(ctrl.strip(), x)
     assert 1 - macs / dense_macs == pytest.approx(0.5, abs=0.02)
     assert algo.level == 0.5
-    # Uniformly, fewer filters than MACs go (a layer loses inputs and outputs); a global ranking
-    # here prunes the cheap 4x4 stage more, so it needs more filters.
-    assert 0.25 < algo.ratio < 0.5 if allocation == "uniform" else algo.ratio > 0.5
+    # Fewer filters than MACs go (a layer loses inputs and outputs). NNCF's searches: uniform
+    # bisection keeps ratio 0.3125; the global ranking of normalised weights prunes filter by
+    # filter (layer2.conv1 the most, the stem none) until fewer MACs than half remain.
+    assert algo.ratio == (0.3125 if allocation == "uniform" else pytest.approx(0.34375))
+    assert 1 - macs / dense_macs > 0.5  # NNCF stops at the first result past the target
 
 
 def test_round_to() -> None:
     model, x = wide()
-    _, algo = compressed(model, x, pruning_target=0.3, schedule="baseline", **ALL)
-    assert kept(algo) == {"0": 48}  # 64 - floor(19.2) = 45, rounded to a multiple of 8
-    _, algo = compressed(wide()[0], x, pruning_target=0.3, schedule="baseline", round_to=1, **ALL)
+    _, algo = compressed(model, x, pruning_target=0.3, schedule="baseline", epochs=1, **ALL)
+    assert kept(algo) == {"0": 48}  # NNCF: 64 - 19.2 = 44.8 kept, rounded up to 48
+    _, algo = compressed(wide()[0], x, pruning_target=0.6, schedule="baseline", epochs=1, **ALL)
+    assert kept(algo) == {"0": 32}  # 25.6 rounded up (nearest rounding keeps 24)
+    _, algo = compressed(
+        wide()[0], x, pruning_target=0.6, schedule="baseline", epochs=1, rounding="nearest", **ALL
+    )
+    assert kept(algo) == {"0": 24}  # 64 - floor(38.4) = 26, to the nearest multiple of 8
+    _, algo = compressed(
+        wide()[0], x, pruning_target=0.3, schedule="baseline", round_to=1, epochs=1, **ALL
+    )
     assert kept(algo) == {"0": 45}
 
 
@@ -206,10 +227,13 @@ def test_at_least_one_channel_remains_in_a_global_ranking() -> None:
         filter_importance="L1",
         all_weights=True,
         round_to=1,
+        epochs=1,
         **ALL,
     )
-    # 18 of 20 channels go in the ranking: all 16 of group "0" and 2 of "2"; one of "0" stays.
-    assert kept(algo) == {"0": 1, "2": 2}
+    # NNCF's threshold is the score at index int(0.9 * 20) = 18 of the sorted scores (0.5) and
+    # only scores below it go: all 16 of group "0", none of the tied "2". NNCF would leave
+    # group "0" empty; ours keeps its round_to (1) best.
+    assert kept(algo) == {"0": 1, "2": 4}
 
 
 def test_unsupported_group_warns_and_the_rest_prunes() -> None:
@@ -264,6 +288,9 @@ def _nuclear_norm_net() -> tuple[nn.Module, Any, Any]:
         pruning_target=0.5,
         schedule="baseline",
         filter_importance="nuclear_norm",
+        prune_first_conv=True,  # the first Linear counts as NNCF's first conv
+        round_to=1,  # 4 channels: rounded up to 8 they would all stay
+        init=0.5,  # built pruned (NNCF builds at pruning_init); the first epoch step rescores
     )
     return model, ctrl, algo
 
@@ -313,6 +340,7 @@ def test_layer_ratios_override_the_level() -> None:
         schedule="baseline",
         round_to=1,
         layer_ratios={"layer2.conv1": 0.25, "layer1.conv2": 0.75},  # the latter is in "stem"
+        epochs=1,
         **ALL,
     )
     assert kept(algo) == {"layer1.conv1": 8, "layer2.conv1": 24, "layer2.conv2": 16, "stem": 4}

@@ -173,7 +173,8 @@ def test_schedule_raises_the_latency_fraction_over_pruning_steps() -> None:
                                "pruning_target": 0.6, "num_init_steps": 0}, 0.0, e)
                 for e in range(5)]  # fmt: skip
     assert [level for level, _ in seen] == pytest.approx(expected)
-    assert expected[0] == 0.0 and 0.0 < expected[1] < expected[2] < 0.6 == expected[3]
+    # NNCF's exponential schedule: the target at epoch pruning_steps - 1 = 2
+    assert expected[0] == 0.0 and 0.0 < expected[1] < 0.6 == expected[2] == expected[3]
     for level, removed in seen:
         assert level <= removed + 1e-9
         assert removed < level + 0.15  # MAC-proportional times: 8-channel steps come close
@@ -230,7 +231,7 @@ def test_validate_and_schedule_name_the_latency_target(
     params = {"pruning_latency_target": 0.4, "pruning_steps": 2}
     path.write_text(json.dumps({"compression": {"algorithm": "filter_pruning", "params": params}}))
     assert main(["validate", str(path)]) == 0
-    assert "filter_pruning (exponential: 0.4 of latency after 2 epochs)" in capsys.readouterr().out
+    assert "filter_pruning (exponential: 0.4 of latency from epoch 1)" in capsys.readouterr().out
     assert main(["schedule", str(path), "--epochs", "3", "--json"]) == 0
     levels = [row["filter_pruning"] for row in json.loads(capsys.readouterr().out)]
     assert levels[0] == 0.0 and levels[2] == 0.4

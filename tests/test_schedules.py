@@ -92,10 +92,21 @@ def test_changed_step_count_is_a_clear_error() -> None:
 
 
 def test_exponential_with_bias_solves_nncf_equations() -> None:
-    init, target, steps = 0.1, 0.6, 40
-    a, b, k = exponential_with_bias_coefficients(init, target, steps)
+    init, target, last = 0.1, 0.6, 39
+    coefficients = exponential_with_bias_coefficients(init, target, last)
+    assert coefficients is not None
+    a, b, k = coefficients
     assert a + b == pytest.approx(init)
-    assert a * math.exp(-k * steps / 8) + b == pytest.approx(0.75 * target)
+    assert a * math.exp(-k * last) + b == pytest.approx(target)
+    assert a * math.exp(-k * last / 8) + b == pytest.approx(0.75 * target)
+    # no solution with k > 0 (NNCF divides by zero or returns noise): the straight line
+    assert exponential_with_bias_coefficients(0.5, 0.5, 4) is None
+    assert exponential_with_bias_coefficients(0.5, 0.6, 4) is None  # init above 3/4 of target
+    assert exponential_with_bias_coefficients(0.1, 0.5, 0) is None  # pruning_steps 1
+    params = {"schedule": "exponential_with_bias", "pruning_target": 0.6, "num_init_steps": 0}
+    line = [pruning_level({**params, "pruning_steps": 5}, 0.5, e) for e in range(5)]
+    assert line == pytest.approx([0.5, 0.525, 0.55, 0.575, 0.6])
+    assert pruning_level({**params, "pruning_steps": 1}, 0.1, 0) == 0.6
 
 
 def test_pruning_level_boundaries() -> None:
@@ -108,10 +119,13 @@ def test_pruning_level_boundaries() -> None:
     assert pruning_level(params, 0.1, 0) == 0.0
     assert pruning_level(params, 0.1, 1.9) == 0.0
     assert pruning_level(params, 0.1, 2) == pytest.approx(0.1)
-    assert 1 - pruning_level(params, 0.1, 4) == pytest.approx(0.9 * (0.5 / 0.9) ** 0.5)
-    assert pruning_level(params, 0.1, 6) == 0.5
+    # NNCF 2.17: the target at e = pruning_steps - 1 = 3, i.e. epoch 5
+    assert 1 - pruning_level(params, 0.1, 4) == pytest.approx(0.9 * (0.5 / 0.9) ** (2 / 3))
+    assert pruning_level(params, 0.1, 4.9) < 0.5
+    assert pruning_level(params, 0.1, 5) == pruning_level(params, 0.1, 6) == 0.5
     assert pruning_level({**params, "schedule": "baseline"}, 0.1, 2) == 0.5
     wb = {**params, "schedule": "exponential_with_bias"}
     assert pruning_level(wb, 0.1, 2) == pytest.approx(0.1)
+    assert pruning_level(wb, 0.1, 5) == pytest.approx(0.5)
     assert pruning_level(wb, 0.1, 6) == 0.5
     assert 0.1 < pruning_level(wb, 0.1, 3) < 0.5

@@ -308,7 +308,7 @@ def test_recipe_errors() -> None:
         compress.create_compressed_model(ConvBNNet(), recipe(0), torch.zeros(1, 3, 8, 8))
     only_head = recipe()
     only_head["compression"]["target_scopes"] = ["fc"]  # its channels are the model's output
-    with pytest.raises(ConfigError, match=r"filter_pruning can prune nothing: every group"):
+    with pytest.raises(ConfigError, match=r"'scop' found no conv or linear layer whose output"):
         compress.create_compressed_model(ConvBNNet(), only_head, torch.zeros(1, 3, 8, 8))
     with pytest.raises(ConfigError, match=r'scop_knockoff: "gaussian" is not allowed; one of "p'):
         compress.load_config(recipe(scop_knockoff="gaussian"))

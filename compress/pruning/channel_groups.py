@@ -77,12 +77,13 @@ def _is_named(name: str, names: Collection[str]) -> bool:
     return any(name == n or name.startswith(n + ".") for n in names)
 
 
-def _input_convs(dg: tp.DependencyGraph) -> set[nn.Module]:
-    """Convs with no parametric layer upstream: they see the network input (NNCF's first conv)."""
+def _input_layers(dg: tp.DependencyGraph) -> set[nn.Module]:
+    """Convs and linear layers with no parametric layer upstream: they see the network input
+    (NNCF's "first conv", which is the first prunable layer of any kind: LeNet's fc1)."""
     parametric = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.MultiheadAttention)
     found: set[nn.Module] = set()
     for module, node in dg.module2node.items():
-        if not isinstance(module, nn.modules.conv._ConvNd):
+        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
             continue
         stack, seen, upstream = list(node.inputs), set(), False
         while stack and not upstream:
@@ -107,7 +108,7 @@ def _check_flags(
     members: Sequence[Member],
     *,
     ignored: Collection[str],
-    input_convs: set[nn.Module],
+    input_layers: set[nn.Module],
     prune_first_conv: bool,
     prune_downsample_convs: bool,
     prunable: tuple[type[Layer], ...],
@@ -121,12 +122,12 @@ def _check_flags(
         if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
             if not isinstance(module, prunable):
                 raise Skip(f"{name!r} is not a prunable type", warn=False, kind="out of scope")
+        if not prune_first_conv and module in input_layers:
+            raise Skip(f"{name!r} is the first conv", warn=False, kind="first conv")
         if not isinstance(module, nn.modules.conv._ConvNd):
             continue
-        if not prune_first_conv and module in input_convs:
-            raise Skip(f"{name!r} is the first conv", warn=False, kind="first conv")
-        depthwise = module.groups == module.out_channels and module.groups > 1
-        if not prune_downsample_convs and not depthwise and max(module.stride) > 1:
+        # NNCF: any strided conv, depthwise included (its group is then left whole)
+        if not prune_downsample_convs and max(module.stride) > 1:
             raise Skip(f"{name!r} is a downsample conv", warn=False, kind="downsample conv")
 
 
@@ -147,9 +148,9 @@ def build_groups(
 
     Groups whose channels reach the network output are never returned. ``ignored`` names
     modules (a container name covers its children) whose output channels stay. With
-    ``prune_first_conv=False`` convs that consume the network input keep their channels; with
-    ``prune_downsample_convs=False`` convs with stride > 1 do (depthwise convs only carry
-    channels and do not count). ``prune_batch_norms=False`` leaves norm affines unmasked, as in
+    ``prune_first_conv=False`` convs and linear layers that consume the network input keep their
+    channels; with ``prune_downsample_convs=False`` convs with stride > 1 do, depthwise ones
+    included (as NNCF 2.17). ``prune_batch_norms=False`` leaves norm affines unmasked, as in
     NNCF: a pruned channel is then the constant ``beta - gamma * mean / std`` after the norm
     during training, and the shrunk model, which has no such channel, differs by it.
 
@@ -218,7 +219,7 @@ def _build(
             stacklevel=3,
         )
         return []
-    input_convs = _input_convs(dg)
+    input_layers = _input_layers(dg)
     visited: set[nn.Module] = set()
     groups: list[ChannelGroup] = []
     claimed: set[tuple[str, str, int, int]] = set()
@@ -243,7 +244,7 @@ def _build(
                 clone,
                 members,
                 ignored=ignored,
-                input_convs=input_convs,
+                input_layers=input_layers,
                 prune_first_conv=prune_first_conv,
                 prune_downsample_convs=prune_downsample_convs,
                 prunable=prunable,

@@ -11,11 +11,11 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from compress.errors import ConfigError
 from compress.pruning.channel_groups import Excluded
 
 __all__ = ["check_reachable", "coverage_warning", "exclusion_rows"]
@@ -77,15 +77,18 @@ def coverage_warning(
 
 
 def check_reachable(path: str, n_groups: int, excluded: Sequence[Excluded]) -> None:
-    """A ``ConfigError`` naming the flags that would help when the options leave nothing to
-    prune. A model Torch-Pruning cannot trace, or with nothing prunable whatever the options,
-    only warns: training goes on unpruned."""
+    """A warning naming the flags that would help when the options leave nothing to prune:
+    NNCF 2.17 builds such a recipe and trains unpruned, and so does this. A model Torch-Pruning
+    cannot trace, or with nothing prunable whatever the options, warns through
+    :func:`coverage_warning` only."""
     if n_groups:
         return
     kinds = list(dict.fromkeys(e.kind for e in excluded if e.kind in FLAGS))
     if kinds:
-        raise ConfigError(
+        warnings.warn(
             f"{path}: filter_pruning can prune nothing: every group of coupled channels is "
             f"excluded by the options ({', '.join(kinds)}); set "
-            f"{' or '.join(FLAGS[k] for k in kinds)} to prune some"
+            f"{' or '.join(FLAGS[k] for k in kinds)} to prune some. Training goes on "
+            "unpruned, as in NNCF 2.17",
+            stacklevel=6,
         )

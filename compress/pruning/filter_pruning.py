@@ -1,19 +1,24 @@
 """Filter pruning (NNCF ``filter_pruning``): whole output channels masked while training,
-physically removed by ``strip``.
+physically removed by ``strip``. NNCF 2.17's results are the default (tests/fixtures/nncf217/
+pruning.json; the deliberate differences are in docs/nncf_differences.md).
 
 The groups of coupled channels come from :mod:`compress.pruning.channel_groups` (Torch-Pruning's
-dependency graph) and are built once, at construction. At every epoch start the level comes
-from NNCF's pruning schedule, every group is scored by ``filter_importance`` over all the layers
-that produce its channels, and the lowest channels are masked: every group at the level
-(``uniform``), or after one ranking of all groups (``global``, ``slamp``). Kept counts are
-rounded to ``round_to``; one channel always remains. After ``num_init_steps + pruning_steps``
-epochs (``baseline``: ``num_init_steps``) the masks freeze. ``strip`` removes the masked channels
-and attaches the plan of kept channels that the ``pruned`` export writes.
+dependency graph; on residual models they are NNCF's clusters) and are built once, at
+construction, where the model is pruned at ``pruning_init`` as NNCF does. At every epoch start
+the level comes from NNCF's pruning schedule, every group is scored by ``filter_importance``
+(per-layer weight scores summed over the layers that produce its channels), and the lowest
+channels are masked: every group at the level with its kept count rounded up to ``round_to``
+(``uniform``, NNCF's default), or under one threshold on scores of normalised weights
+(``global``, NNCF's ``all_weights``), or after a SLAMP ranking (``slamp``); ``rounding`` says
+how counts are rounded, and one channel always remains. At epoch ``num_init_steps +
+pruning_steps`` (``baseline``: ``num_init_steps``) the masks freeze. ``strip`` removes the masked
+channels and attaches the plan of kept channels that the ``pruned`` export writes.
 
-With ``pruning_flops_target`` the schedule moves the fraction of MACs to remove, and the filter
-ratio that removes it is found by bisection on MACs counted from the kept widths. With
-``pruning_latency_target`` it moves the fraction of measured latency to remove, and the widths
-come from a latency table measured once on this machine (:mod:`compress.pruning.latency`).
+With ``pruning_flops_target`` the schedule moves the fraction of MACs to remove, found as NNCF
+finds it: the filter ratio by bisection (uniform) or filters pruned one at a time in ranking
+order (global), on MACs counted from the kept widths. With ``pruning_latency_target`` it moves
+the fraction of measured latency to remove, and the widths come from a latency table measured
+once on this machine (:mod:`compress.pruning.latency`).
 
 With ``filter_importance: scop`` the scores are control coefficients learned against knockoff
 features during the ``num_init_steps`` epochs (:mod:`compress.pruning.scop`).
@@ -34,8 +39,8 @@ from compress import masks
 from compress.algorithm import Algorithm, weight, weight_layers
 from compress.analysis.summary import layer_macs
 from compress.errors import CompressError, ConfigError
-from compress.pruning import hf_layers, latency, latency_widths
-from compress.pruning.allocation import global_counts, top
+from compress.pruning import flops_target, hf_layers, latency, latency_widths
+from compress.pruning.allocation import global_counts, global_keep, kept_count, top
 from compress.pruning.calibration import nuclear_scores
 from compress.pruning.channel_groups import Excluded, build_groups
 from compress.pruning.coverage import check_reachable, coverage_warning, exclusion_rows
@@ -56,6 +61,9 @@ from compress.recipe import scopes
 from compress.schedules import pruning_level
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_ROUNDING = {"uniform": "up", "global": "none", "slamp": "nearest"}
+"""How kept counts are rounded when the recipe does not say: as NNCF 2.17 for uniform (up to a
+multiple of round_to) and all_weights (not at all); slamp, ours, to the nearest multiple."""
 
 
 class FilterPruning(Algorithm):
@@ -79,6 +87,7 @@ class FilterPruning(Algorithm):
         self.target = float(self.flops_target or self.latency_target or p["pruning_target"])
         steps = 0 if p["schedule"] == "baseline" else p["pruning_steps"]
         self.freeze_epoch = p["num_init_steps"] + steps
+        self.rounding = p.get("rounding") or _ROUNDING[p["allocation"]]
         self.explicit, self.ratios = layer_choices(model, self._layers(), p, f"{cfg.path}.params")
         self.keep = {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
         self.current = 0.0
@@ -89,6 +98,10 @@ class FilterPruning(Algorithm):
         self.full_macs = macs.get("", sum(macs.values()))
         self.layer_macs = {n: macs.get(n, 0) for n in self._weight_layers()}
         self.full_params = sum(p.numel() for p in model.parameters())
+        # NNCF counts the filters of every conv and linear layer, prunable or not
+        self.full_filters = sum(
+            weight(m).shape[0] for m in model.modules() if isinstance(m, _LAYERS)
+        )
         self.rounded_whole: list[str] = []  # groups whose rounding keeps every channel now
         self._check_coverage()
         self.scop = self._scop()
@@ -128,7 +141,9 @@ class FilterPruning(Algorithm):
         round_to = self.params["round_to"]
         for g in self.groups:
             n = g.size - math.floor(self.target * g.size + 1e-9)
-            if n < g.size and round_keep(g.size, n, round_to, g.unit) == g.size:
+            whole = kept_count(g.size, self.target, round_to, unit=g.unit, rounding=self.rounding)
+            uniform = self.params["allocation"] == "uniform" and not self.flops_target
+            if uniform and n < g.size and whole == g.size:
                 detail = f"{g.size * g.unit} channels with round_to {round_to} keep all"
                 self.excluded.append(Excluded(g.name, "rounding", detail))
         rounded = {e.group for e in self.excluded if e.kind == "rounding"}
@@ -196,7 +211,7 @@ class FilterPruning(Algorithm):
 
     def _scheduled(self, target: float, epoch: float) -> float:
         params = {**self.params, "pruning_target": target}
-        return pruning_level(params, min(self.init, target), epoch)
+        return pruning_level(params, self.init, epoch)
 
     def update(self, per_step: bool) -> None:
         if self.scop is not None:
@@ -205,6 +220,11 @@ class FilterPruning(Algorithm):
         if per_step or self.frozen:
             return
         epoch = self.scheduler.progress(None, False)
+        if self.scheduler.epoch < 0 and self.scop is None and not self.latency_target:
+            # NNCF prunes at pruning_init when built, before the first epoch_step (SCOP and
+            # latency targets, ours, start from the schedule's first epoch as before)
+            self._move(self.init, epoch)
+            return
         self._move(self._scheduled(self.target, epoch), epoch)
         if self.scheduler.epoch >= 0 and epoch >= self.freeze_epoch:
             self.frozen = True
@@ -220,6 +240,11 @@ class FilterPruning(Algorithm):
         scores = self.scores()
         if self.latency_target:
             self.keep = self._latency_keep(level, scores, epoch)
+            self.ratio = 1.0 - sum(int(k.sum()) for k in self.keep.values()) / max(
+                1, sum(g.size for g in self.groups)
+            )
+        elif self.flops_target and self.params["allocation"] == "global":
+            self.keep = self._flops_keep(level, scores, epoch)
             self.ratio = 1.0 - sum(int(k.sum()) for k in self.keep.values()) / max(
                 1, sum(g.size for g in self.groups)
             )
@@ -277,24 +302,55 @@ class FilterPruning(Algorithm):
         fixed = {**self.explicit, **self.ratios}
         scored = [g for g in self.groups if g.name not in fixed]
         allocation = self.params["allocation"]
-        if allocation == "uniform":
-            counts = {g.name: g.size - math.floor(ratio * g.size + 1e-9) for g in scored}
-        else:
-            counts = global_counts(scored, scores, ratio, slamp=allocation == "slamp")
         self.rounded_whole = []
+        if allocation == "global":
+            keep = global_keep(scored, self._ranking_scores(scored, scores), ratio, round_to)
+        if allocation == "slamp":
+            counts = global_counts(scored, scores, ratio, slamp=True)
         for g in scored:
-            n = round_keep(g.size, counts[g.name], round_to, g.unit)
-            if n == g.size > counts[g.name]:
+            if allocation == "uniform":
+                unrounded = g.size - math.floor(ratio * g.size + 1e-9)
+                n = kept_count(g.size, ratio, round_to, unit=g.unit, rounding=self.rounding)
+            else:
+                unrounded = counts[g.name] if allocation == "slamp" else int(keep[g.name].sum())
+                n = self._rounded(g, unrounded)
+                if allocation == "global" and n == unrounded:
+                    continue  # NNCF's threshold mask, kept as it is
+            if n == g.size > unrounded:
                 self.rounded_whole.append(g.name)
             keep[g.name] = top(scores[g.name], n)
         for name, target in self.ratios.items():
             g = next(g for g in self.groups if g.name == name)
             level = self._scheduled(target, epoch)
-            n = round_keep(g.size, g.size - math.floor(level * g.size + 1e-9), round_to, g.unit)
+            n = kept_count(g.size, level, round_to, unit=g.unit, rounding=self.rounding)
             keep[name] = top(scores[name], n)
         for name, k in self.explicit.items():
             keep[name] = k.clone() if started else torch.ones_like(k)
         return keep
+
+    def _rounded(self, group: ChannelGroup, n: int) -> int:
+        """A kept count of a ranking allocation, rounded as the recipe says (``none``: as is)."""
+        round_to = self.params["round_to"]
+        if self.rounding == "nearest":
+            return round_keep(group.size, n, round_to, group.unit)
+        if self.rounding == "up":
+            step = round_to // math.gcd(round_to, group.unit) if round_to > 1 else 1
+            return min(max(math.ceil(n / step) * step, 1), group.size)
+        return n
+
+    def _ranking_scores(
+        self, groups: list[ChannelGroup], scores: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Scores comparable across groups: the criterion on weights divided by their L2 norm
+        (NNCF's all_weights), or data-dependent scores divided by their group's L2 norm."""
+        fn = FILTER_IMPORTANCE.get(self.params["filter_importance"])
+        if fn is not None:
+            return {g.name: fn(self.model, g, normalise=True) for g in groups}
+        out = {}
+        for g in groups:
+            norm = scores[g.name].float().norm()
+            out[g.name] = scores[g.name].float() / norm if norm > 0 else scores[g.name].float()
+        return out
 
     # --- FLOPs -----------------------------------------------------------------------------------
 
@@ -310,23 +366,55 @@ class FilterPruning(Algorithm):
     def _flops_ratio(
         self, fraction: float, scores: Mapping[str, torch.Tensor], epoch: float
     ) -> float:
-        """The filter ratio whose shrunk model has ``fraction`` fewer MACs, by bisection
-        (removed MACs never fall as the ratio rises); the closest of the ratios tried."""
+        """The filter ratio that removes ``fraction`` of the MACs, as NNCF's uniform search
+        finds it; a warning when even ratio 1 falls short (NNCF raises)."""
         if fraction <= 0.0:
             return 0.0
 
-        def removed(ratio: float) -> float:
-            macs, _ = self.macs_params(self.choose(ratio, scores, epoch))
-            return 1.0 - macs / self.full_macs
+        def macs(ratio: float) -> int:
+            return self.macs_params(self.choose(ratio, scores, epoch))[0]
 
-        lo, hi = 0.0, 0.999
-        best = (abs(removed(0.0) - fraction), 0.0)
-        for _ in range(24):
-            mid = (lo + hi) / 2
-            got = removed(mid)
-            best = min(best, (abs(got - fraction), mid))
-            lo, hi = (mid, hi) if got < fraction else (lo, mid)
-        return best[1]
+        ratio = flops_target.uniform_ratio(macs, self.full_macs * (1.0 - fraction))
+        self._warn_short(fraction, macs(ratio))
+        return ratio
+
+    def _flops_keep(
+        self, fraction: float, scores: Mapping[str, torch.Tensor], epoch: float
+    ) -> dict[str, torch.Tensor]:
+        """Keep masks that remove ``fraction`` of the MACs, as NNCF's all_weights search finds
+        them (filters pruned one at a time in ranking order)."""
+        keep = self.choose(0.0, scores, epoch)
+        fixed = {**self.explicit, **self.ratios}
+        scored = [g for g in self.groups if g.name not in fixed]
+        if fraction <= 0.0 or not scored:
+            return keep
+        ranking = self._ranking_scores(scored, scores)
+        order = flops_target.ranking_order(
+            [g.size for g in scored], [ranking[g.name].tolist() for g in scored]
+        )
+
+        def pruned(n: int) -> dict[str, torch.Tensor]:
+            out = {**keep, **{g.name: torch.ones(g.size, dtype=torch.bool) for g in scored}}
+            for i, c in order[:n]:
+                out[scored[i].name][c] = False
+            return out
+
+        def macs(n: int) -> int:
+            return self.macs_params(pruned(n))[0]
+
+        n = flops_target.shortest_prefix(len(order), macs, self.full_macs * (1.0 - fraction))
+        self._warn_short(fraction, macs(n))
+        return pruned(n)
+
+    def _warn_short(self, fraction: float, macs: int) -> None:
+        if macs > self.full_macs * (1.0 - fraction):
+            removed = 1.0 - macs / self.full_macs if self.full_macs else 0.0
+            warnings.warn(
+                f"{self.cfg.path}: pruning_flops_target {fraction:.3f} is out of reach; the "
+                f"most pruning allowed removes {removed:.3f} of the MACs (NNCF 2.17 raises "
+                "here; this run goes on with that)",
+                stacklevel=3,
+            )
 
     # --- latency ---------------------------------------------------------------------------
 
@@ -388,10 +476,12 @@ class FilterPruning(Algorithm):
                 }
             )
         macs, params = self.macs_params(self.keep)
+        # as NNCF: filters of every conv and linear layer, the pruned ones removed
+        filters = self.full_filters - (full_filters - kept_filters)
         summary = [
             _row("MACs", self.full_macs, macs),
             _row("params", self.full_params, params),
-            _row("filters", full_filters, kept_filters),
+            _row("filters", self.full_filters, filters),
         ]
         out = {"algorithm": self.name, "level": self.current, "frozen": self.frozen}
         if self.flops_target or self.latency_target:

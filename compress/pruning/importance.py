@@ -1,41 +1,84 @@
 """Filter importance criteria: ``(model, group) -> one score per channel`` of a channel group.
 
-Scores are taken over every layer slice that produces the group's channels, so coupled layers
-(a residual add, a depthwise conv) are ranked together. ``FILTER_IMPORTANCE`` maps the recipe's
+As NNCF 2.17: each criterion scores the filters of every layer that produces the group's
+channels from the layer's weight alone (biases are not scored), and a group coupled over
+several layers (a residual add, a depthwise conv) sums the per-layer scores. With
+``normalise`` every weight is first divided by its L2 norm, as NNCF does before ranking the
+filters of all layers together (``all_weights``). ``FILTER_IMPORTANCE`` maps the recipe's
 ``filter_importance`` names to the criteria computed from weights alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from compress.pruning.structured import ChannelGroup, channel_norms, group_weights
-
-Criterion = Callable[[nn.Module, ChannelGroup], torch.Tensor]
+from compress.pruning.structured import ChannelGroup
 
 
-def l1_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
-    """Sum of |w| over every slice that produces the channel (all layers of the group)."""
-    return channel_norms(model, group, p=1)
+class Criterion(Protocol):
+    def __call__(
+        self, model: nn.Module, group: ChannelGroup, *, normalise: bool = False
+    ) -> torch.Tensor: ...
 
 
-def l2_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
-    """L2 norm of everything that produces the channel, taken together."""
-    return channel_norms(model, group, p=2).sqrt()
+def _filters(
+    model: nn.Module, group: ChannelGroup, normalise: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(filters, channel) per producing layer: ``filters[j]`` is the flattened weight slice of
+    group channel ``channel[j]``, divided by the whole weight's L2 norm with ``normalise``."""
+    for member in group.members:
+        if member.role != "producer" or member.param_name.endswith("bias"):
+            continue
+        param = model.get_submodule(member.module_name)._parameters[member.param_name]
+        assert param is not None  # a member names a parameter that is set
+        weight = param.detach().float()
+        rows = weight.index_select(member.dim, member.index).movedim(member.dim, 0)
+        rows = rows.reshape(len(member.index), -1)
+        if normalise:  # NNCF's expression, so that the bits agree
+            norm = torch.sqrt(torch.sum(torch.abs(weight) ** 2))
+            rows = rows / norm if norm > 0 else rows
+        yield rows, member.channel
 
 
-def geometric_median_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
+def _summed(
+    model: nn.Module,
+    group: ChannelGroup,
+    normalise: bool,
+    score: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    scores = torch.zeros(group.size)
+    for rows, channel in _filters(model, group, normalise):
+        scores.index_add_(0, channel, score(rows))
+    return scores
+
+
+def l1_importance(
+    model: nn.Module, group: ChannelGroup, *, normalise: bool = False
+) -> torch.Tensor:
+    """Sum over the group's layers of each filter's L1 norm."""
+    return _summed(model, group, normalise, lambda rows: torch.norm(rows, p=1, dim=1))
+
+
+def l2_importance(
+    model: nn.Module, group: ChannelGroup, *, normalise: bool = False
+) -> torch.Tensor:
+    """Sum over the group's layers of each filter's L2 norm (NNCF adds norms, not squares)."""
+    return _summed(model, group, normalise, lambda rows: torch.norm(rows, p=2, dim=1))
+
+
+def geometric_median_importance(
+    model: nn.Module, group: ChannelGroup, *, normalise: bool = False
+) -> torch.Tensor:
     """FPGM (He et al. 2019): a filter near the geometric median of its layer is the one the
     others can replace, so the score is the sum of Euclidean distances from a filter to every
-    other filter of the same layer, summed over the group's producers."""
-    scores = torch.zeros(group.size)
-    for rows, channel in group_weights(model, group, roles=("producer",)):
-        rows = rows.float()
-        scores.index_add_(0, channel, torch.cdist(rows, rows).sum(1))
-    return scores
+    other filter of the same layer, summed over the group's layers."""
+    return _summed(
+        model, group, normalise, lambda rows: torch.cdist(rows[None], rows[None]).squeeze(0).sum(0)
+    )
 
 
 FILTER_IMPORTANCE: dict[str, Criterion] = {

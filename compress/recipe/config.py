@@ -396,10 +396,10 @@ def _check_rules(name: str, options: Mapping[str, Any], params: dict[str, Any], 
             )
         target = params.get("pruning_target", 0.0)
         if options["pruning_init"] > target and "pruning_target" in params:
-            warnings.warn(  # NNCF accepts it (resnet18_pruning_accuracy_aware.json: .95 > .1)
+            warnings.warn(  # NNCF 2.17 accepts it (its own resnet18_pruning_accuracy_aware.json)
                 f"{path}.pruning_init: {options['pruning_init']} is above pruning_target "
-                f"{target}; NNCF accepts this and so do we, but the pruning level then falls "
-                "during training. Give pruning_init <= pruning_target unless you mean that",
+                f"{target}; as in NNCF 2.17 the model is built pruned at {options['pruning_init']}"
+                f" and pruned at {target} from epoch num_init_steps on",
                 stacklevel=4,
             )
 
