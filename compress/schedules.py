@@ -72,6 +72,8 @@ def adaptive(epoch: float, *, init: float, target: float, step: float, patience:
     rises = int((math.floor(epoch) + 1) // patience)
     level = init
     for _ in range(rises):  # one addition at a time, as NNCF adds
+        if level == target:  # a level above the target still falls to it, as in NNCF
+            break
         level = min(level + step, target)
     return level
 

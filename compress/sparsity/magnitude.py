@@ -72,6 +72,7 @@ class MagnitudeSparsity(Algorithm):
         if event == "init":
             self.set_level(self.init)
             self.scheduled = initial_level(self.params, self.init)
+            self.warn_collapse()
             return
         if event == "skip":
             return
