@@ -189,3 +189,29 @@ def test_per_step_schedule_without_length_starts_an_epoch_late() -> None:
             seen.append(algo.current)
             ctrl.scheduler.step()
     assert seen == [0.0, 0.0, 0.0, 0.25, 0.5, 0.5]
+
+
+def test_cli_schedule_table_uses_the_schedulers_timing() -> None:
+    """`compress schedule`: the first and last batch of each epoch; told the epoch length, a
+    per-step schedule starts at epoch 0, else (as NNCF) one epoch late."""
+    from compress.cli import schedule_rows
+    from compress.recipe.config import load_config
+
+    cfg = load_config(
+        {
+            "compression": {
+                "algorithm": "magnitude_sparsity",
+                "params": {
+                    "sparsity_target": 0.4,
+                    "sparsity_target_epoch": 2,
+                    "power": 1,
+                    "update_per_optimizer_step": True,
+                },
+            }
+        }
+    )
+    told = schedule_rows(cfg, 3, 4)
+    assert [r["magnitude_sparsity"] for r in told] == [0.0, 0.2, 0.4]
+    assert [r["magnitude_sparsity (epoch end)"] for r in told] == [0.15, 0.35, 0.4]
+    untold = schedule_rows(cfg, 3, None)
+    assert [r["magnitude_sparsity"] for r in untold] == [0.0, 0.0, 0.2]
