@@ -235,6 +235,9 @@ class CompressionCallback(_Callback):
             scheduler.inferred_steps_per_epoch = math.ceil(
                 batches / trainer.accumulate_grad_batches
             )
+            # known before the first epoch: a per-step schedule starts at epoch 0, as NNCF's
+            # does with params.steps_per_epoch (without it NNCF measures the first epoch)
+            scheduler.length_known = scheduler.epoch < 0
 
     # --- scheduling and logging --------------------------------------------------------------
 

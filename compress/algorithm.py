@@ -12,7 +12,7 @@ from compress import masks
 from compress.errors import CompressError, ConfigError
 from compress.recipe import scopes
 from compress.recipe.config import AlgorithmConfig
-from compress.schedules import Scheduler
+from compress.schedules import Scheduler, moves_per_step, schedule_epoch
 
 SPARSIFIABLE: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -97,15 +97,27 @@ def weight(module: nn.Module) -> torch.Tensor:
 
 
 def sparsity_event(algo: Algorithm, frozen: bool, per_step: bool) -> str:
-    """What a sparsity schedule does at a scheduler event: "skip" (frozen, or a step when the
-    level moves per epoch), "freeze" (``sparsity_freeze_epoch`` reached) or "update"."""
+    """What a sparsity schedule does at a scheduler event, as NNCF 2.17's scheduler does:
+
+    - "init": construction (epoch -1): the masks take ``sparsity_init``;
+    - "skip": nothing moves (a step of a per-epoch schedule, or before the schedule's first
+      epoch);
+    - "freeze": the first event of an epoch >= ``sparsity_freeze_epoch``: the masks stop moving
+      (NNCF freezes before it sets that epoch's level);
+    - "frozen": the masks stay, the reported level keeps following the schedule;
+    - "update": the level and the masks move.
+    """
+    if algo.scheduler.epoch < 0 and not per_step:
+        return "init"
     p = algo.params
-    if frozen or (per_step and not p["update_per_optimizer_step"]):
+    if per_step and not moves_per_step(p):
         return "skip"
-    epoch = algo.scheduler.progress(p["steps_per_epoch"], per_step)
-    if epoch >= p["sparsity_freeze_epoch"] and algo.scheduler.epoch >= 0:
-        return "freeze"
-    return "update"
+    epoch = schedule_epoch(p, algo.scheduler)
+    if epoch is None:
+        return "skip"
+    if frozen:
+        return "frozen"
+    return "freeze" if epoch >= p["sparsity_freeze_epoch"] else "update"
 
 
 def weight_layers(model: nn.Module, cfg: AlgorithmConfig) -> list[tuple[str, nn.Module]]:

@@ -27,7 +27,14 @@ from torch import nn
 from compress.analysis.summary import NNCF_PARAMS, conv_linear_weights, layer_macs, table
 from compress.errors import CompressError, ConfigError
 from compress.recipe.config import Config, load_config
-from compress.schedules import SCHEDULES
+from compress.schedules import (
+    SCHEDULES,
+    Scheduler,
+    initial_level,
+    moves_per_step,
+    schedule_position,
+    sparsity_level,
+)
 
 
 def _summary(cfg: Config) -> str:
@@ -60,6 +67,29 @@ def _summary(cfg: Config) -> str:
     return f"{cfg.source}: valid: " + " + ".join(parts)
 
 
+def _sparsity_levels(
+    name: str, params: dict[str, Any], init: float, epoch: int, steps_per_epoch: int | None
+) -> dict[str, float]:
+    """The level epoch ``epoch``'s first batch trains at and, for a per-step schedule whose
+    epoch length is known, its last batch: the scheduler's own timing (NNCF's)."""
+    scheduler = Scheduler()
+    scheduler.epoch = epoch
+    scheduler.inferred_steps_per_epoch = steps_per_epoch
+    scheduler.length_known = steps_per_epoch is not None  # told the length, as the callback is
+    position = schedule_position(params, scheduler)
+    first = (
+        initial_level(params, init) if position is None else sparsity_level(params, init, position)
+    )
+    out = {name: round(first, 6)}
+    spe = params["steps_per_epoch"] or steps_per_epoch
+    if moves_per_step(params) and spe:
+        scheduler.step_in_epoch = spe
+        position = schedule_position(params, scheduler)
+        last = init if position is None else sparsity_level(params, init, position)
+        out[f"{name} (epoch end)"] = round(last, 6)
+    return out
+
+
 def schedule_rows(cfg: Config, epochs: int, steps_per_epoch: int | None) -> list[dict[str, Any]]:
     """The level of each scheduled algorithm at the start of every epoch (and, with per-step
     updates and steps_per_epoch, at the end of it)."""
@@ -80,11 +110,10 @@ def schedule_rows(cfg: Config, epochs: int, steps_per_epoch: int | None) -> list
                 row[a.name] = "adaptive"
                 continue
             freeze = params.get("sparsity_freeze_epoch")
-            row[a.name] = round(fn(params, init, epoch), 6)
-            if params.get("update_per_optimizer_step") and (
-                steps_per_epoch or params["steps_per_epoch"]
-            ):
-                row[f"{a.name} (epoch end)"] = round(fn(params, init, epoch + 1), 6)
+            if a.name == "filter_pruning":
+                row[a.name] = round(fn(params, init, epoch), 6)
+            else:
+                row.update(_sparsity_levels(a.name, params, init, epoch, steps_per_epoch))
             if freeze is not None and epoch >= freeze:
                 row["frozen"] = "yes"
         rows.append(row)

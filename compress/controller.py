@@ -20,7 +20,7 @@ from compress.analysis.summary import Statistics, model_summary
 from compress.distillation import KnowledgeDistillation
 from compress.errors import CompressError
 from compress.recipe.config import Config, load_config
-from compress.schedules import Scheduler
+from compress.schedules import Scheduler, moves_per_step
 
 STATE_VERSION = 1
 # Distillation first: its teacher is copied before anything is masked. Structured pruning next:
@@ -38,8 +38,10 @@ class CompressionController:
     """What ``create_compressed_model`` returns beside the model.
 
     ``scheduler.epoch_step()`` at each epoch start and ``scheduler.step()`` after each optimizer
-    step move every algorithm's level; ``loss()`` is added to the task loss; ``statistics()``,
-    ``state_dict()``/``load_state_dict()`` and ``strip()`` do what their names say.
+    step move every algorithm's level (each batch then trains at the level NNCF 2.17's loop, which
+    calls ``step()`` before the batch, gives it: see ``Scheduler``); ``loss()`` is added to the
+    task loss; ``statistics()``, ``state_dict()``/``load_state_dict()`` and ``strip()`` do what
+    their names say.
     """
 
     def __init__(
@@ -78,7 +80,9 @@ class CompressionController:
         self.scheduler.on_change = self._on_change
         # Only a per-step schedule without params.steps_per_epoch needs the epoch length.
         self.scheduler.infer_steps_per_epoch = any(
-            a.params.get("update_per_optimizer_step") and not a.params.get("steps_per_epoch")
+            a.name in ("magnitude_sparsity", "rb_sparsity")
+            and moves_per_step(a.params)
+            and not a.params["steps_per_epoch"]
             for a in self.algorithms
         )
         self._on_change(False)

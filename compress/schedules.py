@@ -25,7 +25,9 @@ def polynomial(
     epoch: float, *, init: float, target: float, target_epoch: float, power: float, concave: bool
 ) -> float:
     """p = clip(epoch / target_epoch, 0, 1); concave: target - (target - init) * (1 - p) ** power,
-    convex: init + (target - init) * p ** power."""
+    convex: init + (target - init) * p ** power. ``target_epoch`` 0 gives the target at once."""
+    if target_epoch == 0:
+        return target
     p = min(max(epoch / target_epoch, 0.0), 1.0)
     if concave:
         return target - (target - init) * (1.0 - p) ** power
@@ -41,13 +43,72 @@ def exponential(epoch: float, *, init: float, target: float, target_epoch: float
     return 1.0 - (1.0 - init) * ((1.0 - target) / (1.0 - init)) ** p
 
 
+def sparsity_exponential(epoch: float, *, init: float, target: float, target_epoch: float) -> float:
+    """NNCF 2.17's exponential sparsity schedule, float for float: the density
+    ``(1 - init) * ((1 - target) / (1 - init)) ** (epoch / target_epoch)``, no lower than
+    ``1 - target``; the level is ``min(1 - density, target)``.
+
+    Example:
+        >>> round(sparsity_exponential(1, init=0.0, target=0.75, target_epoch=2), 6)
+        0.5
+    """
+    initial, final = 1.0 - init, 1.0 - target
+    if target_epoch == 0:
+        density = final
+    else:
+        density = max(initial * (final / initial) ** (epoch / target_epoch), final)
+    return min(1.0 - density, target)
+
+
 def multistep(epoch: float, *, steps: Sequence[float], levels: Sequence[float]) -> float:
     """levels[i], where i is the number of steps <= epoch."""
-    return levels[bisect.bisect_right(steps, epoch)]
+    return levels[bisect.bisect_right(sorted(steps), epoch)]
+
+
+def adaptive(epoch: float, *, init: float, target: float, step: float, patience: int) -> float:
+    """NNCF's adaptive schedule when every epoch reaches its level (magnitude sparsity always
+    does): the level rises by ``step`` at every ``patience``-th epoch start, counting epoch 0,
+    up to ``target``. RB sparsity counts only the epochs its learned masks reached."""
+    rises = int((math.floor(epoch) + 1) // patience)
+    level = init
+    for _ in range(rises):  # one addition at a time, as NNCF adds
+        if level == target:  # a level above the target still falls to it, as in NNCF
+            break
+        level = min(level + step, target)
+    return level
+
+
+def adaptive_level(
+    level: float,
+    reached_epochs: int,
+    sparsity: float,
+    *,
+    target: float,
+    step: float,
+    eps: float,
+    patience: int,
+) -> tuple[float, int]:
+    """NNCF's adaptive schedule, once per epoch start (epoch 0 included): returns the new
+    (level, reached_epochs).
+
+    An epoch counts when the reached ``sparsity`` is at least ``level - eps``; after
+    ``patience`` such epochs the level rises by ``step`` (capped at ``target``) and the count
+    restarts.
+
+    Example:
+        >>> adaptive_level(0.1, 0, 0.08, target=0.5, step=0.05, eps=0.03, patience=1)
+        (0.15000000000000002, 0)
+    """
+    if sparsity >= level - eps:
+        reached_epochs += 1
+    if reached_epochs >= patience:
+        return min(level + step, target), 0
+    return level, reached_epochs
 
 
 def sparsity_level(params: Mapping[str, Any], init: float, epoch: float) -> float:
-    """The level of a sparsity recipe (magnitude or RB ``params``) at a (fractional) epoch."""
+    """The level of a sparsity recipe (magnitude or RB ``params``) at a (fractional) epoch, as
+    NNCF 2.17's schedulers compute it."""
     kind = params["schedule"]
     target, target_epoch = params["sparsity_target"], params["sparsity_target_epoch"]
     if kind == "polynomial":
@@ -60,12 +121,66 @@ def sparsity_level(params: Mapping[str, Any], init: float, epoch: float) -> floa
             concave=params["concave"],
         )
     if kind == "exponential":
-        return exponential(epoch, init=init, target=target, target_epoch=target_epoch)
+        return sparsity_exponential(epoch, init=init, target=target, target_epoch=target_epoch)
     if kind == "multistep":
         return multistep(
             epoch, steps=params["multistep_steps"], levels=params["multistep_sparsity_levels"]
         )
+    if kind == "adaptive":
+        return adaptive(
+            epoch, init=init, target=target, step=params["step"], patience=params["patience"]
+        )
     raise KeyError(kind)
+
+
+def initial_level(params: Mapping[str, Any], init: float) -> float:
+    """The level NNCF reports before the schedule's first epoch: ``sparsity_init``, or the
+    first multistep level."""
+    if params["schedule"] == "multistep":
+        return float(params["multistep_sparsity_levels"][0])
+    return init
+
+
+def moves_per_step(params: Mapping[str, Any]) -> bool:
+    """Whether a sparsity schedule moves after optimizer steps: with
+    ``update_per_optimizer_step``, NNCF 2.17 moves only polynomial schedules per step (the others
+    keep their epoch's level); ``per_step_schedules: "all"`` moves exponential and multistep too.
+    """
+    if not params["update_per_optimizer_step"] or params["schedule"] == "adaptive":
+        return False
+    return params["schedule"] == "polynomial" or params.get("per_step_schedules") == "all"
+
+
+def schedule_epoch(params: Mapping[str, Any], scheduler: Scheduler) -> int | None:
+    """The epoch NNCF 2.17's sparsity scheduler is at (None before its first one).
+
+    A per-step schedule without ``steps_per_epoch`` spends the first epoch measuring its length
+    and starts one epoch late, as NNCF's does: epoch 1 of training is its epoch 0. Not when the
+    loop told the scheduler the length in advance (``length_known``: the Lightning callback
+    does), which is NNCF's behaviour with ``steps_per_epoch`` given.
+    """
+    epoch = scheduler.epoch
+    if moves_per_step(params) and not params["steps_per_epoch"] and not scheduler.length_known:
+        epoch -= 1
+    return epoch if epoch >= 0 else None
+
+
+def schedule_position(params: Mapping[str, Any], scheduler: Scheduler) -> float | None:
+    """The fractional epoch at which the next batch trains, as NNCF 2.17 evaluates it (None
+    before the schedule's first epoch: the level is then ``sparsity_init``).
+
+    NNCF's loop calls ``step()`` before each batch and its k-th call in epoch e sets the level
+    of ``e + (k - 1) / steps_per_epoch``. Ours calls ``step()`` after each optimizer step, so after
+    k steps the next batch is batch k: ``e + k / steps_per_epoch``, held at the epoch's last batch
+    once the epoch is over (validation sees the model its last batch trained).
+    """
+    epoch = schedule_epoch(params, scheduler)
+    if epoch is None or not moves_per_step(params):
+        return None if epoch is None else float(epoch)
+    spe = params["steps_per_epoch"] or scheduler.inferred_steps_per_epoch
+    if not spe:
+        return float(epoch)
+    return epoch + min(scheduler.step_in_epoch, spe - 1) / spe
 
 
 # --- filter pruning ------------------------------------------------------------------------
@@ -164,9 +279,16 @@ SCHEDULES: dict[str, Callable[[Mapping[str, Any], float, float], float]] = {
 class Scheduler:
     """Counts epochs and optimizer steps; the only state a schedule has.
 
-    NNCF's protocol: call ``epoch_step()`` at the start of every epoch (the first call moves
-    from epoch -1 to 0) and ``step()`` after every optimizer step. After each call the owner's
+    The protocol: call ``epoch_step()`` at the start of every epoch (the first call moves from
+    epoch -1 to 0) and ``step()`` after every optimizer step. After each call the owner's
     ``on_change(per_step)`` is invoked so algorithms can move their levels and masks.
+
+    NNCF's examples call ``step()`` before each batch's forward pass instead; every batch trains
+    at the same level either way (see :func:`schedule_position`): after ``epoch_step()`` and k
+    calls of our ``step()``, batch k of the epoch trains at the level NNCF's loop gives it after
+    its (k + 1)-th ``step()``. The one visible difference is the count itself: code ported from
+    an NNCF loop should move its ``step()`` call after ``optimizer.step()``, or every batch trains
+    one step ahead.
     """
 
     def __init__(self, on_change: Callable[[bool], None] | None = None) -> None:
@@ -174,6 +296,8 @@ class Scheduler:
         self.step_in_epoch = 0
         self.global_step = 0
         self.inferred_steps_per_epoch: int | None = None
+        # True when the loop set inferred_steps_per_epoch before the first epoch
+        self.length_known = False
         # False when no schedule reads the epoch length: epochs may then differ in length.
         self.infer_steps_per_epoch = True
         self.on_change = on_change
@@ -221,6 +345,7 @@ class Scheduler:
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
             "inferred_steps_per_epoch": self.inferred_steps_per_epoch,
+            "length_known": self.length_known,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -228,3 +353,4 @@ class Scheduler:
         self.step_in_epoch = int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
         self.inferred_steps_per_epoch = state.get("inferred_steps_per_epoch")
+        self.length_known = bool(state.get("length_known", False))

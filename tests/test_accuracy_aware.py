@@ -27,7 +27,8 @@ def recipe(mode: str, **params: Any) -> dict:
         "accuracy_aware_training": {"mode": mode, "params": params},
         "compression": {
             "algorithm": "magnitude_sparsity",
-            "params": {"sparsity_target": 0.5, "sparsity_target_epoch": 2},
+            # power 3 (NNCF's default is 0.9): the levels these tests narrate, 0.4375 at epoch 1
+            "params": {"sparsity_target": 0.5, "sparsity_target_epoch": 2, "power": 3},
         },
     }
 

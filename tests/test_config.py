@@ -57,7 +57,7 @@ def test_enum_lists_allowed_values() -> None:
     )
     assert msg == (
         'compression.params.schedule: "linear" is not allowed; one of "polynomial", '
-        '"exponential", "multistep"'
+        '"exponential", "multistep", "adaptive"'
     )
 
 

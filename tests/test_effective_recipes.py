@@ -39,8 +39,10 @@ def test_shipped_recipe_reaches_its_final_sparsity(name: str) -> None:
     params = short["compression"]["params"]
     params["sparsity_target_epoch"] = EPOCHS - 1
     params["sparsity_freeze_epoch"] = min(params["sparsity_freeze_epoch"], EPOCHS)
-
     batches = _digits()
+    # without it the first epoch measures the epoch length and the schedule starts one epoch
+    # late, as NNCF's does
+    params["steps_per_epoch"] = len(batches)
     example = torch.zeros(1, 64)
     ctrl, model = compress.create_compressed_model(lenet(), short, example_inputs=example)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -305,7 +305,8 @@ def test_a_second_fit_continues_the_schedule_and_never_revives_pruned_weights(
 
     fit_quietly(trainer(tmp_path / "2", cb, probe, epochs=2), module, loader16())
     assert cb.ctrl.scheduler.epoch == 3 and cb.ctrl.scheduler.global_step == 12 + 16
-    assert cb.ctrl.compression_level == pytest.approx(0.8)
+    # NNCF's timing: the last batch of epoch 3 trains at 3 + 7/8 of 4 epochs; 0.8 is epoch 4's
+    assert cb.ctrl.compression_level == pytest.approx(0.8 * 3.875 / 4)
     assert probe.levels == sorted(probe.levels)  # never lowered
     after = masked_weights(module.state_dict())
     assert bool((after[pruned] == 0).all())

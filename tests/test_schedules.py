@@ -129,3 +129,103 @@ def test_pruning_level_boundaries() -> None:
     assert pruning_level(wb, 0.1, 5) == pytest.approx(0.5)
     assert pruning_level(wb, 0.1, 6) == 0.5
     assert 0.1 < pruning_level(wb, 0.1, 3) < 0.5
+
+
+def _magnitude_ctrl(**params: object):  # type: ignore[no-untyped-def]
+    import torch
+    from conftest import lenet
+
+    import compress
+
+    recipe = {"compression": {"algorithm": "magnitude_sparsity", "params": params}}
+    ctrl, _ = compress.create_compressed_model(lenet(), recipe, torch.zeros(1, 16))
+    return ctrl, ctrl.algorithms[0]
+
+
+def test_default_power_is_nncfs() -> None:
+    """Without ``power``, NNCF's 0.9: 0 -> 0.5 over 5 epochs as NNCF 2.17 gives it."""
+    ctrl, algo = _magnitude_ctrl(sparsity_target=0.5, sparsity_target_epoch=5)
+    levels = []
+    for _ in range(6):
+        ctrl.scheduler.epoch_step()
+        levels.append(round(algo.level, 3))
+    assert levels == [0.0, 0.091, 0.184, 0.281, 0.383, 0.5]
+
+
+def test_per_step_exponential_only_when_asked() -> None:
+    """NNCF moves only polynomial schedules per step; per_step_schedules "all" moves the others."""
+    common = dict(
+        schedule="exponential",
+        sparsity_target=0.75,
+        sparsity_target_epoch=2,
+        update_per_optimizer_step=True,
+        steps_per_epoch=2,
+    )
+    for mode, expected in (("polynomial", [0.0, 0.0, 0.5]), ("all", [0.0, 0.293, 0.5])):
+        ctrl, algo = _magnitude_ctrl(per_step_schedules=mode, **common)
+        ctrl.scheduler.epoch_step()
+        seen = [round(algo.current, 3)]
+        ctrl.scheduler.step()
+        seen.append(round(algo.current, 3))
+        ctrl.scheduler.step()
+        ctrl.scheduler.epoch_step()
+        seen.append(round(algo.current, 3))
+        assert seen == expected, mode
+
+
+def test_reported_level_follows_the_schedule_after_freezing() -> None:
+    """As NNCF: from sparsity_freeze_epoch the masks stay, the reported level moves on."""
+    ctrl, algo = _magnitude_ctrl(
+        schedule="multistep",
+        multistep_steps=[1, 2, 3],
+        multistep_sparsity_levels=[0.1, 0.3, 0.4, 0.5],
+        sparsity_freeze_epoch=2,
+    )
+    reported, masks = [], []
+    for _ in range(4):
+        ctrl.scheduler.epoch_step()
+        reported.append(algo.level)
+        masks.append(round(algo.statistics()["layers"][0]["sparsity"], 1))
+    assert reported == [0.1, 0.3, 0.4, 0.5]
+    assert algo.frozen and algo.current == 0.3
+    assert masks[2:] == [masks[1], masks[1]]
+
+
+def test_per_step_schedule_without_length_starts_an_epoch_late() -> None:
+    """Without steps_per_epoch, the first epoch measures it at sparsity_init (NNCF)."""
+    ctrl, algo = _magnitude_ctrl(
+        sparsity_target=0.5, sparsity_target_epoch=1, power=1, update_per_optimizer_step=True
+    )
+    seen = []
+    for _ in range(3):
+        ctrl.scheduler.epoch_step()
+        for _ in range(2):
+            seen.append(algo.current)
+            ctrl.scheduler.step()
+    assert seen == [0.0, 0.0, 0.0, 0.25, 0.5, 0.5]
+
+
+def test_cli_schedule_table_uses_the_schedulers_timing() -> None:
+    """`compress schedule`: the first and last batch of each epoch; told the epoch length, a
+    per-step schedule starts at epoch 0, else (as NNCF) one epoch late."""
+    from compress.cli import schedule_rows
+    from compress.recipe.config import load_config
+
+    cfg = load_config(
+        {
+            "compression": {
+                "algorithm": "magnitude_sparsity",
+                "params": {
+                    "sparsity_target": 0.4,
+                    "sparsity_target_epoch": 2,
+                    "power": 1,
+                    "update_per_optimizer_step": True,
+                },
+            }
+        }
+    )
+    told = schedule_rows(cfg, 3, 4)
+    assert [r["magnitude_sparsity"] for r in told] == [0.0, 0.2, 0.4]
+    assert [r["magnitude_sparsity (epoch end)"] for r in told] == [0.15, 0.35, 0.4]
+    untold = schedule_rows(cfg, 3, None)
+    assert [r["magnitude_sparsity"] for r in untold] == [0.0, 0.0, 0.2]

@@ -29,7 +29,7 @@ from compress.algorithm import (
 )
 from compress.analysis.effective import active_weights
 from compress.errors import CompressError
-from compress.schedules import sparsity_level
+from compress.schedules import initial_level, schedule_position, sparsity_level
 from compress.sparsity.allocation import allocate, lamp_scores
 from compress.sparsity.importance import (
     IMPORTANCE,
@@ -49,7 +49,8 @@ class MagnitudeSparsity(Algorithm):
         self.entries = attach_weight_masks(self.layers)
         self.init = float(cfg.options["sparsity_init"])
         self.frozen = False
-        self.current = self.init
+        self.current = self.init  # the level the masks were computed at
+        self.scheduled = initial_level(self.params, self.init)  # the level NNCF reports
         self.thresholds = [0.0] * len(self.entries)
         self.collapsed: set[str] = set()  # layers already warned about as fully pruned
         self.set_straight_through()
@@ -62,26 +63,34 @@ class MagnitudeSparsity(Algorithm):
 
     @property
     def level(self) -> float:
-        return self.current
-
-    def target_level(self) -> float:
-        p = self.params
-        progress = self.scheduler.progress(p["steps_per_epoch"], p["update_per_optimizer_step"])
-        return sparsity_level(p, self.init, progress)
+        """The schedule's level now, as NNCF reports it: after ``sparsity_freeze_epoch`` it
+        keeps following the schedule while the masks stay where they froze."""
+        return self.scheduled
 
     def update(self, per_step: bool) -> None:
         event = sparsity_event(self, self.frozen, per_step)
+        if event == "init":
+            self.set_level(self.init)
+            self.scheduled = initial_level(self.params, self.init)
+            self.warn_collapse()
+            return
+        if event == "skip":
+            return
+        p = self.params
+        position = schedule_position(p, self.scheduler)
+        assert position is not None  # sparsity_event skips before the schedule's first epoch
+        self.scheduled = sparsity_level(p, self.init, position)
         if event == "freeze":
             self.frozen = True
             self.set_straight_through()
         if event != "update":
             return
-        self.set_level(self.target_level())
+        self.set_level(self.scheduled)
         self.warn_collapse()
 
     def set_level(self, level: float) -> None:
         """Moves to ``level`` now: the schedule's level, or one accuracy-aware training sets."""
-        self.current = level
+        self.current = self.scheduled = level
         if self.params["sparsity_target_type"] == "effective":
             self.set_effective_masks(level)
         else:
@@ -200,7 +209,7 @@ class MagnitudeSparsity(Algorithm):
             row["threshold"] = t
         return {
             "algorithm": self.name,
-            "level": self.current,
+            "level": self.scheduled,
             "frozen": self.frozen,
             "layers": rows,
         }
@@ -208,6 +217,7 @@ class MagnitudeSparsity(Algorithm):
     def state_dict(self) -> dict[str, Any]:
         return {
             "level": self.current,
+            "scheduled": self.scheduled,
             "frozen": self.frozen,
             "thresholds": list(self.thresholds),
             "masks": {name: mask.bool().clone() for name, _, mask in self.entries},
@@ -215,6 +225,7 @@ class MagnitudeSparsity(Algorithm):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.current = float(state["level"])
+        self.scheduled = float(state.get("scheduled", self.current))
         self.frozen = bool(state["frozen"])
         self.set_straight_through()
         self.thresholds = list(state["thresholds"])

@@ -7,6 +7,8 @@ Each masked weight ``W`` gets a logit tensor ``s`` of its shape, initialised to
   drawn once per forward pass, with NNCF's straight-through gradient
   ``d(W * m)/ds = W * sigmoid'(s + logit(u))``;
 - eval mode, or without autograd (statistics, folding): ``m = sigmoid(s) > 0.5``;
+- every ``sigmoid(.) > 0.5`` is computed as NNCF computes it, in the logits' dtype: in float32 a
+  logit in (0, about 6e-8) gives exactly 0.5 and drops its weight;
 - frozen (from ``sparsity_freeze_epoch``): the deterministic mask at freezing time, fixed.
 
 The loss is NNCF's ``SparseLoss``: ``((density - (1 - level)) / 0.05) ** 2`` where density is
@@ -45,7 +47,12 @@ from torch import nn
 from compress import masks
 from compress.algorithm import Algorithm, sparsity_event, sparsity_rows, weight_layers
 from compress.errors import CompressError
-from compress.schedules import sparsity_level
+from compress.schedules import (
+    adaptive_level,
+    initial_level,
+    schedule_position,
+    sparsity_level,
+)
 from compress.sparsity.magnitude import load_masks
 from compress.sparsity.rb_mask import (
     DENSITY_SCALE,
@@ -57,36 +64,10 @@ from compress.sparsity.rb_mask import (
     Shared,
     drop_logit,
     keep_logit,
+    positive,
     rb_weight,
+    scaled,
 )
-
-
-def adaptive_level(
-    level: float,
-    reached_epochs: int,
-    sparsity: float,
-    *,
-    target: float,
-    step: float,
-    eps: float,
-    patience: int,
-) -> tuple[float, int]:
-    """NNCF's adaptive schedule, once per epoch: returns the new (level, reached_epochs).
-
-    An epoch counts when the reached ``sparsity`` is at least ``level - eps``; after
-    ``patience`` such epochs the level rises by ``step`` (capped at ``target``) and the count
-    restarts. NNCF evaluates this twice per epoch, counting every epoch double; here it is
-    evaluated once.
-
-    Example:
-        >>> adaptive_level(0.1, 0, 0.08, target=0.5, step=0.05, eps=0.03, patience=1)
-        (0.15000000000000002, 0)
-    """
-    if sparsity >= level - eps:
-        reached_epochs += 1
-    if reached_epochs >= patience:
-        return min(level + step, target), 0
-    return level, reached_epochs
 
 
 class RBSparsity(Algorithm):
@@ -97,9 +78,8 @@ class RBSparsity(Algorithm):
         scale = float(cfg.options.get("compression_lr_multiplier") or 1.0)
         self.shared = Shared(scale=scale)
         self.init = float(cfg.options["sparsity_init"])
-        if self.params["schedule"] == "multistep":
-            self.init = float(self.params["multistep_sparsity_levels"][0])
-        self.current = self.init
+        self.current = self.init  # the level the loss pulls the masks to
+        self.scheduled = initial_level(self.params, self.init)  # the level NNCF reports
         self.reached_epochs = 0
         # (layer name, a module holding the weight, its logit, its mask buffer), one per weight
         self.entries: list[tuple[str, nn.Module, nn.Parameter, torch.Tensor]] = []
@@ -140,7 +120,9 @@ class RBSparsity(Algorithm):
 
     @property
     def level(self) -> float:
-        return self.current
+        """The schedule's level now, as NNCF reports it (it keeps following the schedule after
+        ``sparsity_freeze_epoch``, when the loss is off)."""
+        return self.scheduled
 
     @property
     def frozen(self) -> bool:
@@ -148,24 +130,27 @@ class RBSparsity(Algorithm):
 
     def update(self, per_step: bool) -> None:
         event = sparsity_event(self, self.frozen, per_step)
-        if event == "freeze":
-            self.freeze()
-        if event != "update":
+        if event in ("init", "skip"):
             return
         p = self.params
-        if p["schedule"] != "adaptive":
-            progress = self.scheduler.progress(p["steps_per_epoch"], p["update_per_optimizer_step"])
-            self.current = sparsity_level(p, self.init, progress)
-        elif not per_step and self.scheduler.epoch >= 0:
-            self.current, self.reached_epochs = adaptive_level(
-                self.current,
+        if p["schedule"] == "adaptive":  # once per epoch start: it never moves per step
+            self.scheduled, self.reached_epochs = adaptive_level(
+                self.scheduled,
                 self.reached_epochs,
-                self.sparsity(),
+                self.loss_sparsity(),
                 target=p["sparsity_target"],
                 step=p["step"],
                 eps=p["eps"],
                 patience=p["patience"],
             )
+        else:
+            position = schedule_position(p, self.scheduler)
+            assert position is not None  # sparsity_event skips before the first epoch
+            self.scheduled = sparsity_level(p, self.init, position)
+        if event == "freeze":
+            self.freeze()
+        if event == "update":
+            self.current = self.scheduled
 
     def set_level(self, level: float) -> None:
         """Moves the level now (accuracy-aware training): the density loss pulls the learned
@@ -175,7 +160,7 @@ class RBSparsity(Algorithm):
                 "rb_sparsity is frozen (sparsity_freeze_epoch reached): its level cannot move; "
                 "raise params.sparsity_freeze_epoch above the accuracy-aware epochs"
             )
-        self.current = level
+        self.current = self.scheduled = level
 
     def freeze(self) -> None:
         """Fixes every mask at its deterministic value; the loss turns off."""
@@ -203,7 +188,9 @@ class RBSparsity(Algorithm):
     # --- masks, loss, statistics ---------------------------------------------------------
 
     def _keep(self, theta: torch.Tensor) -> torch.Tensor:
-        return theta.detach() > 0  # scale > 0, so the sign of theta is the sign of the logit
+        """NNCF's deterministic mask, ``sigmoid(logit) > 0.5`` (not ``logit > 0``: see
+        :func:`compress.sparsity.rb_mask.positive`)."""
+        return positive(scaled(theta.detach(), self.shared.scale)).bool()
 
     def current_masks(self) -> list[torch.Tensor]:
         """The deterministic (eval-mode) binary masks, one per weight."""
@@ -215,6 +202,16 @@ class RBSparsity(Algorithm):
         """The fraction of compressed weights the deterministic masks drop."""
         current = self.current_masks()
         return 1.0 - sum(int(m.count_nonzero()) for m in current) / sum(m.numel() for m in current)
+
+    def loss_sparsity(self) -> float:
+        """The sparsity as NNCF's loss computes it, in float32: ``1 - kept / n``. The adaptive
+        schedule compares it with ``level - eps``, where a float64 count would decide
+        differently at the boundary."""
+        with torch.no_grad():
+            kept = torch.zeros((), dtype=torch.float32)
+            for mask in self.current_masks():
+                kept = kept + mask.float().sum()
+            return float(1 - kept / sum(m.numel() for m in self.current_masks()))
 
     def loss(self) -> torch.Tensor | None:
         """NNCF's density loss; None once frozen. ``local``: the mean of per-layer losses."""
@@ -245,7 +242,7 @@ class RBSparsity(Algorithm):
             mean_sparse_prob = 1.0 - float(sum(p.sum() for p in probs)) / total
         return {
             "algorithm": self.name,
-            "level": self.current,
+            "level": self.scheduled,
             "frozen": self.frozen,
             "sparsity": self.sparsity(),
             "mean sparse prob": mean_sparse_prob,
@@ -259,6 +256,7 @@ class RBSparsity(Algorithm):
         gen_state = gen.get_state() if gen is not None else self.shared.pending_state
         return {
             "level": self.current,
+            "scheduled": self.scheduled,
             "frozen": self.frozen,
             "reached_epochs": self.reached_epochs,
             "logits": {name: theta.detach().clone() for name, _, theta, _ in self.entries},
@@ -268,6 +266,7 @@ class RBSparsity(Algorithm):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.current = float(state["level"])
+        self.scheduled = float(state.get("scheduled", self.current))
         self.reached_epochs = int(state.get("reached_epochs", 0))
         frozen = bool(state["frozen"])
         if frozen:  # before any zero is written

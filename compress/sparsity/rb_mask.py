@@ -55,7 +55,7 @@ class RBLayer:
 
 
 class LearnedMask(torch.autograd.Function):
-    """``W * (z > 0)`` with ``z = scale * theta (+ noise)``; straight-through to ``theta``.
+    """``W * (sigmoid(z) > 0.5)``, ``z = scale * theta (+ noise)``; straight-through to ``theta``.
 
     ``theta`` receives ``dL/dz`` (not ``scale * dL/dz``): see the lr multiplier in the module
     docstring.
@@ -87,7 +87,8 @@ class LearnedMask(torch.autograd.Function):
 
 
 class KeptCount(torch.autograd.Function):
-    """The number of kept weights, ``sum(scale * theta > 0)``; straight-through to ``theta``."""
+    """The number of kept weights, ``sum(sigmoid(scale * theta) > 0.5)``; straight-through to
+    ``theta``."""
 
     @staticmethod
     def forward(ctx: Any, theta: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
@@ -121,10 +122,13 @@ def scaled(theta: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def positive(z: torch.Tensor) -> torch.Tensor:
-    """``z > 0`` as 1.0 / 0.0 in ``z``'s dtype. On CPU a bool mask is slow: ``gt`` writing bools,
-    and a product or sum with a bool tensor (converted first, in a full-size copy), each took
-    4-9x as long as the float version (one thread, 0.15M weights)."""
-    return torch.gt(z, 0, out=torch.empty_like(z))
+    """NNCF's mask rule ``sigmoid(z) > 0.5``, computed in ``z``'s dtype, as 1.0 / 0.0 in that
+    dtype. It is not ``z > 0``: in float32 the sigmoid of a logit in (0, about 6e-8) rounds to
+    exactly 0.5, and NNCF drops that weight. Float, not bool: on CPU a bool mask is slow (``gt``
+    writing bools, and a product or sum with a bool tensor, each took 4-9x as long as the float
+    version; one thread, 0.15M weights)."""
+    s = torch.sigmoid(z)
+    return torch.gt(s, 0.5, out=s)
 
 
 def sigmoid_slope(
