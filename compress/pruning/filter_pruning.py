@@ -446,6 +446,12 @@ class FilterPruning(Algorithm):
             self.latency_table = copy.deepcopy(dict(state["latency_table"]))
         self._apply()
 
+    def strip_differs(self) -> str | None:
+        pruned = {n for n, k in self.keep.items() if not k.all()}
+        if any(not g.mask_norms for g in self.groups if g.name in pruned):
+            return "prune_batch_norms is false: the norms of pruned channels stay unmasked"
+        return None
+
     def strip(self, model: nn.Module) -> nn.Module:
         """The shrunk model (every mask folded first, then channels removed), carrying the plan
         of kept channels as ``compress_pruning_plan`` for the ``pruned`` export."""
