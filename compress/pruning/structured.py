@@ -320,12 +320,17 @@ def pruning_plan(
 
 
 def _random_keep(groups: Sequence[ChannelGroup], seed: int = 0) -> dict[str, torch.Tensor]:
-    """About half of each group's channels, at least one, drawn from a private generator."""
+    """About half of each group's channels, at least one kept and, in a group of two or more,
+    at least one dropped (a group of three heads that kept all three would not be checked),
+    drawn from a private generator."""
     gen = torch.Generator().manual_seed(seed)
     keep = {}
     for group in groups:
         k = torch.rand(group.size, generator=gen) < 0.5
-        k[torch.randint(group.size, (1,), generator=gen)] = True
+        first = int(torch.randint(group.size, (1,), generator=gen))
+        k[first] = True
+        if k.all() and group.size > 1:
+            k[(first + 1) % group.size] = False
         keep[group.name] = k
     return keep
 
