@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -15,6 +14,7 @@ from torch import nn
 from compress import masks
 from compress.algorithm import Algorithm, is_sparsifiable
 from compress.algorithms import ALGORITHMS
+from compress.analysis import untouched
 from compress.analysis.effective import active_weights
 from compress.analysis.outputs import check_same, outputs
 from compress.analysis.summary import Statistics, model_summary
@@ -168,7 +168,7 @@ class CompressionController:
         unless ``copy_model`` is False."""
         inputs = self._check_inputs()
         want = outputs(self.model, inputs) if inputs is not None else None
-        model = copy.deepcopy(self.model) if copy_model else self.model
+        model = untouched.copy_model(self.model) if copy_model else self.model
         # Unwound in reverse order: sparsity algorithms settle their masks (RB drops its logits)
         # before filter pruning rebuilds the layers with fewer channels.
         for algo in reversed(self.algorithms):

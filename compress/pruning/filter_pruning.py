@@ -33,6 +33,7 @@ from torch import nn
 from compress import masks
 from compress.algorithm import Algorithm, weight, weight_layers
 from compress.analysis.summary import layer_macs
+from compress.analysis.untouched import copy_model
 from compress.errors import CompressError, ConfigError
 from compress.pruning import hf_layers, latency, latency_widths
 from compress.pruning.allocation import global_counts, top
@@ -333,7 +334,7 @@ class FilterPruning(Algorithm):
     def latency(self) -> dict[str, Any]:
         """The latency table (measured on first use, on an unmasked copy of the model)."""
         if self.latency_table is None:
-            model = copy.deepcopy(self.model)
+            model = copy_model(self.model)
             for module in model.modules():
                 masks.remove(module)
             self.latency_table = latency.measure_table(

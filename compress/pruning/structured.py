@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import bisect
-import copy
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -39,6 +38,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compress import masks
+from compress.analysis.untouched import copy_model
 from compress.errors import CompressError
 from compress.pruning import hf_layers
 from compress.pruning.attention import cache_off, rotary_as_identity
@@ -229,7 +229,7 @@ def shrink(
     whole. Torch-Pruning does the surgery on a fresh graph of the copy, traced with
     ``example_inputs``.
     """
-    small = copy.deepcopy(model)
+    small = copy_model(model)
     masks.fold(small)
     pruned = [g for g in groups if g.name in keep and not check_keep(g, keep[g.name]).all()]
     if not pruned:  # nothing to remove: no trace (a model Torch-Pruning cannot trace strips too)
@@ -342,7 +342,7 @@ def _matches(
     inputs: tuple[torch.Tensor, ...],
 ) -> str | None:
     """None if masking and removing ``keep`` give the same output, else what went wrong."""
-    masked = copy.deepcopy(model).eval()
+    masked = copy_model(model).eval()
     for group in groups:  # norms masked whatever the option: this checks the mapping itself
         apply_channel_mask(masked, replace(group, mask_norms=True), keep[group.name])
     masks.cover(masked)
