@@ -5,6 +5,8 @@ A masked parameter keeps its place in the module (``module.weight`` stays the re
 compressed, and a checkpoint loads into the plain model class. During ``forward`` a pre-hook
 shadows the attribute with ``param * mask``; a post-hook removes the shadow. Autograd therefore
 sees the product: pruned weights get zero gradient and the optimizer keeps its references.
+:func:`cover` extends the shadow to the whole forward pass of the module that calls the layer,
+for modules that read a child's weight without calling it (``nn.MultiheadAttention``).
 
 The rule, as in ``torch.ao`` pruning: the mask tensor is created once and then only updated in
 place (``copy_``), so DDP, optimizers and ``.to(device)`` keep valid references.
