@@ -88,6 +88,11 @@ class Algorithm:
         """Turns a deep copy of the compressed model into a plain one (masks are folded later)."""
         return model
 
+    def strip_differs(self) -> str | None:
+        """Why the stripped model computes something other than the masked one by design (None:
+        it computes the same, and ``strip()`` checks that on the example inputs)."""
+        return None
+
 
 def weight(module: nn.Module) -> torch.Tensor:
     """``module.weight`` as the tensor it is (typed: nn.Module attributes are untyped)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -15,7 +14,9 @@ from torch import nn
 from compress import masks
 from compress.algorithm import Algorithm, is_sparsifiable
 from compress.algorithms import ALGORITHMS
+from compress.analysis import untouched
 from compress.analysis.effective import active_weights
+from compress.analysis.outputs import check_same, outputs
 from compress.analysis.summary import Statistics, model_summary
 from compress.distillation import KnowledgeDistillation
 from compress.errors import CompressError
@@ -74,8 +75,11 @@ class CompressionController:
                 '{"algorithm": "knowledge_distillation", "type": "softmax"} to its compression',
                 stacklevel=3,
             )
-        # a module sharing a masked weight (a tied embedding) reads it masked too
+        # a module sharing a masked weight (a tied embedding) reads it masked too, and so does
+        # a module that reads a masked weight of its child without calling the child
+        # (nn.MultiheadAttention's out_proj)
         masks.tie(model)
+        masks.cover(model)
         self._masked = [m for m in model.modules() if masks.masked_names(m)]
         self.scheduler.on_change = self._on_change
         # Only a per-step schedule without params.steps_per_epoch needs the epoch length.
@@ -172,14 +176,44 @@ class CompressionController:
         """A plain ``nn.Module``: no hooks, no mask buffers, masks folded into the weights and,
         with filter pruning, pruned channels removed. The compressed model is left as it is
         unless ``copy_model`` is False."""
-        model = copy.deepcopy(self.model) if copy_model else self.model
+        inputs = self._check_inputs()
+        want = outputs(self.model, inputs) if inputs is not None else None
+        model = untouched.copy_model(self.model) if copy_model else self.model
         # Unwound in reverse order: sparsity algorithms settle their masks (RB drops its logits)
         # before filter pruning rebuilds the layers with fewer channels.
         for algo in reversed(self.algorithms):
             model = algo.strip(model)
         masks.fold(model)
         masks.check_finite(model, "strip()")
+        if want is not None and inputs is not None:
+            try:
+                got = outputs(model, inputs)
+            except Exception as err:  # noqa: BLE001 - a stripped model that fails is not returned
+                raise CompressError(
+                    f"strip(): the stripped model fails on the example inputs "
+                    f"({type(err).__name__}: {err}); please report the model"
+                ) from None
+            check_same(want, got, "strip()")
         return model
+
+    def _check_inputs(self) -> tuple[torch.Tensor, ...] | None:
+        """The example inputs, on the model's device, when ``strip()`` can check its result
+        against the masked model: there are some, and no algorithm changes the output on
+        purpose (a warning says which)."""
+        if not self.example_inputs:
+            return None
+        for algo in self.algorithms:
+            reason = algo.strip_differs()
+            if reason is not None:
+                warnings.warn(
+                    f"strip(): the stripped model is not checked against the masked one: "
+                    f"{algo.name}: {reason}",
+                    stacklevel=3,
+                )
+                return None
+        param = next(self.model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        return tuple(t.to(device) for t in self.example_inputs)
 
 
 def check_state_values(state: Mapping[str, Any], names: list[str]) -> None:

@@ -5,6 +5,8 @@ A masked parameter keeps its place in the module (``module.weight`` stays the re
 compressed, and a checkpoint loads into the plain model class. During ``forward`` a pre-hook
 shadows the attribute with ``param * mask``; a post-hook removes the shadow. Autograd therefore
 sees the product: pruned weights get zero gradient and the optimizer keeps its references.
+:func:`cover` extends the shadow to the whole forward pass of the module that calls the layer,
+for modules that read a child's weight without calling it (``nn.MultiheadAttention``).
 
 The rule, as in ``torch.ao`` pruning: the mask tensor is created once and then only updated in
 place (``copy_``), so DDP, optimizers and ``.to(device)`` keep valid references.
@@ -39,6 +41,8 @@ from compress.errors import CompressError
 _MASK_PREFIX = "_cmask_"
 _BYTES = "_u8"  # suffix of a mask's one-byte copy, read by compiled forward passes
 _STATE = "_compress_masked"  # attribute on a module: {param_name: _Masking}
+_COVER = "_compress_cover"  # attribute on a module: the masked submodules its forward may read
+_COVERED = "_compress_covered"  # set on a masked module while an ancestor's forward shadows it
 
 MaskFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 """Computes the effective parameter from (module, param); used by learned masks (RB)."""
@@ -85,8 +89,8 @@ def _compute(module: nn.Module, name: str, param: torch.Tensor, m: _Masking) -> 
     return out
 
 
-def _pre_hook(module: nn.Module, args: object) -> None:
-    for name, m in getattr(module, _STATE).items():
+def _shadow(module: nn.Module) -> None:
+    for name, m in module.__dict__.get(_STATE, {}).items():
         param = module._parameters[name]
         if param is None:
             continue
@@ -94,9 +98,31 @@ def _pre_hook(module: nn.Module, args: object) -> None:
         module.__dict__[name] = _compute(module, name, param, m)
 
 
-def _post_hook(module: nn.Module, args: object, output: object) -> None:
-    for name in getattr(module, _STATE):
+def _unshadow(module: nn.Module) -> None:
+    for name in module.__dict__.get(_STATE, {}):
         module.__dict__.pop(name, None)
+
+
+def _pre_hook(module: nn.Module, args: object) -> None:
+    if _COVERED not in module.__dict__:  # else the calling module's forward shadows it already
+        _shadow(module)
+
+
+def _post_hook(module: nn.Module, args: object, output: object) -> None:
+    if _COVERED not in module.__dict__:
+        _unshadow(module)
+
+
+def _cover_pre_hook(module: nn.Module, args: object) -> None:
+    for inner in module.__dict__[_COVER]:
+        _shadow(inner)
+        inner.__dict__[_COVERED] = True
+
+
+def _cover_post_hook(module: nn.Module, args: object, output: object) -> None:
+    for inner in module.__dict__[_COVER]:
+        inner.__dict__.pop(_COVERED, None)
+        _unshadow(inner)
 
 
 def _hook(module: nn.Module) -> dict[str, _Masking]:
@@ -130,6 +156,40 @@ def tie(model: nn.Module) -> list[str]:
             _hook(module)[name] = m
             tied.append(f"{mod_name}.{name}")
     return tied
+
+
+def cover(model: nn.Module) -> list[str]:
+    """Makes every masked parameter of ``model`` read masked for the whole forward pass of the
+    module that calls its owner (the nearest ancestor with a ``forward`` of its own), not only
+    during the owner's ``forward``; returns the names of those ancestors. Called once all masks
+    are attached.
+
+    A parameter can be read without its module's ``forward``: ``nn.MultiheadAttention`` reads
+    ``out_proj.weight`` itself (``F.multi_head_attention_forward``), torchvision's Swin
+    attention calls ``F.linear(x, self.qkv.weight)``. Shadowed only by the owner's pre-hook,
+    such a weight would be read unmasked while training, and the stripped model, in which the
+    mask is folded, would compute something else.
+    """
+    readers: dict[int, tuple[str, nn.Module, list[nn.Module]]] = {}
+    paths = dict(model.named_modules(remove_duplicate=False))
+    for path, module in paths.items():
+        if not path or not module.__dict__.get(_STATE):
+            continue
+        parent = path
+        while parent:
+            parent = parent.rpartition(".")[0]
+            if type(paths[parent]).forward is not nn.Module.forward:  # not a ModuleList
+                break
+        _, _, inner = readers.setdefault(id(paths[parent]), (parent, paths[parent], []))
+        if all(m is not module for m in inner):
+            inner.append(module)
+    for _, reader, inner in readers.values():
+        known = reader.__dict__.setdefault(_COVER, [])
+        if not known:
+            reader.register_forward_pre_hook(_cover_pre_hook)
+            reader.register_forward_hook(_cover_post_hook, always_call=True)
+        known.extend(m for m in inner if all(m is not k for k in known))
+    return [name for name, _, _ in readers.values()]
 
 
 def attach(
@@ -269,7 +329,7 @@ def fold(model: nn.Module) -> None:
     with torch.no_grad():
         for module, name, value in values:
             _param(module, name).copy_(value)
-    for module in masked:
+    for module in model.modules():
         remove(module)
 
 
@@ -286,19 +346,23 @@ def check_finite(model: nn.Module, what: str) -> None:
 
 def remove(module: nn.Module) -> None:
     """Detaches the masking from one module without changing its parameters."""
+    module.__dict__.pop(_COVERED, None)
+    if module.__dict__.pop(_COVER, None) is not None:
+        _remove_hooks(module, _cover_pre_hook, _cover_post_hook)
     state = module.__dict__.pop(_STATE, None)
     if state is None:
         return
-    # Found by identity rather than through handles, so that this also works on a deepcopy.
-    for hooks, hook in (
-        (module._forward_pre_hooks, _pre_hook),
-        (module._forward_hooks, _post_hook),
-    ):
-        for key in [k for k, v in hooks.items() if v is hook]:
-            del hooks[key]
-            module._forward_hooks_always_called.pop(key, None)
+    _remove_hooks(module, _pre_hook, _post_hook)
     for name, m in state.items():
         module.__dict__.pop(name, None)
         for buf in m.buffers:
             delattr(module, buf)
             delattr(module, buf + _BYTES)
+
+
+def _remove_hooks(module: nn.Module, pre: object, post: object) -> None:
+    # Found by identity rather than through handles, so that this also works on a deepcopy.
+    for hooks, hook in ((module._forward_pre_hooks, pre), (module._forward_hooks, post)):
+        for key in [k for k, v in hooks.items() if v is hook]:
+            del hooks[key]
+            module._forward_hooks_always_called.pop(key, None)

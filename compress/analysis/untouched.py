@@ -20,13 +20,14 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-__all__ = ["untouched"]
+__all__ = ["copy_model", "untouched"]
 
 
 @contextmanager
@@ -62,3 +63,38 @@ def untouched(model: nn.Module) -> Iterator[None]:
                     del store[key]
             module._non_persistent_buffers_set &= set(module._buffers)
             module.training = training
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)`` for models that keep results of operations beside their
+    weights: a cache of attention biases that LeViT and EfficientFormer fill in eval mode holds
+    tensors with autograd history, which ``copy.deepcopy`` refuses ("Only Tensors created
+    explicitly by the user (graph leaves) support the deepcopy protocol"). Those are copied
+    detached: a cache, not a weight.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> net.cache = {"bias": net.weight * 2}  # a result of an operation
+        >>> bool(copy_model(net).cache["bias"].requires_grad)
+        False
+    """
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        for key, value in module.__dict__.items():
+            if key not in ("_parameters", "_buffers", "_modules"):
+                _detached(value, memo, depth=3)
+    return copy.deepcopy(model, memo)
+
+
+def _detached(value: object, memo: dict[int, object], depth: int) -> None:
+    """Puts a detached copy of every non-leaf tensor found in ``value`` (containers searched
+    ``depth`` levels deep) into ``memo``, the table ``copy.deepcopy`` reuses."""
+    if isinstance(value, torch.Tensor):
+        if value.grad_fn is not None:
+            memo[id(value)] = value.detach().clone()
+    elif depth and isinstance(value, dict):
+        for v in value.values():
+            _detached(v, memo, depth - 1)
+    elif depth and isinstance(value, (list, tuple)):
+        for v in value:
+            _detached(v, memo, depth - 1)

@@ -13,7 +13,7 @@ Formats of ``export``:
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import io
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress.analysis.outputs import check_same, leaves, outputs
 from compress.deploy.files import atomic_write, safe_load, save_bytes, stored_inputs, torch_save
 from compress.errors import CompressError, ConfigError
-from compress.masks import check_finite
+from compress.masks import check_finite, masked_names
 from compress.pruning.attention import cache_off
 
 SPARSE_FORMAT = "compress.sparse"
@@ -84,12 +85,14 @@ def save_sparse(
     model: nn.Module, path: str | Path, example_inputs: Sequence[torch.Tensor] | None = None
 ) -> Path:
     """Writes the model's state_dict in the sparse format, with the example inputs' shapes
-    (so that ``load_sparse(..., runtime=True)`` can time the layers)."""
-    payload: dict[str, Any] = {
-        "format": SPARSE_FORMAT,
-        "version": 1,
-        "tensors": {k: pack(v) for k, v in model.state_dict().items()},
-    }
+    (so that ``load_sparse(..., runtime=True)`` can time the layers). Every packed tensor is
+    unpacked and compared with the model's before the file is written."""
+    tensors = {}
+    for key, value in model.state_dict().items():
+        tensors[key] = pack(value)
+        if not torch.equal(unpack(tensors[key]), value.detach().cpu()):
+            raise CompressError(f"sparse export: {key} does not unpack to its values; not written")
+    payload: dict[str, Any] = {"format": SPARSE_FORMAT, "version": 1, "tensors": tensors}
     if example_inputs is not None:
         payload["input_shapes"] = [list(t.shape) for t in example_inputs]
         payload["input_dtypes"] = [str(t.dtype).removeprefix("torch.") for t in example_inputs]
@@ -206,6 +209,7 @@ def export(
     if needs_inputs and inputs is None:
         raise ConfigError(f"export formats {needs_inputs} need example_inputs")
     check_finite(model, "export")
+    check_stripped(model)
     prefix = str(path_prefix)
     out: dict[str, Path] = {}
     was_training = model.training
@@ -223,7 +227,7 @@ def export(
                 if fmt == "pt2":
                     out[fmt] = _export_pt2(model, path, inputs)
                 elif fmt == "onnx":
-                    out[fmt] = atomic_write(path, functools.partial(_onnx, model, inputs))
+                    out[fmt] = _export_onnx(model, path, inputs)
                 elif fmt == "pruned":
                     out[fmt] = _export_pruned(model, path, inputs)
                 elif fmt == "sparse_runtime":
@@ -233,9 +237,23 @@ def export(
     return out
 
 
+def check_stripped(model: nn.Module) -> None:
+    """Raises ``CompressError`` when ``model`` still carries masks: its state_dict holds the
+    weights unmasked, so every format would hold a model other than the one trained."""
+    for name, module in model.named_modules():
+        if masked_names(module):
+            raise CompressError(
+                f"export: {name or type(model).__name__} still carries masks, so the files would "
+                "hold its weights unmasked; export ctrl.strip()'s model"
+            )
+
+
 def _export_pt2(model: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...]) -> Path:
     args, dims = _dynamic_batch(inputs)
     program = torch.export.export(model, args, dynamic_shapes=dims)
+    with torch.no_grad():
+        got = leaves(program.module()(*args))
+    check_same(outputs(model, args), got, "pt2 export", "the stripped model")
     # Without example inputs the archive holds no pickle: torch.export.save would store them
     # with torch.save, and loading them is what makes a third-party .pt2 unsafe.
     program.example_inputs = None
@@ -260,11 +278,16 @@ def _dynamic_batch(inputs: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor
     return inputs, dims
 
 
-def _onnx(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: str) -> None:
+def _export_onnx(model: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...]) -> Path:
+    """The ONNX program, run by ONNX Runtime (when it is installed) and compared with the
+    model before it is written."""
     args, dims = _dynamic_batch(inputs)
-    torch.onnx.export(
-        model, args, path, dynamic_shapes=dims, dynamo=True, external_data=False, verbose=False
-    )
+    program = torch.onnx.export(model, args, dynamic_shapes=dims, dynamo=True, verbose=False)
+    assert program is not None  # dynamo=True without a path returns the program
+    if importlib.util.find_spec("onnxruntime") is not None:
+        got = [t.detach() for t in program(*args)]
+        check_same(outputs(model, args), got, "onnx export", "the stripped model")
+    return atomic_write(path, lambda tmp: program.save(tmp, external_data=False))
 
 
 def _export_pruned(model: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...]) -> Path:

@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from torch import nn
 
 from compress import masks
 from compress.analysis.node_kinds import is_transposed_linear
+from compress.analysis.untouched import copy_model
 from compress.errors import CompressError
 from compress.pruning import hf_layers
 from compress.pruning.deadline import TimeBudgetExceeded, deadline
@@ -67,7 +67,7 @@ class Excluded:
 
 def _bare_copy(model: nn.Module) -> nn.Module:
     """A deep copy without masks: mask products in the forward pass would look like extra ops."""
-    clone = copy.deepcopy(model)
+    clone = copy_model(model)
     for module in clone.modules():
         masks.remove(module)
     return clone

@@ -38,6 +38,7 @@ from torch import nn
 from compress import masks
 from compress.algorithm import Algorithm, weight, weight_layers
 from compress.analysis.summary import layer_macs
+from compress.analysis.untouched import copy_model
 from compress.errors import CompressError, ConfigError
 from compress.pruning import flops_target, hf_layers, latency, latency_widths
 from compress.pruning.allocation import global_counts, global_keep, kept_count, top
@@ -421,7 +422,7 @@ class FilterPruning(Algorithm):
     def latency(self) -> dict[str, Any]:
         """The latency table (measured on first use, on an unmasked copy of the model)."""
         if self.latency_table is None:
-            model = copy.deepcopy(self.model)
+            model = copy_model(self.model)
             for module in model.modules():
                 masks.remove(module)
             self.latency_table = latency.measure_table(
@@ -535,6 +536,12 @@ class FilterPruning(Algorithm):
         if state.get("latency_table") is not None:
             self.latency_table = copy.deepcopy(dict(state["latency_table"]))
         self._apply()
+
+    def strip_differs(self) -> str | None:
+        pruned = {n for n, k in self.keep.items() if not k.all()}
+        if any(not g.mask_norms for g in self.groups if g.name in pruned):
+            return "prune_batch_norms is false: the norms of pruned channels stay unmasked"
+        return None
 
     def strip(self, model: nn.Module) -> nn.Module:
         """The shrunk model (every mask folded first, then channels removed), carrying the plan

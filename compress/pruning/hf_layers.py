@@ -135,9 +135,17 @@ def _channels_last(dg: tp.DependencyGraph, node: Any, sizes: Sequence[int]) -> b
 
 def fit_attention(model: nn.Module) -> None:
     """GPT-2's attention splits ``c_attn``'s output by its ``split_size`` attribute: after heads
-    are removed, it and ``num_heads`` follow the smaller ``c_attn``."""
+    are removed, it and ``num_heads`` follow the smaller ``c_attn``. timm's ``Attention``
+    reshapes its fused ``qkv`` by ``num_heads`` and ``head_dim`` and its output by
+    ``attn_dim``: they follow the smaller ``qkv``."""
     for module in model.modules():
         block: Any = module
+        qkv, head_dim = getattr(block, "qkv", None), getattr(block, "head_dim", None)
+        if isinstance(qkv, nn.Linear) and isinstance(block.__dict__.get("num_heads"), int):
+            if isinstance(head_dim, int) and head_dim > 0:
+                block.num_heads = qkv.out_features // (3 * head_dim)
+                if isinstance(block.__dict__.get("attn_dim"), int):
+                    block.attn_dim = block.num_heads * head_dim
         c_attn = getattr(block, "c_attn", None)
         split, head_dim = getattr(block, "split_size", None), getattr(block, "head_dim", None)
         if not (isinstance(c_attn, nn.Module) and is_transposed_linear(c_attn)):

@@ -36,7 +36,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import statistics
@@ -48,6 +47,7 @@ import torch
 from torch import nn
 
 from compress.analysis.node_kinds import is_transposed_linear
+from compress.analysis.untouched import copy_model
 from compress.pruning.structured import ChannelGroup
 
 __all__ = ["Timer", "layer_macs_timer", "measure_table"]
@@ -222,7 +222,7 @@ def _without(
     """A copy of ``model`` whose layers ``names`` replay their outputs (timing it measures the
     rest: norms, activations, adds, pooling), and the size of each layer's output per sample."""
     outputs = _record(model, inputs, names)[1]
-    rest = copy.deepcopy(model).eval()
+    rest = copy_model(model).eval()
     for name in names:
         parent, _, child = name.rpartition(".")
         setattr(rest.get_submodule(parent), child, _Replay(outputs[name]))

@@ -26,7 +26,7 @@ Example:
 
 from __future__ import annotations
 
-import copy
+import bisect
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -38,6 +38,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compress import masks
+from compress.analysis.untouched import copy_model
 from compress.errors import CompressError
 from compress.pruning import hf_layers
 from compress.pruning.attention import cache_off, rotary_as_identity
@@ -228,23 +229,31 @@ def shrink(
     whole. Torch-Pruning does the surgery on a fresh graph of the copy, traced with
     ``example_inputs``.
     """
-    small = copy.deepcopy(model)
+    small = copy_model(model)
     masks.fold(small)
     pruned = [g for g in groups if g.name in keep and not check_keep(g, keep[g.name]).all()]
     if not pruned:  # nothing to remove: no trace (a model Torch-Pruning cannot trace strips too)
         return small
     was_training = small.training
     dg = dependency_graph(small, example_inputs)
+    removed: dict[tuple[str, bool], list[int]] = {}
     for group in pruned:
-        _prune_group(dg, small, group, check_keep(group, keep[group.name]))
+        _prune_group(dg, small, group, check_keep(group, keep[group.name]), removed)
     hf_layers.fit_attention(small)
     small.train(was_training)
     return small
 
 
 def _prune_group(
-    dg: tp.DependencyGraph, model: nn.Module, group: ChannelGroup, keep: torch.Tensor
+    dg: tp.DependencyGraph,
+    model: nn.Module,
+    group: ChannelGroup,
+    keep: torch.Tensor,
+    removed: dict[tuple[str, bool], list[int]],
 ) -> None:
+    """Removes the channels of ``group`` that ``keep`` drops. ``removed`` holds, per (Linear
+    layer, out-dim), the positions of the full model that earlier groups removed from it; it
+    is updated."""
     root = group.root
     dropped = root.index[~keep[root.channel]].tolist()
     if not dropped:
@@ -257,21 +266,35 @@ def _prune_group(
         raise CompressError(f"layer {root.module_name!r} is not used in the forward pass")
     fn = dg.get_pruner_of_module(module).prune_out_channels
     tp_group = dg.get_pruning_group(module, fn, sorted(dropped))
-    _use_member_positions(dg, tp_group, group, keep)
+    _use_member_positions(dg, tp_group, group, keep, removed)
     tp_group.prune(record_history=False)
 
 
 def _use_member_positions(
-    dg: tp.DependencyGraph, tp_group: tp.dependency.Group, group: ChannelGroup, keep: torch.Tensor
+    dg: tp.DependencyGraph,
+    tp_group: tp.dependency.Group,
+    group: ChannelGroup,
+    keep: torch.Tensor,
+    removed: dict[tuple[str, bool], list[int]],
 ) -> None:
     """Gives every Linear layer of ``tp_group`` the positions ``group`` drops from it, where
     Torch-Pruning's index mapping differs: it maps through attention as if the key and value
     projections of grouped-query attention were as wide as the query projection
-    (:func:`compress.pruning.attention.grouped_query_heads` maps them)."""
-    want: dict[tuple[str, bool], list[int]] = {}
+    (:func:`compress.pruning.attention.grouped_query_heads` maps them).
+
+    A member's positions are those of the full model, and the layer has already lost the
+    positions ``removed`` lists (a classifier after a concat of several groups' channels, as in
+    DenseNet): each position moves down by the removed positions below it, so that it names
+    the same channel in the layer as it is now."""
+    full: dict[tuple[str, bool], list[int]] = {}
     for m in group.members:
         if m.param_name == "weight" and m.role in ("producer", "consumer"):
-            want[(m.module_name, m.role == "producer")] = sorted(m.index[~keep[m.channel]].tolist())
+            full[(m.module_name, m.role == "producer")] = m.index[~keep[m.channel]].tolist()
+    want: dict[tuple[str, bool], list[int]] = {}
+    for key, positions in full.items():
+        gone = removed.get(key, [])
+        want[key] = sorted(i - bisect.bisect_left(gone, i) for i in positions)
+        removed[key] = sorted(gone + positions)
     params = {f"{m.module_name}.{m.param_name}" for m in group.members}
     for k, item in enumerate(tp_group.items):
         layer = item.dep.target.module
@@ -297,12 +320,17 @@ def pruning_plan(
 
 
 def _random_keep(groups: Sequence[ChannelGroup], seed: int = 0) -> dict[str, torch.Tensor]:
-    """About half of each group's channels, at least one, drawn from a private generator."""
+    """About half of each group's channels, at least one kept and, in a group of two or more,
+    at least one dropped (a group of three heads that kept all three would not be checked),
+    drawn from a private generator."""
     gen = torch.Generator().manual_seed(seed)
     keep = {}
     for group in groups:
         k = torch.rand(group.size, generator=gen) < 0.5
-        k[torch.randint(group.size, (1,), generator=gen)] = True
+        first = int(torch.randint(group.size, (1,), generator=gen))
+        k[first] = True
+        if k.all() and group.size > 1:
+            k[(first + 1) % group.size] = False
         keep[group.name] = k
     return keep
 
@@ -314,9 +342,10 @@ def _matches(
     inputs: tuple[torch.Tensor, ...],
 ) -> str | None:
     """None if masking and removing ``keep`` give the same output, else what went wrong."""
-    masked = copy.deepcopy(model).eval()
+    masked = copy_model(model).eval()
     for group in groups:  # norms masked whatever the option: this checks the mapping itself
         apply_channel_mask(masked, replace(group, mask_norms=True), keep[group.name])
+    masks.cover(masked)
     try:
         small = shrink(masked, groups, keep, example_inputs=inputs).eval()
         with torch.no_grad():
@@ -346,7 +375,9 @@ def exact_groups(
     model: nn.Module, groups: list[ChannelGroup], example_inputs: Inputs, problems: list[str]
 ) -> list[ChannelGroup]:
     """The groups whose masked model equals their shrunk model, with a random half of every
-    group's channels pruned; one check, then one per group only when the joint check fails.
+    group's channels pruned; one check, then one per group only when the joint check fails,
+    and one more of the groups that passed alone: groups that match alone and fail together
+    (a shrink that maps one group through another's removed channels) are all left out.
     Each group left out adds its reason to ``problems``."""
     inputs = as_tuple(example_inputs)
     keep = _random_keep(groups)
@@ -359,7 +390,11 @@ def exact_groups(
             exact.append(group)
         else:
             problems.append(f"group {group.name!r}: {problem}")
-    return exact
+    joint = _matches(model, exact, keep, inputs) if len(exact) > 1 else None
+    if joint is None:
+        return exact
+    problems.extend(f"group {g.name!r}: pruned with the other groups, {joint}" for g in exact)
+    return []
 
 
 def round_keep(size: int, n_keep: int, round_to: int = 8, unit: int = 1) -> int:

@@ -1,0 +1,93 @@
+"""Compares what two forms of one model compute: the masked model and ``strip()``'s plain one,
+the plain model and its export. A difference beyond a tolerance scaled to the output is a
+``CompressError`` naming the largest difference, raised before anything is written.
+
+Example:
+    >>> import torch
+    >>> net = torch.nn.Linear(4, 2)
+    >>> x = (torch.randn(3, 4),)
+    >>> check_same(outputs(net, x), outputs(net, x), "strip()")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+
+__all__ = ["check_same", "leaves", "outputs", "tolerance"]
+
+RTOL = 1e-4
+"""Relative to the largest output value, for float32; wider for lower precisions (16 ulps)."""
+
+
+def leaves(out: object) -> list[torch.Tensor]:
+    """The tensors of a model output (a tensor, or tuples, lists and dicts of them; Hugging
+    Face's ``ModelOutput`` is a dict), in order; other values (caches) are left out."""
+    if isinstance(out, torch.Tensor):
+        return [out if out.is_floating_point() else out.float()]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in leaves(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in leaves(v)]
+    return []
+
+
+def outputs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The output tensors of ``model`` on ``inputs`` in eval mode, without autograd; every
+    module's training flag is restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            return [t.detach() for t in leaves(model(*inputs))]
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def tolerance(want: torch.Tensor) -> float:
+    """The largest difference allowed from ``want``: ``RTOL`` (or 16 ulps of a lower precision)
+    of its largest absolute value."""
+    eps = torch.finfo(want.dtype).eps if want.is_floating_point() else 0.0
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    return max(RTOL, 16 * eps) * max(scale, 1e-6)
+
+
+def check_same(
+    want: list[torch.Tensor],
+    got: list[torch.Tensor],
+    what: str,
+    against: str = "the masked model",
+) -> None:
+    """Raises ``CompressError`` when ``got`` (``what``'s output tensors) differs from ``want``
+    (``against``'s) by more than :func:`tolerance` in any tensor, naming the largest
+    difference and where it is."""
+    if len(want) != len(got):
+        raise CompressError(
+            f"{what}: gives {len(got)} output tensors, {against} {len(want)}; nothing is written"
+        )
+    for k, (a, b) in enumerate(zip(want, got, strict=True)):
+        if a.shape != b.shape:
+            raise CompressError(
+                f"{what}: output {k} has shape {tuple(b.shape)}, {against} "
+                f"{tuple(a.shape)}; nothing is written"
+            )
+        if not a.numel():
+            continue
+        diff = (a.float() - b.float().to(a.device)).abs()
+        diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
+        both_nan = torch.isnan(a) & torch.isnan(b.to(a.device))
+        diff = torch.where(both_nan, torch.zeros_like(diff), diff)
+        worst = int(diff.argmax())
+        tol = tolerance(a)
+        if float(diff.flatten()[worst]) > tol:
+            where = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), a.shape))
+            raise CompressError(
+                f"{what}: output {k} differs from {against}'s by "
+                f"{float(diff.flatten()[worst]):.3g} at {list(where)} (output scale "
+                f"{float(a.abs().max()):.3g}, tolerance {tol:.2g}); nothing is written"
+            )
