@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from compress import distributed
 from compress.errors import CompressError
 
 _MASK_PREFIX = "_cmask_"
@@ -76,7 +77,7 @@ def _compute(module: nn.Module, name: str, param: torch.Tensor, m: _Masking) -> 
     for buf in m.buffers:
         if buf in m.ones:
             continue
-        mask = getattr(module, buf + _BYTES if compiled else buf)
+        mask = distributed.mask_for(getattr(module, buf + _BYTES if compiled else buf), param)
         if buf in m.straight:
             # value out * mask (exactly: out + (0 - out) is 0), gradient of the identity
             out = out + (out * mask - out).detach()

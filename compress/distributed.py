@@ -1,0 +1,240 @@
+"""Masks of sharded weights (FSDP2's ``fully_shard``): DTensor helpers and the distributed k-th
+smallest score.
+
+FSDP2 stores every parameter as a DTensor sharded along dim 0 over a one-dimensional device
+mesh. A mask attached to such a weight is a DTensor with the same placements, so each rank holds
+the mask of its own rows only; mask updates work on local shards. A global threshold is the k-th
+smallest score over all ranks, found by radix selection: eight (or, for scores of 32 bits or
+less, four) passes, each all-reducing one 256-bin histogram of the candidates' next key byte
+(2 kB per pass), never an all-gather of scores or weights. Every rank ends with the same
+threshold and the same tie budget, hence the same masks as one process holding every weight.
+
+Supported order: ``fully_shard`` first, then ``create_compressed_model`` (Lightning: shard in
+``configure_model``; the callback builds its controller after it). Masks attached before
+``fully_shard`` would stay whole on every rank; the controller refuses them at the next update.
+
+Example:
+    >>> import torch
+    >>> kth_smallest([torch.tensor([3.0, 1.0, 2.0]), torch.tensor([1.0, 5.0])], 3, None)
+    (2.0, 2)
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from compress.errors import CompressError
+
+try:
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # torch built without distributed
+    DTensor = None  # type: ignore[assignment,misc]
+    Shard = None  # type: ignore[assignment,misc]
+
+
+def is_sharded(t: object) -> bool:
+    """Whether ``t`` is a DTensor (a parameter or mask sharded by FSDP2)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: Any) -> torch.Tensor:
+    """The part of ``t`` this rank holds (``t`` itself when it is not sharded)."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def full(t: Any) -> torch.Tensor:
+    """The whole of ``t`` on every rank (an all-gather when sharded): for reductions read as
+    numbers (a sum of a DTensor is a partial sum until it is gathered) and for exports."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def whole(state: Any) -> Any:
+    """``state`` (nested dicts and lists) with every sharded tensor gathered whole."""
+    if is_sharded(state):
+        return state.full_tensor()
+    if isinstance(state, Mapping):
+        return {k: whole(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [whole(v) for v in state]
+    return state
+
+
+def scalar(t: torch.Tensor) -> float:
+    """A one-element tensor (a sum, a max) as a float, reduced over the ranks when sharded."""
+    return float(full(t))
+
+
+def like(part: torch.Tensor, ref: Any) -> torch.Tensor:
+    """``part`` (this rank's piece) as a DTensor laid out like ``ref``; ``part`` itself when
+    ``ref`` is not sharded."""
+    if not is_sharded(ref):
+        return part
+    return DTensor.from_local(
+        part, ref.device_mesh, ref.placements, shape=ref.shape, stride=ref.stride()
+    )
+
+
+def shard_like(whole: torch.Tensor, ref: Any) -> torch.Tensor:
+    """A tensor every rank holds whole (a saved mask, a fixed random score), cut as ``ref`` is
+    cut, without communication; ``whole`` itself when ``ref`` is not sharded."""
+    if not is_sharded(ref) or is_sharded(whole):
+        return whole
+    _check_layout(ref)
+    rank, world = ref.device_mesh.get_local_rank(), ref.device_mesh.size()
+    part = torch.chunk(whole, world, dim=0)
+    piece = part[rank] if rank < len(part) else whole[:0]
+    return like(piece.to(ref.device).contiguous(), ref)
+
+
+def _check_layout(t: Any) -> None:
+    """The layouts the masks handle: FSDP2's, sharded along dim 0 over a 1-D mesh."""
+    if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
+        raise CompressError(
+            f"a weight is laid out as {tuple(t.placements)} over a {t.device_mesh.ndim}-D mesh; "
+            "masks follow FSDP2's layout only (Shard(0) over one data-parallel mesh "
+            "dimension): apply fully_shard(module, mesh=mesh['data_parallel'])"
+        )
+
+
+def group_of(tensors: Sequence[Any]) -> dist.ProcessGroup | None:
+    """The process group of the sharded ``tensors`` (None when none is sharded). Sharded and
+    whole weights are not mixed in one selection: every rank would count the whole ones."""
+    sharded = [t for t in tensors if is_sharded(t)]
+    if not sharded:
+        return None
+    if len(sharded) != len(tensors):
+        raise CompressError(
+            f"{len(tensors) - len(sharded)} of {len(tensors)} compressed weights are not "
+            "sharded while the others are: fully_shard the whole network (the root module "
+            "too), or put the unsharded layers in ignored_scopes"
+        )
+    for t in sharded:
+        _check_layout(t)
+    return sharded[0].device_mesh.get_group()
+
+
+# --- the distributed k-th smallest ---------------------------------------------------------
+
+
+def _keys(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer keys in the order of the float values (int64), 32- or 64-bit patterns; -0.0 is
+    0.0 (adding 0.0 turns it into +0.0)."""
+    if bits == 32:
+        raw = (t.detach().reshape(-1).to(torch.float32) + 0.0).view(torch.int32).to(torch.int64)
+        return torch.where(raw >= 0, raw, raw ^ 0x7FFFFFFF)
+    raw = (t.detach().reshape(-1).to(torch.float64) + 0.0).view(torch.int64)
+    return torch.where(raw >= 0, raw, raw ^ 0x7FFFFFFFFFFFFFFF)
+
+
+def _value(key: int, bits: int) -> float:
+    """The float whose key is ``key`` (the inverse of ``_keys``)."""
+    flip = (1 << (bits - 1)) - 1
+    raw = key if key >= 0 else key ^ flip
+    if bits == 32:
+        return float(struct.unpack("<f", struct.pack("<i", raw))[0])
+    return float(struct.unpack("<d", struct.pack("<q", raw))[0])
+
+
+def _digit(keys: torch.Tensor, shift: int, top: bool) -> torch.Tensor:
+    """The key byte at ``shift`` as 0..255, in key order (the top byte carries the sign)."""
+    d = keys >> shift
+    return (d + 128) & 0xFF if top else d & 0xFF
+
+
+def kth_smallest(
+    parts: Sequence[torch.Tensor], k: int, group: dist.ProcessGroup | None
+) -> tuple[float, int]:
+    """The k-th smallest value (1-based) over ``parts`` on every rank of ``group`` together, and
+    how many values are smaller. Exact: radix selection on the values' bit patterns, one
+    all-reduced 256-bin histogram per key byte. NaN is not allowed in ``parts``.
+    """
+    floats = [p.dtype for p in parts]
+    bits = 32 if all(torch.finfo(d).bits <= 32 for d in floats) else 64
+    device = parts[0].device if parts else torch.device("cpu")
+    prefix: list[torch.Tensor | None] = [None] * len(parts)  # candidates still in the running
+    rest = k
+    key = 0
+    for shift in range(bits - 8, -8, -8):
+        top = shift == bits - 8
+        hist = torch.zeros(256, dtype=torch.int64, device=device)
+        digits = []
+        for i, p in enumerate(parts):
+            keys, seen = _keys(p, bits), prefix[i]
+            if seen is not None:
+                keys = keys[seen]
+            d = _digit(keys, shift, top)
+            digits.append(d)
+            hist += torch.bincount(d, minlength=256)
+        if group is not None:
+            dist.all_reduce(hist, group=group)
+        cum = hist.cumsum(0)
+        b = int(torch.searchsorted(cum, torch.tensor(rest, device=device)))
+        rest -= int(cum[b - 1]) if b > 0 else 0
+        key = key * 256 + b
+        for i, d in enumerate(digits):
+            hit, seen = d == b, prefix[i]
+            prefix[i] = hit.nonzero().squeeze(1) if seen is None else seen[hit]
+    key -= 1 << (bits - 1)  # the top byte was offset by 128
+    return _value(key, bits), k - rest
+
+
+def global_keep_masks(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Bool masks pruning exactly ``k`` of the lowest scores over all sharded ``scores``
+    together, laid out as they are; ties at the threshold are pruned in tensor order, then
+    by position (rank order is row order under ``Shard(0)``), as on one process."""
+    group = group_of(scores)
+    parts = [local(s) for s in scores]
+    total = sum(s.numel() for s in scores)
+    if k <= 0 or k >= total:
+        return [
+            like(torch.full_like(p, k <= 0, dtype=torch.bool), s) for p, s in zip(parts, scores)
+        ]
+    t, below = kth_smallest(parts, k, group)
+    ties = torch.stack([(p == t).sum() for p in parts]).reshape(1, -1)
+    world = dist.get_world_size(group) if group is not None else 1
+    rank = dist.get_rank(group) if group is not None else 0
+    if group is not None:
+        every = [torch.empty_like(ties) for _ in range(world)]
+        dist.all_gather(every, ties, group=group)
+        ties = torch.cat(every)  # [rank, tensor]
+    left = k - below
+    out = []
+    for i, (p, s) in enumerate(zip(parts, scores)):
+        before = int(ties[:, :i].sum()) + int(ties[:rank, i].sum())
+        take = max(0, min(left - before, int(ties[rank, i])))
+        keep = p > t
+        if take < int(ties[rank, i]):
+            at = (p == t).reshape(-1).nonzero().squeeze(1)
+            keep.view(-1)[at[take:]] = True
+        out.append(like(keep, s))
+    return out
+
+
+# --- masks in the forward pass and at updates -----------------------------------------------
+
+
+def mask_for(mask: Any, param: torch.Tensor) -> torch.Tensor:
+    """The mask as the forward pass needs it: FSDP2 gathers a sharded weight whole before the
+    layer runs, so its sharded mask is gathered too (one byte per weight with a one-byte mask)."""
+    if is_sharded(mask) and not is_sharded(param):
+        return mask.full_tensor()
+    return mask
+
+
+def check_placed(masked: Iterable[tuple[nn.Module, str, torch.Tensor]]) -> None:
+    """Refuses masks attached before ``fully_shard`` (the weight sharded, its mask whole), given
+    (module, parameter name, mask) triples."""
+    for module, pname, mask in masked:
+        if is_sharded(module._parameters.get(pname)) and not is_sharded(mask):
+            raise CompressError(
+                f"{type(module).__name__}.{pname} was sharded (fully_shard) after its mask was "
+                "attached: apply fully_shard first, then create_compressed_model (with "
+                "Lightning, shard in configure_model; CompressionCallback builds its "
+                "controller after it)"
+            )
