@@ -32,10 +32,10 @@ from torch import nn
 from compress.errors import CompressError
 
 try:
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 except ImportError:  # torch built without distributed
     DTensor = None  # type: ignore[assignment,misc]
-    Shard = None  # type: ignore[assignment,misc]
+    Shard = Replicate = Partial = None  # type: ignore[assignment,misc]
 
 
 def is_sharded(t: object) -> bool:
@@ -214,6 +214,38 @@ def global_keep_masks(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tens
             keep.view(-1)[at[take:]] = True
         out.append(like(keep, s))
     return out
+
+
+# --- learned masks (RB) ----------------------------------------------------------------------
+
+
+def gathered(theta: Any) -> torch.Tensor:
+    """A sharded parameter (RB's logits) whole for the forward pass; its gradient is averaged
+    over the ranks and cut back to the shard (a reduce-scatter), as DDP averages it."""
+    whole_theta: torch.Tensor = theta.redistribute(theta.device_mesh, [Replicate()]).to_local(
+        grad_placements=[Partial("avg")]
+    )
+    return whole_theta
+
+
+class _Summed(torch.autograd.Function):
+    """A sum over the ranks whose gradient stays on each rank: for a term every rank computes
+    alike (RB's density loss), whose gradient every rank then holds whole already."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+def summed(x: torch.Tensor, like_of: Any) -> torch.Tensor:
+    """``x`` (computed from this rank's shard of ``like_of``) summed over its ranks."""
+    return _Summed.apply(x, like_of.device_mesh.get_group())
 
 
 # --- masks in the forward pass and at updates -----------------------------------------------
