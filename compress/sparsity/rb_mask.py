@@ -147,8 +147,9 @@ def rb_weight(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     layer: RBLayer | None = module.__dict__.get(STATE)
     if layer is None:  # stripped: the mask buffer holds the final mask
         return weight
-    theta = module._parameters[LOGIT]
-    assert theta is not None
+    logit = module._parameters[LOGIT]
+    assert logit is not None
+    theta: torch.Tensor = logit
     shared = layer.shared
     sharded = distributed.is_sharded(theta) and not distributed.is_sharded(weight)
     if shared.frozen:
