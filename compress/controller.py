@@ -163,11 +163,15 @@ class CompressionController:
             algo.load_state_dict(state["state"][algo.name])
         masks.sync(self._masked)
 
-    def strip(self, *, copy_model: bool = True) -> nn.Module:
+    def strip(self, *, copy_model: bool = True, source: nn.Module | None = None) -> nn.Module:
         """A plain ``nn.Module``: no hooks, no mask buffers, masks folded into the weights and,
         with filter pruning, pruned channels removed. The compressed model is left as it is
-        unless ``copy_model`` is False."""
-        model = copy.deepcopy(self.model) if copy_model else self.model
+        unless ``copy_model`` is False. ``source`` is a copy to strip instead (of a sharded
+        model, ``distributed.unsharded_copy``)."""
+        if source is not None:
+            model = source
+        else:
+            model = copy.deepcopy(self.model) if copy_model else self.model
         # Unwound in reverse order: sparsity algorithms settle their masks (RB drops its logits)
         # before filter pruning rebuilds the layers with fewer channels.
         for algo in reversed(self.algorithms):

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -270,3 +271,66 @@ def check_placed(masked: Iterable[tuple[nn.Module, str, torch.Tensor]]) -> None:
                 "Lightning, shard in configure_model; CompressionCallback builds its "
                 "controller after it)"
             )
+
+
+# --- a whole copy for export ----------------------------------------------------------------
+
+_FSDP_KEYS = ("__composable_api_state_key", "_fsdp_use_orig_params", "_is_fsdp_managed_module")
+
+
+def _plain_class(module: nn.Module) -> type[nn.Module]:
+    """The module's own class: ``fully_shard`` swaps it for a subclass ``FSDP<Class>``."""
+    cls = type(module)
+    if cls.__module__.startswith("torch.distributed.fsdp"):
+        return next(b for b in cls.__bases__ if not b.__module__.startswith("torch.distributed"))
+    return cls
+
+
+def _ours(hook: Any) -> bool:
+    """A hook not registered by FSDP (masks, RB, the callback's state_dict hooks)."""
+    fn = getattr(hook, "func", hook)
+    return not str(getattr(fn, "__module__", "")).startswith("torch.distributed")
+
+
+def unsharded_copy(model: nn.Module) -> nn.Module | None:
+    """A plain (unsharded, CPU) copy of a model sharded by ``fully_shard``, masks and their hooks
+    included, on rank 0; None on the other ranks. Every rank must call it. Parameters and
+    persistent buffers come from ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``
+    (gathered once, to rank 0); the sharded tensors the state_dict leaves out (masks, RB logits)
+    are gathered whole. ``copy.deepcopy`` refuses FSDP modules; this copies module by module.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state: dict[str, Any] = get_model_state_dict(model, options=options)
+    saved = set(model.state_dict(keep_vars=True))  # the same names on every rank
+    tensors: dict[int, torch.Tensor] = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name in saved:
+            if name in state:  # rank 0
+                tensors[id(t)] = state[name]
+        elif is_sharded(t):
+            tensors[id(t)] = full(t.detach()).cpu()  # every rank, in the same order
+        else:
+            tensors[id(t)] = t.detach().cpu().clone()
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(tensors[id(p)].clone(), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = tensors[id(b)]
+    for m in model.modules():
+        cls = _plain_class(m)
+        memo[id(m)] = cls.__new__(cls)
+    for m in model.modules():
+        new = memo[id(m)]
+        for key, value in m.__dict__.items():
+            if key.startswith(_FSDP_KEYS):
+                continue
+            if key.endswith("hooks"):
+                new.__dict__[key] = type(value)((i, h) for i, h in value.items() if _ours(h))
+            else:
+                new.__dict__[key] = copy.deepcopy(value, memo)
+    copy_of: nn.Module = memo[id(model)]
+    return copy_of

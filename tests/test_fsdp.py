@@ -1,0 +1,232 @@
+"""Sharded training (FSDP2, Lightning's ``ModelParallelStrategy``) on 2 CPU processes (gloo):
+the same data and seeds under DDP and under FSDP2 end with the same masks and weights, the same
+export, and a full checkpoint that loads as the logged model.
+
+One script runs both fits in the same two processes (Lightning's subprocess launcher starts the
+second rank by running the script again): the DDP fit, then the FSDP2 fit, whose module shards
+its network in ``configure_model``. Rank 0 writes what each fit ended with; the test compares.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import fit_quietly, quiet_trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from callbacks import CompressionCallback
+from compress import distributed, masks
+
+ROOT = Path(__file__).resolve().parent.parent
+EPOCHS = 4
+
+_SPARSITY = {
+    "schedule": "polynomial",
+    "power": 1,
+    "sparsity_target": 0.7,
+    "sparsity_target_epoch": 2,
+    "sparsity_freeze_epoch": 3,
+}
+RECIPES: dict[str, Any] = {
+    "magnitude_global": {
+        "algorithm": "magnitude_sparsity",
+        "sparsity_init": 0.2,
+        "params": {**_SPARSITY, "update_per_optimizer_step": True},
+    },
+    "magnitude_local": {
+        "algorithm": "magnitude_sparsity",
+        "sparsity_init": 0.2,
+        "params": {**_SPARSITY, "sparsity_level_setting_mode": "local"},
+    },
+    "const": {"algorithm": "const_sparsity"},
+    "rb": {
+        "algorithm": "rb_sparsity",
+        "sparsity_init": 0.05,
+        "compression_lr_multiplier": 20,
+        "params": {**_SPARSITY, "schedule": "exponential", "sparsity_target": 0.5},
+    },
+}
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 48)
+        self.fc2 = nn.Linear(48, 24)
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class ShardedLit(pl.LightningModule):
+    """A user's module: ``configure_model`` shards the network under ModelParallelStrategy."""
+
+    def __init__(self, shard: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        self.model = MLP()
+        with torch.no_grad():  # zeros for const_sparsity to keep
+            self.model.fc1.weight[:, :4] = 0.0
+        self.example_input_array = torch.zeros(2, 16)
+
+    def configure_model(self) -> None:
+        if not self.hparams.shard or not torch.distributed.is_initialized():
+            return  # load_from_checkpoint in one process: the plain network
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (self.model.fc1, self.model.fc2, self.model.head):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def loader() -> DataLoader:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 16, generator=gen)
+    return DataLoader(TensorDataset(x, (x[:, :3].argmax(1))), batch_size=8)
+
+
+class EndProbe(pl.Callback):
+    """After the compression callback's on_fit_end: every mask and weight, gathered whole."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_fit_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        model = pl_module.model
+        found = {
+            "masks": {
+                f"{name}.{pname}": distributed.full(m).bool().cpu()
+                for name, _, pname, m in masks.iter_masked(model)
+            },
+            "weights": {n: distributed.full(p.detach()).cpu() for n, p in model.named_parameters()},
+        }
+        if trainer.is_global_zero:
+            torch.save(found, self.path)
+
+
+def fit(out: Path, name: str, strategy: str) -> None:
+    """One fit of ``RECIPES[name]`` under "ddp" or "fsdp" (ModelParallelStrategy)."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.strategies import ModelParallelStrategy
+
+    run = out / strategy
+    cb = CompressionCallback(
+        {"compression": RECIPES[name]},
+        model_attr="model",
+        verbose=False,
+        export_dir=run / "exports",
+    )
+    sharded = strategy == "fsdp"
+    trainer = quiet_trainer(
+        run,
+        cb,
+        EndProbe(out / f"{strategy}.pt"),
+        ModelCheckpoint(dirpath=run / "ckpt", save_last=True),
+        epochs=EPOCHS,
+        devices=2,
+        strategy=(
+            ModelParallelStrategy(
+                data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False
+            )
+            if sharded
+            else "ddp"
+        ),
+        deterministic=True,
+        logger=False,
+    )
+    pl.seed_everything(0, verbose=False)
+    fit_quietly(trainer, ShardedLit(shard=sharded), loader())
+
+
+_SCRIPT = """
+import sys
+from pathlib import Path
+sys.path[:0] = [{root!r}, {tests!r}]
+import torch
+torch.set_num_threads(1)
+import test_fsdp
+out = Path({out!r})
+test_fsdp.fit(out, {name!r}, "ddp")
+test_fsdp.fit(out, {name!r}, "fsdp")
+"""
+
+
+def run_both(tmp_path: Path, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    script = tmp_path / "run.py"
+    code = _SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), out=str(tmp_path), name=name)
+    script.write_text(textwrap.dedent(code))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "fsdp.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_fsdp2_ends_as_ddp(name: str, tmp_path: Path) -> None:
+    ddp, fsdp = run_both(tmp_path, name)
+    assert (
+        sorted(ddp["masks"])
+        == sorted(fsdp["masks"])
+        == [
+            "fc1.weight",
+            "fc2.weight",
+            "head.weight",
+        ]
+    )
+    same = sum(int((ddp["masks"][k] == fsdp["masks"][k]).sum()) for k in ddp["masks"])
+    total = sum(m.numel() for m in ddp["masks"].values())
+    assert same / total >= 0.999
+    zeros = sum(int((~m).sum()) for m in ddp["masks"].values()) / total
+    if name != "rb":  # the schedule really pruned (RB's masks live in its logits until frozen)
+        assert zeros > 0.5
+    assert sorted(ddp["weights"]) == sorted(fsdp["weights"])
+    for k, w in ddp["weights"].items():
+        torch.testing.assert_close(fsdp["weights"][k], w, atol=1e-4, rtol=0)
+    # The export at fit end (gathered once on rank 0) equals DDP's.
+    from compress.deploy.export import read_sparse
+
+    a, _ = read_sparse(tmp_path / "ddp" / "exports" / "model.sparse.pt")
+    b, _ = read_sparse(tmp_path / "fsdp" / "exports" / "model.sparse.pt")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=0)
+        assert torch.equal(b[k] == 0, a[k] == 0) or name == "rb"
+    # A full checkpoint is the logged model: masked weights, loadable without this library.
+    ckpt = tmp_path / "fsdp" / "ckpt" / "last.ckpt"
+    loaded = ShardedLit.load_from_checkpoint(ckpt, shard=True)
+    for k, w in fsdp["weights"].items():
+        if "rb_logit" in k:
+            continue
+        torch.testing.assert_close(loaded.model.state_dict()[k], w, atol=0, rtol=0)
+    for k, m in fsdp["masks"].items():
+        assert bool((loaded.model.state_dict()[k][~m] == 0).all())
