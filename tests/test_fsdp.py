@@ -9,6 +9,7 @@ its network in ``configure_model``. Rank 0 writes what each fit ended with; the 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import CompressionCallback
 from compress import distributed, masks
+from compress.errors import CompressError
 
 ROOT = Path(__file__).resolve().parent.parent
 EPOCHS = 4
@@ -207,7 +209,9 @@ def test_fsdp2_ends_as_ddp(name: str, tmp_path: Path) -> None:
     total = sum(m.numel() for m in ddp["masks"].values())
     assert same / total >= 0.999
     zeros = sum(int((~m).sum()) for m in ddp["masks"].values()) / total
-    if name != "rb":  # the schedule really pruned (RB's masks live in its logits until frozen)
+    if name == "const":  # the zeros fc1 was given, no more
+        assert zeros == 48 * 4 / total
+    elif name != "rb":  # the schedule really pruned (RB's masks live in its logits until frozen)
         assert zeros > 0.5
     assert sorted(ddp["weights"]) == sorted(fsdp["weights"])
     for k, w in ddp["weights"].items():
@@ -230,3 +234,75 @@ def test_fsdp2_ends_as_ddp(name: str, tmp_path: Path) -> None:
         torch.testing.assert_close(loaded.model.state_dict()[k], w, atol=0, rtol=0)
     for k, m in fsdp["masks"].items():
         assert bool((loaded.model.state_dict()[k][~m] == 0).all())
+
+
+def test_kth_smallest_is_exact_and_ties_fall_in_order() -> None:
+    """One process (no group): the radix selection against kthvalue, -0.0 and bf16 included."""
+    from compress.sparsity.importance import global_keep_masks
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for _ in range(50):
+            parts = [
+                (torch.randn(int(n), generator=gen) * 3).round().to(dtype)
+                for n in torch.randint(1, 30, (3,), generator=gen)
+            ]
+            total = sum(p.numel() for p in parts)
+            k = int(torch.randint(1, total + 1, (1,), generator=gen))
+            t, below = distributed.kth_smallest(parts, k, None)
+            flat = torch.cat(parts).double()
+            assert t == float(flat.kthvalue(k).values)
+            assert below == int((flat < t).sum())
+            ours = distributed.global_keep_masks(parts, k)
+            for a, b in zip(ours, global_keep_masks(parts, k)):
+                assert torch.equal(a, b)
+
+
+def _refusals(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    import compress
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    said = {}
+    magnitude = {"compression": RECIPES["magnitude_global"]}
+    # fully_shard after create_compressed_model: refused at the next mask update
+    net = MLP()
+    ctrl, net = compress.create_compressed_model(net, magnitude)
+    fully_shard(net)
+    try:
+        ctrl.scheduler.epoch_step()
+    except CompressError as e:
+        said["after"] = str(e)
+    for key, recipe in (
+        ("kd", {"compression": [RECIPES["const"], {"algorithm": "knowledge_distillation"}]}),
+        ("filter", {"compression": {"algorithm": "filter_pruning", "pruning_init": 0.1}}),
+    ):
+        net = MLP()
+        fully_shard(net)
+        try:
+            compress.create_compressed_model(net, recipe, torch.zeros(2, 16))
+        except CompressError as e:
+            said[key] = str(e)
+    if rank == 0:
+        Path(out).write_text(json.dumps(said))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_what_sharding_refuses(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "said.json"
+    mp.spawn(_refusals, args=(port, str(out)), nprocs=2)
+    said = json.loads(out.read_text())
+    assert "apply fully_shard first, then create_compressed_model" in said["after"]
+    assert "pass teacher= a network sharded like the student" in said["kd"]
+    assert "filter_pruning does not run on a sharded model" in said["filter"]
