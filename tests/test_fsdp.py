@@ -277,7 +277,15 @@ def _refusals(rank: int, port: int, out: str) -> None:
     except CompressError as e:
         said["after"] = str(e)
     for key, recipe in (
-        ("kd", {"compression": [RECIPES["const"], {"algorithm": "knowledge_distillation"}]}),
+        (
+            "kd",
+            {
+                "compression": [
+                    RECIPES["const"],
+                    {"algorithm": "knowledge_distillation", "type": "softmax"},
+                ]
+            },
+        ),
         ("filter", {"compression": {"algorithm": "filter_pruning", "pruning_init": 0.1}}),
     ):
         net = MLP()
