@@ -60,8 +60,9 @@ else:
 class CompressionCallback(_Callback):
     """Compresses the LightningModule (or its ``model_attr`` submodule) while it trains.
 
-    - ``setup``: builds the controller. Example inputs come from ``example_input_array``, else
-      the recipe's ``input_info``, else the first training batch.
+    - ``setup``: builds the controller (right after ``configure_model`` when the module
+      overrides it, so that weights sharded there get sharded masks). Example inputs come from
+      ``example_input_array``, else the recipe's ``input_info``, else the first training batch.
     - Steps the scheduler at every epoch start and after every optimizer step (so gradient
       accumulation counts once per optimizer step), and adds ``ctrl.loss()`` to the loss that
       ``training_step`` returns.
