@@ -77,7 +77,8 @@ def _compute(module: nn.Module, name: str, param: torch.Tensor, m: _Masking) -> 
     for buf in m.buffers:
         if buf in m.ones:
             continue
-        mask = distributed.mask_for(getattr(module, buf + _BYTES if compiled else buf), param)
+        mask = getattr(module, buf + _BYTES if compiled else buf)
+        mask = distributed.mask_for(mask, param, getattr(module, buf + _BYTES))
         if buf in m.straight:
             # value out * mask (exactly: out + (0 - out) is 0), gradient of the identity
             out = out + (out * mask - out).detach()
