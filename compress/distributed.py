@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -260,6 +260,47 @@ def mask_for(mask: Any, param: torch.Tensor, one_byte: Any) -> torch.Tensor:
         gathered_mask: torch.Tensor = one_byte.full_tensor()
         return gathered_mask
     return mask
+
+
+def gathers(module: nn.Module, param: torch.Tensor, buffers: Sequence[str]) -> bool:
+    """Whether the forward pass gathers ``module``'s masks: FSDP2 gathered the weight."""
+    return bool(buffers) and not is_sharded(param) and is_sharded(getattr(module, buffers[0]))
+
+
+def recomputed(values: Mapping[str, torch.Tensor], compute: Callable[[str], torch.Tensor]) -> Any:
+    """Entered saved-tensor hooks under which autograd keeps, instead of each of ``values`` (a
+    masked weight of the layer running now), its name, and recomputes it with
+    ``compute(name)`` when the backward pass needs it (by then FSDP2 has gathered the weight
+    again). The caller exits them after the layer's forward pass."""
+    # autograd saves views (a Linear saves the weight transposed): found by their storage
+    names = {v.untyped_storage().data_ptr(): name for name, v in values.items()}
+
+    def pack(t: torch.Tensor) -> Any:
+        plain = t.layout == torch.strided and not is_sharded(t)
+        name = names.get(t.untyped_storage().data_ptr()) if plain else None
+        if name is None:
+            return t
+        return (_RECOMPUTE, name, t.size(), t.stride(), t.storage_offset())
+
+    def unpack(saved: Any) -> torch.Tensor:
+        if isinstance(saved, tuple) and saved[0] is _RECOMPUTE:
+            _, name, size, stride, offset = saved
+            with torch.no_grad():
+                return compute(name).as_strided(size, stride, offset)
+        return saved  # type: ignore[no-any-return]
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+    hooks.__enter__()
+    return hooks
+
+
+def others_save() -> bool:
+    """Whether saved-tensor hooks are active already (activation checkpointing or offloading):
+    only the innermost hooks run, so ``recomputed`` would take over theirs; it stands back."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+_RECOMPUTE = object()
 
 
 def check_placed(masked: Iterable[tuple[nn.Module, str, torch.Tensor]]) -> None:

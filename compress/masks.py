@@ -40,6 +40,7 @@ from compress.errors import CompressError
 _MASK_PREFIX = "_cmask_"
 _BYTES = "_u8"  # suffix of a mask's one-byte copy, read by compiled forward passes
 _STATE = "_compress_masked"  # attribute on a module: {param_name: _Masking}
+_SAVED = "_compress_saved"  # attribute on a module during its forward pass: saved-tensor hooks
 
 MaskFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 """Computes the effective parameter from (module, param); used by learned masks (RB)."""
@@ -88,15 +89,33 @@ def _compute(module: nn.Module, name: str, param: torch.Tensor, m: _Masking) -> 
 
 
 def _pre_hook(module: nn.Module, args: object) -> None:
-    for name, m in getattr(module, _STATE).items():
+    state = getattr(module, _STATE)
+    gathered = {}
+    for name, m in state.items():
         param = module._parameters[name]
         if param is None:
             continue
         # An instance attribute wins over nn.Module.__getattr__, which is what finds parameters.
-        module.__dict__[name] = _compute(module, name, param, m)
+        value = module.__dict__[name] = _compute(module, name, param, m)
+        if m.fn is None and m.home is None and distributed.gathers(module, param, m.buffers):
+            gathered[name] = value
+    if (
+        gathered
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not distributed.others_save()
+    ):
+        # FSDP2 frees the gathered weight after the forward pass and gathers it again for the
+        # backward pass; the masked product is recomputed then instead of kept whole till then
+        module.__dict__[_SAVED] = distributed.recomputed(
+            gathered, lambda name: _compute(module, name, _param(module, name), state[name])
+        )
 
 
 def _post_hook(module: nn.Module, args: object, output: object) -> None:
+    saved = module.__dict__.pop(_SAVED, None)
+    if saved is not None:
+        saved.__exit__(None, None, None)
     for name in getattr(module, _STATE):
         module.__dict__.pop(name, None)
 

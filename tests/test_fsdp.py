@@ -294,13 +294,39 @@ def _refusals(rank: int, port: int, out: str) -> None:
             compress.create_compressed_model(net, recipe, torch.zeros(2, 16))
         except CompressError as e:
             said[key] = str(e)
+    # The masked weight is recomputed for the backward pass, not kept whole: same gradients.
+    recomputes = []
+    recomputed = distributed.recomputed
+
+    def counting(values, compute):  # type: ignore[no-untyped-def]
+        return recomputed(values, lambda name: recomputes.append(name) or compute(name))
+
+    distributed.recomputed = counting  # type: ignore[assignment]
+    torch.manual_seed(0)
+    net, ref = MLP(), MLP()
+    ref.load_state_dict(net.state_dict())
+    for layer in (net.fc1, net.fc2, net.head):
+        fully_shard(layer)
+    fully_shard(net)
+    compress.create_compressed_model(net, magnitude)
+    compress.create_compressed_model(ref, magnitude)
+    x = torch.randn(4, 16, requires_grad=True)
+    net(x).square().sum().backward()
+    grad, x.grad = x.grad, None
+    ref(x).square().sum().backward()
+    said["recomputes"] = len(recomputes)
+    said["input grad"] = bool(torch.allclose(grad, x.grad, atol=1e-6))
+    said["weight grad"] = bool(
+        torch.allclose(distributed.full(net.fc1.weight.grad), ref.fc1.weight.grad, atol=1e-6)
+    )
     if rank == 0:
         Path(out).write_text(json.dumps(said))
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_what_sharding_refuses(tmp_path: Path) -> None:
+def test_core_api_under_fully_shard(tmp_path: Path) -> None:
+    """What sharding refuses, and the masked weights recomputed for the backward pass."""
     import socket
 
     import torch.multiprocessing as mp
@@ -314,3 +340,5 @@ def test_what_sharding_refuses(tmp_path: Path) -> None:
     assert "apply fully_shard first, then create_compressed_model" in said["after"]
     assert "pass teacher= a network sharded like the student" in said["kd"]
     assert "filter_pruning does not run on a sharded model" in said["filter"]
+    assert said["recomputes"] == 3  # one per masked Linear: the weight the input grad needs
+    assert said["input grad"] and said["weight grad"]
