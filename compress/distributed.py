@@ -158,29 +158,26 @@ def kth_smallest(
     floats = [p.dtype for p in parts]
     bits = 32 if all(torch.finfo(d).bits <= 32 for d in floats) else 64
     device = parts[0].device if parts else torch.device("cpu")
-    prefix: list[torch.Tensor | None] = [None] * len(parts)  # candidates still in the running
+    # the keys still in the running, per part; None: all of them (first pass, recomputed from
+    # the part so that no full-size key tensor outlives its part's turn)
+    cands: list[torch.Tensor | None] = [None] * len(parts)
     rest = k
     key = 0
     for shift in range(bits - 8, -8, -8):
         top = shift == bits - 8
         hist = torch.zeros(256, dtype=torch.int64, device=device)
-        digits = []
-        for i, p in enumerate(parts):
-            keys, seen = _keys(p, bits), prefix[i]
-            if seen is not None:
-                keys = keys[seen]
-            d = _digit(keys, shift, top)
-            digits.append(d)
-            hist += torch.bincount(d, minlength=256)
+        for p, c in zip(parts, cands):
+            keys = _keys(p, bits) if c is None else c
+            hist += torch.bincount(_digit(keys, shift, top), minlength=256)
         if group is not None:
             dist.all_reduce(hist, group=group)
         cum = hist.cumsum(0)
         b = int(torch.searchsorted(cum, torch.tensor(rest, device=device)))
         rest -= int(cum[b - 1]) if b > 0 else 0
         key = key * 256 + b
-        for i, d in enumerate(digits):
-            hit, seen = d == b, prefix[i]
-            prefix[i] = hit.nonzero().squeeze(1) if seen is None else seen[hit]
+        for i, (p, c) in enumerate(zip(parts, cands)):
+            keys = _keys(p, bits) if c is None else c
+            cands[i] = keys[_digit(keys, shift, top) == b]
     key -= 1 << (bits - 1)  # the top byte was offset by 128
     return _value(key, bits), k - rest
 
