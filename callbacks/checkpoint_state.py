@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress import masks
+from compress import distributed, masks
 from compress.controller import CompressionController, pack_bits, unpack_bits
 from compress.errors import CompressError
 
@@ -43,8 +43,9 @@ def masked_values(model: nn.Module) -> dict[str, dict[str, Any]]:
     for key, (module, pname) in _masked_params(model).items():
         param = module._parameters[pname]
         assert param is not None
-        stored = param.detach()
-        masked = masks.effective(module, pname)
+        # sharded weights are gathered whole (every rank takes part; rank 0 writes the file)
+        stored = distributed.full(param.detach())
+        masked = distributed.full(masks.effective(module, pname))
         lost = (stored != masked) | (stored.signbit() != masked.signbit())
         if bool(lost.any()):
             out[key] = {"where": pack_bits(lost), "values": stored[lost].cpu()}
@@ -62,7 +63,9 @@ def restore_masked_values(model: nn.Module, values: Mapping[str, Mapping[str, An
         assert param is not None
         where = unpack_bits(saved["where"]).to(param.device)
         with torch.no_grad():
-            param[where] = saved["values"].to(param.device, param.dtype)
+            stored = distributed.full(param.detach()).clone()
+            stored[where] = saved["values"].to(param.device, param.dtype)
+            param.copy_(distributed.shard_like(stored, param))
 
 
 def fold_in_place(model: nn.Module) -> None:

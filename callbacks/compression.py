@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import nn
 
 import compress
@@ -33,7 +34,7 @@ from callbacks.checkpoint_state import (
     restore_masked_values,
 )
 from callbacks.run_report import check_finite_weights, layer_metrics, shortfall
-from compress import accuracy_aware, masks
+from compress import accuracy_aware, distributed, masks
 from compress.controller import (
     CompressionController,
     compact_state,
@@ -60,8 +61,9 @@ else:
 class CompressionCallback(_Callback):
     """Compresses the LightningModule (or its ``model_attr`` submodule) while it trains.
 
-    - ``setup``: builds the controller. Example inputs come from ``example_input_array``, else
-      the recipe's ``input_info``, else the first training batch.
+    - ``setup``: builds the controller (right after ``configure_model`` when the module
+      overrides it, so that weights sharded there get sharded masks). Example inputs come from
+      ``example_input_array``, else the recipe's ``input_info``, else the first training batch.
     - Steps the scheduler at every epoch start and after every optimizer step (so gradient
       accumulation counts once per optimizer step), and adds ``ctrl.loss()`` to the loss that
       ``training_step`` returns.
@@ -192,6 +194,24 @@ class CompressionCallback(_Callback):
             # An epoch that max_steps or a stop cut short is over, not uneven.
             self.ctrl.scheduler.step_in_epoch = 0
             return
+        if is_overridden("configure_model", pl_module):
+            # configure_model may build or shard (fully_shard) the network: the masks are made
+            # after it, like the weights they cover, and before configure_optimizers (RB's
+            # logits are parameters). Lightning has no callback hook in between.
+            configure = pl_module.configure_model
+
+            @functools.wraps(configure)
+            def configure_model() -> None:
+                configure()
+                del pl_module.configure_model  # the class's own method again
+                self._build(trainer, pl_module)
+
+            pl_module.configure_model = configure_model  # type: ignore[method-assign]
+            return
+        self._build(trainer, pl_module)
+
+    def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Builds the controller for the target network (once per callback)."""
         inputs = self._example_inputs(trainer, pl_module)
         if isinstance(inputs, torch.Tensor):
             inputs = (inputs,)
@@ -338,6 +358,16 @@ class CompressionCallback(_Callback):
             rank_zero_info("\n".join([str(self.ctrl.statistics()), *self.shortfall]))
         for line in self.shortfall:
             rank_zero_warn(line)
+        sharded = any(distributed.is_sharded(p) for p in self.ctrl.model.parameters())
+        if sharded and self.export_dir is not None and self.export_from == "best":
+            raise CompressError(
+                "export_from='best' with a sharded model (fully_shard): the best checkpoint "
+                "is not loaded back into sharded weights here; use export_from='final', or "
+                "`compress export CKPT --model ...` on the best full checkpoint afterwards"
+            )
+        exporting = self.export_dir is not None and trained and not dev_run
+        # a sharded model is gathered whole once, on rank 0; every rank takes part
+        source = distributed.unsharded_copy(self.ctrl.model) if sharded and exporting else None
         if self.export_dir is None or not trainer.is_global_zero:
             return
         if dev_run or not trained:
@@ -354,12 +384,12 @@ class CompressionCallback(_Callback):
             with self._checkpointed(pl_module, Path(best)):
                 self._export()
         else:
-            self._export()
+            self._export(source)
         rank_zero_info(f"compression: exported {', '.join(str(p) for p in self.exported.values())}")
 
-    def _export(self) -> None:
+    def _export(self, source: nn.Module | None = None) -> None:
         assert self.ctrl is not None and self.export_dir is not None
-        plain = self.ctrl.strip()
+        plain = self.ctrl.strip(source=source)
         inputs = self.ctrl.example_inputs
         if inputs is not None:
             device = next(plain.parameters()).device

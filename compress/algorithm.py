@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress import masks
+from compress import distributed, masks
 from compress.errors import CompressError, ConfigError
 from compress.recipe import scopes
 from compress.recipe.config import AlgorithmConfig
@@ -179,7 +179,7 @@ def sparsity_rows(entries: list[tuple[str, nn.Module, torch.Tensor]]) -> list[di
                 "layer": name,
                 "shape": list(weight(module).shape),
                 "params": n,
-                "sparsity": 1.0 - float(mask.count_nonzero()) / n,
+                "sparsity": 1.0 - distributed.scalar(mask.count_nonzero()) / n,
                 "weight's percentage": 100.0 * n / total,
             }
         )

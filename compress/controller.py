@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress import masks
+from compress import distributed, masks
 from compress.algorithm import Algorithm, is_sparsifiable
 from compress.algorithms import ALGORITHMS
 from compress.analysis import untouched
@@ -92,6 +92,7 @@ class CompressionController:
         self._on_change(False)
 
     def _on_change(self, per_step: bool) -> None:
+        distributed.check_placed((m, n, b) for _, m, n, b in masks.iter_masked(self.model))
         for algo in self.algorithms:
             algo.update(per_step)
         masks.sync(self._masked)
@@ -120,8 +121,11 @@ class CompressionController:
             for name, module, pname, _ in masks.iter_masked(self.model)
             if pname == "weight" and is_sparsifiable(module, embeddings=True)
         }
+        sharded = any(distributed.is_sharded(w) for w in weights.values())
+        if sharded:  # which weights are zero, gathered as one byte each; no effective sparsity
+            weights = {n: distributed.full((w != 0).to(torch.uint8)) for n, w in weights.items()}
         summary = model_summary(self.model, self.example_inputs, weights)
-        if weights:
+        if weights and not sharded:
             active = active_weights(self.model, self.example_inputs)
             alive = sum(
                 int(active[f"{n}.weight"].sum()) for n in weights if f"{n}.weight" in active
@@ -135,7 +139,8 @@ class CompressionController:
             "version": STATE_VERSION,
             "algorithms": [a.name for a in self.algorithms],
             "scheduler": self.scheduler.state_dict(),
-            "state": {a.name: a.state_dict() for a in self.algorithms},
+            # sharded masks and logits are saved whole, loadable at any rank count
+            "state": distributed.whole({a.name: a.state_dict() for a in self.algorithms}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -172,13 +177,17 @@ class CompressionController:
             algo.load_state_dict(state["state"][algo.name])
         masks.sync(self._masked)
 
-    def strip(self, *, copy_model: bool = True) -> nn.Module:
+    def strip(self, *, copy_model: bool = True, source: nn.Module | None = None) -> nn.Module:
         """A plain ``nn.Module``: no hooks, no mask buffers, masks folded into the weights and,
         with filter pruning, pruned channels removed. The compressed model is left as it is
-        unless ``copy_model`` is False."""
+        unless ``copy_model`` is False. ``source`` is a copy to strip instead (of a sharded
+        model, ``distributed.unsharded_copy``), masks included."""
         inputs = self._check_inputs()
-        want = outputs(self.model, inputs) if inputs is not None else None
-        model = untouched.copy_model(self.model) if copy_model else self.model
+        want = outputs(source or self.model, inputs) if inputs is not None else None
+        if source is not None:
+            model = source
+        else:
+            model = untouched.copy_model(self.model) if copy_model else self.model
         # Unwound in reverse order: sparsity algorithms settle their masks (RB drops its logits)
         # before filter pruning rebuilds the layers with fewer channels.
         for algo in reversed(self.algorithms):

@@ -36,7 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress import distributed
 from compress.algorithm import Algorithm
+from compress.errors import CompressError
 from compress.recipe.config import AlgorithmConfig
 from compress.schedules import Scheduler
 
@@ -94,6 +96,12 @@ class KnowledgeDistillation(Algorithm):
         self.temperature = float(opts["temperature"])
         # Built before any other algorithm touches the model (the controller's order), so a
         # copy is the model as it was when compression started.
+        if teacher is None and any(distributed.is_sharded(p) for p in model.parameters()):
+            raise CompressError(
+                "knowledge_distillation: the model is sharded (fully_shard), and a sharded "
+                "model cannot be copied to be its own teacher; pass teacher= a network "
+                "sharded like the student (build it and fully_shard it in configure_model)"
+            )
         self.teacher = frozen(teacher if teacher is not None else copy.deepcopy(model))
         self._latest: torch.Tensor | None = None
         self._warned: set[str] = set()

@@ -31,11 +31,16 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
+from compress import distributed
 from compress.errors import CompressError
 
 _MASK_PREFIX = "_cmask_"
@@ -43,6 +48,7 @@ _BYTES = "_u8"  # suffix of a mask's one-byte copy, read by compiled forward pas
 _STATE = "_compress_masked"  # attribute on a module: {param_name: _Masking}
 _COVER = "_compress_cover"  # attribute on a module: the masked submodules its forward may read
 _COVERED = "_compress_covered"  # set on a masked module while an ancestor's forward shadows it
+_SAVED = "_compress_saved"  # attribute on a module during its forward pass: saved-tensor hooks
 
 MaskFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 """Computes the effective parameter from (module, param); used by learned masks (RB)."""
@@ -81,6 +87,7 @@ def _compute(module: nn.Module, name: str, param: torch.Tensor, m: _Masking) -> 
         if buf in m.ones:
             continue
         mask = getattr(module, buf + _BYTES if compiled else buf)
+        mask = distributed.mask_for(mask, param, getattr(module, buf + _BYTES))
         if buf in m.straight:
             # value out * mask (exactly: out + (0 - out) is 0), gradient of the identity
             out = out + (out * mask - out).detach()
@@ -90,15 +97,33 @@ def _compute(module: nn.Module, name: str, param: torch.Tensor, m: _Masking) -> 
 
 
 def _shadow(module: nn.Module) -> None:
-    for name, m in module.__dict__.get(_STATE, {}).items():
+    state = module.__dict__.get(_STATE, {})
+    gathered = {}
+    for name, m in state.items():
         param = module._parameters[name]
         if param is None:
             continue
         # An instance attribute wins over nn.Module.__getattr__, which is what finds parameters.
-        module.__dict__[name] = _compute(module, name, param, m)
+        value = module.__dict__[name] = _compute(module, name, param, m)
+        if m.fn is None and m.home is None and distributed.gathers(module, param, m.buffers):
+            gathered[name] = value
+    if (
+        gathered
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not distributed.others_save()
+    ):
+        # FSDP2 frees the gathered weight after the forward pass and gathers it again for the
+        # backward pass; the masked product is recomputed then instead of kept whole till then
+        module.__dict__[_SAVED] = distributed.recomputed(
+            gathered, lambda name: _compute(module, name, _param(module, name), state[name])
+        )
 
 
 def _unshadow(module: nn.Module) -> None:
+    saved = module.__dict__.pop(_SAVED, None)
+    if saved is not None:
+        saved.__exit__(None, None, None)
     for name in module.__dict__.get(_STATE, {}):
         module.__dict__.pop(name, None)
 
@@ -120,7 +145,7 @@ def _cover_pre_hook(module: nn.Module, args: object) -> None:
 
 
 def _cover_post_hook(module: nn.Module, args: object, output: object) -> None:
-    for inner in module.__dict__[_COVER]:
+    for inner in reversed(module.__dict__[_COVER]):
         inner.__dict__.pop(_COVERED, None)
         _unshadow(inner)
 
@@ -159,27 +184,34 @@ def tie(model: nn.Module) -> list[str]:
 
 
 def cover(model: nn.Module) -> list[str]:
-    """Makes every masked parameter of ``model`` read masked for the whole forward pass of the
-    module that calls its owner (the nearest ancestor with a ``forward`` of its own), not only
-    during the owner's ``forward``; returns the names of those ancestors. Called once all masks
-    are attached.
+    """Makes a masked parameter read masked for the whole forward pass of the module that reads
+    it without calling its owner; returns the names of those readers. Called once all masks are
+    attached.
 
-    A parameter can be read without its module's ``forward``: ``nn.MultiheadAttention`` reads
-    ``out_proj.weight`` itself (``F.multi_head_attention_forward``), torchvision's Swin
-    attention calls ``F.linear(x, self.qkv.weight)``. Shadowed only by the owner's pre-hook,
-    such a weight would be read unmasked while training, and the stripped model, in which the
-    mask is folded, would compute something else.
+    ``nn.MultiheadAttention`` reads ``out_proj.weight`` itself (``F.multi_head_attention_forward``)
+    and torchvision's Swin attention calls ``F.linear(x, self.qkv.weight)``. Shadowed only by the
+    owner's pre-hook, such a weight would be read unmasked while training, and the stripped
+    model, in which the mask is folded, would compute something else. A reader is the nearest
+    ancestor with a ``forward`` of its own whose source names ``self.<child>.<parameter>`` of a
+    masked child. Only those are covered: every other weight keeps being shadowed for its own
+    layer's forward alone (one masked product alive at a time, and FSDP2 gathers the layer
+    before its pre-hook runs). A read this misses still fails ``strip()``'s output check.
     """
     readers: dict[int, tuple[str, nn.Module, list[nn.Module]]] = {}
     paths = dict(model.named_modules(remove_duplicate=False))
     for path, module in paths.items():
-        if not path or not module.__dict__.get(_STATE):
+        state = module.__dict__.get(_STATE)
+        if not path or not state:
             continue
-        parent = path
+        parent, child = path, path
         while parent:
+            child = parent
             parent = parent.rpartition(".")[0]
             if type(paths[parent]).forward is not nn.Module.forward:  # not a ModuleList
                 break
+        attr = child[len(parent) + 1 :] if parent else child
+        if not _reads_child(type(paths[parent]).forward, attr.partition(".")[0], tuple(state)):
+            continue
         _, _, inner = readers.setdefault(id(paths[parent]), (parent, paths[parent], []))
         if all(m is not module for m in inner):
             inner.append(module)
@@ -190,6 +222,17 @@ def cover(model: nn.Module) -> list[str]:
             reader.register_forward_hook(_cover_post_hook, always_call=True)
         known.extend(m for m in inner if all(m is not k for k in known))
     return [name for name, _, _ in readers.values()]
+
+
+@functools.cache
+def _reads_child(forward: Callable[..., Any], attr: str, params: tuple[str, ...]) -> bool:
+    """Whether the source of ``forward`` reads ``self.<attr>.<param>`` for one of ``params``."""
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):  # no source (compiled, generated): nothing known to cover
+        return False
+    names = "|".join(re.escape(p) for p in params)
+    return re.search(rf"self\.{re.escape(attr)}\.(?:{names})\b", source) is not None
 
 
 def attach(

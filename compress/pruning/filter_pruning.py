@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress import masks
+from compress import distributed, masks
 from compress.algorithm import Algorithm, weight, weight_layers
 from compress.analysis.summary import layer_macs
 from compress.analysis.untouched import copy_model
@@ -80,6 +80,13 @@ class FilterPruning(Algorithm):
             )
         p = self.params
         weight_layers(model, cfg)  # a ConfigError when no conv or linear layer is in scope
+        if any(distributed.is_sharded(t) for t in model.parameters()):
+            # Torch-Pruning traces the model and reads whole weights to find coupled channels
+            raise CompressError(
+                f"{cfg.path}: filter_pruning does not run on a sharded model (fully_shard) yet: "
+                "its channel groups come from tracing whole weights. Prune under DDP (or on one "
+                "device), export the pruned model, then fine-tune it sharded"
+            )
         self.groups = self._build_groups()
         self.init = float(cfg.options["pruning_init"])
         self.flops_target = p.get("pruning_flops_target")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from compress import distributed
 from compress.algorithm import (
     Algorithm,
     attach_weight_masks,
@@ -33,7 +34,7 @@ class ConstSparsity(Algorithm):
     @property
     def level(self) -> float:
         total = sum(m.numel() for _, _, m in self.entries)
-        return 1.0 - sum(int(m.count_nonzero()) for _, _, m in self.entries) / total
+        return 1.0 - sum(distributed.scalar(m.count_nonzero()) for _, _, m in self.entries) / total
 
     def update(self, per_step: bool) -> None:
         pass

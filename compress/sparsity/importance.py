@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from compress import distributed
 from compress.errors import ConfigError
 
 
@@ -36,7 +37,8 @@ def random_importance(weight: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """A fixed random score per weight: the random-pruning baseline. Zeros stay lowest, so
     masks only grow as the level rises."""
     gen = torch.Generator().manual_seed(seed)
-    scores = torch.rand(weight.shape, generator=gen).to(weight.device) + 1.0
+    scores = distributed.shard_like(torch.rand(weight.shape, generator=gen) + 1.0, weight)
+    scores = scores.to(weight.device)
     return torch.where(weight.detach() == 0, torch.zeros_like(scores), scores)
 
 
@@ -60,6 +62,8 @@ def _keep_with_ties(scores: torch.Tensor, threshold: torch.Tensor, n_ties: int) 
 def local_keep_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask that prunes exactly ``k`` of the lowest scores (ties broken by position)."""
     n = scores.numel()
+    if distributed.is_sharded(scores):
+        return distributed.global_keep_masks([scores], k)[0]
     if k <= 0:
         return torch.ones_like(scores, dtype=torch.bool)
     if k >= n:
@@ -79,6 +83,8 @@ def global_keep_masks(
     to find it exactly, so memory stays about the size of the largest tensor. Ties at the
     threshold are pruned in tensor order, then by position.
     """
+    if distributed.group_of(scores) is not None:
+        return distributed.global_keep_masks(scores, k)
     total = sum(s.numel() for s in scores)
     if k <= 0:
         return [torch.ones_like(s, dtype=torch.bool) for s in scores]

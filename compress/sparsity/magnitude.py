@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from compress import masks
+from compress import distributed, masks
 from compress.algorithm import (
     Algorithm,
     attach_weight_masks,
@@ -99,7 +99,7 @@ class MagnitudeSparsity(Algorithm):
     def warn_collapse(self) -> None:
         """Warns (once per layer) when a layer is pruned to 100%: the network is then cut in two
         and computes a constant."""
-        dead = [name for name, _, mask in self.entries if not bool(mask.any())]
+        dead = [name for name, _, mask in self.entries if not distributed.scalar(mask.any())]
         new = [name for name in dead if name not in self.collapsed]
         if new:
             self.collapsed.update(new)
@@ -151,6 +151,7 @@ class MagnitudeSparsity(Algorithm):
     def set_masks(self, level: float) -> None:
         """Recomputes every mask so that ``level`` of the compressed weights are pruned."""
         p = self.params
+        _check_sharded_options(p, self.entries)
         importance = IMPORTANCE[p["weight_importance"]]
         scores = []
         for name, module, _ in self.entries:
@@ -182,7 +183,7 @@ class MagnitudeSparsity(Algorithm):
                 alive.append(scores[i].numel())
                 continue
             scores[i] = scores[i].masked_fill(other == 0, float("inf"))
-            alive.append(int(other.count_nonzero()))
+            alive.append(int(distributed.scalar(other.count_nonzero())))
         block = p.get("block_shape")
         if block:  # choose whole blocks (BSR-friendly); the level then counts blocks
             # A block never exceeds its layer (a [256, 256] block on a 10x100 layer is 10x100).
@@ -198,9 +199,10 @@ class MagnitudeSparsity(Algorithm):
         for i, ((_, _, mask), keep, s) in enumerate(zip(self.entries, keeps, scores)):
             mask.copy_(_expand_blocks(keep, blocks[i], mask) if block else keep)
             # no boolean indexing: gathering 90% of the scores took 40% of set_masks
-            top = float(torch.where(keep, float("-inf"), s).amax())
+            top = distributed.scalar(torch.where(keep, float("-inf"), s).amax())
             if top == float("inf"):  # pruned a weight another algorithm removed: exact path
-                top = float(torch.where(~keep & torch.isfinite(s), s, float("-inf")).amax())
+                finite = torch.where(~keep & torch.isfinite(s), s, float("-inf"))
+                top = distributed.scalar(finite.amax())
             self.thresholds[i] = top if top != float("-inf") else 0.0
 
     def statistics(self) -> dict[str, Any]:
@@ -256,4 +258,28 @@ def load_masks(entries: list, saved: Mapping[str, torch.Tensor], algorithm: str)
                 f"{algorithm} state does not fit this model: layer {name!r} has shape "
                 f"{tuple(mask.shape)}, the saved mask {tuple(saved[name].shape)}"
             )
-        mask.copy_(saved[name])
+        mask.copy_(distributed.shard_like(saved[name], mask))
+
+
+def _check_sharded_options(params: Mapping[str, Any], entries: list) -> None:  # type: ignore[type-arg]
+    """Options that read a whole weight or the whole model, refused for sharded weights."""
+    if not entries or not distributed.is_sharded(entries[0][2]):
+        return
+    asked = [
+        opt
+        for opt, on in (
+            ("block_shape", bool(params.get("block_shape"))),
+            ('layerwise_allocation: "lamp"', params["layerwise_allocation"] == "lamp"),
+            (
+                'sparsity_target_type: "effective"',
+                params["sparsity_target_type"] == "effective",
+            ),
+        )
+        if on
+    ]
+    if asked:
+        raise CompressError(
+            f"magnitude_sparsity: {', '.join(asked)} needs whole weights, but the weights are "
+            "sharded (FSDP2); under sharding use global, local, uniform, erk or igq levels of "
+            "single weights"
+        )

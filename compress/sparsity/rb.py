@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress import masks
+from compress import distributed, masks
 from compress.algorithm import Algorithm, sparsity_event, sparsity_rows, weight_layers
 from compress.errors import CompressError
 from compress.schedules import (
@@ -201,7 +201,8 @@ class RBSparsity(Algorithm):
     def sparsity(self) -> float:
         """The fraction of compressed weights the deterministic masks drop."""
         current = self.current_masks()
-        return 1.0 - sum(int(m.count_nonzero()) for m in current) / sum(m.numel() for m in current)
+        kept = sum(distributed.scalar(m.count_nonzero()) for m in current)
+        return 1.0 - kept / sum(m.numel() for m in current)
 
     def loss_sparsity(self) -> float:
         """The sparsity as NNCF's loss computes it, in float32: ``1 - kept / n``. The adaptive
@@ -219,7 +220,7 @@ class RBSparsity(Algorithm):
             return None
         target = 1.0 - self.current
         scale = self.shared.scale
-        kept = [KeptCount.apply(theta, scale) for _, _, theta, _ in self.entries]
+        kept = [_kept(theta, scale) for _, _, theta, _ in self.entries]
         sizes = [theta.numel() for _, _, theta, _ in self.entries]
         if self.params["sparsity_level_setting_mode"] == "local":
             losses = [((k / n - target) / DENSITY_SCALE) ** 2 for k, n in zip(kept, sizes)]
@@ -237,9 +238,9 @@ class RBSparsity(Algorithm):
         with torch.no_grad():
             probs = [torch.sigmoid(theta * self.shared.scale) for _, _, theta, _ in self.entries]
             for row, prob in zip(rows, probs):
-                row["mean keep prob"] = float(prob.mean())
+                row["mean keep prob"] = distributed.scalar(prob.mean())
             total = sum(p.numel() for p in probs)
-            mean_sparse_prob = 1.0 - float(sum(p.sum() for p in probs)) / total
+            mean_sparse_prob = 1.0 - sum(distributed.scalar(p.sum()) for p in probs) / total
         return {
             "algorithm": self.name,
             "level": self.scheduled,
@@ -275,7 +276,7 @@ class RBSparsity(Algorithm):
             load_masks([(n, m, t) for n, m, t, _ in self.entries], state["logits"], self.name)
             for name, _, _, mask in self.entries:
                 if frozen:
-                    mask.copy_(state["masks"][name])
+                    mask.copy_(distributed.shard_like(state["masks"][name], mask))
                 else:
                     mask.fill_(1.0)
         self.shared.frozen = frozen
@@ -305,3 +306,11 @@ class RBSparsity(Algorithm):
             module._state_dict_hooks.pop(state_id, None)
             module._load_state_dict_pre_hooks.pop(load_id, None)
         return model
+
+
+def _kept(theta: torch.Tensor, scale: float) -> torch.Tensor:
+    """The number of kept weights of one layer (straight-through to ``theta``); of a sharded
+    ``theta``, counted on each rank's shard and summed over the ranks."""
+    if distributed.is_sharded(theta):
+        return distributed.summed(KeptCount.apply(distributed.local(theta), scale), theta)
+    return KeptCount.apply(theta, scale)

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress import distributed
+
 LOGIT = "weight_rb_logit"
 """Name of the logit parameter on a masked module."""
 INIT_LOGIT = math.log(0.99 / 0.01)
@@ -149,15 +151,23 @@ def rb_weight(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     layer: RBLayer | None = module.__dict__.get(STATE)
     if layer is None:  # stripped: the mask buffer holds the final mask
         return weight
-    theta = module._parameters[LOGIT]
-    assert theta is not None
+    logit = module._parameters[LOGIT]
+    assert logit is not None
+    theta: torch.Tensor = logit
     shared = layer.shared
+    sharded = distributed.is_sharded(theta) and not distributed.is_sharded(weight)
     if shared.frozen:
+        # a zero gradient for this rank's logits (an optimizer's momentum still moves them)
+        theta = distributed.local(theta)
         return Frozen.apply(weight, theta) if torch.is_grad_enabled() else weight
+    if sharded:  # FSDP2 gathered the weight whole for this forward pass: the logits too
+        theta = distributed.gathered(theta)
     noise = None
     if module.training and torch.is_grad_enabled():
         u = layer.uniform
-        if u is None or u.device != theta.device or u.dtype != theta.dtype:
+        if sharded:  # the whole layer's noise, drawn alike on every rank, only for this pass
+            u = torch.empty_like(theta, requires_grad=False)
+        elif u is None or u.device != theta.device or u.dtype != theta.dtype:
             u = layer.uniform = torch.empty_like(theta, requires_grad=False)
         u.uniform_(generator=shared.generator_for(u.device))
         noise = torch.logit(u, eps=NOISE_EPS, out=u)

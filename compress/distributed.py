@@ -1,0 +1,376 @@
+"""Masks of sharded weights (FSDP2's ``fully_shard``): DTensor helpers and the distributed k-th
+smallest score.
+
+FSDP2 stores every parameter as a DTensor sharded along dim 0 over a one-dimensional device
+mesh. A mask attached to such a weight is a DTensor with the same placements, so each rank holds
+the mask of its own rows only; mask updates work on local shards. A global threshold is the k-th
+smallest score over all ranks, found by radix selection: eight (or, for scores of 32 bits or
+less, four) passes, each all-reducing one 256-bin histogram of the candidates' next key byte
+(2 kB per pass), never an all-gather of scores or weights. Every rank ends with the same
+threshold and the same tie budget, hence the same masks as one process holding every weight.
+
+Supported order: ``fully_shard`` first, then ``create_compressed_model`` (Lightning: shard in
+``configure_model``; the callback builds its controller after it). Masks attached before
+``fully_shard`` would stay whole on every rank; the controller refuses them at the next update.
+
+Example:
+    >>> import torch
+    >>> kth_smallest([torch.tensor([3.0, 1.0, 2.0]), torch.tensor([1.0, 5.0])], 3, None)
+    (2.0, 2)
+"""
+
+from __future__ import annotations
+
+import copy
+import struct
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from compress.errors import CompressError
+
+try:
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+except ImportError:  # torch built without distributed
+    DTensor = None  # type: ignore[assignment,misc]
+    Shard = Replicate = Partial = None  # type: ignore[assignment,misc]
+
+
+def is_sharded(t: object) -> bool:
+    """Whether ``t`` is a DTensor (a parameter or mask sharded by FSDP2)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: Any) -> torch.Tensor:
+    """The part of ``t`` this rank holds (``t`` itself when it is not sharded)."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def full(t: Any) -> torch.Tensor:
+    """The whole of ``t`` on every rank (an all-gather when sharded): for reductions read as
+    numbers (a sum of a DTensor is a partial sum until it is gathered) and for exports."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def whole(state: Any) -> Any:
+    """``state`` (nested dicts and lists) with every sharded tensor gathered whole."""
+    if is_sharded(state):
+        return state.full_tensor()
+    if isinstance(state, Mapping):
+        return {k: whole(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [whole(v) for v in state]
+    return state
+
+
+def scalar(t: torch.Tensor) -> float:
+    """A one-element tensor (a sum, a max) as a float, reduced over the ranks when sharded."""
+    return float(full(t))
+
+
+def like(part: torch.Tensor, ref: Any) -> torch.Tensor:
+    """``part`` (this rank's piece) as a DTensor laid out like ``ref``; ``part`` itself when
+    ``ref`` is not sharded."""
+    if not is_sharded(ref):
+        return part
+    return DTensor.from_local(
+        part, ref.device_mesh, ref.placements, shape=ref.shape, stride=ref.stride()
+    )
+
+
+def shard_like(whole: torch.Tensor, ref: Any) -> torch.Tensor:
+    """A tensor every rank holds whole (a saved mask, a fixed random score), cut as ``ref`` is
+    cut, without communication; ``whole`` itself when ``ref`` is not sharded."""
+    if not is_sharded(ref) or is_sharded(whole):
+        return whole
+    _check_layout(ref)
+    rank, world = ref.device_mesh.get_local_rank(), ref.device_mesh.size()
+    part = torch.chunk(whole, world, dim=0)
+    piece = part[rank] if rank < len(part) else whole[:0]
+    return like(piece.to(ref.device).contiguous(), ref)
+
+
+def _check_layout(t: Any) -> None:
+    """The layouts the masks handle: FSDP2's, sharded along dim 0 over a 1-D mesh."""
+    if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
+        raise CompressError(
+            f"a weight is laid out as {tuple(t.placements)} over a {t.device_mesh.ndim}-D mesh; "
+            "masks follow FSDP2's layout only (Shard(0) over one data-parallel mesh "
+            "dimension): apply fully_shard(module, mesh=mesh['data_parallel'])"
+        )
+
+
+def group_of(tensors: Sequence[Any]) -> dist.ProcessGroup | None:
+    """The process group of the sharded ``tensors`` (None when none is sharded). Sharded and
+    whole weights are not mixed in one selection: every rank would count the whole ones."""
+    sharded = [t for t in tensors if is_sharded(t)]
+    if not sharded:
+        return None
+    if len(sharded) != len(tensors):
+        raise CompressError(
+            f"{len(tensors) - len(sharded)} of {len(tensors)} compressed weights are not "
+            "sharded while the others are: fully_shard the whole network (the root module "
+            "too), or put the unsharded layers in ignored_scopes"
+        )
+    for t in sharded:
+        _check_layout(t)
+    return sharded[0].device_mesh.get_group()
+
+
+# --- the distributed k-th smallest ---------------------------------------------------------
+
+
+def _keys(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer keys in the order of the float values (int64), 32- or 64-bit patterns; -0.0 is
+    0.0 (adding 0.0 turns it into +0.0)."""
+    if bits == 32:
+        raw = (t.detach().reshape(-1).to(torch.float32) + 0.0).view(torch.int32).to(torch.int64)
+        return torch.where(raw >= 0, raw, raw ^ 0x7FFFFFFF)
+    raw = (t.detach().reshape(-1).to(torch.float64) + 0.0).view(torch.int64)
+    return torch.where(raw >= 0, raw, raw ^ 0x7FFFFFFFFFFFFFFF)
+
+
+def _value(key: int, bits: int) -> float:
+    """The float whose key is ``key`` (the inverse of ``_keys``)."""
+    flip = (1 << (bits - 1)) - 1
+    raw = key if key >= 0 else key ^ flip
+    if bits == 32:
+        return float(struct.unpack("<f", struct.pack("<i", raw))[0])
+    return float(struct.unpack("<d", struct.pack("<q", raw))[0])
+
+
+def _digit(keys: torch.Tensor, shift: int, top: bool) -> torch.Tensor:
+    """The key byte at ``shift`` as 0..255, in key order (the top byte carries the sign)."""
+    d = keys >> shift
+    return (d + 128) & 0xFF if top else d & 0xFF
+
+
+def kth_smallest(
+    parts: Sequence[torch.Tensor], k: int, group: dist.ProcessGroup | None
+) -> tuple[float, int]:
+    """The k-th smallest value (1-based) over ``parts`` on every rank of ``group`` together, and
+    how many values are smaller. Exact: radix selection on the values' bit patterns, one
+    all-reduced 256-bin histogram per key byte. NaN is not allowed in ``parts``.
+    """
+    floats = [p.dtype for p in parts]
+    bits = 32 if all(torch.finfo(d).bits <= 32 for d in floats) else 64
+    device = parts[0].device if parts else torch.device("cpu")
+    # the keys still in the running, per part; None: all of them (first pass, recomputed from
+    # the part so that no full-size key tensor outlives its part's turn)
+    cands: list[torch.Tensor | None] = [None] * len(parts)
+    rest = k
+    key = 0
+    for shift in range(bits - 8, -8, -8):
+        top = shift == bits - 8
+        hist = torch.zeros(256, dtype=torch.int64, device=device)
+        for p, c in zip(parts, cands):
+            keys = _keys(p, bits) if c is None else c
+            hist += torch.bincount(_digit(keys, shift, top), minlength=256)
+        if group is not None:
+            dist.all_reduce(hist, group=group)
+        cum = hist.cumsum(0)
+        b = int(torch.searchsorted(cum, torch.tensor(rest, device=device)))
+        rest -= int(cum[b - 1]) if b > 0 else 0
+        key = key * 256 + b
+        for i, (p, c) in enumerate(zip(parts, cands)):
+            keys = _keys(p, bits) if c is None else c
+            cands[i] = keys[_digit(keys, shift, top) == b]
+    key -= 1 << (bits - 1)  # the top byte was offset by 128
+    return _value(key, bits), k - rest
+
+
+def global_keep_masks(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Bool masks pruning exactly ``k`` of the lowest scores over all sharded ``scores``
+    together, laid out as they are; ties at the threshold are pruned in tensor order, then
+    by position (rank order is row order under ``Shard(0)``), as on one process."""
+    group = group_of(scores)
+    parts = [local(s) for s in scores]
+    total = sum(s.numel() for s in scores)
+    if k <= 0 or k >= total:
+        return [
+            like(torch.full_like(p, k <= 0, dtype=torch.bool), s) for p, s in zip(parts, scores)
+        ]
+    t, below = kth_smallest(parts, k, group)
+    ties = torch.stack([(p == t).sum() for p in parts]).reshape(1, -1)
+    world = dist.get_world_size(group) if group is not None else 1
+    rank = dist.get_rank(group) if group is not None else 0
+    if group is not None:
+        every = [torch.empty_like(ties) for _ in range(world)]
+        dist.all_gather(every, ties, group=group)
+        ties = torch.cat(every)  # [rank, tensor]
+    left = k - below
+    out = []
+    for i, (p, s) in enumerate(zip(parts, scores)):
+        before = int(ties[:, :i].sum()) + int(ties[:rank, i].sum())
+        take = max(0, min(left - before, int(ties[rank, i])))
+        keep = p > t
+        if take < int(ties[rank, i]):
+            at = (p == t).reshape(-1).nonzero().squeeze(1)
+            keep.view(-1)[at[take:]] = True
+        out.append(like(keep, s))
+    return out
+
+
+# --- learned masks (RB) ----------------------------------------------------------------------
+
+
+def gathered(theta: Any) -> torch.Tensor:
+    """A sharded parameter (RB's logits) whole for the forward pass; its gradient is averaged
+    over the ranks and cut back to the shard (a reduce-scatter), as DDP averages it."""
+    whole_theta: torch.Tensor = theta.redistribute(theta.device_mesh, [Replicate()]).to_local(
+        grad_placements=[Partial("avg")]
+    )
+    return whole_theta
+
+
+class _Summed(torch.autograd.Function):
+    """A sum over the ranks whose gradient stays on each rank: for a term every rank computes
+    alike (RB's density loss), whose gradient every rank then holds whole already."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+def summed(x: torch.Tensor, like_of: Any) -> torch.Tensor:
+    """``x`` (computed from this rank's shard of ``like_of``) summed over its ranks."""
+    return _Summed.apply(x, like_of.device_mesh.get_group())
+
+
+# --- masks in the forward pass and at updates -----------------------------------------------
+
+
+def mask_for(mask: Any, param: torch.Tensor, one_byte: Any) -> torch.Tensor:
+    """The mask as the forward pass needs it: FSDP2 gathers a sharded weight whole before the
+    layer runs, so its sharded mask is gathered too, as its one-byte copy (``masks.sync`` keeps
+    it current): one byte per weight sent, and one kept for the backward pass."""
+    if is_sharded(mask) and not is_sharded(param):
+        gathered_mask: torch.Tensor = one_byte.full_tensor()
+        return gathered_mask
+    return mask
+
+
+def gathers(module: nn.Module, param: torch.Tensor, buffers: Sequence[str]) -> bool:
+    """Whether the forward pass gathers ``module``'s masks: FSDP2 gathered the weight."""
+    return bool(buffers) and not is_sharded(param) and is_sharded(getattr(module, buffers[0]))
+
+
+def recomputed(values: Mapping[str, torch.Tensor], compute: Callable[[str], torch.Tensor]) -> Any:
+    """Entered saved-tensor hooks under which autograd keeps, instead of each of ``values`` (a
+    masked weight of the layer running now), its name, and recomputes it with
+    ``compute(name)`` when the backward pass needs it (by then FSDP2 has gathered the weight
+    again). The caller exits them after the layer's forward pass."""
+    # autograd saves views (a Linear saves the weight transposed): found by their storage
+    names = {v.untyped_storage().data_ptr(): name for name, v in values.items()}
+
+    def pack(t: torch.Tensor) -> Any:
+        plain = t.layout == torch.strided and not is_sharded(t)
+        name = names.get(t.untyped_storage().data_ptr()) if plain else None
+        if name is None:
+            return t
+        return (_RECOMPUTE, name, t.size(), t.stride(), t.storage_offset())
+
+    def unpack(saved: Any) -> torch.Tensor:
+        if isinstance(saved, tuple) and saved[0] is _RECOMPUTE:
+            _, name, size, stride, offset = saved
+            with torch.no_grad():
+                return compute(name).as_strided(size, stride, offset)
+        return saved  # type: ignore[no-any-return]
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+    hooks.__enter__()
+    return hooks
+
+
+def others_save() -> bool:
+    """Whether saved-tensor hooks are active already (activation checkpointing or offloading):
+    only the innermost hooks run, so ``recomputed`` would take over theirs; it stands back."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+_RECOMPUTE = object()
+
+
+def check_placed(masked: Iterable[tuple[nn.Module, str, torch.Tensor]]) -> None:
+    """Refuses masks attached before ``fully_shard`` (the weight sharded, its mask whole), given
+    (module, parameter name, mask) triples."""
+    for module, pname, mask in masked:
+        if is_sharded(module._parameters.get(pname)) and not is_sharded(mask):
+            raise CompressError(
+                f"{type(module).__name__}.{pname} was sharded (fully_shard) after its mask was "
+                "attached: apply fully_shard first, then create_compressed_model (with "
+                "Lightning, shard in configure_model; CompressionCallback builds its "
+                "controller after it)"
+            )
+
+
+# --- a whole copy for export ----------------------------------------------------------------
+
+_FSDP_KEYS = ("__composable_api_state_key", "_fsdp_use_orig_params", "_is_fsdp_managed_module")
+
+
+def _plain_class(module: nn.Module) -> type[nn.Module]:
+    """The module's own class: ``fully_shard`` swaps it for a subclass ``FSDP<Class>``."""
+    cls = type(module)
+    if cls.__module__.startswith("torch.distributed.fsdp"):
+        return next(b for b in cls.__bases__ if not b.__module__.startswith("torch.distributed"))
+    return cls
+
+
+def _ours(hook: Any) -> bool:
+    """A hook not registered by FSDP (masks, RB, the callback's state_dict hooks)."""
+    fn = getattr(hook, "func", hook)
+    return not str(getattr(fn, "__module__", "")).startswith("torch.distributed")
+
+
+def unsharded_copy(model: nn.Module) -> nn.Module | None:
+    """A plain (unsharded, CPU) copy of a model sharded by ``fully_shard``, masks and their hooks
+    included, on rank 0; None on the other ranks. Every rank must call it. Parameters and
+    persistent buffers come from ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``
+    (gathered once, to rank 0); the sharded tensors the state_dict leaves out (masks, RB logits)
+    are gathered whole. ``copy.deepcopy`` refuses FSDP modules; this copies module by module.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state: dict[str, Any] = get_model_state_dict(model, options=options)
+    saved = set(model.state_dict(keep_vars=True))  # the same names on every rank
+    tensors: dict[int, torch.Tensor] = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name in saved:
+            if name in state:  # rank 0
+                tensors[id(t)] = state[name]
+        elif is_sharded(t):
+            tensors[id(t)] = full(t.detach()).cpu()  # every rank, in the same order
+        else:
+            tensors[id(t)] = t.detach().cpu().clone()
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(tensors[id(p)].clone(), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = tensors[id(b)]
+    for m in model.modules():
+        cls = _plain_class(m)
+        memo[id(m)] = cls.__new__(cls)
+    for m in model.modules():
+        new = memo[id(m)]
+        for key, value in m.__dict__.items():
+            if key.startswith(_FSDP_KEYS):
+                continue
+            if key.endswith("hooks"):
+                new.__dict__[key] = type(value)((i, h) for i, h in value.items() if _ours(h))
+            else:
+                new.__dict__[key] = copy.deepcopy(value, memo)
+    copy_of: nn.Module = memo[id(model)]
+    return copy_of

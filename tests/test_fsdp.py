@@ -1,0 +1,344 @@
+"""Sharded training (FSDP2, Lightning's ``ModelParallelStrategy``) on 2 CPU processes (gloo):
+the same data and seeds under DDP and under FSDP2 end with the same masks and weights, the same
+export, and a full checkpoint that loads as the logged model.
+
+One script runs both fits in the same two processes (Lightning's subprocess launcher starts the
+second rank by running the script again): the DDP fit, then the FSDP2 fit, whose module shards
+its network in ``configure_model``. Rank 0 writes what each fit ended with; the test compares.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import fit_quietly, quiet_trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from callbacks import CompressionCallback
+from compress import distributed, masks
+from compress.errors import CompressError
+
+ROOT = Path(__file__).resolve().parent.parent
+EPOCHS = 4
+
+_SPARSITY = {
+    "schedule": "polynomial",
+    "power": 1,
+    "sparsity_target": 0.7,
+    "sparsity_target_epoch": 2,
+    "sparsity_freeze_epoch": 3,
+}
+RECIPES: dict[str, Any] = {
+    "magnitude_global": {
+        "algorithm": "magnitude_sparsity",
+        "sparsity_init": 0.2,
+        "params": {**_SPARSITY, "update_per_optimizer_step": True},
+    },
+    "magnitude_local": {
+        "algorithm": "magnitude_sparsity",
+        "sparsity_init": 0.2,
+        "params": {**_SPARSITY, "sparsity_level_setting_mode": "local"},
+    },
+    "const": {"algorithm": "const_sparsity"},
+    "rb": {
+        "algorithm": "rb_sparsity",
+        "sparsity_init": 0.05,
+        "compression_lr_multiplier": 20,
+        "params": {**_SPARSITY, "schedule": "exponential", "sparsity_target": 0.5},
+    },
+}
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 48)
+        self.fc2 = nn.Linear(48, 24)
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class ShardedLit(pl.LightningModule):
+    """A user's module: ``configure_model`` shards the network under ModelParallelStrategy."""
+
+    def __init__(self, shard: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        self.model = MLP()
+        with torch.no_grad():  # zeros for const_sparsity to keep
+            self.model.fc1.weight[:, :4] = 0.0
+        self.example_input_array = torch.zeros(2, 16)
+
+    def configure_model(self) -> None:
+        if not self.hparams.shard or not torch.distributed.is_initialized():
+            return  # load_from_checkpoint in one process: the plain network
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (self.model.fc1, self.model.fc2, self.model.head):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def loader() -> DataLoader:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 16, generator=gen)
+    return DataLoader(TensorDataset(x, (x[:, :3].argmax(1))), batch_size=8)
+
+
+class EndProbe(pl.Callback):
+    """After the compression callback's on_fit_end: every mask and weight, gathered whole."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_fit_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        model = pl_module.model
+        found = {
+            "masks": {
+                f"{name}.{pname}": distributed.full(m).bool().cpu()
+                for name, _, pname, m in masks.iter_masked(model)
+            },
+            "weights": {n: distributed.full(p.detach()).cpu() for n, p in model.named_parameters()},
+        }
+        if trainer.is_global_zero:
+            torch.save(found, self.path)
+
+
+def fit(out: Path, name: str, strategy: str) -> None:
+    """One fit of ``RECIPES[name]`` under "ddp" or "fsdp" (ModelParallelStrategy)."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.strategies import ModelParallelStrategy
+
+    run = out / strategy
+    cb = CompressionCallback(
+        {"compression": RECIPES[name]},
+        model_attr="model",
+        verbose=False,
+        export_dir=run / "exports",
+    )
+    sharded = strategy == "fsdp"
+    trainer = quiet_trainer(
+        run,
+        cb,
+        EndProbe(out / f"{strategy}.pt"),
+        ModelCheckpoint(dirpath=run / "ckpt", save_last=True),
+        epochs=EPOCHS,
+        devices=2,
+        strategy=(
+            ModelParallelStrategy(
+                data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False
+            )
+            if sharded
+            else "ddp"
+        ),
+        deterministic=True,
+        logger=False,
+    )
+    pl.seed_everything(0, verbose=False)
+    fit_quietly(trainer, ShardedLit(shard=sharded), loader())
+
+
+_SCRIPT = """
+import sys
+from pathlib import Path
+sys.path[:0] = [{root!r}, {tests!r}]
+import torch
+torch.set_num_threads(1)
+import test_fsdp
+out = Path({out!r})
+test_fsdp.fit(out, {name!r}, "ddp")
+test_fsdp.fit(out, {name!r}, "fsdp")
+"""
+
+
+def run_both(tmp_path: Path, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    script = tmp_path / "run.py"
+    code = _SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), out=str(tmp_path), name=name)
+    script.write_text(textwrap.dedent(code))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "fsdp.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_fsdp2_ends_as_ddp(name: str, tmp_path: Path) -> None:
+    ddp, fsdp = run_both(tmp_path, name)
+    assert (
+        sorted(ddp["masks"])
+        == sorted(fsdp["masks"])
+        == [
+            "fc1.weight",
+            "fc2.weight",
+            "head.weight",
+        ]
+    )
+    same = sum(int((ddp["masks"][k] == fsdp["masks"][k]).sum()) for k in ddp["masks"])
+    total = sum(m.numel() for m in ddp["masks"].values())
+    assert same / total >= 0.999
+    zeros = sum(int((~m).sum()) for m in ddp["masks"].values()) / total
+    if name == "const":  # the zeros fc1 was given, no more
+        assert zeros == 48 * 4 / total
+    elif name != "rb":  # the schedule really pruned (RB's masks live in its logits until frozen)
+        assert zeros > 0.5
+    assert sorted(ddp["weights"]) == sorted(fsdp["weights"])
+    for k, w in ddp["weights"].items():
+        torch.testing.assert_close(fsdp["weights"][k], w, atol=1e-4, rtol=0)
+    # The export at fit end (gathered once on rank 0) equals DDP's.
+    from compress.deploy.export import read_sparse
+
+    a, _ = read_sparse(tmp_path / "ddp" / "exports" / "model.sparse.pt")
+    b, _ = read_sparse(tmp_path / "fsdp" / "exports" / "model.sparse.pt")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=0)
+        assert torch.equal(b[k] == 0, a[k] == 0) or name == "rb"
+    # A full checkpoint is the logged model: masked weights, loadable without this library.
+    ckpt = tmp_path / "fsdp" / "ckpt" / "last.ckpt"
+    loaded = ShardedLit.load_from_checkpoint(ckpt, shard=True)
+    for k, w in fsdp["weights"].items():
+        if "rb_logit" in k:
+            continue
+        torch.testing.assert_close(loaded.model.state_dict()[k], w, atol=0, rtol=0)
+    for k, m in fsdp["masks"].items():
+        assert bool((loaded.model.state_dict()[k][~m] == 0).all())
+
+
+def test_kth_smallest_is_exact_and_ties_fall_in_order() -> None:
+    """One process (no group): the radix selection against kthvalue, -0.0 and bf16 included."""
+    from compress.sparsity.importance import global_keep_masks
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for _ in range(50):
+            parts = [
+                (torch.randn(int(n), generator=gen) * 3).round().to(dtype)
+                for n in torch.randint(1, 30, (3,), generator=gen)
+            ]
+            total = sum(p.numel() for p in parts)
+            k = int(torch.randint(1, total + 1, (1,), generator=gen))
+            t, below = distributed.kth_smallest(parts, k, None)
+            flat = torch.cat(parts).double()
+            assert t == float(flat.kthvalue(k).values)
+            assert below == int((flat < t).sum())
+            ours = distributed.global_keep_masks(parts, k)
+            for a, b in zip(ours, global_keep_masks(parts, k)):
+                assert torch.equal(a, b)
+
+
+def _refusals(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    import compress
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    said = {}
+    magnitude = {"compression": RECIPES["magnitude_global"]}
+    # fully_shard after create_compressed_model: refused at the next mask update
+    net = MLP()
+    ctrl, net = compress.create_compressed_model(net, magnitude)
+    fully_shard(net)
+    try:
+        ctrl.scheduler.epoch_step()
+    except CompressError as e:
+        said["after"] = str(e)
+    for key, recipe in (
+        (
+            "kd",
+            {
+                "compression": [
+                    RECIPES["const"],
+                    {"algorithm": "knowledge_distillation", "type": "softmax"},
+                ]
+            },
+        ),
+        ("filter", {"compression": {"algorithm": "filter_pruning", "pruning_init": 0.1}}),
+    ):
+        net = MLP()
+        fully_shard(net)
+        try:
+            compress.create_compressed_model(net, recipe, torch.zeros(2, 16))
+        except CompressError as e:
+            said[key] = str(e)
+    # The masked weight is recomputed for the backward pass, not kept whole: same gradients.
+    recomputes = []
+    recomputed = distributed.recomputed
+
+    def counting(values, compute):  # type: ignore[no-untyped-def]
+        return recomputed(values, lambda name: recomputes.append(name) or compute(name))
+
+    distributed.recomputed = counting  # type: ignore[assignment]
+    torch.manual_seed(0)
+    net, ref = MLP(), MLP()
+    ref.load_state_dict(net.state_dict())
+    for layer in (net.fc1, net.fc2, net.head):
+        fully_shard(layer)
+    fully_shard(net)
+    compress.create_compressed_model(net, magnitude)
+    compress.create_compressed_model(ref, magnitude)
+    x = torch.randn(4, 16, requires_grad=True)
+    net(x).square().sum().backward()
+    grad, x.grad = x.grad, None
+    ref(x).square().sum().backward()
+    said["recomputes"] = len(recomputes)
+    said["input grad"] = bool(torch.allclose(grad, x.grad, atol=1e-6))
+    said["weight grad"] = bool(
+        torch.allclose(distributed.full(net.fc1.weight.grad), ref.fc1.weight.grad, atol=1e-6)
+    )
+    if rank == 0:
+        Path(out).write_text(json.dumps(said))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_core_api_under_fully_shard(tmp_path: Path) -> None:
+    """What sharding refuses, and the masked weights recomputed for the backward pass."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "said.json"
+    mp.spawn(_refusals, args=(port, str(out)), nprocs=2)
+    said = json.loads(out.read_text())
+    assert "apply fully_shard first, then create_compressed_model" in said["after"]
+    assert "pass teacher= a network sharded like the student" in said["kd"]
+    assert "filter_pruning does not run on a sharded model" in said["filter"]
+    assert said["recomputes"] == 3  # one per masked Linear: the weight the input grad needs
+    assert said["input grad"] and said["weight grad"]
