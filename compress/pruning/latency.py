@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from compress.analysis.node_kinds import is_transposed_linear
+from compress.pruning.latency_backends import Backend, check_backend, runtime_call
 from compress.pruning.structured import ChannelGroup
 
 __all__ = ["Timer", "layer_macs_timer", "measure_table"]
@@ -106,6 +107,12 @@ def layer_macs_timer(fn: Callable[[], object]) -> float:
         assert isinstance(w, torch.Tensor)
         total += math.prod(shape) * (w.numel() // w.shape[_dims(m)[0]])
     return total * 1e-9
+
+
+def _time_in(backend: Backend, fn: Callable[[], object]) -> float:
+    """``time_call`` of ``fn`` (a PyTorch layer call) rebuilt in ``backend``."""
+    assert isinstance(fn, functools.partial)
+    return time_call(runtime_call(backend, fn))
 
 
 def candidate_widths(size: int) -> list[int]:
@@ -243,16 +250,29 @@ def measure_table(
     batch_size: int | None = None,
     timer: Timer | None = None,
     rounds: int = _ROUNDS,
+    backend: Backend = "torch",
 ) -> dict[str, Any]:
     """Times each group's layers at the group's candidate widths; returns the table (module
     docstring). Every group's variants take turns within a round; values are medians of
-    ``rounds`` rounds. Fresh layers with random weights are timed, the model is not changed."""
-    time_fn = timer if timer is not None else default_timer
+    ``rounds`` rounds. Fresh layers with random weights are timed, the model is not changed.
+
+    ``backend`` names the runtime the calls are timed in (:mod:`latency_backends`); outside
+    PyTorch a runtime fuses norms and activations into the layers, so the rest is what the
+    whole model takes beyond its layers rather than a model of replayed layers. A ``timer``
+    given is handed the PyTorch calls whatever the backend (planned times for tests)."""
+    check_backend(backend)
+    if timer is not None:
+        time_fn = timer
+    elif backend == "torch":
+        time_fn = default_timer
+    else:  # each call rebuilt in the runtime when timed, so that at most one is held at a time
+        time_fn = functools.partial(_time_in, backend)
     layers = _layers_of(model, groups)
     inputs = tuple(_batched(t, batch_size) for t in example_inputs)
     shapes = _record(model, inputs, list(layers))[0]
     layers = {n: e for n, e in layers.items() if n in shapes}
     table: dict[str, Any] = {
+        "backend": backend,
         "batch_size": int(inputs[0].shape[0]) if inputs and inputs[0].dim() else None,
         "groups": {g.name: {"size": g.size, "widths": candidate_widths(g.size)} for g in groups},
         "layers": {},
@@ -301,13 +321,17 @@ def measure_table(
             outputs[n] for n, e in layers.items() if e["out"] is g
         )
     model_samples, rest_samples = [], []
+    time_whole, time_rest = functools.partial(time_fn, whole), functools.partial(time_fn, rest)
+    if backend != "torch" and timer is None:  # converted once; the rest follows from it below
+        time_whole = functools.partial(time_call, runtime_call(backend, whole))
+        time_rest = functools.partial(float, 0)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for _ in range(rounds):
-                model_samples.append(time_fn(whole))
-                rest_samples.append(time_fn(rest))
+                model_samples.append(time_whole())
+                rest_samples.append(time_rest())
                 for key, fn in jobs:
                     samples[key].append(time_fn(fn))
     finally:
@@ -315,6 +339,9 @@ def measure_table(
     ms = {key: statistics.median(v) * 1e3 for key, v in samples.items()}
     table["model_ms"] = statistics.median(model_samples) * 1e3
     table["rest_ms"] = statistics.median(rest_samples) * 1e3
+    if backend != "torch" and timer is None:
+        full = sum(ms[(name, "full", 0, 0)] for name in layers)
+        table["rest_ms"] = max(0.0, table["model_ms"] - full)
 
     def curve(name: str, kind: str, j: int, group: ChannelGroup) -> dict[str, Any]:
         n = len(table["groups"][group.name]["widths"])
