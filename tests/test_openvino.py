@@ -208,6 +208,13 @@ def test_inspect_refuses_entities_without_expanding_them(ir: Path) -> None:
     ir.write_text(text.replace('<?xml version="1.0"?>', '<?xml version="1.0"?>' + laughs, 1))
     with pytest.raises(CompressError, match="m.xml: the XML declares a document type"):
         read_openvino(ir)
+    # the same in UTF-16, where the bytes "<!DOCTYPE" do not occur
+    utf16 = ir.read_text().replace(
+        '<?xml version="1.0"?>', '<?xml version="1.0" encoding="UTF-16"?>'
+    )
+    ir.write_bytes(utf16.encode("utf-16"))
+    with pytest.raises(CompressError, match="m.xml: the XML declares a document type"):
+        read_openvino(ir)
 
 
 def test_inspect_refuses_a_constant_beyond_the_bin(ir: Path) -> None:

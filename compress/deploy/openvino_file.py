@@ -9,8 +9,9 @@ them on the example inputs in float32 (OpenVINO's CPU plugin computes in bfloat1
 on CPUs that have it) and compares every output with the model's before renaming the two
 files into place.
 
-:func:`read_openvino` parses the XML with ``xml.etree.ElementTree`` after refusing a document
-type declaration (so no entity can expand) and a file over ``MAX_XML_BYTES``; each constant's
+:func:`read_openvino` builds the XML's ``xml.etree.ElementTree`` tree from expat's events,
+refusing a document type or entity declaration when expat meets one (so no entity can expand)
+and a file over ``MAX_XML_BYTES``; each constant's
 declared offset and size are checked against its shape and the real length of the ``.bin``
 before its bytes are read. Nothing in either file is executed or evaluated.
 
@@ -31,6 +32,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
+from xml.parsers import expat
 
 import torch
 from torch import nn
@@ -156,16 +158,7 @@ def read_openvino(path: str | Path) -> IRContents:
             raise CompressError(f"{p}: no such file")
     if path.stat().st_size > MAX_XML_BYTES:
         raise CompressError(f"{path}: {path.stat().st_size} bytes of XML; refused")
-    text = path.read_bytes()
-    if b"<!DOCTYPE" in text or b"<!ENTITY" in text:
-        raise CompressError(
-            f"{path}: the XML declares a document type or entities, which an OpenVINO IR never "
-            "does; refused"
-        )
-    try:
-        root = ET.fromstring(text)
-    except ET.ParseError as e:
-        raise CompressError(f"{path}: not valid XML ({e})") from None
+    root = _parse(path.read_bytes(), path)
     layers = root.find("layers")
     if root.tag != "net" or layers is None:
         raise CompressError(f"{path}: not an OpenVINO IR (no <net> with <layers>)")
@@ -178,6 +171,39 @@ def read_openvino(path: str | Path) -> IRContents:
         return IRContents(constants, [k for k, i in ids.items() if i in weights], _macs(layers))
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise CompressError(f"{path}: not a readable OpenVINO IR ({e!r})") from None
+
+
+class _Declaration(Exception):
+    """A document type or entity declaration met while parsing."""
+
+
+def _parse(text: bytes, path: Path) -> ET.Element:
+    """The XML's element tree, built from expat's events; any document type or entity
+    declaration is refused as the parser meets it (in whatever encoding the document is), so
+    that no entity is ever expanded."""
+
+    def refuse(*_args: object) -> None:
+        raise _Declaration
+
+    builder = ET.TreeBuilder()
+    parser = expat.ParserCreate()
+    parser.StartElementHandler = builder.start
+    parser.EndElementHandler = builder.end
+    parser.CharacterDataHandler = builder.data
+    parser.StartDoctypeDeclHandler = refuse
+    parser.EntityDeclHandler = refuse
+    parser.UnparsedEntityDeclHandler = refuse
+    parser.ExternalEntityRefHandler = refuse  # type: ignore[assignment]
+    try:
+        parser.Parse(text, True)
+        return builder.close()
+    except _Declaration:
+        raise CompressError(
+            f"{path}: the XML declares a document type or entities, which an OpenVINO IR never "
+            "does; refused"
+        ) from None
+    except (expat.ExpatError, AssertionError) as e:  # TreeBuilder asserts on no root
+        raise CompressError(f"{path}: not valid XML ({e})") from None
 
 
 def _constants(
