@@ -40,6 +40,7 @@ from compress.controller import (
     expand_state,
 )
 from compress.deploy.export import FORMATS
+from compress.deploy.files import safe_load
 from compress.errors import CompressError, ConfigError
 from compress.recipe.config import Config, load_config
 
@@ -376,7 +377,7 @@ class CompressionCallback(_Callback):
         tensors = dict(itertools.chain(target.named_parameters(), target.named_buffers()))
         saved = {name: t.detach().clone() for name, t in tensors.items()}
         saved_ctrl = self.ctrl.state_dict()
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = safe_load(path)  # never unpickles objects: a swapped file runs no code
         entry = checkpoint.get("callbacks", {}).get(self.state_key, {})
         if "controller" not in entry:
             raise CompressError(f"{path}: no {self.state_key} entry; cannot export it")

@@ -151,8 +151,10 @@ def attach_weight_masks(
 
 
 def sparsity_rows(entries: list[tuple[str, nn.Module, torch.Tensor]]) -> list[dict[str, Any]]:
-    """Per-layer statistics of masked weights."""
+    """Per-layer statistics of masked weights; "weight's percentage" is NNCF's column: the
+    layer's share of all masked weights, in percent."""
     rows = []
+    total = sum(mask.numel() for _, _, mask in entries)
     for name, module, mask in entries:
         n = mask.numel()
         rows.append(
@@ -161,6 +163,7 @@ def sparsity_rows(entries: list[tuple[str, nn.Module, torch.Tensor]]) -> list[di
                 "shape": list(weight(module).shape),
                 "params": n,
                 "sparsity": 1.0 - float(mask.count_nonzero()) / n,
+                "weight's percentage": 100.0 * n / total,
             }
         )
     return rows

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.analysis.summary import layer_macs, table
+from compress.analysis.summary import NNCF_PARAMS, conv_linear_weights, layer_macs, table
 from compress.errors import CompressError, ConfigError
 from compress.recipe.config import Config, load_config
 from compress.schedules import SCHEDULES
@@ -55,6 +55,8 @@ def _summary(cfg: Config) -> str:
             )
         else:
             parts.append(a.name)
+    if not parts:
+        return f"{cfg.source}: valid: no 'compression' section, the model trains uncompressed"
     return f"{cfg.source}: valid: " + " + ".join(parts)
 
 
@@ -134,13 +136,17 @@ def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str
 
         # read as a zip: torch.export.load would unpickle and eval parts of the file
         state, macs = read_pt2(path)
-        graph_macs = None if macs is None else {"MACs": macs}
+        graph_macs = None if macs is None else {"MACs": macs, "FLOPs (2 x MACs)": 2 * macs}
     elif path.suffix == ".xml":
         from compress.deploy.openvino_file import read_openvino
 
         # parsed, never run: the IR's batch dimension is free, so MACs are per sample
         state, weights, macs = read_openvino(path)
-        graph_macs = None if macs is None else {"MACs per sample": macs}
+        graph_macs = (
+            None
+            if macs is None
+            else {"MACs per sample": macs, "FLOPs per sample (2 x MACs)": 2 * macs}
+        )
     else:
         payload = safe_load(path)
         if isinstance(payload, dict) and payload.get("format") == SPARSE_FORMAT:
@@ -287,11 +293,13 @@ def _model_figures(model: nn.Module, inputs: Any) -> str:
     report = sparsity_report(model, tuple(inputs) if inputs is not None else None)
     row: dict[str, Any] = {
         "params": sum(p.numel() for p in model.parameters()),
+        NNCF_PARAMS: conv_linear_weights(model),
         "direct sparsity": report.direct_sparsity,
         "effective sparsity": report.effective_sparsity,
     }
     if inputs is not None:
         row["MACs"] = layer_macs(model, tuple(inputs)).get("", 0)
+        row["FLOPs (2 x MACs)"] = 2 * row["MACs"]
     return str(report) + "\n" + table([row])
 
 

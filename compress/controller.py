@@ -60,6 +60,12 @@ class CompressionController:
             else KnowledgeDistillation(model, a, self.scheduler, example_inputs, teacher=teacher)
             for a in ordered
         ]
+        if not ordered:
+            warnings.warn(
+                f"{config.source}: the recipe has no 'compression' section; the model trains "
+                "uncompressed (as NNCF trains the baseline). Add an algorithm to compress it",
+                stacklevel=3,
+            )
         if teacher is not None and "knowledge_distillation" not in [a.name for a in ordered]:
             warnings.warn(
                 "teacher= is unused: the recipe has no knowledge_distillation algorithm; add "
@@ -91,7 +97,7 @@ class CompressionController:
     @property
     def compression_level(self) -> float:
         """The current level of the last algorithm (sparsity when a sparsity algorithm is used)."""
-        return self.algorithms[-1].level
+        return self.algorithms[-1].level if self.algorithms else 0.0
 
     def loss(self) -> torch.Tensor:
         """The sum of the algorithms' losses (zero for algorithms without one)."""

@@ -116,7 +116,7 @@ def test_teacher_is_absent_from_state_dict_exports_and_checkpoints(tmp_path: Pat
     trainer = quiet_trainer(tmp_path, cb, epochs=1, logger=False)
     fit_quietly(trainer, module, loader16())
     assert set(module.state_dict()) == keys  # no teacher.* keys
-    ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)
+    ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=True)
     assert set(ckpt["state_dict"]) == keys
     entry = ckpt["callbacks"]["CompressionCallback"]
     assert entry["controller"]["state"]["knowledge_distillation"] == {}

@@ -5,6 +5,8 @@ that falls short of the recipe says so."""
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,6 +28,7 @@ import compress
 from callbacks import CompressionCallback
 from compress.cli import main
 from compress.controller import unpack_bits
+from compress.errors import CompressError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -558,3 +561,60 @@ def test_a_compiled_network_is_compressed_and_exported_under_its_plain_names(
     args = ["export", str(tmp_path / "ckpt" / "last.ckpt"), "--model", "nets:net"]
     assert main([*args, "--out", str(out)]) == 0
     assert torch.equal(compress.load_sparse(f"{out}.sparse.pt", lenet(16))(x), module(x))
+
+
+class _Payload:
+    """Unpickling this runs a shell command that creates a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _SwapBest(pl.Callback):
+    """Replaces the best checkpoint with a pickle payload once training ends, before the
+    export reads it (an attacker with write access to the checkpoint directory)."""
+
+    def __init__(self, best: ModelCheckpoint, marker: Path) -> None:
+        self.best, self.marker = best, marker
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state = torch.load(self.best.best_model_path, weights_only=True)
+        state["hyper_parameters"] = {"x": _Payload(self.marker)}
+        torch.save(state, self.best.best_model_path)
+
+
+def test_export_from_best_never_unpickles_the_checkpoint(tmp_path: Path) -> None:
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_acc", mode="min")
+    marker = tmp_path / "ran"
+    cb = CompressionCallback(
+        PER_EPOCH,
+        model_attr="model",
+        verbose=False,
+        export_dir=tmp_path / "out",
+        export_from="best",
+        export_formats=["sparse"],
+    )
+    with pytest.raises(CompressError, match="refused to load: the file holds Python objects"):
+        fit_quietly(
+            trainer(tmp_path, _SwapBest(best, marker), cb, best, epochs=2),
+            ValLit(),
+            loader16(),
+            val_dataloaders=loader16(),
+        )
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_no_load_in_the_project_unpickles_objects() -> None:
+    root = Path(__file__).resolve().parent.parent
+    offenders = [
+        f"{path.relative_to(root)}:{i}"
+        for path in root.rglob("*.py")
+        if ".venv" not in path.parts and path.name != "test_lightning_path.py"
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"(?<!`)weights_only\s*=\s*False", line)
+    ]  # a docstring may name the opposite in backquotes
+    assert offenders == []

@@ -111,6 +111,7 @@ def model_summary(
     n_weights = sum(w.numel() for w in weights.values())
     out: dict[str, Any] = {
         "params": params,
+        NNCF_PARAMS: conv_linear_weights(model),
         "compressed layers": len(weights),
         "weights in compressed layers": n_weights,
         "zero weights": zero,
@@ -125,4 +126,32 @@ def model_summary(
             saved += macs.get(name, 0) * float((w == 0).sum()) / max(w.numel(), 1)
         out["MACs"] = total
         out["nonzero MACs"] = int(total - saved)
+        # NNCF reports FLOPs, counting a multiply-add as two operations
+        out["FLOPs (2 x MACs)"] = 2 * total
+        out["nonzero FLOPs (2 x MACs)"] = 2 * int(total - saved)
     return out
+
+
+# NNCF 2.17's "MParams" (its filter pruning statistics): the weights of conv and linear layers,
+# without biases and norms, where "params" here counts every parameter of the model.
+NNCF_PARAMS = "conv/linear weights (NNCF's params)"
+_CONV_LINEAR = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
+def conv_linear_weights(model: nn.Module) -> int:
+    """The weights of the model's conv and linear layers, each shared weight once: the figure
+    NNCF reports as the model's parameters."""
+    seen = {
+        id(m.weight): m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, _CONV_LINEAR) and isinstance(m.weight, torch.Tensor)
+    }
+    return sum(seen.values())

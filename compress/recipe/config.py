@@ -146,16 +146,14 @@ def load_config(recipe: str | Path | Mapping[str, Any] | Config) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a recipe is a JSON object, got {type(data).__name__}")
     _check_finite(data, "")
-    if "compression" not in data:
-        raise ConfigError("compression: the recipe has no 'compression' section")
-    section = data["compression"]
+    # No 'compression' (or an empty list): NNCF trains the model uncompressed (its published
+    # baseline configs); so do we, and the controller says so.
+    section = data.get("compression", [])
     items = section if isinstance(section, list) else [section]
-    if isinstance(section, list) and not section:
-        raise ConfigError("compression: the list is empty; give at least one algorithm")
     algorithms = []
     for i, item in enumerate(items):
         path = f"compression[{i}]" if isinstance(section, list) else "compression"
-        algorithms.append(_algorithm(item, path))
+        algorithms.append(_algorithm(_with_global_params(item, data), path))
     names = [a.name for a in algorithms]
     for name in set(names):
         if names.count(name) > 1:
@@ -166,11 +164,52 @@ def load_config(recipe: str | Path | Mapping[str, Any] | Config) -> Config:
     top = {k: v for k, v in schema().items() if k != "required"}
     top["properties"] = {k: v for k, v in top["properties"].items() if k != "compression"}
     _validate(rest, top, "")
+    _global_scopes(rest, algorithms)
     _check_input_info(rest.get("input_info"))
-    data["compression"] = (
-        [_as_dict(a) for a in algorithms] if isinstance(section, list) else _as_dict(algorithms[0])
-    )
+    if "compression" in data:
+        data["compression"] = (
+            [_as_dict(a) for a in algorithms]
+            if isinstance(section, list)
+            else _as_dict(algorithms[0])
+        )
     return Config(data=MappingProxyType(data), algorithms=tuple(algorithms), source=source)
+
+
+def _with_global_params(item: Any, top: Mapping[str, Any]) -> Any:
+    """NNCF's top-level ``compression_lr_multiplier`` is the default of every algorithm that
+    has the key (``get_redefinable_global_param_value_for_algo``)."""
+    key = "compression_lr_multiplier"
+    value = top.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return item  # absent, or wrong: the top-level check says so under its own name
+    if not isinstance(item, dict) or key in item:
+        return item
+    properties = schema()["$defs"].get(str(item.get("algorithm")), {}).get("properties", {})
+    return {**item, key: value} if key in properties else item
+
+
+def _global_scopes(top: Mapping[str, Any], algorithms: list[AlgorithmConfig]) -> None:
+    """NNCF's top-level ``ignored_scopes`` join every algorithm's; its top-level
+    ``target_scopes`` replace them (nncf/common/compression.py does the same)."""
+    ignored, target = top.get("ignored_scopes"), top.get("target_scopes")
+    if ignored is None and target is None:
+        return
+    for key in ("ignored_scopes", "target_scopes"):
+        if top.get(key) is not None:
+            scopes.check_scopes(top[key], key)
+    for i, a in enumerate(algorithms):
+        options = dict(a.options)
+        if ignored is not None:
+            options["ignored_scopes"] = [*_listed(ignored), *_listed(options.get("ignored_scopes"))]
+        if target is not None:
+            options["target_scopes"] = _listed(target)
+        algorithms[i] = AlgorithmConfig(a.name, a.path, MappingProxyType(options), a.params)
+
+
+def _listed(scopes_: str | list[str] | None) -> list[str]:
+    if scopes_ is None:
+        return []
+    return [scopes_] if isinstance(scopes_, str) else list(scopes_)
 
 
 def _check_input_info(info: Any) -> None:
@@ -357,8 +396,11 @@ def _check_rules(name: str, options: Mapping[str, Any], params: dict[str, Any], 
             )
         target = params.get("pruning_target", 0.0)
         if options["pruning_init"] > target and "pruning_target" in params:
-            raise ConfigError(
-                f"{path}.pruning_init: {options['pruning_init']} is above pruning_target {target}"
+            warnings.warn(  # NNCF accepts it (resnet18_pruning_accuracy_aware.json: .95 > .1)
+                f"{path}.pruning_init: {options['pruning_init']} is above pruning_target "
+                f"{target}; NNCF accepts this and so do we, but the pruning level then falls "
+                "during training. Give pruning_init <= pruning_target unless you mean that",
+                stacklevel=4,
             )
 
 

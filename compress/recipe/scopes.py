@@ -1,27 +1,121 @@
 """How a recipe names layers and channels: NNCF's ignored_scopes and target_scopes, channel lists.
 
-A scope is a module name as in ``model.named_modules()`` (``layer1.0.conv1``), a shell glob
-(``layer1.*``) or a regular expression with NNCF's ``{re}`` prefix (``{re}.*conv[12]$``).
+A scope is one of:
+
+- a module name as in ``model.named_modules()`` (``layer1.0.conv1``) or a shell glob of one
+  (``layer1.*``);
+- NNCF's name of the layer's graph node, ``ResNet/Sequential[layer1]/BasicBlock[0]/
+  NNCFConv2d[conv1]/conv2d_0``, or of its scope without the operation (``.../NNCFConv2d[conv1]``,
+  which also names every layer inside a container: ``ResNet/Sequential[layer1]``);
+- a regular expression with NNCF's ``{re}`` prefix. As in NNCF it is searched for in the node
+  name (``{re}.*NNCFConv2d\\[conv1\\]``, ``{re}fc``); it also selects a module whose whole name
+  it matches (``{re}layer[12]\\..*conv1``).
+
+NNCF takes its names from a trace; here they come from the module tree, which gives the same
+names for layers: the model's class, then ``Class[attribute]`` per level, with NNCF's wrapper
+names for the layer types it wraps (``NNCFConv2d``, ``NNCFLinear``, ``NNCFBatchNorm2d``, ...) and
+the operation the layer's forward runs, first call (``conv2d_0``, ``linear_0``).
 
 Example:
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
     >>> [n for n, _ in select(model, (nn.Linear,), ignored=["2"])]
     ['0']
+    >>> [n for n, _ in select(model, (nn.Linear,), ignored=["Sequential/NNCFLinear[0]/linear_0"])]
+    ['2']
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from re import _constants as sre_constants  # type: ignore[attr-defined]
 from re import _parser as sre_parse  # type: ignore[attr-defined]
 from typing import Any
 
+import torch
 from torch import nn
 
 from compress.errors import ConfigError
+
+# The layer types NNCF 2.17 replaces by its own (nncf/torch/layers.py: NNCF_MODULES_DICT): the
+# wrapper's class name in node names, and the operation the layer's forward runs. Only these
+# exact types are wrapped; a subclass keeps its own class name.
+NNCF_WRAPPERS: dict[type[nn.Module], str] = {
+    nn.Conv1d: "NNCFConv1d",
+    nn.Conv2d: "NNCFConv2d",
+    nn.Conv3d: "NNCFConv3d",
+    nn.Linear: "NNCFLinear",
+    nn.BatchNorm1d: "NNCFBatchNorm1d",
+    nn.BatchNorm2d: "NNCFBatchNorm2d",
+    nn.BatchNorm3d: "NNCFBatchNorm3d",
+    nn.GroupNorm: "NNCFGroupNorm",
+    nn.LayerNorm: "NNCFLayerNorm",
+    nn.ConvTranspose1d: "NNCFConvTranspose1d",
+    nn.ConvTranspose2d: "NNCFConvTranspose2d",
+    nn.ConvTranspose3d: "NNCFConvTranspose3d",
+    nn.Embedding: "NNCFEmbedding",
+    nn.EmbeddingBag: "NNCFEmbeddingBag",
+}
+# Transposed convs first: isinstance picks the first entry, and they are not Conv subclasses
+# anyway; BatchNorm's three types share one operation.
+NNCF_OPS: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.ConvTranspose1d, "conv_transpose1d"),
+    (nn.ConvTranspose2d, "conv_transpose2d"),
+    (nn.ConvTranspose3d, "conv_transpose3d"),
+    (nn.Conv1d, "conv1d"),
+    (nn.Conv2d, "conv2d"),
+    (nn.Conv3d, "conv3d"),
+    (nn.Linear, "linear"),
+    (nn.modules.batchnorm._BatchNorm, "batch_norm"),
+    (nn.GroupNorm, "group_norm"),
+    (nn.LayerNorm, "layer_norm"),
+    (nn.Embedding, "embedding"),
+    (nn.EmbeddingBag, "embedding_bag"),
+)
+
+
+@dataclass(frozen=True)
+class Names:
+    """The names one module goes by: its module name, NNCF's scope and NNCF's node name (the
+    scope plus the operation, for the layers whose operation is known; else None)."""
+
+    path: str
+    scope: str
+    node: str | None
+
+
+def nncf_names(model: nn.Module) -> list[tuple[Names, nn.Module]]:
+    """Every module of ``model`` (as ``named_modules`` lists them) with its NNCF names.
+
+    Example:
+        >>> from torch import nn
+        >>> [n.node for n, _ in nncf_names(nn.Sequential(nn.Conv2d(1, 1, 1)))]
+        [None, 'Sequential/NNCFConv2d[0]/conv2d_0']
+    """
+    scopes = {"": type(model).__name__}
+    for parent_path, parent in model.named_modules():
+        for attr, child in parent.named_children():
+            path = f"{parent_path}.{attr}" if parent_path else attr
+            if path not in scopes:
+                scopes[path] = f"{scopes[parent_path]}/{_class_name(child)}[{attr}]"
+    out = []
+    for path, module in model.named_modules():
+        op = _op(module)
+        scope = scopes[path]
+        out.append((Names(path, scope, f"{scope}/{op}_0" if op else None), module))
+    return out
+
+
+def _class_name(module: nn.Module) -> str:
+    return NNCF_WRAPPERS.get(type(module), type(module).__name__)
+
+
+def _op(module: nn.Module) -> str | None:
+    return next((op for kind, op in NNCF_OPS if isinstance(module, kind)), None)
 
 
 def _as_list(scopes: str | Sequence[str] | None) -> list[str]:
@@ -30,10 +124,78 @@ def _as_list(scopes: str | Sequence[str] | None) -> list[str]:
     return [scopes] if isinstance(scopes, str) else list(scopes)
 
 
-def matches(scope: str, name: str) -> bool:
+def matches(scope: str, name: str | Names) -> bool:
+    """Whether ``scope`` names the module ``name`` (a module name, or all of a module's names)."""
+    names = name if isinstance(name, Names) else Names(name, "", None)
     if scope.startswith("{re}"):
-        return re.fullmatch(scope[4:], name) is not None
-    return fnmatch.fnmatchcase(name, scope)
+        pattern = scope[4:]
+        if re.fullmatch(pattern, names.path) is not None:
+            return True
+        return bool(names.scope) and re.search(pattern, names.node or names.scope) is not None
+    if "/" in scope:
+        if not names.scope:
+            return False
+        if names.scope == scope or names.scope.startswith(scope + "/"):
+            return True  # the module's scope, or a container holding it
+        return scope == names.node
+    return fnmatch.fnmatchcase(names.path, scope)
+
+
+# Operations that are not layers and often have nodes of their own in NNCF's graph: a '{re}'
+# scope that matches one of them under some module is accepted, as NNCF accepts it (it selects
+# no layer there either).
+OTHER_OPS = (
+    "relu",
+    "relu_",
+    "__add__",
+    "__iadd__",
+    "__mul__",
+    "cat",
+    "flatten",
+    "view",
+    "reshape",
+    "mean",
+    "max_pool2d",
+    "avg_pool2d",
+    "adaptive_avg_pool2d",
+    "interpolate",
+    "dropout",
+    "sigmoid",
+    "softmax",
+    "matmul",
+    "__getitem__",
+    "silu",
+    "gelu",
+    "hardswish",
+    "hardtanh",
+    "tanh",
+    "pad",
+    "chunk",
+    "transpose",
+    "permute",
+)
+
+
+def _names_other_op(scope: str, names: list[Names]) -> bool:
+    """A node name NNCF's graph may hold besides the layers': an operation that is not a module
+    (``ResNet/Sequential[layer1]/BasicBlock[0]/__add___0``, ``ResNet/relu_0``) inside a module
+    the model has (not a layer: a layer's scope holds its own operation only). It selects no
+    layer, in NNCF as here."""
+    if scope.startswith("{re}"):
+        pattern = re.compile(scope[4:])
+        return any(
+            pattern.search(f"{n.scope}/{op}_{i}")
+            for n in names
+            if n.node is None
+            for op in OTHER_OPS
+            for i in range(10)
+        )
+    head, _, op_call = scope.rpartition("/")
+    match = re.fullmatch(r"(\w+?)_(\d+)", op_call)
+    if match is None or not any(n.scope == head and n.node is None for n in names):
+        return False
+    op = match[1]
+    return any(hasattr(space, op) for space in (torch.Tensor, torch.nn.functional, torch))
 
 
 def select(
@@ -47,8 +209,9 @@ def select(
 ) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs of the given kinds that the scopes allow, in model order."""
     ignored_l, target_l = _as_list(ignored), _as_list(target)
-    names = [n for n, _ in model.named_modules()]
+    named = nncf_names(model)
     if validate:
+        names = [n for n, _ in named]
         for key, scopes in (("ignored_scopes", ignored_l), ("target_scopes", target_l)):
             for scope in scopes:
                 if scope.startswith("{re}"):
@@ -58,21 +221,33 @@ def select(
                         raise ConfigError(
                             f"{path}.{key}: {scope!r} is not a valid regex: {e}"
                         ) from None
-                if not any(matches(scope, n) for n in names):
-                    raise ConfigError(
-                        f"{path}.{key}: {scope!r} matches no module of the model; module "
-                        f"names look like {names[1:4]} (set validate_scopes: false to allow this)"
-                    )
+                if not any(matches(scope, n) for n in names) and not _names_other_op(scope, names):
+                    raise ConfigError(f"{path}.{key}: {unmatched(scope, names)}")
     out = []
-    for name, module in model.named_modules():
+    for own, module in named:
         if not isinstance(module, kinds):
             continue
-        if target_l and not any(matches(s, name) for s in target_l):
+        if target_l and not any(matches(s, own) for s in target_l):
             continue
-        if any(matches(s, name) for s in ignored_l):
+        if any(matches(s, own) for s in ignored_l):
             continue
-        out.append((name, module))
+        out.append((own.path, module))
     return out
+
+
+def unmatched(scope: str, names: list[Names]) -> str:
+    """What a scope that matches no module is told: the closest names, in the form it used."""
+    nncf = "/" in scope or scope.startswith("{re}")
+    candidates = [n.node or n.scope for n in names if n.path] if nncf else [n.path for n in names]
+    close = difflib.get_close_matches(scope.removeprefix("{re}"), candidates, n=3, cutoff=0.5)
+    layer = next((n for n in names if n.node and n.path), names[-1])
+    hint = f"closest: {close}" if close else f"names look like {candidates[:3]}"
+    return (
+        f"{scope!r} matches no module of the model; {hint}. A scope is a module name "
+        f"({layer.path!r}), a glob of one, NNCF's node name ({layer.node or layer.scope!r}, "
+        "with or without the operation) or a '{re}' regex of either "
+        "(set validate_scopes: false to allow this)"
+    )
 
 
 # Quantifiers without an upper bound that one regex scope may hold: module names are short, but
