@@ -94,6 +94,52 @@ def variants(dense: nn.Module, x: torch.Tensor, all_convs: bool) -> dict[str, nn
     return out
 
 
+def latency_variants(
+    dense: nn.Module, x: torch.Tensor, all_convs: bool, backends: list[str], batch: int
+) -> tuple[dict[str, nn.Module], dict[str, float]]:
+    """Dense and ``pruning_latency_target`` 0.3 / 0.5 / 0.7 with the table measured in each
+    backend at ``batch`` (once per backend, then handed on as a resume would), and the latency
+    each one's table predicts removed."""
+    from compress.errors import ConfigError
+    from compress.pruning import latency_widths
+
+    flags = {"prune_first_conv": True, "prune_downsample_convs": True} if all_convs else {}
+    out, predicted = {"dense": dense}, {}
+    for backend in backends:
+        table = None
+        for target in (0.3, 0.5, 0.7):
+            params = {
+                "pruning_latency_target": target,
+                "latency_batch_size": batch,
+                "latency_backend": backend,
+                "schedule": "baseline",
+                "num_init_steps": 1,
+                **flags,
+            }
+            recipe = {"compression": {"algorithm": "filter_pruning", "params": params}}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ctrl, _ = compress.create_compressed_model(copy.deepcopy(dense), recipe, x)
+                algo = ctrl.algorithms[0]
+                algo.latency_table = table
+                start = time.perf_counter()
+                table = algo.latency()
+                if target == 0.3:
+                    print(f"{backend} table: {time.perf_counter() - start:.0f} s", flush=True)
+                try:
+                    for _ in range(2):
+                        ctrl.scheduler.epoch_step()
+                except ConfigError as e:  # out of reach with these flags
+                    print(f"{backend} {target}: {e}")
+                    continue
+                small = ctrl.strip().eval()
+            name = f"latency {target:.0%} ({backend} table)"
+            out[name] = small
+            chosen = small.compress_latency_table["chosen"]
+            predicted[name] = latency_widths.removed_fraction(table, chosen)
+    return out, predicted
+
+
 def runners(
     model: nn.Module, prefix: Path, x1: torch.Tensor
 ) -> dict[str, Callable[[np.ndarray], object]]:
@@ -141,13 +187,24 @@ def _loop(fn: Callable[[np.ndarray], object], a: np.ndarray, calls: int) -> floa
 
 
 def measure(
-    model_name: str, rounds: int, sample_ms: float, all_convs: bool, size: int, exports: Path
+    model_name: str,
+    rounds: int,
+    sample_ms: float,
+    all_convs: bool,
+    size: int,
+    exports: Path,
+    latency: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     torch.manual_seed(0)  # the same models in every run, so the kept exports are theirs
     dense = trained_looking(MODELS[model_name]())
     x1 = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    models = variants(dense, x1, all_convs)
     tag = f"{model_name}-{size}-{'all' if all_convs else 'default'}"
+    predicted: dict[str, float] = {}
+    if latency:  # timing decides the widths: no export of another run is these models'
+        models, predicted = latency_variants(dense, x1, all_convs, latency, max(BATCHES))
+        exports = Path(tempfile.mkdtemp(prefix="compress-deploy-latency-"))
+    else:
+        models = variants(dense, x1, all_convs)
     run = {
         v: runners(m, exports / f"{tag}-{v.replace(' ', '').replace('%', '')}", x1)
         for v, m in models.items()
@@ -193,6 +250,7 @@ def measure(
                 "speedup": statistics.median(speedups),
                 "speedup_min": min(speedups),
                 "speedup_max": max(speedups),
+                "predicted_removed": predicted.get(v),
             }
         )
     return rows
@@ -273,6 +331,13 @@ def main(argv: list[str] | None = None) -> None:
         help="the exported files, kept for the next run (exporting takes minutes)",
     )
     parser.add_argument("--summary", type=Path, nargs="+", help="summarise the runs' JSON files")
+    parser.add_argument(
+        "--latency",
+        nargs="+",
+        choices=["torch", "onnxruntime", "openvino"],
+        help="instead of the filter ratios and sparsity: pruning_latency_target 0.3 / 0.5 / 0.7 "
+        "with the table measured in each of these backends at batch 8",
+    )
     args = parser.parse_args(argv)
     if args.summary:
         summary(args.summary)
@@ -283,7 +348,15 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     rows = []
     for name in args.models:
-        rows += measure(name, args.rounds, args.sample_ms, args.all_convs, args.size, args.exports)
+        rows += measure(
+            name,
+            args.rounds,
+            args.sample_ms,
+            args.all_convs,
+            args.size,
+            args.exports,
+            args.latency,
+        )
     flags = "every conv prunable" if args.all_convs else "default flags"
     print_table(
         rows,
@@ -291,6 +364,14 @@ def main(argv: list[str] | None = None) -> None:
         "speed-up over dense in the same runtime, median (range over rounds); dense: median "
         f"time per call ({time.perf_counter() - start:.0f} s in all)",
     )
+    for r in rows:
+        if r.get("predicted_removed") is not None and r["batch"] == max(BATCHES):
+            asked = 1 / (1 - float(r["variant"].split()[1].rstrip("%")) / 100)
+            print(
+                f"{r['model']} {r['variant']} in {r['runtime']}, batch {r['batch']}: asked "
+                f"{asked:.2f}x, predicted {1 / (1 - r['predicted_removed']):.2f}x, measured "
+                f"{r['speedup']:.2f}x"
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

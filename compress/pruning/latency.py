@@ -156,6 +156,10 @@ def _layers_of(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, di
     return {n: e for n, e in found.items() if usable(n, e)}
 
 
+def _is_layer(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+
+
 def _dims(module: nn.Module) -> tuple[int, int]:
     """The weight's (output, input) dims: transformers' ``Conv1D`` stores it ``(in, out)``."""
     return (1, 0) if is_transposed_linear(module) else (0, 1)
@@ -269,8 +273,16 @@ def measure_table(
         time_fn = functools.partial(_time_in, backend)
     layers = _layers_of(model, groups)
     inputs = tuple(_batched(t, batch_size) for t in example_inputs)
-    shapes = _record(model, inputs, list(layers))[0]
+    # The conv and linear layers no group touches are timed too (at full width only): they are
+    # part of the model's time that pruning leaves, not of the rest that shrinks with the groups.
+    whole_layers = [
+        n
+        for n, m in model.named_modules()
+        if n and n not in layers and (_is_layer(m) or is_transposed_linear(m))
+    ]
+    shapes = _record(model, inputs, list(layers) + whole_layers)[0]
     layers = {n: e for n, e in layers.items() if n in shapes}
+    whole_layers = [n for n in whole_layers if n in shapes]
     table: dict[str, Any] = {
         "backend": backend,
         "batch_size": int(inputs[0].shape[0]) if inputs and inputs[0].dim() else None,
@@ -312,9 +324,14 @@ def measure_table(
             for i, w in enumerate(table["groups"][g.name]["widths"][:-1]):
                 removed = round(full_in * share * (1 - w / g.size))
                 jobs.append(((name, "in", j, i), call(name, None, max(1, full_in - removed))))
+    for name in whole_layers:
+        layer = copy.deepcopy(model.get_submodule(name)).eval()
+        jobs.append(((name, "full", 0, 0), functools.partial(layer, torch.randn(shapes[name]))))
     samples: dict[tuple[str, str, int, int], list[float]] = {key: [] for key, _ in jobs}
     whole = functools.partial(model, *inputs)
-    replayed, outputs = _without(model, inputs, list(layers))
+    replayed, outputs = _without(model, inputs, list(layers) + whole_layers)
+    # the activations the rest (norms, activations, adds) works on, per sample: every layer's
+    table["volume_total"] = sum(outputs.values())
     rest = functools.partial(replayed, *inputs)
     for g in groups:  # the activation each group's producers write: the rest shrinks with it
         table["groups"][g.name]["volume"] = sum(
@@ -339,9 +356,6 @@ def measure_table(
     ms = {key: statistics.median(v) * 1e3 for key, v in samples.items()}
     table["model_ms"] = statistics.median(model_samples) * 1e3
     table["rest_ms"] = statistics.median(rest_samples) * 1e3
-    if backend != "torch" and timer is None:
-        full = sum(ms[(name, "full", 0, 0)] for name in layers)
-        table["rest_ms"] = max(0.0, table["model_ms"] - full)
 
     def curve(name: str, kind: str, j: int, group: ChannelGroup) -> dict[str, Any]:
         n = len(table["groups"][group.name]["widths"])
@@ -358,4 +372,9 @@ def measure_table(
             "out": None if e["out"] is None else curve(name, "out", 0, e["out"]),
             "in": [curve(name, "in", j, g) for j, (g, _) in enumerate(e["in"])],
         }
+    for name in whole_layers:
+        table["layers"][name] = {"ms": ms[(name, "full", 0, 0)], "out": None, "in": []}
+    if backend != "torch" and timer is None:
+        full = sum(e["ms"] for e in table["layers"].values())
+        table["rest_ms"] = max(0.0, table["model_ms"] - full)
     return table
