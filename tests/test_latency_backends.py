@@ -16,7 +16,7 @@ from torch import nn
 
 import compress
 from compress.errors import ConfigError
-from compress.pruning import latency
+from compress.pruning import latency, latency_widths
 from compress.pruning.channel_groups import build_groups
 from compress.pruning.latency_backends import runtime_call
 
@@ -129,3 +129,16 @@ def test_the_recipe_key_picks_the_runtime_and_is_validated(monkeypatch: pytest.M
     monkeypatch.setitem(sys.modules, "openvino", None)
     with pytest.raises(ConfigError, match=r"pip install lightning-compress\[openvino\]"):
         latency.measure_table(model, [], (x,), backend="openvino")
+
+
+def test_a_layer_no_group_touches_is_timed_and_stays_whole() -> None:
+    """The first conv is not prunable by default: it is in the table at full width, and the
+    narrowest widths cannot remove its time (the prediction once let the rest absorb it)."""
+    model, x = Net().eval(), torch.randn(2, 3, 8, 8)
+    groups = build_groups(model, x)
+    assert "conv1" not in [g.name for g in groups]
+    table = latency.measure_table(model, groups, (x,), timer=latency.layer_macs_timer)
+    conv1 = table["layers"]["conv1"]
+    assert conv1 == {"ms": pytest.approx(2 * 16 * 64 * 27 * 1e-9 * 1e3), "out": None, "in": []}
+    narrowest = {g: info["widths"][0] for g, info in table["groups"].items()}
+    assert latency_widths.predicted_ms(table, narrowest) >= conv1["ms"]
