@@ -12,11 +12,13 @@ fraction of latency removed while removing the least importance.
 
 The table is a plain dict (JSON and ``torch.load(weights_only=True)`` friendly)::
 
-    {"batch_size": 64, "model_ms": 12.3, "rest_ms": 2.1,
-     "groups": {"layer1.0.conv1": {"size": 32, "widths": [8, 16, 24, 32]}},
+    {"backend": "torch", "batch_size": 64, "model_ms": 12.3, "rest_ms": 2.1,
+     "volume_total": 81920,
+     "groups": {"layer1.0.conv1": {"size": 32, "widths": [8, 16, 24, 32], "volume": 8192}},
      "layers": {"layer1.0.conv1": {"ms": 1.2,
                                    "out": {"group": "layer1.0.conv1", "ms": [0.4, 0.6, 1.1, 1.2]},
-                                   "in": [{"group": "conv1", "ms": [...]}]}}}
+                                   "in": [{"group": "conv1", "ms": [...]}]},
+                "stem": {"ms": 0.9, "out": None, "in": []}}}  # no group's: timed whole
 
 Example:
     >>> import torch
