@@ -97,7 +97,7 @@ def save_openvino(
         xml, _ = tmps  # OpenVINO names the .bin after the .xml
         ov.save_model(converted, xml, compress_to_fp16=False)
         compiled = ov.Core().compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        result = compiled([t.numpy() for t in inputs])
+        result = compiled([t.detach().cpu().numpy() for t in inputs])
         got = [torch.from_numpy(result[i]) for i in range(len(compiled.outputs))]
         check_outputs(got, want, path)
 
