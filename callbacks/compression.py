@@ -129,6 +129,10 @@ class CompressionCallback(_Callback):
         unknown = [f for f in export_formats if f not in FORMATS]
         if unknown:
             raise ConfigError(f"export_formats: {unknown} not supported; one of {list(FORMATS)}")
+        if "openvino" in export_formats:  # said now, not after the training
+            from compress.deploy.openvino_file import openvino_module
+
+            openvino_module()
         self.export_dir = Path(export_dir) if export_dir is not None else None
         self.export_formats = tuple(export_formats)
         self.model_attr = model_attr

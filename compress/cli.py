@@ -4,6 +4,7 @@ export a checkpoint written with ``CompressionCallback``.
     compress validate configs/magnitude_sparsity.json
     compress schedule configs/magnitude_sparsity.json --epochs 40 --steps-per-epoch 20
     compress inspect exports/digits/model.sparse.pt
+    compress inspect exports/digits/model.xml     # OpenVINO IR, read without OpenVINO
     compress export checkpoints/best.ckpt --model mypkg.nets:Net --formats sparse,pt2
 
 Errors print one line and exit with status 2, never a traceback.
@@ -151,18 +152,31 @@ def _load_model(spec: str) -> nn.Module:
 
 
 def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str:
-    """Sparsity (and, given a model or a pt2 program, effective sparsity and MACs) of a file."""
+    """Sparsity (and, given a model, a pt2 program or an OpenVINO IR, effective sparsity and
+    MACs) of a file."""
     from compress.deploy.export import SPARSE_FORMAT, read_sparse
     from compress.deploy.files import safe_load
 
     inputs: Any = None
-    pt2_macs: int | None = None
+    graph_macs: dict[str, int] | None = None
     payload: Any = None
+    weights: list[str] | None = None
     if path.suffix == ".pt2":
         from compress.deploy.pt2_file import read_pt2
 
         # read as a zip: torch.export.load would unpickle and eval parts of the file
-        state, pt2_macs = read_pt2(path)
+        state, macs = read_pt2(path)
+        graph_macs = None if macs is None else {"MACs": macs, "FLOPs (2 x MACs)": 2 * macs}
+    elif path.suffix == ".xml":
+        from compress.deploy.openvino_file import read_openvino
+
+        # parsed, never run: the IR's batch dimension is free, so MACs are per sample
+        state, weights, macs = read_openvino(path)
+        graph_macs = (
+            None
+            if macs is None
+            else {"MACs per sample": macs, "FLOPs per sample (2 x MACs)": 2 * macs}
+        )
     else:
         payload = safe_load(path)
         if isinstance(payload, dict) and payload.get("format") == SPARSE_FORMAT:
@@ -183,7 +197,7 @@ def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str
             raise CompressError(
                 f"{path}: no weights found (not an export or checkpoint of this library)"
             )
-    lines = [inspect_state(state, str(path))]
+    lines = [inspect_state(state, str(path), weights)]
     report_path = Path(str(path).removesuffix(".sparse.pt") + ".runtime.json")
     if path.name.endswith(".sparse.pt") and report_path.is_file():
         from compress.deploy.runtime_report import report_from_dict
@@ -225,8 +239,8 @@ def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str
                     "for a Lightning checkpoint pass --prefix (e.g. 'model.')"
                 ) from None
         lines.append(_model_figures(model, inputs))
-    elif pt2_macs is not None:
-        lines.append(table([{"MACs": pt2_macs, "FLOPs (2 x MACs)": 2 * pt2_macs}]))
+    elif graph_macs is not None:
+        lines.append(table([graph_macs]))
     return "\n".join(lines)
 
 
@@ -319,12 +333,17 @@ def _model_figures(model: nn.Module, inputs: Any) -> str:
     return str(report) + "\n" + table([row])
 
 
-def inspect_state(state: dict[str, torch.Tensor], name: str) -> str:
-    """Per-tensor sparsity and totals of a state_dict (weights of 2 or more dimensions)."""
+def inspect_state(
+    state: dict[str, torch.Tensor], name: str, weights: Sequence[str] | None = None
+) -> str:
+    """Per-tensor sparsity and totals of a state_dict: of the tensors named in ``weights``, or
+    by default of the floating-point ones of 2 or more dimensions."""
     rows = []
     total = zeros = 0
     for key, t in state.items():
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() < 2:
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            continue
+        if (t.dim() < 2) if weights is None else (key not in weights):
             continue
         z = int((t == 0).sum())
         rows.append(
@@ -386,7 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         required=True,
         help="package.module:Factory building a fresh LightningModule or compressed network",
     )
-    e.add_argument("--formats", default="sparse", help="comma-separated, e.g. sparse,pt2,onnx")
+    e.add_argument(
+        "--formats", default="sparse", help="comma-separated, e.g. sparse,pt2,onnx,openvino"
+    )
     e.add_argument("--out", help="output path prefix (default: the checkpoint's, no suffix)")
     k = sub.add_parser("keys", help="print the recipe keys as a Markdown table (from the schema)")
     k.add_argument("--write-readme", metavar="README", nargs="?", const="README.md")

@@ -791,7 +791,7 @@ def _fail_at_rename(*args: Any, **kwargs: Any) -> None:
     raise OSError("simulated crash before the rename")
 
 
-@pytest.mark.parametrize("fmt", ["sparse", "pt2", "onnx", "pruned", "sparse_runtime"])
+@pytest.mark.parametrize("fmt", ["sparse", "pt2", "onnx", "openvino", "pruned", "sparse_runtime"])
 def test_every_export_format_is_written_to_a_temporary_name_and_renamed(
     fmt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -799,6 +799,8 @@ def test_every_export_format_is_written_to_a_temporary_name_and_renamed(
     export that wrote to its final name directly would pass the rename and fail this test."""
     if fmt == "onnx":
         pytest.importorskip("onnxscript")
+    if fmt == "openvino":
+        pytest.importorskip("openvino")
     if fmt == "pruned":
         if "filter_pruning" not in ALGORITHMS:
             pytest.skip("filter_pruning not landed")

@@ -105,7 +105,9 @@ def test_table_measures_each_group_at_its_candidate_widths() -> None:
     assert table["model_ms"] == pytest.approx(sum(e["ms"] for e in table["layers"].values()))
     assert table["rest_ms"] == 0.0  # timed with every conv replaced by its recorded output
     json.dumps(table)  # plain JSON
-    # The rest (here planned at 10 ms) shrinks with each group's width, by its output size.
+    # The rest (here planned at 10 ms) shrinks with each group's width, by its share of all
+    # the layers' outputs (the last conv's 8 channels are no group's: their share stays).
+    assert table["volume_total"] == (64 + 64 + 8) * 8 * 8
     table = {**table, "rest_ms": 10.0}
     full = latency_widths.predicted_ms(table, {})
     assert full - latency_widths.predicted_ms(table, {"0": 32, "2": 64}) == pytest.approx(
@@ -113,7 +115,7 @@ def test_table_measures_each_group_at_its_candidate_widths() -> None:
             latency_widths.layer_ms(table, n, {}) - latency_widths.layer_ms(table, n, {"0": 32})
             for n in "02"
         )
-        + 10.0 * 0.5 * 0.5
+        + 10.0 * 64 / (64 + 64 + 8) * 0.5
     )
 
 
@@ -220,7 +222,7 @@ def test_export_writes_the_table_beside_the_file_and_inspect_shows_it(
     assert small[0].out_channels == widths(algo)["0"]
     assert main(["inspect", str(paths["pruned"])]) == 0
     out = capsys.readouterr().out
-    assert "m.latency.json: latency table (batch 1)" in out
+    assert "m.latency.json: latency table (torch, batch 1)" in out
     assert f"| 0     | 64   | {widths(algo)['0']:<6} | 8 16 24 32 40 48 56 64 |" in out
 
 

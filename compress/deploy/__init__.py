@@ -1,1 +1,1 @@
-"""Deployment: atomic files, exports (sparse, pt2, ONNX, pruned), the sparse runtime."""
+"""Deployment: atomic files, exports (sparse, pt2, ONNX, OpenVINO, pruned), the sparse runtime."""

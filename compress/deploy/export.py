@@ -9,6 +9,9 @@ Formats of ``export``:
 - ``pt2`` (``PREFIX.pt2``): ``torch.export`` program; needs example inputs. The archive holds
   raw weights and the JSON graph, no pickle (the example inputs are not stored).
 - ``onnx`` (``PREFIX.onnx``): ONNX via ``torch.onnx.export``; needs example inputs.
+- ``openvino`` (``PREFIX.xml`` + ``PREFIX.bin``): OpenVINO IR converted from the ``torch.export``
+  program, checked against the model on the example inputs before it is written; needs example
+  inputs and ``pip install lightning-compress[openvino]`` (see ``openvino_file.py``).
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ from compress.masks import check_finite, masked_names
 from compress.pruning.attention import cache_off
 
 SPARSE_FORMAT = "compress.sparse"
-FORMATS = ("sparse", "pt2", "onnx", "pruned", "sparse_runtime")
+FORMATS = ("sparse", "pt2", "onnx", "openvino", "pruned", "sparse_runtime")
 _SUFFIX = {
     "sparse": ".sparse.pt",
     "pt2": ".pt2",
     "onnx": ".onnx",
+    "openvino": ".xml",
     "pruned": ".pruned.pt",
     "sparse_runtime": ".sparse.pt",
 }
@@ -205,9 +209,13 @@ def export(
     if unknown:
         raise ConfigError(f"export formats: {unknown} not supported; one of {list(FORMATS)}")
     inputs = _as_tuple(example_inputs)
-    needs_inputs = [f for f in formats if f in ("pt2", "onnx", "pruned", "sparse_runtime")]
+    needs_inputs = [f for f in formats if f != "sparse"]
     if needs_inputs and inputs is None:
         raise ConfigError(f"export formats {needs_inputs} need example_inputs")
+    if "openvino" in formats:  # before any file is written
+        from compress.deploy.openvino_file import openvino_module
+
+        openvino_module()
     check_finite(model, "export")
     check_stripped(model)
     prefix = str(path_prefix)
@@ -228,6 +236,10 @@ def export(
                     out[fmt] = _export_pt2(model, path, inputs)
                 elif fmt == "onnx":
                     out[fmt] = _export_onnx(model, path, inputs)
+                elif fmt == "openvino":
+                    from compress.deploy.openvino_file import save_openvino
+
+                    out[fmt] = save_openvino(model, _program(model, inputs), inputs, path)
                 elif fmt == "pruned":
                     out[fmt] = _export_pruned(model, path, inputs)
                 elif fmt == "sparse_runtime":
@@ -248,12 +260,17 @@ def check_stripped(model: nn.Module) -> None:
             )
 
 
-def _export_pt2(model: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...]) -> Path:
+def _program(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+    """The ``torch.export`` program of ``model`` with the batch dimension free."""
     args, dims = _dynamic_batch(inputs)
-    program = torch.export.export(model, args, dynamic_shapes=dims)
+    return torch.export.export(model, args, dynamic_shapes=dims)
+
+
+def _export_pt2(model: nn.Module, path: Path, inputs: tuple[torch.Tensor, ...]) -> Path:
+    program = _program(model, inputs)
     with torch.no_grad():
-        got = leaves(program.module()(*args))
-    check_same(outputs(model, args), got, "pt2 export", "the stripped model")
+        got = leaves(program.module()(*inputs))
+    check_same(outputs(model, inputs), got, "pt2 export", "the stripped model")
     # Without example inputs the archive holds no pickle: torch.export.save would store them
     # with torch.save, and loading them is what makes a third-party .pt2 unsafe.
     program.example_inputs = None

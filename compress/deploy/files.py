@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,34 +34,73 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -
     carry the writer's process id). A failure to write (a full disk, a read-only directory, a
     parent that is a file) is a ``CompressError`` naming the path and the cause.
     """
-    path = Path(path)
-    for parent in (path.parent, *path.parent.parents):
+    return atomic_write_files([path], lambda tmps: write(tmps[0]))[0]
+
+
+def atomic_write_files(
+    paths: Sequence[str | os.PathLike[str]], write: Callable[[list[str]], object]
+) -> list[Path]:
+    """:func:`atomic_write` for files that belong together, such as OpenVINO's ``.xml`` and
+    ``.bin``: they share a directory and a stem and differ in their suffix. ``write(tmps)``
+    writes every temporary file (the temporary names share one stem too, as the files do);
+    then each is renamed onto its path. A failure before the renames leaves the previous files
+    intact; a failure between them puts the previous files back (from hard links made before
+    the first rename), so the files are never of two different writes.
+    """
+    targets = [Path(p) for p in paths]
+    first = targets[0]
+    assert all(t.parent == first.parent and t.stem == first.stem for t in targets), targets
+    for parent in (first.parent, *first.parent.parents):
         if parent.exists() and not parent.is_dir():
-            raise CompressError(f"{path}: cannot write here ({parent} is a file, not a directory)")
+            raise CompressError(f"{first}: cannot write here ({parent} is a file, not a directory)")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(path)
+        first.parent.mkdir(parents=True, exist_ok=True)
+        for target in targets:
+            _remove_stale(target)
         fd, tmp = tempfile.mkstemp(
-            prefix=f".{path.stem}.{os.getpid()}.", suffix=".tmp" + path.suffix, dir=path.parent
+            prefix=f".{first.stem}.{os.getpid()}.", suffix=".tmp" + first.suffix, dir=first.parent
         )
     except OSError as e:
-        raise CompressError(f"{path}: cannot write here ({_cause(e, path)})") from None
+        raise CompressError(f"{first}: cannot write here ({_cause(e, first)})") from None
+    stem = tmp.removesuffix(first.suffix)  # .STEM.PID.RANDOM.tmp
+    tmps = [stem + t.suffix for t in targets]
+    backups = [stem.removesuffix(".tmp") + "-old.tmp" + t.suffix for t in targets]
+    renamed: list[int] = []
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
         os.close(fd)
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write(tmps)
+        for t in tmps:
+            with open(t, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(t, 0o666 & ~_umask())
+        if len(targets) > 1:
+            for target, backup in zip(targets, backups, strict=True):
+                if target.exists():
+                    os.link(target, backup)
+        for i, (t, target) in enumerate(zip(tmps, targets, strict=True)):
+            os.replace(t, target)
+            renamed.append(i)
     except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for i in renamed:  # put the previous files back: never a mix of two writes
+            with contextlib.suppress(OSError):
+                if os.path.exists(backups[i]):
+                    os.rename(backups[i], targets[i])
+                else:
+                    os.remove(targets[i])
+        _remove_all(tmps + backups)
         if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, CompressError):
             raise CompressError(
-                f"{path}: the export failed ({_cause(e, path)}); a previous file is intact"
+                f"{first}: the export failed ({_cause(e, first)}); a previous file is intact"
             ) from e
         raise
-    return path
+    _remove_all(backups)
+    return targets
+
+
+def _remove_all(paths: Sequence[str]) -> None:
+    for p in paths:
+        with contextlib.suppress(OSError):
+            os.remove(p)
 
 
 def save_bytes(path: str | os.PathLike[str], data: bytes | memoryview) -> Path:

@@ -437,6 +437,7 @@ class FilterPruning(Algorithm):
                 self.groups,
                 tuple(self.example_inputs or ()),
                 batch_size=self.params.get("latency_batch_size"),
+                backend=self.params.get("latency_backend", "torch"),
             )
         return self.latency_table
 

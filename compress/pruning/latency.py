@@ -12,11 +12,13 @@ fraction of latency removed while removing the least importance.
 
 The table is a plain dict (JSON and ``torch.load(weights_only=True)`` friendly)::
 
-    {"batch_size": 64, "model_ms": 12.3, "rest_ms": 2.1,
-     "groups": {"layer1.0.conv1": {"size": 32, "widths": [8, 16, 24, 32]}},
+    {"backend": "torch", "batch_size": 64, "model_ms": 12.3, "rest_ms": 2.1,
+     "volume_total": 81920,
+     "groups": {"layer1.0.conv1": {"size": 32, "widths": [8, 16, 24, 32], "volume": 8192}},
      "layers": {"layer1.0.conv1": {"ms": 1.2,
                                    "out": {"group": "layer1.0.conv1", "ms": [0.4, 0.6, 1.1, 1.2]},
-                                   "in": [{"group": "conv1", "ms": [...]}]}}}
+                                   "in": [{"group": "conv1", "ms": [...]}]},
+                "stem": {"ms": 0.9, "out": None, "in": []}}}  # no group's: timed whole
 
 Example:
     >>> import torch
@@ -48,6 +50,7 @@ from torch import nn
 
 from compress.analysis.node_kinds import is_transposed_linear
 from compress.analysis.untouched import copy_model
+from compress.pruning.latency_backends import Backend, check_backend, runtime_call
 from compress.pruning.structured import ChannelGroup
 
 __all__ = ["Timer", "layer_macs_timer", "measure_table"]
@@ -108,6 +111,12 @@ def layer_macs_timer(fn: Callable[[], object]) -> float:
     return total * 1e-9
 
 
+def _time_in(backend: Backend, fn: Callable[[], object]) -> float:
+    """``time_call`` of ``fn`` (a PyTorch layer call) rebuilt in ``backend``."""
+    assert isinstance(fn, functools.partial)
+    return time_call(runtime_call(backend, fn))
+
+
 def candidate_widths(size: int) -> list[int]:
     """Widths tried for a group of ``size`` channels: multiples of a step (8 for groups of 16
     or more, fewer channels for smaller ones; at most 16 candidates) and the full width."""
@@ -147,6 +156,10 @@ def _layers_of(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, di
         return out is not None and n_groups == m.in_channels == m.out_channels == out.size
 
     return {n: e for n, e in found.items() if usable(n, e)}
+
+
+def _is_layer(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
 
 
 def _dims(module: nn.Module) -> tuple[int, int]:
@@ -243,16 +256,37 @@ def measure_table(
     batch_size: int | None = None,
     timer: Timer | None = None,
     rounds: int = _ROUNDS,
+    backend: Backend = "torch",
 ) -> dict[str, Any]:
     """Times each group's layers at the group's candidate widths; returns the table (module
     docstring). Every group's variants take turns within a round; values are medians of
-    ``rounds`` rounds. Fresh layers with random weights are timed, the model is not changed."""
-    time_fn = timer if timer is not None else default_timer
+    ``rounds`` rounds. Fresh layers with random weights are timed, the model is not changed.
+
+    ``backend`` names the runtime the calls are timed in (:mod:`latency_backends`); outside
+    PyTorch a runtime fuses norms and activations into the layers, so the rest is what the
+    whole model takes beyond its layers rather than a model of replayed layers. A ``timer``
+    given is handed the PyTorch calls whatever the backend (planned times for tests)."""
+    check_backend(backend)
+    if timer is not None:
+        time_fn = timer
+    elif backend == "torch":
+        time_fn = default_timer
+    else:  # each call rebuilt in the runtime when timed, so that at most one is held at a time
+        time_fn = functools.partial(_time_in, backend)
     layers = _layers_of(model, groups)
     inputs = tuple(_batched(t, batch_size) for t in example_inputs)
-    shapes = _record(model, inputs, list(layers))[0]
+    # The conv and linear layers no group touches are timed too (at full width only): they are
+    # part of the model's time that pruning leaves, not of the rest that shrinks with the groups.
+    whole_layers = [
+        n
+        for n, m in model.named_modules()
+        if n and n not in layers and (_is_layer(m) or is_transposed_linear(m))
+    ]
+    shapes = _record(model, inputs, list(layers) + whole_layers)[0]
     layers = {n: e for n, e in layers.items() if n in shapes}
+    whole_layers = [n for n in whole_layers if n in shapes]
     table: dict[str, Any] = {
+        "backend": backend,
         "batch_size": int(inputs[0].shape[0]) if inputs and inputs[0].dim() else None,
         "groups": {g.name: {"size": g.size, "widths": candidate_widths(g.size)} for g in groups},
         "layers": {},
@@ -292,22 +326,31 @@ def measure_table(
             for i, w in enumerate(table["groups"][g.name]["widths"][:-1]):
                 removed = round(full_in * share * (1 - w / g.size))
                 jobs.append(((name, "in", j, i), call(name, None, max(1, full_in - removed))))
+    for name in whole_layers:
+        layer = copy_model(model.get_submodule(name)).eval()
+        jobs.append(((name, "full", 0, 0), functools.partial(layer, torch.randn(shapes[name]))))
     samples: dict[tuple[str, str, int, int], list[float]] = {key: [] for key, _ in jobs}
     whole = functools.partial(model, *inputs)
-    replayed, outputs = _without(model, inputs, list(layers))
+    replayed, outputs = _without(model, inputs, list(layers) + whole_layers)
+    # the activations the rest (norms, activations, adds) works on, per sample: every layer's
+    table["volume_total"] = sum(outputs.values())
     rest = functools.partial(replayed, *inputs)
     for g in groups:  # the activation each group's producers write: the rest shrinks with it
         table["groups"][g.name]["volume"] = sum(
             outputs[n] for n, e in layers.items() if e["out"] is g
         )
     model_samples, rest_samples = [], []
+    time_whole, time_rest = functools.partial(time_fn, whole), functools.partial(time_fn, rest)
+    if backend != "torch" and timer is None:  # converted once; the rest follows from it below
+        time_whole = functools.partial(time_call, runtime_call(backend, whole))
+        time_rest = functools.partial(float, 0)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for _ in range(rounds):
-                model_samples.append(time_fn(whole))
-                rest_samples.append(time_fn(rest))
+                model_samples.append(time_whole())
+                rest_samples.append(time_rest())
                 for key, fn in jobs:
                     samples[key].append(time_fn(fn))
     finally:
@@ -331,4 +374,9 @@ def measure_table(
             "out": None if e["out"] is None else curve(name, "out", 0, e["out"]),
             "in": [curve(name, "in", j, g) for j, (g, _) in enumerate(e["in"])],
         }
+    for name in whole_layers:
+        table["layers"][name] = {"ms": ms[(name, "full", 0, 0)], "out": None, "in": []}
+    if backend != "torch" and timer is None:
+        full = sum(e["ms"] for e in table["layers"].values())
+        table["rest_ms"] = max(0.0, table["model_ms"] - full)
     return table

@@ -3,10 +3,11 @@ per-group widths it chooses for ``pruning_latency_target``.
 
 The latency of a layer whose input and output groups are both narrowed is predicted as its full
 time times the two measured ratios (time at the narrowed out-width / full time, and the same for
-the in-width). Layers no group touches and everything that is not a conv or linear layer
-(norms, activations, adds) are ``rest_ms``, shared among the groups by the size of their
-producers' outputs and shrinking linearly with each group's width; fractions are of the
-predicted full-width time, ``rest_ms`` plus the layers' times. :func:`choose_widths` picks the
+the in-width). Conv and linear layers no group touches keep their measured full time.
+Everything else (norms, activations, adds) is ``rest_ms``, shared among the layers by the size
+of their outputs (``volume_total`` per sample), a group's share shrinking linearly with its
+width and the others' staying; fractions are of the predicted full-width time, ``rest_ms`` plus
+the layers' times. :func:`choose_widths` picks the
 widths that reach a fraction of latency removed while removing the least importance.
 """
 
@@ -53,12 +54,19 @@ def predicted_ms(table: Mapping[str, Any], widths: Mapping[str, int]) -> float:
     """Predicted whole-model time: the measured rest plus every table layer at ``widths``."""
     full = sum(e["ms"] for e in table["layers"].values())
     rest = table.get("rest_ms", max(0.0, table["model_ms"] - full))
-    total = sum(info.get("volume", 0) for info in table["groups"].values())
+    total = _volume_total(table)
     if total:
         rest -= sum(
             _rest_saved(table, g, w, total) for g, w in widths.items() if g in table["groups"]
         )
     return rest + sum(layer_ms(table, n, widths) for n in table["layers"])
+
+
+def _volume_total(table: Mapping[str, Any]) -> int:
+    """The activations the rest works on: every layer's outputs (tables from before
+    ``volume_total`` was recorded: the groups' alone, as if nothing else had any)."""
+    groups = sum(int(info.get("volume", 0)) for info in table["groups"].values())
+    return max(int(table.get("volume_total", 0)), groups)
 
 
 def _rest_saved(table: Mapping[str, Any], group: str, width: int, total: int) -> float:
@@ -110,7 +118,7 @@ def choose_widths(
     goal = base * (1.0 - fraction)
     now = predicted_ms(table, widths)
 
-    volume = sum(info.get("volume", 0) for info in table["groups"].values())
+    volume = _volume_total(table)
 
     def local(g: str, w: int) -> float:
         trial = {**widths, g: w}
@@ -179,7 +187,8 @@ def text(table: Mapping[str, Any], widths: Mapping[str, int] | None = None) -> s
         )
     full = predicted_ms(table, {})
     head = (
-        f"latency table (batch {table.get('batch_size')}): model {table['model_ms']:.3f} ms "
+        f"latency table ({table.get('backend', 'torch')}, batch {table.get('batch_size')}): "
+        f"model {table['model_ms']:.3f} ms "
         f"measured, {full:.3f} ms predicted at full width (of which {table.get('rest_ms', 0):.3f}"
         " ms outside the table's layers)"
     )
