@@ -49,6 +49,7 @@ def stripped(model: nn.Module, recipe: dict[str, Any], x: torch.Tensor) -> nn.Mo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ctrl, _ = compress.create_compressed_model(model, recipe, x)
+        ctrl.scheduler.epoch_step()  # epoch 0: a baseline schedule is at its target from here
     return ctrl.strip().eval()
 
 
