@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import nn
 
 import compress
@@ -56,6 +55,18 @@ else:
 
     except ImportError:  # `lightning` is optional
         _Callback = pl.Callback
+
+
+def _overrides_configure_model(pl_module: pl.LightningModule) -> bool:
+    """Whether the module's class defines ``configure_model`` itself, in either namespace.
+
+    Lightning's ``is_overridden`` expects the module to derive from its own namespace's
+    LightningModule (``lightning.pytorch`` and ``pytorch_lightning`` are distinct classes).
+    """
+    for cls in type(pl_module).__mro__:
+        if "configure_model" in vars(cls):
+            return cls.__module__.split(".")[0] not in ("lightning", "pytorch_lightning")
+    return False
 
 
 class CompressionCallback(_Callback):
@@ -198,7 +209,7 @@ class CompressionCallback(_Callback):
             # An epoch that max_steps or a stop cut short is over, not uneven.
             self.ctrl.scheduler.step_in_epoch = 0
             return
-        if is_overridden("configure_model", pl_module):
+        if _overrides_configure_model(pl_module):
             # configure_model may build or shard (fully_shard) the network: the masks are made
             # after it, like the weights they cover, and before configure_optimizers (RB's
             # logits are parameters). Lightning has no callback hook in between.
