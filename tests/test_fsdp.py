@@ -283,6 +283,18 @@ def test_fsdp2_resumes_bitwise(name: str, saved: str, tmp_path: Path) -> None:
             assert torch.equal(resumed[part][k], t), (part, k)
     assert sum(int((~m).sum()) for m in whole["masks"].values()) > 0 or name == "rb"
     assert resumed["strict_loading"]  # relaxed for the restore only
+    # `compress export` of the last checkpoint (a directory when distributed) is the export at
+    # fit end
+    from compress.cli import export_checkpoint
+    from compress.deploy.export import read_sparse
+
+    last = tmp_path / "fsdp" / "ckpt" / "last.ckpt"
+    paths = export_checkpoint(last, ShardedLit(), ["sparse"], tmp_path / "exported")
+    a, _ = read_sparse(paths["sparse"])
+    b, _ = read_sparse(tmp_path / "fsdp" / "exports" / "model.sparse.pt")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_kth_smallest_is_exact_and_ties_fall_in_order() -> None:
