@@ -68,6 +68,16 @@ def restore_masked_values(model: nn.Module, values: Mapping[str, Mapping[str, An
             param.copy_(distributed.shard_like(stored, param))
 
 
+def unsaved_sharded_parameters(model: nn.Module) -> list[str]:
+    """Parameters of a sharded (``fully_shard``) model that its ``state_dict`` leaves out: RB's
+    logits, which the controller state holds. ``ModelParallelStrategy`` restores a full
+    checkpoint parameter by parameter and, loading strictly, refuses a parameter it lacks."""
+    if not any(distributed.is_sharded(p) for p in model.parameters()):
+        return []
+    saved = set(model.state_dict(keep_vars=True))
+    return [name for name, _ in model.named_parameters() if name not in saved]
+
+
 def fold_in_place(model: nn.Module) -> None:
     """Writes the masked values into the stored weights; the masks stay attached."""
     with torch.no_grad():

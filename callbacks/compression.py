@@ -31,6 +31,7 @@ from callbacks.checkpoint_state import (
     masks_may_move,
     report_masked_weights,
     restore_masked_values,
+    unsaved_sharded_parameters,
 )
 from callbacks.run_report import check_finite_weights, layer_metrics, shortfall
 from compress import accuracy_aware, distributed, masks
@@ -161,6 +162,7 @@ class CompressionCallback(_Callback):
         self._step_offset = 0
         self._fit_start_step = 0
         self._key_prefix = ""  # of the compressed network in the LightningModule's state_dict
+        self._strict_loading: bool | None = None  # the module's, while a restore is relaxed
 
     @property
     def state_key(self) -> str:
@@ -253,8 +255,18 @@ class CompressionCallback(_Callback):
         if any(a.loss() is not None for a in self.ctrl.algorithms):
             _add_loss(pl_module, self.ctrl)
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # ModelParallelStrategy restores a checkpoint after this hook, a full one parameter by
+        # parameter: RB's logits, left out of the state_dict (this callback's state holds them),
+        # would stop a strict restore. Relaxed for that restore only; on_train_start undoes it.
+        if self.ctrl is not None and pl_module.strict_loading:
+            if unsaved_sharded_parameters(self.ctrl.model):
+                self._strict_loading, pl_module.strict_loading = True, False
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.ctrl is not None
+        if self._strict_loading is not None:
+            pl_module.strict_loading, self._strict_loading = self._strict_loading, None
         if self._aa is not None:
             aa_glue.check_reference(self._aa)
         self._fit_start_step = self.ctrl.scheduler.global_step

@@ -273,21 +273,44 @@ def _field(d: Any, key: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _checkpoint(path: Path) -> Any:
+    """A full checkpoint file, or the directory of a distributed checkpoint Lightning wrote
+    (``ModelParallelStrategy(save_distributed_checkpoint=True)``): its ``meta.pt`` (callbacks,
+    loops) with the model's tensors read whole from the shards, in this one process."""
+    from compress.deploy.files import safe_load
+
+    if not path.is_dir():
+        return safe_load(path)
+    if not (path / ".metadata").is_file() or not (path / "meta.pt").is_file():
+        raise CompressError(
+            f"{path}: a directory, not a distributed checkpoint written by Lightning "
+            "(no .metadata and meta.pt in it)"
+        )
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    payload = safe_load(path / "meta.pt")
+    if isinstance(payload, dict):
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            state = _load_state_dict_from_keys("state_dict", checkpoint_id=path)
+        payload["state_dict"] = state["state_dict"]
+    return payload
+
+
 def export_checkpoint(
     path: Path, model: nn.Module, formats: Sequence[str], out: Path
 ) -> dict[str, Path]:
-    """Exports the model of a checkpoint written with ``CompressionCallback``: ``model`` is a
-    fresh instance of the LightningModule or of the compressed network (the callback's
-    ``model_attr`` submodule); the recipe, masks and example input shapes come from the
-    callback's entry."""
+    """Exports the model of a checkpoint written with ``CompressionCallback`` (a file, or a
+    distributed checkpoint's directory): ``model`` is a fresh instance of the LightningModule
+    or of the compressed network (the callback's ``model_attr`` submodule); the recipe, masks
+    and example input shapes come from the callback's entry."""
     from compress.controller import create_compressed_model, expand_state
     from compress.deploy.export import FORMATS, export
-    from compress.deploy.files import safe_load
 
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise CompressError(f"--formats: {unknown} not supported; one of {list(FORMATS)}")
-    payload = safe_load(path)
+    payload = _checkpoint(path)
     entry = _field(_field(payload, "callbacks"), "CompressionCallback")
     if "recipe" not in entry or "controller" not in entry:
         raise CompressError(

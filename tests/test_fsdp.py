@@ -123,17 +123,29 @@ class EndProbe(pl.Callback):
                 for name, _, pname, m in masks.iter_masked(model)
             },
             "weights": {n: distributed.full(p.detach()).cpu() for n, p in model.named_parameters()},
+            "strict_loading": pl_module.strict_loading,
         }
         if trainer.is_global_zero:
             torch.save(found, self.path)
 
 
-def fit(out: Path, name: str, strategy: str) -> None:
-    """One fit of ``RECIPES[name]`` under "ddp" or "fsdp" (ModelParallelStrategy)."""
+def fit(
+    out: Path,
+    name: str,
+    strategy: str,
+    *,
+    tag: str = "",
+    epochs: int = EPOCHS,
+    resume: Path | None = None,
+    distributed_checkpoint: bool = False,
+) -> None:
+    """One fit of ``RECIPES[name]`` under "ddp" or "fsdp" (ModelParallelStrategy); rank 0 writes
+    what it ended with to ``out / f"{strategy}{tag}.pt"``, its run goes to ``out / strategy``
+    (a checkpoint per epoch) and ``resume`` is the checkpoint it starts from."""
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.strategies import ModelParallelStrategy
 
-    run = out / strategy
+    run = out / f"{strategy}{tag}"
     cb = CompressionCallback(
         {"compression": RECIPES[name]},
         model_attr="model",
@@ -144,13 +156,15 @@ def fit(out: Path, name: str, strategy: str) -> None:
     trainer = quiet_trainer(
         run,
         cb,
-        EndProbe(out / f"{strategy}.pt"),
-        ModelCheckpoint(dirpath=run / "ckpt", save_last=True),
-        epochs=EPOCHS,
+        EndProbe(out / f"{strategy}{tag}.pt"),
+        ModelCheckpoint(dirpath=run / "ckpt", save_last=True, save_top_k=-1),
+        epochs=epochs,
         devices=2,
         strategy=(
             ModelParallelStrategy(
-                data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False
+                data_parallel_size=2,
+                tensor_parallel_size=1,
+                save_distributed_checkpoint=distributed_checkpoint,
             )
             if sharded
             else "ddp"
@@ -159,7 +173,7 @@ def fit(out: Path, name: str, strategy: str) -> None:
         logger=False,
     )
     pl.seed_everything(0, verbose=False)
-    fit_quietly(trainer, ShardedLit(shard=sharded), loader())
+    fit_quietly(trainer, ShardedLit(shard=sharded), loader(), ckpt_path=resume)
 
 
 _SCRIPT = """
@@ -170,14 +184,23 @@ import torch
 torch.set_num_threads(1)
 import test_fsdp
 out = Path({out!r})
+{body}
+"""
+_BOTH = """
 test_fsdp.fit(out, {name!r}, "ddp")
 test_fsdp.fit(out, {name!r}, "fsdp")
 """
+_RESUMED = """
+test_fsdp.fit(out, {name!r}, "fsdp", distributed_checkpoint={dcp!r})
+saved = sorted((out / "fsdp" / "ckpt").glob("epoch=1-*"))[0]
+test_fsdp.fit(out, {name!r}, "fsdp", tag="_resumed", resume=saved, distributed_checkpoint={dcp!r})
+"""
 
 
-def run_both(tmp_path: Path, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_script(tmp_path: Path, body: str) -> None:
+    """``body`` run by two processes (Lightning starts the second), ``test_fsdp`` imported."""
     script = tmp_path / "run.py"
-    code = _SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), out=str(tmp_path), name=name)
+    code = _SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), out=str(tmp_path), body=body)
     script.write_text(textwrap.dedent(code))
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
@@ -189,6 +212,10 @@ def run_both(tmp_path: Path, name: str) -> tuple[dict[str, Any], dict[str, Any]]
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def run_both(tmp_path: Path, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    run_script(tmp_path, _BOTH.format(name=name))
     return torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "fsdp.pt")
 
 
@@ -234,6 +261,40 @@ def test_fsdp2_ends_as_ddp(name: str, tmp_path: Path) -> None:
         torch.testing.assert_close(loaded.model.state_dict()[k], w, atol=0, rtol=0)
     for k, m in fsdp["masks"].items():
         assert bool((loaded.model.state_dict()[k][~m] == 0).all())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved", ["full", "distributed"])
+@pytest.mark.parametrize("name", ["magnitude_global", "rb"])
+def test_fsdp2_resumes_bitwise(name: str, saved: str, tmp_path: Path) -> None:
+    """Resumed from the checkpoint of epoch 1 (masks still moving, RB still learning its
+    logits), a sharded fit ends bitwise where the uninterrupted one did: from a full checkpoint
+    (one file, ``save_distributed_checkpoint=False``; RB's logits, which its state_dict leaves
+    out, used to stop Lightning's strict restore: "does not exist in the loaded checkpoint")
+    and from a distributed checkpoint directory."""
+    run_script(tmp_path, _RESUMED.format(name=name, dcp=saved == "distributed"))
+    ckpt = tmp_path / "fsdp" / "ckpt" / "epoch=1-step=8.ckpt"
+    assert ckpt.is_dir() == (saved == "distributed")
+    whole, resumed = torch.load(tmp_path / "fsdp.pt"), torch.load(tmp_path / "fsdp_resumed.pt")
+    assert sorted(resumed["weights"]) == sorted(whole["weights"])
+    assert any("rb_logit" in k for k in whole["weights"]) == (name == "rb")
+    for part in ("masks", "weights"):
+        for k, t in whole[part].items():
+            assert torch.equal(resumed[part][k], t), (part, k)
+    assert sum(int((~m).sum()) for m in whole["masks"].values()) > 0 or name == "rb"
+    assert resumed["strict_loading"]  # relaxed for the restore only
+    # `compress export` of the last checkpoint (a directory when distributed) is the export at
+    # fit end
+    from compress.cli import export_checkpoint
+    from compress.deploy.export import read_sparse
+
+    last = tmp_path / "fsdp" / "ckpt" / "last.ckpt"
+    paths = export_checkpoint(last, ShardedLit(), ["sparse"], tmp_path / "exported")
+    a, _ = read_sparse(paths["sparse"])
+    b, _ = read_sparse(tmp_path / "fsdp" / "exports" / "model.sparse.pt")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_kth_smallest_is_exact_and_ties_fall_in_order() -> None:
