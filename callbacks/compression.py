@@ -75,9 +75,10 @@ class CompressionCallback(_Callback):
     - ``setup``: builds the controller (right after ``configure_model`` when the module
       overrides it, so that weights sharded there get sharded masks). Example inputs come from
       ``example_input_array``, else the recipe's ``input_info``, else the first training batch.
-    - Steps the scheduler at every epoch start and after every optimizer step (so gradient
-      accumulation counts once per optimizer step), and adds ``ctrl.loss()`` to the loss that
-      ``training_step`` returns.
+    - Steps the scheduler at every epoch start and after every batch that stepped an optimizer
+      (so gradient accumulation counts once per optimizer step, and two optimizers stepped in
+      one manual ``training_step`` count once), and adds ``ctrl.loss()`` to the loss that
+      ``training_step`` returns, or under manual optimization to its first ``manual_backward``.
     - Logs ``compression/level`` on the progress bar and per-layer sparsity at epoch end.
     - Checkpoints hold, under ``state_dict``, the masked weights (the model that computes), so
       ``MyLit.load_from_checkpoint(path)`` is the compressed model without this library. The
@@ -160,7 +161,10 @@ class CompressionCallback(_Callback):
         self._epoch_offset = 0
         self._step_offset = 0
         self._fit_start_step = 0
+        self._batch_start_step = 0  # trainer.global_step when the current batch started
         self._key_prefix = ""  # of the compressed network in the LightningModule's state_dict
+        self._loss_feed: _LossFeed | None = None
+        self._fit_start_seen = 0  # backward passes that saw the compression loss, at fit start
 
     @property
     def state_key(self) -> str:
@@ -251,13 +255,15 @@ class CompressionCallback(_Callback):
             self.load_state_dict(self._pending_state)
             self._pending_state = None
         if any(a.loss() is not None for a in self.ctrl.algorithms):
-            _add_loss(pl_module, self.ctrl)
+            self._loss_feed = _LossFeed(pl_module, self.ctrl)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.ctrl is not None
         if self._aa is not None:
             aa_glue.check_reference(self._aa)
         self._fit_start_step = self.ctrl.scheduler.global_step
+        if self._loss_feed is not None:
+            self._loss_feed.seen = self._loss_feed.missed = 0
         scheduler = self.ctrl.scheduler
         batches = trainer.num_training_batches
         if (
@@ -285,6 +291,7 @@ class CompressionCallback(_Callback):
         # Lightning does not call on_train_epoch_start for the first epoch after resuming from a
         # checkpoint saved mid-epoch or at an epoch's last batch; the first batch catches up.
         self._sync_epoch(trainer)
+        self._batch_start_step = trainer.global_step
 
     def _sync_epoch(self, trainer: pl.Trainer) -> None:
         assert self.ctrl is not None
@@ -302,8 +309,10 @@ class CompressionCallback(_Callback):
         batch_idx: int,
     ) -> None:
         assert self.ctrl is not None
-        # global_step counts optimizer steps, so accumulation and skipped steps are respected.
-        while self.ctrl.scheduler.global_step < trainer.global_step + self._step_offset:
+        # One schedule step per batch that stepped an optimizer (global_step counts them), so
+        # accumulation and skipped steps are respected, and a manual training_step stepping
+        # two optimizers (Lightning counts two) still counts once, as the epoch's length does.
+        if trainer.global_step > self._batch_start_step:
             self.ctrl.scheduler.step()
         check_finite_weights(self.ctrl, trainer.current_epoch, trainer.global_step)
         pl_module.log("compression/level", self.ctrl.compression_level, prog_bar=True, on_step=True)
@@ -364,11 +373,17 @@ class CompressionCallback(_Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.ctrl is not None
         # The module becomes the compressed model: what validate/test/predict, state_dict and
-        # the export see, and where a second fit continues (pruned weights stay at zero).
+        # the export see, and where a second fit continues (pruned weights stay at zero, also
+        # those RB's learned masks dropped).
+        self.ctrl.fix_dropped()
         fold_in_place(self.ctrl.model)
         trained = self.ctrl.scheduler.global_step > self._fit_start_step
         dev_run = bool(getattr(trainer, "fast_dev_run", False))
-        self.shortfall = [] if dev_run or not trained else shortfall(self.ctrl)
+        feed = self._loss_feed
+        unfed = feed is not None and feed.missed > 0 and feed.seen == 0
+        self.shortfall = [] if dev_run or not trained else shortfall(self.ctrl, loss_fed=not unfed)
+        if unfed:
+            self.shortfall.insert(0, _UNFED)
         if self.verbose:
             rank_zero_info("\n".join([str(self.ctrl.statistics()), *self.shortfall]))
         for line in self.shortfall:
@@ -440,19 +455,58 @@ class CompressionCallback(_Callback):
                     t.copy_(saved[name])
 
 
-def _add_loss(pl_module: pl.LightningModule, ctrl: CompressionController) -> None:
-    """Makes ``training_step`` return its loss plus ``ctrl.loss()``, without changing the class."""
-    step = pl_module.training_step
+_UNFED = (
+    "compression: the recipe's compression loss (ctrl.loss()) never reached a backward pass in "
+    "this fit, so learned masks (RB) did not learn their sparsity: under manual optimization "
+    "the callback adds it to the first self.manual_backward(loss) of each training_step; call "
+    "self.manual_backward(loss) instead of loss.backward(), or add the callback's ctrl.loss() "
+    "to the loss you backpropagate"
+)
 
-    @functools.wraps(step)
-    def training_step(*args: Any, **kwargs: Any) -> Any:
-        out = step(*args, **kwargs)
-        extra = ctrl.loss()
-        pl_module.log("compression/loss", extra.detach(), on_step=True)
+
+class _LossFeed:
+    """Adds ``ctrl.loss()`` to the loss Lightning backpropagates, without changing the class:
+    to what ``training_step`` returns under automatic optimization, and to the first
+    ``manual_backward`` of each ``training_step`` under manual optimization. Counts the
+    backward passes that saw it."""
+
+    def __init__(self, pl_module: pl.LightningModule, ctrl: CompressionController) -> None:
+        self.ctrl, self.module = ctrl, pl_module
+        self.seen = 0  # backward passes (or returned losses) that held the compression loss
+        self.missed = 0  # manual training steps that had a compression loss and no backward
+        self.due = False  # a manual training_step runs and has not added the loss yet
+        step, backward = pl_module.training_step, pl_module.manual_backward
+
+        @functools.wraps(step)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            if not pl_module.automatic_optimization:
+                self.due = True
+                try:
+                    return step(*args, **kwargs)
+                finally:
+                    if self.due and any(a.loss() is not None for a in ctrl.algorithms):
+                        self.missed += 1
+                    self.due = False
+            return self._add(step(*args, **kwargs))
+
+        @functools.wraps(backward)
+        def manual_backward(loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+            if self.due:
+                self.due = False
+                loss = self._add(loss)
+            backward(loss, *args, **kwargs)
+
+        pl_module.training_step = training_step  # type: ignore[method-assign]
+        pl_module.manual_backward = manual_backward  # type: ignore[method-assign]
+
+    def _add(self, out: Any) -> Any:
+        extra = self.ctrl.loss()
         if isinstance(out, torch.Tensor):
-            return out + extra.to(out.device)
-        if isinstance(out, Mapping) and "loss" in out:
-            return {**out, "loss": out["loss"] + extra.to(out["loss"].device)}
+            out = out + extra.to(out.device)
+        elif isinstance(out, Mapping) and "loss" in out:
+            out = {**out, "loss": out["loss"] + extra.to(out["loss"].device)}
+        else:  # None skips the step: nothing to add to
+            return out
+        self.seen += 1
+        self.module.log("compression/loss", extra.detach(), on_step=True)
         return out
-
-    pl_module.training_step = training_step  # type: ignore[method-assign]

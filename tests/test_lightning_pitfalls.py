@@ -1,0 +1,147 @@
+"""What Lightning users tripped on (issue 26): RB in a second fit and under manual optimization,
+two optimizers with a per-step schedule, another pruner on the same model, a compiled network
+without ``model_attr``, the statistics of combined recipes, and messages that were not true."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import LitClassifier, fit_quietly, loader16, magnitude, quiet_trainer
+from torch import nn
+
+from callbacks import CompressionCallback
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# RB whose logits learn fast enough to drop a quarter of the weights in 64 Adam steps
+RB = {
+    "compression": {
+        "algorithm": "rb_sparsity",
+        "sparsity_init": 0.3,
+        "compression_lr_multiplier": 30,
+        "params": {
+            "schedule": "polynomial",
+            "power": 1,
+            "sparsity_target": 0.6,
+            "sparsity_target_epoch": 4,
+            "sparsity_freeze_epoch": 8,
+        },
+    }
+}
+
+
+def trainer(root: Path, *callbacks: Any, epochs: int, **kw: Any) -> Any:
+    kw.setdefault("logger", False)
+    kw.setdefault("enable_checkpointing", False)
+    return quiet_trainer(root, *callbacks, epochs=epochs, devices=1, **kw)
+
+
+def weights(module: LitClassifier) -> torch.Tensor:
+    return torch.cat([module.model[i].weight.detach().flatten() for i in (0, 2, 4)])
+
+
+# --- 1. RB in a second fit ----------------------------------------------------------------------
+
+
+def test_a_second_fit_never_revives_weights_rb_dropped(tmp_path: Path) -> None:
+    cb = CompressionCallback(RB, model_attr="model", verbose=False)
+    module = LitClassifier(optimizer=torch.optim.Adam, lr=1e-2)
+    fit_quietly(trainer(tmp_path, cb, epochs=2), module, loader16(256))
+    dropped = weights(module) == 0
+    assert int(dropped.sum()) > 5000  # 9,138 of 35,800
+    state = cb.ctrl.state_dict()
+
+    fit_quietly(trainer(tmp_path / "2", cb, epochs=2), module, loader16(256))
+    after = weights(module)
+    assert int((after[dropped] != 0).sum()) == 0  # 1,780 came back before the fix
+    rb = cb.ctrl.algorithms[0]
+    assert not rb.frozen and rb.sparsity() == pytest.approx(float((after == 0).float().mean()))
+    # the fixed zeros travel in the controller state
+    rb.load_state_dict(state["state"]["rb_sparsity"])
+    assert rb.sparsity() == pytest.approx(float(dropped.float().mean()))
+
+
+# --- 2. manual optimization ---------------------------------------------------------------------
+
+
+class ManualLit(LitClassifier):
+    """A module that optimizes by hand, with ``manual_backward`` or a plain ``backward``."""
+
+    def __init__(self, plain_backward: bool = False, **kw: Any) -> None:
+        super().__init__(optimizer=torch.optim.Adam, lr=1e-2, **kw)
+        self.automatic_optimization = False
+        self.plain_backward = plain_backward
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        opt = self.optimizers()
+        opt.zero_grad()
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        if self.plain_backward:
+            loss.backward()
+        else:
+            self.manual_backward(loss)
+        opt.step()
+
+
+def test_manual_optimization_backpropagates_the_compression_loss(tmp_path: Path) -> None:
+    sparsity = {}
+    for module in (ManualLit(), LitClassifier(optimizer=torch.optim.Adam, lr=1e-2)):
+        torch.manual_seed(0)
+        module.model.load_state_dict(LitClassifier().model.state_dict())
+        cb = CompressionCallback(RB, model_attr="model", verbose=False)
+        fit_quietly(trainer(tmp_path, cb, epochs=2), module, loader16(256))
+        sparsity[module.automatic_optimization] = cb.ctrl.algorithms[0].sparsity()
+    # the same training either way; 0.0000 by hand before (the loss reached no backward)
+    assert sparsity[False] == sparsity[True] > 0.25
+
+
+def test_a_compression_loss_no_backward_saw_is_named(tmp_path: Path) -> None:
+    cb = CompressionCallback(RB, model_attr="model", verbose=False)
+    with pytest.warns(UserWarning, match=r"compression loss \(ctrl.loss\(\)\) never reached a "):
+        trainer(tmp_path, cb, epochs=1).fit(ManualLit(plain_backward=True), loader16())
+    assert "never reached a backward pass" in cb.shortfall[0]
+    assert not any("compression_lr_multiplier" in line for line in cb.shortfall)
+
+
+# --- 3. two optimizers with a per-step schedule -------------------------------------------------
+
+
+class TwoOptimizers(LitClassifier):
+    """Two optimizers stepped in every manual ``training_step``: Lightning counts two steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        for opt in self.optimizers():
+            opt.zero_grad()
+            self.manual_backward(nn.functional.cross_entropy(self(x), y))
+            opt.step()
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        first, rest = self.model[0].parameters(), list(self.model[1:].parameters())
+        return torch.optim.SGD(first, lr=0.05), torch.optim.SGD(rest, lr=0.05)
+
+
+def test_two_optimizers_step_a_per_step_schedule_once_per_batch(tmp_path: Path) -> None:
+    recipe = magnitude(
+        sparsity_target=0.5,
+        sparsity_target_epoch=2,
+        update_per_optimizer_step=True,
+        power=1,
+        concave=False,
+    )
+    cb = CompressionCallback(recipe, model_attr="model", verbose=False)
+    module = TwoOptimizers()
+    fit = trainer(tmp_path, cb, epochs=2)
+    fit_quietly(fit, module, loader16())
+    assert fit.global_step == 2 * 16  # Lightning's count
+    assert cb.ctrl.scheduler.global_step == 16
+    assert cb.ctrl.scheduler.inferred_steps_per_epoch == 8
+    assert cb.ctrl.compression_level == pytest.approx(0.5 * 15 / 16)
