@@ -261,6 +261,7 @@ class CompressionCallback(_Callback):
         assert self.ctrl is not None
         if self._aa is not None:
             aa_glue.check_reference(self._aa)
+        masks.check_owned(self.ctrl.model)
         self._fit_start_step = self.ctrl.scheduler.global_step
         if self._loss_feed is not None:
             self._loss_feed.seen = self._loss_feed.missed = 0
@@ -283,6 +284,9 @@ class CompressionCallback(_Callback):
     # --- scheduling and logging --------------------------------------------------------------
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.ctrl is not None
+        # another pruner (Lightning's ModelPruning prunes at epoch ends) on the same weights
+        masks.check_owned(self.ctrl.model)
         self._sync_epoch(trainer)
 
     def on_train_batch_start(

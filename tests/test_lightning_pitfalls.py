@@ -11,8 +11,10 @@ import pytest
 import torch
 from conftest import LitClassifier, fit_quietly, loader16, magnitude, quiet_trainer
 from torch import nn
+from torch.nn.utils import parametrize
 
 from callbacks import CompressionCallback
+from compress.errors import CompressError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -145,3 +147,38 @@ def test_two_optimizers_step_a_per_step_schedule_once_per_batch(tmp_path: Path) 
     assert cb.ctrl.scheduler.global_step == 16
     assert cb.ctrl.scheduler.inferred_steps_per_epoch == 8
     assert cb.ctrl.compression_level == pytest.approx(0.5 * 15 / 16)
+
+
+# --- 4. another pruner on the same weights ------------------------------------------------------
+
+
+def test_lightning_model_pruning_on_the_same_weights_is_named(tmp_path: Path) -> None:
+    from pytorch_lightning.callbacks import ModelPruning
+
+    cb = CompressionCallback(magnitude(sparsity_init=0.3), model_attr="model", verbose=False)
+    pruning = ModelPruning("l1_unstructured", amount=0.5, verbose=0)
+    module = LitClassifier()
+    with pytest.raises(
+        CompressError,
+        match=r"layer '0': its weight is masked by this library and was then taken over by "
+        r"torch.nn.utils.prune \(Lightning's ModelPruning",
+    ):  # KeyError: 'weight' at the first forward of epoch 1 before
+        fit_quietly(trainer(tmp_path, cb, pruning, epochs=2), module, loader16())
+    assert cb.ctrl.scheduler.epoch == 0  # said before epoch 1 trains
+
+
+class Half(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w / 2
+
+
+def test_a_parametrization_added_between_fits_is_named(tmp_path: Path) -> None:
+    cb = CompressionCallback(magnitude(sparsity_init=0.3), model_attr="model", verbose=False)
+    module = LitClassifier()
+    fit_quietly(trainer(tmp_path, cb, epochs=1), module, loader16())
+    parametrize.register_parametrization(module.model[2], "weight", Half())
+    with pytest.raises(CompressError, match=r"layer '2': .* taken over by a parametrization"):
+        fit_quietly(trainer(tmp_path, cb, epochs=2), module, loader16())
+    # a forward pass outside the trainer says the same (it was KeyError: 'weight')
+    with pytest.raises(CompressError, match=r"Linear: its weight .* by a parametrization"):
+        module(torch.zeros(1, 16))
