@@ -187,11 +187,11 @@ class CompressionCallback(_Callback):
         return inner if isinstance(inner, nn.Module) else target
 
     def _prefix(self, pl_module: pl.LightningModule) -> str:
-        """The target's key prefix in the LightningModule's state_dict."""
+        """The target's key prefix in the checkpoints' state_dict (plain names)."""
         target = self._target(pl_module)
         for name, module in pl_module.named_modules():
             if module is target:
-                return f"{name}." if name else ""
+                return plain_key(f"{name}.") if name else ""
         raise AssertionError("the target is a submodule")
 
     def _example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
@@ -241,6 +241,9 @@ class CompressionCallback(_Callback):
         if self._aa is not None:
             self._aa.attach(self.ctrl)
         self._key_prefix = self._prefix(pl_module)
+        compiled = _compiled_names(pl_module)
+        if compiled:  # checkpoints hold plain names (on_save_checkpoint); they load back
+            pl_module.register_load_state_dict_pre_hook(functools.partial(_to_compiled, compiled))
         calibrate(self.ctrl, trainer, target)
         for _, module, _, _ in masks.iter_masked(target):
             report_masked_weights(module)
@@ -329,6 +332,15 @@ class CompressionCallback(_Callback):
         pl_module.log_dict(layer_metrics(self.ctrl), on_step=False, on_epoch=True)
 
     # --- checkpoints ---------------------------------------------------------------------------
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # torch.compile's wrapper adds `_orig_mod.` to its network's keys: the checkpoint holds
+        # the plain names, which load into the plain network and LightningModule
+        weights = checkpoint.get("state_dict")
+        if isinstance(weights, dict) and any("_orig_mod." in k for k in weights):
+            checkpoint["state_dict"] = {plain_key(k): v for k, v in weights.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """The controller state (masks as bits), the stored values of masked-out weights while
@@ -423,7 +435,7 @@ class CompressionCallback(_Callback):
 
     def _export(self, source: nn.Module | None = None) -> None:
         assert self.ctrl is not None and self.export_dir is not None
-        plain = self.ctrl.strip(source=source)
+        plain = _uncompiled(self.ctrl.strip(source=source))
         inputs = self.ctrl.example_inputs
         if inputs is not None:
             device = next(plain.parameters()).device
@@ -457,6 +469,46 @@ class CompressionCallback(_Callback):
             with torch.no_grad():
                 for name, t in tensors.items():
                     t.copy_(saved[name])
+
+
+def plain_key(key: str) -> str:
+    """A state_dict key without the ``_orig_mod.`` that ``torch.compile``'s wrapper adds."""
+    return key.replace("._orig_mod.", ".").removeprefix("_orig_mod.")
+
+
+def _compiled_names(model: nn.Module) -> list[str]:
+    """The plain-name prefixes (``"model."``) of the compiled submodules of ``model``."""
+    return [
+        plain_key(f"{name}.")
+        for name, module in model.named_modules()
+        if name and isinstance(getattr(module, "_orig_mod", None), nn.Module)
+    ]
+
+
+def _to_compiled(
+    compiled: list[str], module: nn.Module, state: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """load_state_dict pre-hook: plain keys of a compiled submodule get back their
+    ``_orig_mod.``, so the checkpoints written with plain names load (a resume)."""
+    for key in [k for k in state if k.startswith(prefix) and "_orig_mod." not in k]:
+        rest = key[len(prefix) :]
+        for name in compiled:
+            if rest.startswith(name):
+                state[f"{prefix}{name}_orig_mod.{rest[len(name) :]}"] = state.pop(key)
+                break
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """``model`` (a stripped copy) with every compiled submodule replaced by the network it
+    compiles, so that exports hold plain names and trace the plain network."""
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module):
+        return _uncompiled(inner)
+    for name, child in list(model.named_children()):
+        plain = _uncompiled(child)
+        if plain is not child:
+            setattr(model, name, plain)
+    return model
 
 
 _UNFED = (

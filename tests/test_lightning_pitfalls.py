@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import LitClassifier, fit_quietly, loader16, magnitude, quiet_trainer
+from conftest import LitClassifier, fit_quietly, lenet, loader16, magnitude, quiet_trainer
 from torch import nn
 from torch.nn.utils import parametrize
 
+import compress
 from callbacks import CompressionCallback
 from compress.errors import CompressError
 
@@ -182,3 +183,51 @@ def test_a_parametrization_added_between_fits_is_named(tmp_path: Path) -> None:
     # a forward pass outside the trainer says the same (it was KeyError: 'weight')
     with pytest.raises(CompressError, match=r"Linear: its weight .* by a parametrization"):
         module(torch.zeros(1, 16))
+
+
+# --- 5. a compiled network without model_attr ---------------------------------------------------
+
+
+class CompiledLit(LitClassifier):
+    def __init__(self) -> None:
+        super().__init__(model=torch.compile(lenet(16), backend="eager"))
+
+
+def test_a_compiled_network_without_model_attr_exports_and_checkpoints_plain_names(
+    tmp_path: Path,
+) -> None:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    last = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
+    cb = CompressionCallback(
+        magnitude(sparsity_init=0.5),
+        verbose=False,
+        export_dir=tmp_path / "out",
+        export_formats=["sparse", "pt2"],
+    )
+    module = CompiledLit()
+    fit_quietly(
+        trainer(tmp_path, cb, last, epochs=1, enable_checkpointing=True), module, loader16()
+    )
+    x = torch.randn(5, 16)
+    module.eval()
+    want = module(x)
+    # the plain LightningModule takes the export and the checkpoint (model._orig_mod.0.weight
+    # before: "the file is of a different model: keys missing")
+    plain = compress.load_sparse(cb.exported["sparse"], LitClassifier()).eval()
+    assert torch.equal(plain(x), want)
+    program = torch.export.load(str(cb.exported["pt2"]))
+    assert torch.allclose(program.module()(x), want, atol=1e-6)
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert not any("_orig_mod" in k for k in ckpt["state_dict"])
+    assert torch.equal(LitClassifier.load_from_checkpoint(last.best_model_path).eval()(x), want)
+    # and the compiled module resumes from it
+    again = CompressionCallback(magnitude(sparsity_init=0.5), verbose=False)
+    resumed = CompiledLit()
+    fit_quietly(
+        trainer(tmp_path / "2", again, epochs=2),
+        resumed,
+        loader16(),
+        ckpt_path=last.best_model_path,
+    )
+    assert again.ctrl.scheduler.global_step == 16
