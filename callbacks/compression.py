@@ -322,9 +322,12 @@ class CompressionCallback(_Callback):
         if trainer.global_step > self._batch_start_step:
             self.ctrl.scheduler.step()
         check_finite_weights(self.ctrl, trainer.current_epoch, trainer.global_step)
-        pl_module.log("compression/level", self.ctrl.compression_level, prog_bar=True, on_step=True)
-        if len(self.ctrl.algorithms) > 1:
-            for algo in self.ctrl.algorithms:
+        leveled = [a for a in self.ctrl.algorithms if a.has_level]  # not distillation's
+        if leveled:
+            level = self.ctrl.compression_level
+            pl_module.log("compression/level", level, prog_bar=True, on_step=True)
+        if len(leveled) > 1:
+            for algo in leveled:
                 pl_module.log(f"compression/{algo.name}/level", algo.level, on_step=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

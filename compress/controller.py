@@ -114,8 +114,10 @@ class CompressionController:
 
     @property
     def compression_level(self) -> float:
-        """The current level of the last algorithm (sparsity when a sparsity algorithm is used)."""
-        return self.algorithms[-1].level if self.algorithms else 0.0
+        """The current level of the last algorithm that has one (sparsity when a sparsity
+        algorithm is used); knowledge distillation has none."""
+        leveled = [a for a in self.algorithms if a.has_level]
+        return leveled[-1].level if leveled else 0.0
 
     def loss(self) -> torch.Tensor:
         """The sum of the algorithms' losses (zero for algorithms without one)."""

@@ -231,3 +231,52 @@ def test_a_compiled_network_without_model_attr_exports_and_checkpoints_plain_nam
         ckpt_path=last.best_model_path,
     )
     assert again.ctrl.scheduler.global_step == 16
+
+
+# --- 6. statistics of combined recipes ----------------------------------------------------------
+
+
+def _csv_columns(root: Path) -> dict[str, list[float]]:
+    import csv
+
+    (path,) = root.rglob("metrics.csv")
+    rows = list(csv.DictReader(path.open()))
+    return {k: [float(r[k]) for r in rows if r[k]] for k in rows[0]}
+
+
+def test_filter_pruning_with_rb_counts_the_model_params_not_the_logits(tmp_path: Path) -> None:
+    from pytorch_lightning.loggers import CSVLogger
+    from test_resume import FILTER, RB, Lit, resumable_loader
+
+    cb = CompressionCallback({"compression": [FILTER, RB]}, model_attr="model", verbose=False)
+    module = Lit()
+    full = sum(p.numel() for p in module.model.parameters())
+    logger = CSVLogger(tmp_path, name="csv")
+    fit_quietly(trainer(tmp_path, cb, epochs=2, logger=logger), module, resumable_loader())
+    (params,) = [
+        r for r in cb.ctrl.statistics().to_dict()["algorithms"][0]["summary"] if r[""] == "params"
+    ]
+    stripped = sum(p.numel() for p in cb.ctrl.strip().parameters())
+    # 104,526 against 56,714 on the CNN before: the RB logits counted as the model's
+    assert params["full"] == full
+    assert params["current"] == stripped < full
+    logged = _csv_columns(tmp_path / "csv")
+    assert logged["compression/filter_pruning/params"][-1] == stripped
+    assert logged["compression/filter_pruning/params_full"][-1] == full
+
+
+def test_distillation_logs_no_level_of_its_own(tmp_path: Path) -> None:
+    from pytorch_lightning.loggers import CSVLogger
+
+    recipe = magnitude(sparsity_init=0.3)
+    recipe["compression"] = [
+        recipe["compression"],
+        {"algorithm": "knowledge_distillation", "type": "softmax"},
+    ]
+    cb = CompressionCallback(recipe, model_attr="model", verbose=False)
+    logger = CSVLogger(tmp_path, name="csv")
+    fit = trainer(tmp_path, cb, epochs=1, logger=logger, log_every_n_steps=1)
+    fit_quietly(fit, LitClassifier(), loader16())
+    logged = _csv_columns(tmp_path / "csv")
+    assert "compression/knowledge_distillation/level" not in logged  # a constant 0 before
+    assert logged["compression/level"][-1] == pytest.approx(0.3)  # magnitude's, not 0
