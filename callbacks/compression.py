@@ -332,7 +332,11 @@ class CompressionCallback(_Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.ctrl is not None
-        pl_module.log_dict(layer_metrics(self.ctrl), on_step=False, on_epoch=True)
+        # identical on every rank: synced with max, which is exact, so Lightning does not ask
+        # for sync_dist under DDP
+        pl_module.log_dict(
+            layer_metrics(self.ctrl), on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max"
+        )
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -403,6 +407,11 @@ class CompressionCallback(_Callback):
         self.shortfall = [] if dev_run or not trained else shortfall(self.ctrl, loss_fed=not unfed)
         if unfed:
             self.shortfall.insert(0, _UNFED)
+        unmet = None
+        if self._aa is not None and self.monitor is not None and trained and not dev_run:
+            unmet = aa_glue.unmet_budget(self._aa, self.monitor)
+        if unmet is not None:
+            self.shortfall.append(unmet)
         if self.verbose:
             rank_zero_info("\n".join([str(self.ctrl.statistics()), *self.shortfall]))
         for line in self.shortfall:

@@ -280,3 +280,56 @@ def test_distillation_logs_no_level_of_its_own(tmp_path: Path) -> None:
     logged = _csv_columns(tmp_path / "csv")
     assert "compression/knowledge_distillation/level" not in logged  # a constant 0 before
     assert logged["compression/level"][-1] == pytest.approx(0.3)  # magnitude's, not 0
+
+
+# --- 8. messages that are true ------------------------------------------------------------------
+
+
+def test_compress_export_of_a_weights_only_checkpoint_says_what_lightning_left_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from compress.cli import main
+
+    weights_only = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="w", save_weights_only=True)
+    cb = CompressionCallback(magnitude(sparsity_init=0.5), model_attr="model", verbose=False)
+    fit = trainer(tmp_path, cb, weights_only, epochs=1, enable_checkpointing=True)
+    fit_quietly(fit, LitClassifier(), loader16())
+    args = ["export", str(tmp_path / "ckpt" / "w.ckpt"), "--model", "conftest:lenet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    # "not a checkpoint written with CompressionCallback" before: it was
+    assert "a weights-only checkpoint (ModelCheckpoint(save_weights_only=True))" in err
+    assert "pass a checkpoint written without save_weights_only" in err
+
+
+def test_an_early_exit_run_that_misses_its_budget_warns(tmp_path: Path) -> None:
+    from test_accuracy_aware import LevelMetric, lit_recipe
+
+    cb = CompressionCallback(
+        lit_recipe("early_exit", 0.4, maximal_relative_accuracy_degradation=1.0),
+        monitor="val_acc",
+        model_attr="model",
+        verbose=False,
+        reference_metric=2.0,  # out of reach: no epoch is within 1% of it
+    )
+    with pytest.warns(
+        UserWarning,
+        match=r"accuracy-aware training \(early_exit\): no epoch met the budget at the recipe's "
+        r"level \(val_acc within 1\.9800, reference 2\.0000; the last epoch: level 0\.4000",
+    ):  # an INFO line only before
+        trainer(tmp_path, cb, epochs=4).fit(LevelMetric(), loader16(16, 8), loader16(8, 8))
+
+
+@pytest.mark.slow  # two processes: ~25 s
+def test_epoch_metrics_under_ddp_ask_for_no_sync_dist(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from test_ddp import check_ranks, fit_ddp
+    from test_resume import MAGNITUDE
+
+    fit_ddp(tmp_path, MAGNITUDE)
+    check_ranks(tmp_path, MAGNITUDE)
+    # six "It is recommended to use `self.log('compression/...', ..., sync_dist=True)`" before
+    assert "sync_dist=True" not in capfd.readouterr().err
