@@ -244,18 +244,21 @@ def _csv_columns(root: Path) -> dict[str, list[float]]:
     return {k: [float(r[k]) for r in rows if r[k]] for k in rows[0]}
 
 
-def test_filter_pruning_with_rb_counts_the_model_params_not_the_logits(tmp_path: Path) -> None:
+@pytest.mark.parametrize("order", ["filter_pruning+rb", "rb+filter_pruning"])
+def test_filter_pruning_with_rb_counts_the_model_params_not_the_logits(
+    order: str, tmp_path: Path
+) -> None:
     from pytorch_lightning.loggers import CSVLogger
     from test_resume import FILTER, RB, Lit, resumable_loader
 
-    cb = CompressionCallback({"compression": [FILTER, RB]}, model_attr="model", verbose=False)
+    section = [FILTER, RB] if order == "filter_pruning+rb" else [RB, FILTER]
+    cb = CompressionCallback({"compression": section}, model_attr="model", verbose=False)
     module = Lit()
     full = sum(p.numel() for p in module.model.parameters())
     logger = CSVLogger(tmp_path, name="csv")
     fit_quietly(trainer(tmp_path, cb, epochs=2, logger=logger), module, resumable_loader())
-    (params,) = [
-        r for r in cb.ctrl.statistics().to_dict()["algorithms"][0]["summary"] if r[""] == "params"
-    ]
+    (fp,) = [a for a in cb.ctrl.statistics().to_dict()["algorithms"] if "summary" in a]
+    (params,) = [r for r in fp["summary"] if r[""] == "params"]
     stripped = sum(p.numel() for p in cb.ctrl.strip().parameters())
     # 104,526 against 56,714 on the CNN before: the RB logits counted as the model's
     assert params["full"] == full

@@ -105,9 +105,15 @@ class FilterPruning(Algorithm):
         macs = layer_macs(model, example_inputs)
         self.full_macs = macs.get("", sum(macs.values()))
         self.layer_macs = {n: macs.get(n, 0) for n in self._weight_layers()}
-        self.full_params = sum(p.numel() for p in model.parameters())
-        # the model's own parameters: those added later (RB's logits) are not the model's
-        self.own_params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        # the model's own parameters, those of its state_dict: RB's logits (added before or
+        # after this algorithm) are not
+        in_state = set(model.state_dict(keep_vars=True))
+        self.own_params = {
+            n for n, _ in model.named_parameters(remove_duplicate=False) if n in in_state
+        }
+        self.full_params = sum(
+            p.numel() for n, p in model.named_parameters() if n in self.own_params
+        )
         # NNCF counts the filters of every conv and linear layer, prunable or not
         self.full_filters = sum(
             weight(m).shape[0] for m in model.modules() if isinstance(m, _LAYERS)
