@@ -186,7 +186,7 @@ class RBSparsity(Algorithm):
         """Fixes at zero the weights the deterministic masks drop now; the logits of the others
         keep learning. The Lightning callback calls it at fit end, where the module becomes the
         compressed model, so that a second fit never revives a weight the first one removed."""
-        if self.frozen:
+        if self.frozen or self.sparsity() == 0.0:  # nothing dropped: the buffers stay ones
             return
         self._declare_ones(False)
         with torch.no_grad():
