@@ -51,6 +51,25 @@ def on_validation_end(aa: AccuracyAware, trainer: pl.Trainer, monitor: str, fitt
     check_reference(aa)
 
 
+def unmet_budget(aa: AccuracyAware, monitor: str) -> str | None:
+    """A line at fit end when no epoch met the budget at the level the recipe asks for (early
+    exit: the full level; the search: any level above 0), and no decision said so already."""
+    if not aa.history or aa.reference is None:
+        return None
+    if aa.best is not None and aa.budget(aa.best["metric"]) >= 0:
+        return None
+    if aa.best is None and aa.phase == "done":  # the finish warned
+        return None
+    level, metric = aa.history[-1]
+    return (
+        f"accuracy-aware training ({aa.params.mode}): no epoch met the budget at the "
+        f"recipe's level ({monitor} within {aa.tolerable:.4f}, reference {aa.reference:.4f}; "
+        f"the last epoch: level {level:.4f}, {monitor} {metric:.4f}); the model at fit end "
+        "does not meet it. Train more epochs (max_epochs, maximal_total_epochs) or allow more "
+        "degradation (maximal_relative_accuracy_degradation)"
+    )
+
+
 def scale_learning_rates(trainer: pl.Trainer, factor: float) -> None:
     """Multiplies every learning rate, and the base rates schedulers restart from, by factor."""
     for opt in trainer.optimizers:

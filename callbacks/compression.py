@@ -76,9 +76,10 @@ class CompressionCallback(_Callback):
     - ``setup``: builds the controller (right after ``configure_model`` when the module
       overrides it, so that weights sharded there get sharded masks). Example inputs come from
       ``example_input_array``, else the recipe's ``input_info``, else the first training batch.
-    - Steps the scheduler at every epoch start and after every optimizer step (so gradient
-      accumulation counts once per optimizer step), and adds ``ctrl.loss()`` to the loss that
-      ``training_step`` returns.
+    - Steps the scheduler at every epoch start and after every batch that stepped an optimizer
+      (so gradient accumulation counts once per optimizer step, and two optimizers stepped in
+      one manual ``training_step`` count once), and adds ``ctrl.loss()`` to the loss that
+      ``training_step`` returns, or under manual optimization to its first ``manual_backward``.
     - Logs ``compression/level`` on the progress bar and per-layer sparsity at epoch end.
     - Checkpoints hold, under ``state_dict``, the masked weights (the model that computes), so
       ``MyLit.load_from_checkpoint(path)`` is the compressed model without this library. The
@@ -161,8 +162,11 @@ class CompressionCallback(_Callback):
         self._epoch_offset = 0
         self._step_offset = 0
         self._fit_start_step = 0
+        self._batch_start_step = 0  # trainer.global_step when the current batch started
         self._key_prefix = ""  # of the compressed network in the LightningModule's state_dict
         self._strict_loading: bool | None = None  # the module's, while a restore is relaxed
+        self._loss_feed: _LossFeed | None = None
+        self._fit_start_seen = 0  # backward passes that saw the compression loss, at fit start
 
     @property
     def state_key(self) -> str:
@@ -185,11 +189,11 @@ class CompressionCallback(_Callback):
         return inner if isinstance(inner, nn.Module) else target
 
     def _prefix(self, pl_module: pl.LightningModule) -> str:
-        """The target's key prefix in the LightningModule's state_dict."""
+        """The target's key prefix in the checkpoints' state_dict (plain names)."""
         target = self._target(pl_module)
         for name, module in pl_module.named_modules():
             if module is target:
-                return f"{name}." if name else ""
+                return plain_key(f"{name}.") if name else ""
         raise AssertionError("the target is a submodule")
 
     def _example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
@@ -239,6 +243,9 @@ class CompressionCallback(_Callback):
         if self._aa is not None:
             self._aa.attach(self.ctrl)
         self._key_prefix = self._prefix(pl_module)
+        compiled = _compiled_names(pl_module)
+        if compiled:  # checkpoints hold plain names (on_save_checkpoint); they load back
+            pl_module.register_load_state_dict_pre_hook(functools.partial(_to_compiled, compiled))
         calibrate(self.ctrl, trainer, target)
         for _, module, _, _ in masks.iter_masked(target):
             report_masked_weights(module)
@@ -253,7 +260,7 @@ class CompressionCallback(_Callback):
             self.load_state_dict(self._pending_state)
             self._pending_state = None
         if any(a.loss() is not None for a in self.ctrl.algorithms):
-            _add_loss(pl_module, self.ctrl)
+            self._loss_feed = _LossFeed(pl_module, self.ctrl)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # ModelParallelStrategy restores a checkpoint after this hook, a full one parameter by
@@ -269,7 +276,10 @@ class CompressionCallback(_Callback):
             pl_module.strict_loading, self._strict_loading = self._strict_loading, None
         if self._aa is not None:
             aa_glue.check_reference(self._aa)
+        masks.check_owned(self.ctrl.model)
         self._fit_start_step = self.ctrl.scheduler.global_step
+        if self._loss_feed is not None:
+            self._loss_feed.seen = self._loss_feed.missed = 0
         scheduler = self.ctrl.scheduler
         batches = trainer.num_training_batches
         if (
@@ -289,6 +299,9 @@ class CompressionCallback(_Callback):
     # --- scheduling and logging --------------------------------------------------------------
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.ctrl is not None
+        # another pruner (Lightning's ModelPruning prunes at epoch ends) on the same weights
+        masks.check_owned(self.ctrl.model)
         self._sync_epoch(trainer)
 
     def on_train_batch_start(
@@ -297,6 +310,7 @@ class CompressionCallback(_Callback):
         # Lightning does not call on_train_epoch_start for the first epoch after resuming from a
         # checkpoint saved mid-epoch or at an epoch's last batch; the first batch catches up.
         self._sync_epoch(trainer)
+        self._batch_start_step = trainer.global_step
 
     def _sync_epoch(self, trainer: pl.Trainer) -> None:
         assert self.ctrl is not None
@@ -314,20 +328,38 @@ class CompressionCallback(_Callback):
         batch_idx: int,
     ) -> None:
         assert self.ctrl is not None
-        # global_step counts optimizer steps, so accumulation and skipped steps are respected.
-        while self.ctrl.scheduler.global_step < trainer.global_step + self._step_offset:
+        # One schedule step per batch that stepped an optimizer (global_step counts them), so
+        # accumulation and skipped steps are respected, and a manual training_step stepping
+        # two optimizers (Lightning counts two) still counts once, as the epoch's length does.
+        if trainer.global_step > self._batch_start_step:
             self.ctrl.scheduler.step()
         check_finite_weights(self.ctrl, trainer.current_epoch, trainer.global_step)
-        pl_module.log("compression/level", self.ctrl.compression_level, prog_bar=True, on_step=True)
-        if len(self.ctrl.algorithms) > 1:
-            for algo in self.ctrl.algorithms:
+        leveled = [a for a in self.ctrl.algorithms if a.has_level]  # not distillation's
+        if leveled:
+            level = self.ctrl.compression_level
+            pl_module.log("compression/level", level, prog_bar=True, on_step=True)
+        if len(leveled) > 1:
+            for algo in leveled:
                 pl_module.log(f"compression/{algo.name}/level", algo.level, on_step=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.ctrl is not None
-        pl_module.log_dict(layer_metrics(self.ctrl), on_step=False, on_epoch=True)
+        # identical on every rank: synced with max, which is exact, so Lightning does not ask
+        # for sync_dist under DDP
+        pl_module.log_dict(
+            layer_metrics(self.ctrl), on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max"
+        )
 
     # --- checkpoints ---------------------------------------------------------------------------
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # torch.compile's wrapper adds `_orig_mod.` to its network's keys: the checkpoint holds
+        # the plain names, which load into the plain network and LightningModule
+        weights = checkpoint.get("state_dict")
+        if isinstance(weights, dict) and any("_orig_mod." in k for k in weights):
+            checkpoint["state_dict"] = {plain_key(k): v for k, v in weights.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """The controller state (masks as bits), the stored values of masked-out weights while
@@ -376,11 +408,22 @@ class CompressionCallback(_Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.ctrl is not None
         # The module becomes the compressed model: what validate/test/predict, state_dict and
-        # the export see, and where a second fit continues (pruned weights stay at zero).
+        # the export see, and where a second fit continues (pruned weights stay at zero, also
+        # those RB's learned masks dropped).
+        self.ctrl.fix_dropped()
         fold_in_place(self.ctrl.model)
         trained = self.ctrl.scheduler.global_step > self._fit_start_step
         dev_run = bool(getattr(trainer, "fast_dev_run", False))
-        self.shortfall = [] if dev_run or not trained else shortfall(self.ctrl)
+        feed = self._loss_feed
+        unfed = feed is not None and feed.missed > 0 and feed.seen == 0
+        self.shortfall = [] if dev_run or not trained else shortfall(self.ctrl, loss_fed=not unfed)
+        if unfed:
+            self.shortfall.insert(0, _UNFED)
+        unmet = None
+        if self._aa is not None and self.monitor is not None and trained and not dev_run:
+            unmet = aa_glue.unmet_budget(self._aa, self.monitor)
+        if unmet is not None:
+            self.shortfall.append(unmet)
         if self.verbose:
             rank_zero_info("\n".join([str(self.ctrl.statistics()), *self.shortfall]))
         for line in self.shortfall:
@@ -416,7 +459,7 @@ class CompressionCallback(_Callback):
 
     def _export(self, source: nn.Module | None = None) -> None:
         assert self.ctrl is not None and self.export_dir is not None
-        plain = self.ctrl.strip(source=source)
+        plain = _uncompiled(self.ctrl.strip(source=source))
         inputs = self.ctrl.example_inputs
         if inputs is not None:
             device = next(plain.parameters()).device
@@ -452,19 +495,98 @@ class CompressionCallback(_Callback):
                     t.copy_(saved[name])
 
 
-def _add_loss(pl_module: pl.LightningModule, ctrl: CompressionController) -> None:
-    """Makes ``training_step`` return its loss plus ``ctrl.loss()``, without changing the class."""
-    step = pl_module.training_step
+def plain_key(key: str) -> str:
+    """A state_dict key without the ``_orig_mod.`` that ``torch.compile``'s wrapper adds."""
+    return key.replace("._orig_mod.", ".").removeprefix("_orig_mod.")
 
-    @functools.wraps(step)
-    def training_step(*args: Any, **kwargs: Any) -> Any:
-        out = step(*args, **kwargs)
-        extra = ctrl.loss()
-        pl_module.log("compression/loss", extra.detach(), on_step=True)
+
+def _compiled_names(model: nn.Module) -> list[str]:
+    """The plain-name prefixes (``"model."``) of the compiled submodules of ``model``."""
+    return [
+        plain_key(f"{name}.")
+        for name, module in model.named_modules()
+        if name and isinstance(getattr(module, "_orig_mod", None), nn.Module)
+    ]
+
+
+def _to_compiled(
+    compiled: list[str], module: nn.Module, state: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """load_state_dict pre-hook: plain keys of a compiled submodule get back their
+    ``_orig_mod.``, so the checkpoints written with plain names load (a resume)."""
+    for key in [k for k in state if k.startswith(prefix) and "_orig_mod." not in k]:
+        rest = key[len(prefix) :]
+        for name in compiled:
+            if rest.startswith(name):
+                state[f"{prefix}{name}_orig_mod.{rest[len(name) :]}"] = state.pop(key)
+                break
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """``model`` (a stripped copy) with every compiled submodule replaced by the network it
+    compiles, so that exports hold plain names and trace the plain network."""
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module):
+        return _uncompiled(inner)
+    for name, child in list(model.named_children()):
+        plain = _uncompiled(child)
+        if plain is not child:
+            setattr(model, name, plain)
+    return model
+
+
+_UNFED = (
+    "compression: the recipe's compression loss (ctrl.loss()) never reached a backward pass in "
+    "this fit, so learned masks (RB) did not learn their sparsity: under manual optimization "
+    "the callback adds it to the first self.manual_backward(loss) of each training_step; call "
+    "self.manual_backward(loss) instead of loss.backward(), or add the callback's ctrl.loss() "
+    "to the loss you backpropagate"
+)
+
+
+class _LossFeed:
+    """Adds ``ctrl.loss()`` to the loss Lightning backpropagates, without changing the class:
+    to what ``training_step`` returns under automatic optimization, and to the first
+    ``manual_backward`` of each ``training_step`` under manual optimization. Counts the
+    backward passes that saw it."""
+
+    def __init__(self, pl_module: pl.LightningModule, ctrl: CompressionController) -> None:
+        self.ctrl, self.module = ctrl, pl_module
+        self.seen = 0  # backward passes (or returned losses) that held the compression loss
+        self.missed = 0  # manual training steps that had a compression loss and no backward
+        self.due = False  # a manual training_step runs and has not added the loss yet
+        step, backward = pl_module.training_step, pl_module.manual_backward
+
+        @functools.wraps(step)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            if not pl_module.automatic_optimization:
+                self.due = True
+                try:
+                    return step(*args, **kwargs)
+                finally:
+                    if self.due and any(a.loss() is not None for a in ctrl.algorithms):
+                        self.missed += 1
+                    self.due = False
+            return self._add(step(*args, **kwargs))
+
+        @functools.wraps(backward)
+        def manual_backward(loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+            if self.due:
+                self.due = False
+                loss = self._add(loss)
+            backward(loss, *args, **kwargs)
+
+        pl_module.training_step = training_step  # type: ignore[method-assign]
+        pl_module.manual_backward = manual_backward  # type: ignore[method-assign]
+
+    def _add(self, out: Any) -> Any:
+        extra = self.ctrl.loss()
         if isinstance(out, torch.Tensor):
-            return out + extra.to(out.device)
-        if isinstance(out, Mapping) and "loss" in out:
-            return {**out, "loss": out["loss"] + extra.to(out["loss"].device)}
+            out = out + extra.to(out.device)
+        elif isinstance(out, Mapping) and "loss" in out:
+            out = {**out, "loss": out["loss"] + extra.to(out["loss"].device)}
+        else:  # None skips the step: nothing to add to
+            return out
+        self.seen += 1
+        self.module.log("compression/loss", extra.detach(), on_step=True)
         return out
-
-    pl_module.training_step = training_step  # type: ignore[method-assign]

@@ -68,6 +68,11 @@ class Algorithm:
         """The level the schedule asks for now."""
         return 0.0
 
+    @property
+    def has_level(self) -> bool:
+        """Whether the algorithm has a level of its own (knowledge distillation has none)."""
+        return type(self).level is not Algorithm.level
+
     def set_level(self, level: float) -> None:
         """Moves to ``level`` now, outside the schedule (accuracy-aware training)."""
         raise CompressError(f"{self.name}: its level cannot be set")

@@ -297,6 +297,18 @@ def _checkpoint(path: Path) -> Any:
     return payload
 
 
+def _weights_only(payload: Any) -> bool:
+    """Whether ``payload`` is a Lightning checkpoint written with ``save_weights_only``: weights
+    and loop counters, without the callbacks' and optimizers' states."""
+    return (
+        isinstance(payload, dict)
+        and isinstance(payload.get("state_dict"), dict)
+        and "pytorch-lightning_version" in payload
+        and "callbacks" not in payload
+        and "optimizer_states" not in payload
+    )
+
+
 def export_checkpoint(
     path: Path, model: nn.Module, formats: Sequence[str], out: Path
 ) -> dict[str, Path]:
@@ -312,6 +324,15 @@ def export_checkpoint(
         raise CompressError(f"--formats: {unknown} not supported; one of {list(FORMATS)}")
     payload = _checkpoint(path)
     entry = _field(_field(payload, "callbacks"), "CompressionCallback")
+    if _weights_only(payload):
+        raise CompressError(
+            f"{path}: a weights-only checkpoint (ModelCheckpoint(save_weights_only=True)): "
+            "Lightning leaves out every callback's state there, the recipe and masks of "
+            "CompressionCallback included, so it cannot be exported. Its state_dict is the "
+            "masked model already (MyLit.load_from_checkpoint gives it); to export, pass a "
+            "checkpoint written without save_weights_only, or use the export the callback "
+            "writes at fit end (CompressionCallback(recipe, export_dir=...))"
+        )
     if "recipe" not in entry or "controller" not in entry:
         raise CompressError(
             f"{path}: not a checkpoint written with CompressionCallback (no "

@@ -103,10 +103,21 @@ class CompressionController:
         algo.set_level(level)
         masks.sync(self._masked)
 
+    def fix_dropped(self) -> None:
+        """Fixes at zero the weights that learned masks (RB) drop now, so that further training
+        never brings them back; the other masks already keep their zeros."""
+        for algo in self.algorithms:
+            fix = getattr(algo, "fix_dropped", None)
+            if fix is not None:
+                fix()
+        masks.sync(self._masked)
+
     @property
     def compression_level(self) -> float:
-        """The current level of the last algorithm (sparsity when a sparsity algorithm is used)."""
-        return self.algorithms[-1].level if self.algorithms else 0.0
+        """The current level of the last algorithm that has one (sparsity when a sparsity
+        algorithm is used); knowledge distillation has none."""
+        leveled = [a for a in self.algorithms if a.has_level]
+        return leveled[-1].level if leveled else 0.0
 
     def loss(self) -> torch.Tensor:
         """The sum of the algorithms' losses (zero for algorithms without one)."""
@@ -241,7 +252,7 @@ def check_state_values(state: Mapping[str, Any], names: list[str]) -> None:
         level = entry.get("level", 0.0)
         if not isinstance(level, (int, float)) or not 0.0 <= level <= 1.0:
             raise CompressError(f"compression state: {name}.level is {level!r}, not in [0, 1]")
-        for kind in ("masks", "keep", "logits"):
+        for kind in ("masks", "keep", "logits", "fixed"):
             tensors = entry.get(kind, {})
             if not isinstance(tensors, Mapping) or not all(
                 isinstance(t, torch.Tensor) for t in tensors.values()

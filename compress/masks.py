@@ -100,6 +100,8 @@ def _shadow(module: nn.Module) -> None:
     state = module.__dict__.get(_STATE, {})
     gathered = {}
     for name, m in state.items():
+        if name not in module._parameters:
+            raise CompressError(taken_over(type(module).__name__, module, name))
         param = module._parameters[name]
         if param is None:
             continue
@@ -118,6 +120,32 @@ def _shadow(module: nn.Module) -> None:
         module.__dict__[_SAVED] = distributed.recomputed(
             gathered, lambda name: _compute(module, name, _param(module, name), state[name])
         )
+
+
+def taken_over(where: str, module: nn.Module, name: str) -> str:
+    """What took ``module.<name>`` away from the masks: ``torch.nn.utils.prune`` (Lightning's
+    ``ModelPruning``) or a parametrization, added after the masks."""
+    if hasattr(module, name + "_orig") and hasattr(module, name + "_mask"):
+        other = "torch.nn.utils.prune (Lightning's ModelPruning callback, or prune.* on it)"
+    elif name in getattr(module, "parametrizations", {}):
+        other = "a parametrization (torch.nn.utils.parametrize, e.g. weight_norm or spectral_norm)"
+    else:
+        other = "something that replaced the parameter"
+    return (
+        f"{where}: its {name} is masked by this library and was then taken over by {other}; "
+        "two pruners on one weight would each undo the other's zeros. Use one of them: remove "
+        "the other pruner (or its reparametrization) or leave this layer out of the recipe "
+        "(ignored_scopes)"
+    )
+
+
+def check_owned(model: nn.Module) -> None:
+    """Raises ``CompressError`` naming the first masked module whose parameter another mechanism
+    (``torch.nn.utils.prune``, a parametrization) took over after the masks were attached."""
+    for mod_name, module in model.named_modules():
+        for name in module.__dict__.get(_STATE, {}):
+            if name not in module._parameters:
+                raise CompressError(taken_over(f"layer {mod_name!r}", module, name))
 
 
 def _unshadow(module: nn.Module) -> None:

@@ -105,7 +105,15 @@ class FilterPruning(Algorithm):
         macs = layer_macs(model, example_inputs)
         self.full_macs = macs.get("", sum(macs.values()))
         self.layer_macs = {n: macs.get(n, 0) for n in self._weight_layers()}
-        self.full_params = sum(p.numel() for p in model.parameters())
+        # the model's own parameters, those of its state_dict: RB's logits (added before or
+        # after this algorithm) are not
+        in_state = set(model.state_dict(keep_vars=True))
+        self.own_params = {
+            n for n, _ in model.named_parameters(remove_duplicate=False) if n in in_state
+        }
+        self.full_params = sum(
+            p.numel() for n, p in model.named_parameters() if n in self.own_params
+        )
         # NNCF counts the filters of every conv and linear layer, prunable or not
         self.full_filters = sum(
             weight(m).shape[0] for m in model.modules() if isinstance(m, _LAYERS)
@@ -365,7 +373,10 @@ class FilterPruning(Algorithm):
     def macs_params(self, keep: Mapping[str, torch.Tensor]) -> tuple[int, int]:
         """(MACs, params) of the model ``strip`` would build with ``keep``, counted from the
         kept widths (equal to ``count_macs_params`` of the shrunk model, at no tracing cost)."""
-        numel = shrunk_numel(self.model, self.groups, keep)
+        numel = {
+            k: n if k in self.own_params else 0
+            for k, n in shrunk_numel(self.model, self.groups, keep).items()
+        }
         saved = 0.0
         for name, macs in self.layer_macs.items():
             saved += macs * (1.0 - numel[f"{name}.weight"] / self._weight(name).numel())

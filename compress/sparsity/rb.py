@@ -9,7 +9,9 @@ Each masked weight ``W`` gets a logit tensor ``s`` of its shape, initialised to
 - eval mode, or without autograd (statistics, folding): ``m = sigmoid(s) > 0.5``;
 - every ``sigmoid(.) > 0.5`` is computed as NNCF computes it, in the logits' dtype: in float32 a
   logit in (0, about 6e-8) gives exactly 0.5 and drops its weight;
-- frozen (from ``sparsity_freeze_epoch``): the deterministic mask at freezing time, fixed.
+- frozen (from ``sparsity_freeze_epoch``): the deterministic mask at freezing time, fixed;
+- ``fix_dropped`` (the Lightning callback's fit end): the weights the deterministic mask drops
+  then stay dropped, while the logits of the others keep learning.
 
 The loss is NNCF's ``SparseLoss``: ``((density - (1 - level)) / 0.05) ** 2`` where density is
 the fraction of weights of the deterministic mask, with the same straight-through gradient.
@@ -81,6 +83,8 @@ class RBSparsity(Algorithm):
         self.current = self.init  # the level the loss pulls the masks to
         self.scheduled = initial_level(self.params, self.init)  # the level NNCF reports
         self.reached_epochs = 0
+        # whether the mask buffers hold zeros while the logits learn (``fix_dropped``)
+        self.fixed = False
         # (layer name, a module holding the weight, its logit, its mask buffer), one per weight
         self.entries: list[tuple[str, nn.Module, nn.Parameter, torch.Tensor]] = []
         self._attach(weight_layers(model, cfg))
@@ -166,7 +170,7 @@ class RBSparsity(Algorithm):
         """Fixes every mask at its deterministic value; the loss turns off."""
         self._declare_ones(False)
         for _, _, theta, mask in self.entries:
-            mask.copy_(self._keep(theta))
+            mask.mul_(self._keep(theta))
         self.shared.frozen = True
         reached = self.sparsity()
         if abs(reached - self.current) > 0.05:
@@ -177,6 +181,18 @@ class RBSparsity(Algorithm):
                 "rate relative to the optimizer's) or train longer before freezing",
                 stacklevel=2,
             )
+
+    def fix_dropped(self) -> None:
+        """Fixes at zero the weights the deterministic masks drop now; the logits of the others
+        keep learning. The Lightning callback calls it at fit end, where the module becomes the
+        compressed model, so that a second fit never revives a weight the first one removed."""
+        if self.frozen or self.sparsity() == 0.0:  # nothing dropped: the buffers stay ones
+            return
+        self._declare_ones(False)
+        with torch.no_grad():
+            for _, _, theta, mask in self.entries:
+                mask.mul_(self._keep(theta))
+        self.fixed = True
 
     def _declare_ones(self, ones: bool) -> None:
         """Whether the forward pass may skip the mask buffers (all ones while learning), for
@@ -196,6 +212,8 @@ class RBSparsity(Algorithm):
         """The deterministic (eval-mode) binary masks, one per weight."""
         if self.frozen:
             return [mask.bool() for _, _, _, mask in self.entries]
+        if self.fixed:
+            return [self._keep(theta) & mask.bool() for _, _, theta, mask in self.entries]
         return [self._keep(theta) for _, _, theta, _ in self.entries]
 
     def sparsity(self) -> float:
@@ -220,7 +238,7 @@ class RBSparsity(Algorithm):
             return None
         target = 1.0 - self.current
         scale = self.shared.scale
-        kept = [_kept(theta, scale) for _, _, theta, _ in self.entries]
+        kept = [_kept(t, scale, mask if self.fixed else None) for _, _, t, mask in self.entries]
         sizes = [theta.numel() for _, _, theta, _ in self.entries]
         if self.params["sparsity_level_setting_mode"] == "local":
             losses = [((k / n - target) / DENSITY_SCALE) ** 2 for k, n in zip(kept, sizes)]
@@ -262,6 +280,8 @@ class RBSparsity(Algorithm):
             "reached_epochs": self.reached_epochs,
             "logits": {name: theta.detach().clone() for name, _, theta, _ in self.entries},
             "masks": {name: m.clone() for (name, *_), m in zip(self.entries, self.current_masks())},
+            # the buffers fix_dropped wrote (while the logits still learn)
+            "fixed": {name: m.bool() for name, _, _, m in self.entries} if self.fixed else {},
             "generator": None if gen_state is None else gen_state.clone(),
         }
 
@@ -270,17 +290,21 @@ class RBSparsity(Algorithm):
         self.scheduled = float(state.get("scheduled", self.current))
         self.reached_epochs = int(state.get("reached_epochs", 0))
         frozen = bool(state["frozen"])
-        if frozen:  # before any zero is written
+        fixed = {} if frozen else state.get("fixed") or {}
+        if frozen or fixed:  # before any zero is written
             self._declare_ones(False)
         with torch.no_grad():
             load_masks([(n, m, t) for n, m, t, _ in self.entries], state["logits"], self.name)
             for name, _, _, mask in self.entries:
                 if frozen:
                     mask.copy_(distributed.shard_like(state["masks"][name], mask))
+                elif name in fixed:
+                    mask.copy_(distributed.shard_like(fixed[name], mask))
                 else:
                     mask.fill_(1.0)
         self.shared.frozen = frozen
-        if not frozen:  # once the buffers hold ones
+        self.fixed = bool(fixed)
+        if not frozen and not fixed:  # once the buffers hold ones
             self._declare_ones(True)
         gen_state = state.get("generator")
         self.shared.generator = None
@@ -301,16 +325,18 @@ class RBSparsity(Algorithm):
                 raise CompressError(f"rb_sparsity: {type(module).__name__} lost its RB mask")
             masks.declare_ones(module, "weight", self.name, False)
             if not layer.shared.frozen:
-                mask.copy_(self._keep(theta))
+                mask.mul_(self._keep(theta))
             state_id, load_id = layer.hook_ids
             module._state_dict_hooks.pop(state_id, None)
             module._load_state_dict_pre_hooks.pop(load_id, None)
         return model
 
 
-def _kept(theta: torch.Tensor, scale: float) -> torch.Tensor:
-    """The number of kept weights of one layer (straight-through to ``theta``); of a sharded
-    ``theta``, counted on each rank's shard and summed over the ranks."""
+def _kept(theta: torch.Tensor, scale: float, fixed: torch.Tensor | None) -> torch.Tensor:
+    """The number of kept weights of one layer (straight-through to ``theta``), those ``fixed``
+    drops counted as dropped; of a sharded ``theta``, counted on each rank's shard and summed
+    over the ranks."""
     if distributed.is_sharded(theta):
-        return distributed.summed(KeptCount.apply(distributed.local(theta), scale), theta)
-    return KeptCount.apply(theta, scale)
+        local = None if fixed is None else distributed.local(fixed)
+        return distributed.summed(KeptCount.apply(distributed.local(theta), scale, local), theta)
+    return KeptCount.apply(theta, scale, fixed)

@@ -90,18 +90,23 @@ class LearnedMask(torch.autograd.Function):
 
 class KeptCount(torch.autograd.Function):
     """The number of kept weights, ``sum(sigmoid(scale * theta) > 0.5)``; straight-through to
-    ``theta``."""
+    ``theta``. Weights that ``fixed`` (a 0/1 tensor) drops count as dropped and their logits get
+    no gradient."""
 
     @staticmethod
-    def forward(ctx: Any, theta: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, theta: torch.Tensor, scale: float, fixed: torch.Tensor | None = None
+    ) -> torch.Tensor:
         z = scaled(theta, scale)
-        ctx.save_for_backward(z)
-        return positive(z).sum()
+        ctx.save_for_backward(z, fixed)
+        keep = positive(z)
+        return (keep if fixed is None else keep.mul_(fixed)).sum()
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        (z,) = ctx.saved_tensors
-        return sigmoid_slope(z).mul_(grad), None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        z, fixed = ctx.saved_tensors
+        out = sigmoid_slope(z).mul_(grad)
+        return (out if fixed is None else out.mul_(fixed)), None, None
 
 
 class Frozen(torch.autograd.Function):
