@@ -44,7 +44,12 @@ from compress.pruning import flops_target, hf_layers, latency, latency_widths
 from compress.pruning.allocation import global_counts, global_keep, kept_count, top
 from compress.pruning.calibration import nuclear_scores
 from compress.pruning.channel_groups import Excluded, build_groups
-from compress.pruning.coverage import check_reachable, coverage_warning, exclusion_rows
+from compress.pruning.coverage import (
+    check_reachable,
+    coverage_warning,
+    exclusion_rows,
+    experts_warning,
+)
 from compress.pruning.hf_config import config_warning, update_config, widths
 from compress.pruning.importance import FILTER_IMPORTANCE
 from compress.pruning.layer_choices import layer_choices
@@ -112,6 +117,9 @@ class FilterPruning(Algorithm):
         )
         self.rounded_whole: list[str] = []  # groups whose rounding keeps every channel now
         self._check_coverage()
+        message = experts_warning(model, macs)
+        if message:
+            warnings.warn(message, stacklevel=4)
         self.scop = self._scop()
         self.update(False)
 

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from compress.errors import ConfigError
+from compress.experts import expert_params
 
 # The layer types NNCF 2.17 replaces by its own (nncf/torch/layers.py: NNCF_MODULES_DICT): the
 # wrapper's class name in node names, and the operation the layer's forward runs. Only these
@@ -89,7 +90,9 @@ class Names:
 
 
 def nncf_names(model: nn.Module) -> list[tuple[Names, nn.Module]]:
-    """Every module of ``model`` (as ``named_modules`` lists them) with its NNCF names.
+    """Every module of ``model`` (as ``named_modules`` lists them) with its NNCF names; a module
+    holding fused expert parameters is listed again under each of their names
+    (``model.layers.0.mlp.experts.gate_up_proj``), as sparsity masks them.
 
     Example:
         >>> from torch import nn
@@ -107,6 +110,9 @@ def nncf_names(model: nn.Module) -> list[tuple[Names, nn.Module]]:
         op = _op(module)
         scope = scopes[path]
         out.append((Names(path, scope, f"{scope}/{op}_0" if op else None), module))
+        # a fused mixture-of-experts parameter is named as a layer of its own
+        for param in expert_params(module):
+            out.append((Names(f"{path}.{param}", f"{scope}/{param}", None), module))
     return out
 
 

@@ -45,8 +45,14 @@ import torch
 from torch import nn
 
 from compress import distributed, masks
-from compress.algorithm import Algorithm, sparsity_event, sparsity_rows, weight_layers
-from compress.errors import CompressError
+from compress.algorithm import (
+    Algorithm,
+    param_name,
+    sparsity_event,
+    sparsity_rows,
+    weight_layers,
+)
+from compress.errors import CompressError, ConfigError
 from compress.schedules import (
     adaptive_level,
     initial_level,
@@ -83,7 +89,21 @@ class RBSparsity(Algorithm):
         self.reached_epochs = 0
         # (layer name, a module holding the weight, its logit, its mask buffer), one per weight
         self.entries: list[tuple[str, nn.Module, nn.Parameter, torch.Tensor]] = []
-        self._attach(weight_layers(model, cfg))
+        layers = weight_layers(model, cfg)
+        fused = [n for n, m in layers if param_name(n, m) != "weight"]
+        if fused:
+            # a logit per module and parameter "weight": fused experts would need one per
+            # parameter; left dense and said so, rather than counted as sparse
+            warnings.warn(
+                f"{cfg.path}: rb_sparsity leaves the fused expert weights {fused[:4]}"
+                f"{' and more' if len(fused) > 4 else ''} dense (it learns one mask per "
+                "layer weight); use magnitude_sparsity to sparsify mixture-of-experts weights",
+                stacklevel=4,
+            )
+        layers = [(n, m) for n, m in layers if param_name(n, m) == "weight"]
+        if not layers:
+            raise ConfigError(f"{cfg.path}: rb_sparsity has no layer weight to compress")
+        self._attach(layers)
 
     # --- building ----------------------------------------------------------------------------
 
