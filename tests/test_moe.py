@@ -126,13 +126,31 @@ def test_const_sparsity_keeps_the_zeros_of_experts() -> None:
     assert int(zeros.sum()) > 0
 
 
-def test_rb_sparsity_says_it_leaves_experts_dense() -> None:
-    with pytest.warns(UserWarning, match=r"rb_sparsity leaves the fused expert weights .*dense"):
-        compress.create_compressed_model(
-            ZOO["mixtral"].build(),
-            {"compression": {"algorithm": "rb_sparsity"}},
-            ZOO["mixtral"].inputs(),
-        )
+def test_rb_sparsity_learns_a_mask_per_expert(tmp_path: Path) -> None:
+    recipe = {
+        "algorithm": "rb_sparsity",
+        "sparsity_init": 0.5,
+        "params": {"sparsity_level_setting_mode": "local"},
+    }
+    ctrl, model, x = _build("mixtral", recipe)
+    assert not any("rb_logit" in k for k in model.state_dict())  # logits are the controller's
+    experts = _experts(model)[0]
+    logit = experts.gate_up_proj_rb_logit
+    with torch.no_grad():
+        logit.copy_(torch.where(torch.rand_like(logit) < 0.5, 5.0, -5.0))
+        logit[0] = torch.tensor([5.0, -5.0]).repeat(logit[0].numel() // 2).view_as(logit[0])
+    # local mode: every expert is a layer of its own; expert 0 at its level gets no gradient
+    ctrl.loss().backward()
+    assert torch.all(logit.grad[0] == 0)
+    assert bool((logit.grad[1:] != 0).any())
+    model.eval()
+    masked = compress.masks.effective(experts, "gate_up_proj")
+    assert float((masked[0] == 0).float().mean()) == 0.5
+    want = _outputs(model, x)
+    plain = ctrl.strip()
+    assert not hasattr(_experts(plain)[0], "gate_up_proj_rb_logit")
+    torch.testing.assert_close(_experts(plain)[0].gate_up_proj, masked)
+    torch.testing.assert_close(_outputs(plain, x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_macs_count_the_routed_experts_by_hand() -> None:
