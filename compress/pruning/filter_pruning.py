@@ -45,6 +45,7 @@ from compress.pruning.allocation import global_counts, global_keep, kept_count, 
 from compress.pruning.calibration import nuclear_scores
 from compress.pruning.channel_groups import Excluded, build_groups
 from compress.pruning.coverage import (
+    FLAGS,
     check_reachable,
     coverage_warning,
     exclusion_rows,
@@ -121,6 +122,7 @@ class FilterPruning(Algorithm):
         if message:
             warnings.warn(message, stacklevel=4)
         self.scop = self._scop()
+        self.reach_checked = False  # whether the latency target was checked against the table
         self.update(False)
 
     # --- construction ----------------------------------------------------------------------
@@ -236,6 +238,8 @@ class FilterPruning(Algorithm):
         if per_step or self.frozen:
             return
         epoch = self.scheduler.progress(None, False)
+        if self.latency_target and self.scheduler.epoch >= 0 and not self.reach_checked:
+            self._check_latency_reach()
         if self.scheduler.epoch < 0 and self.scop is None and not self.latency_target:
             # NNCF prunes at pruning_init when built, before the first epoch_step (SCOP and
             # latency targets, ours, start from the schedule's first epoch as before)
@@ -448,6 +452,22 @@ class FilterPruning(Algorithm):
                 backend=self.params.get("latency_backend", "torch"),
             )
         return self.latency_table
+
+    def _check_latency_reach(self) -> None:
+        """At the first epoch, before any training step (the table is measured then, or comes
+        from a loaded state, never twice): a warning when the flags leave too little to prune
+        for the latency target, with the most reachable target."""
+        self.reach_checked = True
+        fixed = {n: int(k.sum()) for n, k in self.explicit.items()}
+        for name, ratio in self.ratios.items():
+            g = next(g for g in self.groups if g.name == name)
+            round_to = self.params["round_to"]
+            fixed[name] = kept_count(g.size, ratio, round_to, unit=g.unit, rounding=self.rounding)
+        flags = sorted({FLAGS[e.kind] for e in self.excluded if e.kind in FLAGS})
+        target = float(self.latency_target or 0.0)
+        message = latency_widths.reach_warning(self.latency(), target, fixed, flags)
+        if message:
+            warnings.warn(f"{self.cfg.path}: {message}", stacklevel=4)
 
     def _latency_keep(
         self, fraction: float, scores: Mapping[str, torch.Tensor], epoch: float
