@@ -305,3 +305,20 @@ def test_flags_that_leave_the_latency_target_out_of_reach_are_said_before_traini
         ctrl, algo = compressed(model, x, pruning_latency_target=0.6, pruning_steps=3)
         ctrl.scheduler.epoch_step()
     assert not [w for w in caught if "out of reach" in str(w.message)]
+
+
+def test_strip_reports_the_measured_time_beside_the_predicted_one() -> None:
+    model, x = wide_net()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(latency, "default_timer", blocked_timer)
+        ctrl, algo = compressed(model, x, pruning_latency_target=0.5, schedule="baseline")
+        small = ctrl.strip()
+    report = small.compress_latency_table
+    assert report["chosen"] == widths(algo)
+    assert report["predicted_ms"] == latency_widths.predicted_ms(algo.latency_table, widths(algo))
+    # the planned timer: the stripped model's time is that of its narrower convs
+    assert report["measured_ms"] == pytest.approx(blocked_timer(functools.partial(small, x)) * 1e3)
+    assert report["measured_ms"] < report["model_ms"]
+    head = latency_widths.text(report).splitlines()[0]
+    assert f"the stripped model measured {report['measured_ms']:.3f} ms" in head
+    assert "x predicted" in head and "x measured)" in head

@@ -594,7 +594,19 @@ class FilterPruning(Algorithm):
         setattr(small, "compress_pruning_plan", plan)  # noqa: B010  (mypy: nn.Module attrs are tensors)
         if self.latency_table is not None:
             chosen = {n: int(k.sum()) for n, k in self.keep.items()}
-            setattr(small, "compress_latency_table", {**self.latency_table, "chosen": chosen})  # noqa: B010
+            # what the table predicted for the stripped model beside what it measures
+            measured = latency.measure_model(
+                small,
+                inputs,
+                batch_size=self.params.get("latency_batch_size"),
+                backend=self.params.get("latency_backend", "torch"),
+            )
+            report = {
+                "chosen": chosen,
+                "predicted_ms": latency_widths.predicted_ms(self.latency_table, chosen),
+                "measured_ms": measured,
+            }
+            setattr(small, "compress_latency_table", {**self.latency_table, **report})  # noqa: B010
         return small
 
 

@@ -231,4 +231,11 @@ def text(table: Mapping[str, Any], widths: Mapping[str, int] | None = None) -> s
     )
     if widths:
         head += f", {predicted_ms(table, widths):.3f} ms at the chosen widths"
+    if "measured_ms" in table:
+        speedup = full / table["predicted_ms"] if table["predicted_ms"] else 0.0
+        measured = table["model_ms"] / table["measured_ms"] if table["measured_ms"] else 0.0
+        head += (
+            f"; the stripped model measured {table['measured_ms']:.3f} ms (speed-up "
+            f"{speedup:.2f}x predicted, {measured:.2f}x measured)"
+        )
     return head + "\n" + markdown(rows)
