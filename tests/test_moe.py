@@ -103,6 +103,12 @@ def test_expert_parameters_are_scopes_of_their_own() -> None:
     assert not any(n.endswith("experts.down_proj") for n in names)
     experts = _experts(model)[0]
     assert bool((compress.masks.effective(experts, "down_proj") != 0).all())
+    # a scope naming the experts module names its parameters too
+    recipe["ignored_scopes"] = ["model.layers.1.mlp.experts"]
+    ctrl, _, _ = _build("mixtral", recipe)
+    names = [row["layer"] for row in _statistics(ctrl)["algorithms"][0]["layers"]]
+    assert "model.layers.0.mlp.experts.down_proj" in names
+    assert not any(n.startswith("model.layers.1.mlp.experts") for n in names)
     assert float((compress.masks.effective(experts, "gate_up_proj") == 0).float().mean()) > 0.3
 
 

@@ -82,11 +82,14 @@ NNCF_OPS: tuple[tuple[type[nn.Module], str], ...] = (
 @dataclass(frozen=True)
 class Names:
     """The names one module goes by: its module name, NNCF's scope and NNCF's node name (the
-    scope plus the operation, for the layers whose operation is known; else None)."""
+    scope plus the operation, for the layers whose operation is known; else None). A fused
+    expert parameter's names carry its module's name as ``owner``: a scope naming the module
+    names its parameters too."""
 
     path: str
     scope: str
     node: str | None
+    owner: str = ""
 
 
 def nncf_names(model: nn.Module) -> list[tuple[Names, nn.Module]]:
@@ -112,7 +115,7 @@ def nncf_names(model: nn.Module) -> list[tuple[Names, nn.Module]]:
         out.append((Names(path, scope, f"{scope}/{op}_0" if op else None), module))
         # a fused mixture-of-experts parameter is named as a layer of its own
         for param in expert_params(module):
-            out.append((Names(f"{path}.{param}", f"{scope}/{param}", None), module))
+            out.append((Names(f"{path}.{param}", f"{scope}/{param}", None, path), module))
     return out
 
 
@@ -133,6 +136,8 @@ def _as_list(scopes: str | Sequence[str] | None) -> list[str]:
 def matches(scope: str, name: str | Names) -> bool:
     """Whether ``scope`` names the module ``name`` (a module name, or all of a module's names)."""
     names = name if isinstance(name, Names) else Names(name, "", None)
+    if names.owner and matches(scope, Names(names.owner, "", None)):
+        return True
     if scope.startswith("{re}"):
         pattern = scope[4:]
         if re.fullmatch(pattern, names.path) is not None:
