@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress import distributed, masks
+from compress import distributed, experts, masks
 from compress.errors import CompressError, ConfigError
 from compress.recipe import scopes
 from compress.recipe.config import AlgorithmConfig
@@ -99,11 +99,24 @@ class Algorithm:
         return None
 
 
-def weight(module: nn.Module) -> torch.Tensor:
-    """``module.weight`` as the tensor it is (typed: nn.Module attributes are untyped)."""
-    w = module.weight
+def weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """``module.<name>`` as the tensor it is (typed: nn.Module attributes are untyped)."""
+    w = getattr(module, name)
     assert isinstance(w, torch.Tensor)
     return w
+
+
+def param_name(layer: str, module: nn.Module) -> str:
+    """The parameter a sparsity entry masks: ``weight``, or the fused expert parameter an entry
+    named ``<experts module>.<parameter>`` stands for (``...mlp.experts.gate_up_proj``)."""
+    last = layer.rpartition(".")[2]
+    return last if last in experts.expert_params(module) else "weight"
+
+
+def matrices(layer: str, module: nn.Module, w: torch.Tensor) -> list[torch.Tensor]:
+    """The matrices sparsity allocates among: ``w`` itself, or each expert's matrix of a fused
+    expert parameter (views of ``w``)."""
+    return list(w.unbind(0)) if param_name(layer, module) != "weight" else [w]
 
 
 def sparsity_event(algo: Algorithm, frozen: bool, per_step: bool) -> str:
@@ -132,7 +145,8 @@ def sparsity_event(algo: Algorithm, frozen: bool, per_step: bool) -> str:
 
 def weight_layers(model: nn.Module, cfg: AlgorithmConfig) -> list[tuple[str, nn.Module]]:
     """The layers a sparsity algorithm masks: Linear, conv and other matrix layers allowed by
-    the scopes, one entry per distinct weight (a weight tied between modules is listed once).
+    the scopes, one entry per distinct weight (a weight tied between modules is listed once),
+    and fused expert parameters (the experts module under ``<name>.<parameter>``).
     An Embedding is masked only when ``target_scopes`` names it."""
     opts = cfg.options
     target = opts.get("target_scopes")
@@ -146,7 +160,7 @@ def weight_layers(model: nn.Module, cfg: AlgorithmConfig) -> list[tuple[str, nn.
             validate=opts.get("validate_scopes", True),
             path=cfg.path,
         )
-        if is_sparsifiable(module, embeddings=bool(target))
+        if is_sparsifiable(module, embeddings=bool(target)) or param_name(name, module) != "weight"
     ]
     if not layers:
         raise ConfigError(
@@ -163,11 +177,12 @@ def attach_weight_masks(
     by_param: dict[int, torch.Tensor] = {}
     out = []
     for name, module in layers:
-        key = id(module.weight)
+        pname = param_name(name, module)
+        key = id(module._parameters[pname])
         if key in by_param:
-            masks.attach(module, "weight", mask=by_param[key])
+            masks.attach(module, pname, mask=by_param[key])
             continue
-        by_param[key] = masks.attach(module, "weight")
+        by_param[key] = masks.attach(module, pname)
         out.append((name, module, by_param[key]))
     return out
 
@@ -177,12 +192,12 @@ def sparsity_rows(entries: list[tuple[str, nn.Module, torch.Tensor]]) -> list[di
     layer's share of all masked weights, in percent."""
     rows = []
     total = sum(mask.numel() for _, _, mask in entries)
-    for name, module, mask in entries:
+    for name, _, mask in entries:
         n = mask.numel()
         rows.append(
             {
                 "layer": name,
-                "shape": list(weight(module).shape),
+                "shape": list(mask.shape),
                 "params": n,
                 "sparsity": 1.0 - distributed.scalar(mask.count_nonzero()) / n,
                 "weight's percentage": 100.0 * n / total,

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress import distributed, masks
+from compress import distributed, experts, masks
 from compress.algorithm import Algorithm, is_sparsifiable
 from compress.algorithms import ALGORITHMS
 from compress.analysis import untouched
@@ -132,6 +132,12 @@ class CompressionController:
             for name, module, pname, _ in masks.iter_masked(self.model)
             if pname == "weight" and is_sparsifiable(module, embeddings=True)
         }
+        fused = {  # fused mixture-of-experts weights, by the names sparsity gives them
+            f"{name}.{pname}": masks.effective(module, pname)
+            for name, module, pname, _ in masks.iter_masked(self.model)
+            if pname in experts.expert_params(module)
+        }
+        weights |= fused
         sharded = any(distributed.is_sharded(w) for w in weights.values())
         if sharded:  # which weights are zero, gathered as one byte each; no effective sparsity
             weights = {n: distributed.full((w != 0).to(torch.uint8)) for n, w in weights.items()}
@@ -141,6 +147,8 @@ class CompressionController:
             alive = sum(
                 int(active[f"{n}.weight"].sum()) for n in weights if f"{n}.weight" in active
             )
+            # outside the path analysis: their nonzero weights count as active
+            alive += sum(int(w.count_nonzero()) for w in fused.values())
             n_weights = summary["weights in compressed layers"]
             summary["effective sparsity of compressed layers"] = 1.0 - alive / n_weights
         return Statistics(model=summary, algorithms=tuple(a.statistics() for a in self.algorithms))

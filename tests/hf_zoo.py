@@ -1,5 +1,6 @@
 """Hugging Face models from small configs with random weights (never downloaded): BERT, ViT,
-GPT-2 and Llama, each with example inputs and a function reading its main output."""
+GPT-2, Llama, Mixtral and Qwen2-MoE, each with example inputs and a function reading its main
+output."""
 
 from __future__ import annotations
 
@@ -82,6 +83,46 @@ def llama(**overrides: Any) -> nn.Module:
     return LlamaForCausalLM(LlamaConfig(**(sizes | overrides)))
 
 
+def mixtral(**overrides: Any) -> nn.Module:
+    """A small Mixtral: 4 experts of width 128, 2 per token; 234,816 params, 196,608 of them in
+    the experts."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    sizes = {
+        "vocab_size": 100,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 16,
+    }
+    return MixtralForCausalLM(MixtralConfig(**(sizes | overrides)))
+
+
+def qwen2_moe(**overrides: Any) -> nn.Module:
+    """A small Qwen2-MoE: 4 experts of width 64, 2 per token, and a shared expert of width 128
+    (as wide as ``intermediate_size``, which only dense layers read)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    sizes = {
+        "vocab_size": 100,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 64,
+        "shared_expert_intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 16,
+    }
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(**(sizes | overrides)))
+
+
 def _pixels() -> tuple[torch.Tensor, ...]:
     return (torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)),)
 
@@ -91,6 +132,8 @@ ZOO = {
     "vit": Zoo("vit", vit, _pixels),
     "gpt2": Zoo("gpt2", gpt2, _ids),
     "llama": Zoo("llama", llama, _ids),
+    "mixtral": Zoo("mixtral", mixtral, _ids),
+    "qwen2_moe": Zoo("qwen2_moe", qwen2_moe, _ids),
 }
 
 

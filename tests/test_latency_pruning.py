@@ -268,3 +268,57 @@ def test_a_level_set_outside_the_schedule_is_a_latency_fraction_too() -> None:
         removed = latency_widths.removed_fraction(algo.latency_table, widths(algo))
     assert algo.level == 0.3
     assert 0.3 <= removed < 0.3 + 0.15
+
+
+def test_flags_that_leave_the_latency_target_out_of_reach_are_said_before_training() -> None:
+    # the first conv is excluded by default: its time stays, so 0.9 cannot be reached; the
+    # warning comes at the first epoch, before any step, with the most reachable target
+    model, x = wide_net()
+    recipe = {
+        "compression": {
+            "algorithm": "filter_pruning",
+            "params": {"pruning_latency_target": 0.9, "pruning_steps": 3},
+        }
+    }
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mp.setattr(latency, "default_timer", blocked_timer)
+        ctrl, _ = compress.create_compressed_model(model, recipe, x)
+        ctrl.scheduler.epoch_step()  # epoch 0: the schedule's level is still 0
+        algo = ctrl.algorithms[0]
+    assert algo.level == 0.0
+    said = [str(w.message) for w in caught if "out of reach" in str(w.message)]
+    most = latency_widths.reach(algo.latency_table)
+    assert len(said) == 1
+    assert said[0].startswith(
+        f"compression: pruning_latency_target 0.900 is out of reach: at their narrowest "
+        f"widths the prunable groups remove {most:.3f} of the predicted latency"
+    )
+    assert "prune_first_conv: true would let more layers shrink" in said[0]
+    assert f"The most reachable target with these flags is {most:.3f}" in said[0]
+    assert 0.0 < most < 0.9
+    # every conv prunable: the target is within reach, nothing is said
+    model, x = wide_net()
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mp.setattr(latency, "default_timer", blocked_timer)
+        ctrl, algo = compressed(model, x, pruning_latency_target=0.6, pruning_steps=3)
+        ctrl.scheduler.epoch_step()
+    assert not [w for w in caught if "out of reach" in str(w.message)]
+
+
+def test_strip_reports_the_measured_time_beside_the_predicted_one() -> None:
+    model, x = wide_net()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(latency, "default_timer", blocked_timer)
+        ctrl, algo = compressed(model, x, pruning_latency_target=0.5, schedule="baseline")
+        small = ctrl.strip()
+    report = small.compress_latency_table
+    assert report["chosen"] == widths(algo)
+    assert report["predicted_ms"] == latency_widths.predicted_ms(algo.latency_table, widths(algo))
+    # the planned timer: the stripped model's time is that of its narrower convs
+    assert report["measured_ms"] == pytest.approx(blocked_timer(functools.partial(small, x)) * 1e3)
+    assert report["measured_ms"] < report["model_ms"]
+    head = latency_widths.text(report).splitlines()[0]
+    assert f"the stripped model measured {report['measured_ms']:.3f} ms" in head
+    assert "x predicted" in head and "x measured)" in head

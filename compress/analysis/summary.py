@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from compress import experts
 from compress.analysis.untouched import untouched
 
 
@@ -84,17 +86,47 @@ def _fmt(v: Any) -> str:
 
 
 def layer_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dict[str, int]:
-    """MACs of each module (by name) for one forward pass, from torch's FLOP counter."""
+    """MACs of each module (by name) for one forward pass, from torch's FLOP counter.
+
+    Fused mixture-of-experts layers are counted by hand instead: the counter misses their
+    grouped matrix products. Such a layer over T tokens costs T * k (experts per token) times
+    one expert's weights, listed per fused parameter too (``...experts.gate_up_proj``)."""
     counter = FlopCounterMode(display=False)
-    with untouched(model), torch.no_grad(), counter:
-        model.eval()
-        model(*example_inputs)
+    tokens: dict[str, int] = {}
+    handles = [
+        module.register_forward_hook(functools.partial(_count_tokens, tokens, name))
+        for name, module in experts.expert_modules(model)
+    ]
+    try:
+        with untouched(model), torch.no_grad(), counter:
+            model.eval()
+            model(*example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
     root = type(model).__name__
     out: dict[str, int] = {}
     for key, counts in counter.get_flop_counts().items():
         name = key[len(root) + 1 :] if key.startswith(root + ".") else ("" if key == root else key)
         out[name] = int(sum(counts.values())) // 2
+    for name, n in tokens.items():
+        per_param = experts.routed_macs(model.get_submodule(name), n)
+        extra = sum(per_param.values()) - out.get(name, 0)  # whatever the counter saw, replaced
+        parts = name.split(".")
+        for prefix in ["", "Global"] + [".".join(parts[:i]) for i in range(1, len(parts) + 1)]:
+            if prefix in out or prefix == name or prefix == "":
+                out[prefix] = out.get(prefix, 0) + extra
+        out |= {f"{name}.{p}": m for p, m in per_param.items()}
     return out
+
+
+def _count_tokens(
+    tokens: dict[str, int], name: str, module: nn.Module, args: Any, output: Any
+) -> None:
+    """Forward hook of an experts module: adds the tokens its input holds."""
+    hidden = args[0] if args else None
+    if isinstance(hidden, torch.Tensor) and hidden.dim() > 0:
+        tokens[name] = tokens.get(name, 0) + hidden.numel() // hidden.shape[-1]
 
 
 def model_summary(

@@ -44,7 +44,13 @@ from compress.pruning import flops_target, hf_layers, latency, latency_widths
 from compress.pruning.allocation import global_counts, global_keep, kept_count, top
 from compress.pruning.calibration import nuclear_scores
 from compress.pruning.channel_groups import Excluded, build_groups
-from compress.pruning.coverage import check_reachable, coverage_warning, exclusion_rows
+from compress.pruning.coverage import (
+    FLAGS,
+    check_reachable,
+    coverage_warning,
+    exclusion_rows,
+    experts_warning,
+)
 from compress.pruning.hf_config import config_warning, update_config, widths
 from compress.pruning.importance import FILTER_IMPORTANCE
 from compress.pruning.layer_choices import layer_choices
@@ -120,7 +126,11 @@ class FilterPruning(Algorithm):
         )
         self.rounded_whole: list[str] = []  # groups whose rounding keeps every channel now
         self._check_coverage()
+        message = experts_warning(model, macs)
+        if message:
+            warnings.warn(message, stacklevel=4)
         self.scop = self._scop()
+        self.reach_checked = False  # whether the latency target was checked against the table
         self.update(False)
 
     # --- construction ----------------------------------------------------------------------
@@ -236,6 +246,8 @@ class FilterPruning(Algorithm):
         if per_step or self.frozen:
             return
         epoch = self.scheduler.progress(None, False)
+        if self.latency_target and self.scheduler.epoch >= 0 and not self.reach_checked:
+            self._check_latency_reach()
         if self.scheduler.epoch < 0 and self.scop is None and not self.latency_target:
             # NNCF prunes at pruning_init when built, before the first epoch_step (SCOP and
             # latency targets, ours, start from the schedule's first epoch as before)
@@ -452,6 +464,22 @@ class FilterPruning(Algorithm):
             )
         return self.latency_table
 
+    def _check_latency_reach(self) -> None:
+        """At the first epoch, before any training step (the table is measured then, or comes
+        from a loaded state, never twice): a warning when the flags leave too little to prune
+        for the latency target, with the most reachable target."""
+        self.reach_checked = True
+        fixed = {n: int(k.sum()) for n, k in self.explicit.items()}
+        for name, ratio in self.ratios.items():
+            g = next(g for g in self.groups if g.name == name)
+            round_to = self.params["round_to"]
+            fixed[name] = kept_count(g.size, ratio, round_to, unit=g.unit, rounding=self.rounding)
+        flags = sorted({FLAGS[e.kind] for e in self.excluded if e.kind in FLAGS})
+        target = float(self.latency_target or 0.0)
+        message = latency_widths.reach_warning(self.latency(), target, fixed, flags)
+        if message:
+            warnings.warn(f"{self.cfg.path}: {message}", stacklevel=4)
+
     def _latency_keep(
         self, fraction: float, scores: Mapping[str, torch.Tensor], epoch: float
     ) -> dict[str, torch.Tensor]:
@@ -577,7 +605,19 @@ class FilterPruning(Algorithm):
         setattr(small, "compress_pruning_plan", plan)  # noqa: B010  (mypy: nn.Module attrs are tensors)
         if self.latency_table is not None:
             chosen = {n: int(k.sum()) for n, k in self.keep.items()}
-            setattr(small, "compress_latency_table", {**self.latency_table, "chosen": chosen})  # noqa: B010
+            # what the table predicted for the stripped model beside what it measures
+            measured = latency.measure_model(
+                small,
+                inputs,
+                batch_size=self.params.get("latency_batch_size"),
+                backend=self.params.get("latency_backend", "torch"),
+            )
+            report = {
+                "chosen": chosen,
+                "predicted_ms": latency_widths.predicted_ms(self.latency_table, chosen),
+                "measured_ms": measured,
+            }
+            setattr(small, "compress_latency_table", {**self.latency_table, **report})  # noqa: B010
         return small
 
 

@@ -34,6 +34,8 @@ __all__ = ["config_warning", "update_config", "widths"]
 
 _INTERMEDIATE = ("intermediate_size", "n_inner")
 _HEADS = ("q_proj", "query", "c_attn")
+# layers (by a part of their name) whose width a key of their own states, whatever the others
+_SCOPED = (("shared_expert", "shared_expert_intermediate_size"),)
 
 
 def _config(model: nn.Module) -> Any:
@@ -64,7 +66,11 @@ def widths(model: nn.Module) -> dict[str, tuple[str, int]]:
         width = _out(module)
         if width is None:
             continue
-        if name.rpartition(".")[2] in _HEADS and isinstance(heads, int):
+        scoped = [k for part, k in _SCOPED if part in name.split(".")]
+        if scoped:  # Qwen2-MoE's shared expert: only its own key states its width
+            if getattr(config, scoped[0], None) == width:
+                out[name] = (scoped[0], width)
+        elif name.rpartition(".")[2] in _HEADS and isinstance(heads, int):
             out[name] = ("num_attention_heads", width)
         elif width in keys:
             out[name] = (keys[width], width)

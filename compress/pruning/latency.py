@@ -53,7 +53,7 @@ from compress.analysis.untouched import copy_model
 from compress.pruning.latency_backends import Backend, check_backend, runtime_call
 from compress.pruning.structured import ChannelGroup
 
-__all__ = ["Timer", "layer_macs_timer", "measure_table"]
+__all__ = ["Timer", "layer_macs_timer", "measure_model", "measure_table"]
 
 Timer = Callable[[Callable[[], object]], float]
 """Seconds of one call of ``fn``. Layer calls are ``functools.partial(layer, x)``; the whole
@@ -246,6 +246,33 @@ def _batched(t: torch.Tensor, batch: int | None) -> torch.Tensor:
     if batch is None or t.dim() == 0:
         return t
     return torch.randn(batch, *t.shape[1:], dtype=t.dtype, device=t.device)
+
+
+def measure_model(
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    *,
+    batch_size: int | None = None,
+    backend: Backend = "torch",
+    rounds: int = _ROUNDS,
+) -> float:
+    """Milliseconds of one forward pass of ``model`` (median of ``rounds``), timed as
+    :func:`measure_table` times the whole model: the stripped model's measured time, beside
+    what the table predicted for it."""
+    inputs = tuple(_batched(t, batch_size) for t in example_inputs)
+    whole = functools.partial(model, *inputs)
+    if backend == "torch":
+        time_whole = functools.partial(default_timer, whole)
+    else:
+        time_whole = functools.partial(time_call, runtime_call(backend, whole))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            samples = [time_whole() for _ in range(rounds)]
+    finally:
+        model.train(was_training)
+    return statistics.median(samples) * 1e3
 
 
 def measure_table(

@@ -18,7 +18,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["choose_widths", "layer_ms", "predicted_ms", "removed_fraction", "text"]
+__all__ = [
+    "choose_widths",
+    "layer_ms",
+    "predicted_ms",
+    "reach",
+    "reach_warning",
+    "removed_fraction",
+    "text",
+]
 
 
 def _ratio(table: Mapping[str, Any], curve: Mapping[str, Any], full_ms: float, width: int) -> float:
@@ -82,6 +90,35 @@ def removed_fraction(table: Mapping[str, Any], widths: Mapping[str, int]) -> flo
     """Fraction of the (predicted) full-width time that ``widths`` remove."""
     base = predicted_ms(table, {})
     return 1.0 - predicted_ms(table, widths) / base if base > 0 else 0.0
+
+
+def reach(table: Mapping[str, Any], fixed: Mapping[str, int] | None = None) -> float:
+    """The most of the predicted time the table's groups can remove: every group at its
+    narrowest measured width (``fixed`` groups at theirs). Layers no group touches, and the
+    rest outside the groups' share, stay: they bound what any target can reach."""
+    fixed = dict(fixed or {})
+    narrowest = {g: min(info["widths"]) for g, info in table["groups"].items() if g not in fixed}
+    return removed_fraction(table, {**narrowest, **fixed})
+
+
+def reach_warning(
+    table: Mapping[str, Any], target: float, fixed: Mapping[str, int], flags: list[str]
+) -> str | None:
+    """Before training: what to say when ``pruning_latency_target`` ``target`` is beyond
+    :func:`reach` (None when it is within). ``flags`` are the recipe flags that would let more
+    layers shrink (``prune_first_conv: true``)."""
+    most = reach(table, fixed)
+    if target <= most + 1e-6:
+        return None
+    whole = sum(e["ms"] for e in table["layers"].values() if not e["out"] and not e["in"])
+    full = predicted_ms(table, {})
+    hint = f"; {' or '.join(flags)} would let more layers shrink" if flags else ""
+    return (
+        f"pruning_latency_target {target:.3f} is out of reach: at their narrowest widths the "
+        f"prunable groups remove {most:.3f} of the predicted latency ({whole:.3g} of "
+        f"{full:.3g} ms is in conv and linear layers no group prunes){hint}. The most "
+        f"reachable target with these flags is {most:.3f}"
+    )
 
 
 def choose_widths(
@@ -194,4 +231,11 @@ def text(table: Mapping[str, Any], widths: Mapping[str, int] | None = None) -> s
     )
     if widths:
         head += f", {predicted_ms(table, widths):.3f} ms at the chosen widths"
+    if "measured_ms" in table:
+        speedup = full / table["predicted_ms"] if table["predicted_ms"] else 0.0
+        measured = table["model_ms"] / table["measured_ms"] if table["measured_ms"] else 0.0
+        head += (
+            f"; the stripped model measured {table['measured_ms']:.3f} ms (speed-up "
+            f"{speedup:.2f}x predicted, {measured:.2f}x measured)"
+        )
     return head + "\n" + markdown(rows)

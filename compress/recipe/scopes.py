@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from compress.errors import ConfigError
+from compress.experts import expert_params
 
 # The layer types NNCF 2.17 replaces by its own (nncf/torch/layers.py: NNCF_MODULES_DICT): the
 # wrapper's class name in node names, and the operation the layer's forward runs. Only these
@@ -81,15 +82,20 @@ NNCF_OPS: tuple[tuple[type[nn.Module], str], ...] = (
 @dataclass(frozen=True)
 class Names:
     """The names one module goes by: its module name, NNCF's scope and NNCF's node name (the
-    scope plus the operation, for the layers whose operation is known; else None)."""
+    scope plus the operation, for the layers whose operation is known; else None). A fused
+    expert parameter's names carry its module's name as ``owner``: a scope naming the module
+    names its parameters too."""
 
     path: str
     scope: str
     node: str | None
+    owner: str = ""
 
 
 def nncf_names(model: nn.Module) -> list[tuple[Names, nn.Module]]:
-    """Every module of ``model`` (as ``named_modules`` lists them) with its NNCF names.
+    """Every module of ``model`` (as ``named_modules`` lists them) with its NNCF names; a module
+    holding fused expert parameters is listed again under each of their names
+    (``model.layers.0.mlp.experts.gate_up_proj``), as sparsity masks them.
 
     Example:
         >>> from torch import nn
@@ -107,6 +113,9 @@ def nncf_names(model: nn.Module) -> list[tuple[Names, nn.Module]]:
         op = _op(module)
         scope = scopes[path]
         out.append((Names(path, scope, f"{scope}/{op}_0" if op else None), module))
+        # a fused mixture-of-experts parameter is named as a layer of its own
+        for param in expert_params(module):
+            out.append((Names(f"{path}.{param}", f"{scope}/{param}", None, path), module))
     return out
 
 
@@ -127,6 +136,8 @@ def _as_list(scopes: str | Sequence[str] | None) -> list[str]:
 def matches(scope: str, name: str | Names) -> bool:
     """Whether ``scope`` names the module ``name`` (a module name, or all of a module's names)."""
     names = name if isinstance(name, Names) else Names(name, "", None)
+    if names.owner and matches(scope, Names(names.owner, "", None)):
+        return True
     if scope.startswith("{re}"):
         pattern = scope[4:]
         if re.fullmatch(pattern, names.path) is not None:

@@ -15,6 +15,7 @@ from compress import distributed
 from compress.algorithm import (
     Algorithm,
     attach_weight_masks,
+    param_name,
     sparsity_rows,
     weight,
     weight_layers,
@@ -28,8 +29,8 @@ class ConstSparsity(Algorithm):
     def __init__(self, model, cfg, scheduler, example_inputs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(model, cfg, scheduler, example_inputs)
         self.entries = attach_weight_masks(weight_layers(model, cfg))
-        for _, module, mask in self.entries:
-            mask.copy_(weight(module).detach() != 0)
+        for name, module, mask in self.entries:
+            mask.copy_(weight(module, param_name(name, module)).detach() != 0)
 
     @property
     def level(self) -> float:

@@ -11,6 +11,7 @@ level whose effective sparsity (weights zero or cut off from input or output) is
 
 from __future__ import annotations
 
+import math
 import warnings
 import zlib
 from collections.abc import Mapping
@@ -22,6 +23,8 @@ from compress import distributed, masks
 from compress.algorithm import (
     Algorithm,
     attach_weight_masks,
+    matrices,
+    param_name,
     sparsity_event,
     sparsity_rows,
     weight,
@@ -58,8 +61,8 @@ class MagnitudeSparsity(Algorithm):
     def set_straight_through(self) -> None:
         """Pruned weights get the masked model's gradient while masks move (if asked)."""
         on = self.params["pruned_weights_gradient"] == "straight_through" and not self.frozen
-        for _, module in self.layers:  # every module, tied weights included
-            masks.straight_through(module, "weight", on=on)
+        for name, module in self.layers:  # every module, tied weights included
+            masks.straight_through(module, param_name(name, module), on=on)
 
     @property
     def level(self) -> float:
@@ -146,6 +149,12 @@ class MagnitudeSparsity(Algorithm):
             for name, _, _ in self.entries
             if f"{name}.weight" in active
         )
+        # fused experts are not in the path analysis: their nonzero weights count as active
+        alive += sum(
+            int(mask.count_nonzero())
+            for name, module, mask in self.entries
+            if param_name(name, module) != "weight"
+        )
         return 1.0 - alive / total
 
     def set_masks(self, level: float) -> None:
@@ -153,9 +162,12 @@ class MagnitudeSparsity(Algorithm):
         p = self.params
         _check_sharded_options(p, self.entries)
         importance = IMPORTANCE[p["weight_importance"]]
-        scores = []
-        for name, module, _ in self.entries:
-            w = weight(module)
+        # One score tensor per matrix: a fused expert parameter gives one per expert, so that
+        # allocation treats every expert as a layer of its own.
+        scores, owners, others = [], [], []
+        for i, (name, module, _) in enumerate(self.entries):
+            pname = param_name(name, module)
+            w = weight(module, pname)
             # one read of w and no bool tensor: a NaN or Inf anywhere makes the sum non-finite
             sum_is_finite = bool(torch.isfinite(w.detach().sum(dtype=torch.float32)))
             if not sum_is_finite and not bool(torch.isfinite(w).all()):
@@ -164,11 +176,16 @@ class MagnitudeSparsity(Algorithm):
                     f"{self.scheduler.epoch}, step {self.scheduler.global_step}; lower the "
                     "learning rate or check the loss"
                 )
-            if p["weight_importance"] == "random":
-                # One fixed pattern per layer (by name), the same on every rank and resume.
-                scores.append(random_importance(w, seed=zlib.crc32(name.encode())))
-            else:
-                scores.append(importance(w))
+            other = masks.others(module, pname)
+            for j, m in enumerate(matrices(name, module, w)):
+                if p["weight_importance"] == "random":
+                    # One fixed pattern per layer (by name), the same on every rank and resume.
+                    key = name if m is w else f"{name}.{j}"
+                    scores.append(random_importance(m, seed=zlib.crc32(key.encode())))
+                else:
+                    scores.append(importance(m))
+                owners.append(i)
+                others.append(None if other is None else (other if m is w else other[j]))
         allocation = p["layerwise_allocation"]
         if p["sparsity_level_setting_mode"] == "local":
             allocation = "uniform"
@@ -177,17 +194,18 @@ class MagnitudeSparsity(Algorithm):
         # Weights another algorithm removed (filter pruning) are not ours to count or choose:
         # the level applies to the weights that remain.
         alive = []
-        for i, (_, module, _) in enumerate(self.entries):
-            other = masks.others(module, "weight")
+        for i, other in enumerate(others):
             if other is None:
                 alive.append(scores[i].numel())
                 continue
             scores[i] = scores[i].masked_fill(other == 0, float("inf"))
             alive.append(int(distributed.scalar(other.count_nonzero())))
         block = p.get("block_shape")
+        blocks = []
         if block:  # choose whole blocks (BSR-friendly); the level then counts blocks
             # A block never exceeds its layer (a [256, 256] block on a 10x100 layer is 10x100).
             blocks = [(min(block[0], s.shape[0]), min(block[1], s[0].numel())) for s in scores]
+            sizes = [tuple(s.shape) for s in scores]
             scores = [block_scores(s, b) for s, b in zip(scores, blocks)]
             alive = [s.numel() for s in scores]
         if allocation in ("global", "lamp"):
@@ -196,13 +214,26 @@ class MagnitudeSparsity(Algorithm):
             shapes = [tuple(s.shape) for s in scores]
             levels = allocate(allocation, shapes, level)
             keeps = [local_keep_mask(s, round(x * n)) for s, x, n in zip(scores, levels, alive)]
-        for i, ((_, _, mask), keep, s) in enumerate(zip(self.entries, keeps, scores)):
-            mask.copy_(_expand_blocks(keep, blocks[i], mask) if block else keep)
+        tops = []
+        for keep, s in zip(keeps, scores):
             # no boolean indexing: gathering 90% of the scores took 40% of set_masks
             top = distributed.scalar(torch.where(keep, float("-inf"), s).amax())
             if top == float("inf"):  # pruned a weight another algorithm removed: exact path
                 finite = torch.where(~keep & torch.isfinite(s), s, float("-inf"))
                 top = distributed.scalar(finite.amax())
+            tops.append(top)
+        if block:
+            keeps = [_expand_blocks(k, b, sz) for k, b, sz in zip(keeps, blocks, sizes)]
+        of_entry: dict[int, list[int]] = {}
+        for j, owner in enumerate(owners):
+            of_entry.setdefault(owner, []).append(j)
+        for i, (_, _, mask) in enumerate(self.entries):
+            mine = of_entry[i]
+            if len(mine) == 1 and keeps[mine[0]].shape == mask.shape:
+                mask.copy_(keeps[mine[0]])
+            else:
+                mask.copy_(torch.stack([keeps[j] for j in mine]).reshape(mask.shape))
+            top = max(tops[j] for j in mine)
             self.thresholds[i] = top if top != float("-inf") else 0.0
 
     def statistics(self) -> dict[str, Any]:
@@ -234,12 +265,15 @@ class MagnitudeSparsity(Algorithm):
         load_masks(self.entries, state["masks"], self.name)
 
 
-def _expand_blocks(keep: torch.Tensor, block: tuple[int, int], mask: torch.Tensor) -> torch.Tensor:
-    """A [ceil(rows/bh), ceil(cols/bw)] block mask spread over the weight ([out, rest])."""
-    rows = mask.shape[0]
-    cols = mask.numel() // rows
+def _expand_blocks(
+    keep: torch.Tensor, block: tuple[int, int], shape: tuple[int, ...]
+) -> torch.Tensor:
+    """A [ceil(rows/bh), ceil(cols/bw)] block mask spread over a weight of ``shape`` ([out,
+    rest])."""
+    rows = shape[0]
+    cols = math.prod(shape) // rows
     full = keep.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
-    return full[:rows, :cols].reshape(mask.shape)
+    return full[:rows, :cols].reshape(shape)
 
 
 def load_masks(entries: list, saved: Mapping[str, torch.Tensor], algorithm: str) -> None:  # type: ignore[type-arg]

@@ -39,6 +39,7 @@ Design choices, and why:
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -47,7 +48,14 @@ import torch
 from torch import nn
 
 from compress import distributed, masks
-from compress.algorithm import Algorithm, sparsity_event, sparsity_rows, weight_layers
+from compress.algorithm import (
+    Algorithm,
+    matrices,
+    param_name,
+    sparsity_event,
+    sparsity_rows,
+    weight_layers,
+)
 from compress.errors import CompressError
 from compress.schedules import (
     adaptive_level,
@@ -59,16 +67,16 @@ from compress.sparsity.magnitude import load_masks
 from compress.sparsity.rb_mask import (
     DENSITY_SCALE,
     INIT_LOGIT,
-    LOGIT,
-    STATE,
     KeptCount,
     RBLayer,
     Shared,
     drop_logit,
     keep_logit,
+    logit_name,
     positive,
     rb_weight,
     scaled,
+    state_key,
 )
 
 
@@ -95,29 +103,31 @@ class RBSparsity(Algorithm):
         """Adds a logit per distinct weight; modules sharing a weight share logit and mask."""
         by_param: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
         for name, module in layers:
-            key = id(module.weight)
+            pname = param_name(name, module)  # "weight", or a fused expert parameter
+            weight = module._parameters[pname]
+            assert weight is not None  # weight_layers selects layers that have one
+            key = id(weight)
             if key in by_param:
                 theta, mask = by_param[key]
-                self._attach_one(module, theta, mask)
+                self._attach_one(module, pname, theta, mask)
                 continue
-            weight = module._parameters["weight"]
-            assert weight is not None  # weight_layers selects layers that have one
             theta = nn.Parameter(torch.full_like(weight, INIT_LOGIT / self.shared.scale))
-            mask = self._attach_one(module, theta, None)
+            mask = self._attach_one(module, pname, theta, None)
             by_param[key] = (theta, mask)
             self.entries.append((name, module, theta, mask))
 
     def _attach_one(
-        self, module: nn.Module, theta: nn.Parameter, mask: torch.Tensor | None
+        self, module: nn.Module, pname: str, theta: nn.Parameter, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        module.register_parameter(LOGIT, theta)
+        module.register_parameter(logit_name(pname), theta)
         ids = (
-            module._register_state_dict_hook(drop_logit).id,
-            module.register_load_state_dict_pre_hook(keep_logit).id,
+            module._register_state_dict_hook(functools.partial(drop_logit, param=pname)).id,
+            module.register_load_state_dict_pre_hook(functools.partial(keep_logit, param=pname)).id,
         )
-        module.__dict__[STATE] = RBLayer(shared=self.shared, hook_ids=ids)
-        mask = masks.attach(module, "weight", owner=self.name, fn=rb_weight, mask=mask)
-        masks.declare_ones(module, "weight", self.name)
+        module.__dict__[state_key(pname)] = RBLayer(shared=self.shared, hook_ids=ids)
+        fn = rb_weight if pname == "weight" else functools.partial(rb_weight, param=pname)
+        mask = masks.attach(module, pname, owner=self.name, fn=fn, mask=mask)
+        masks.declare_ones(module, pname, self.name)
         return mask
 
     # --- schedule ----------------------------------------------------------------------------
@@ -198,8 +208,9 @@ class RBSparsity(Algorithm):
         """Whether the forward pass may skip the mask buffers (all ones while learning), for
         every module, tied ones included."""
         for module in self.model.modules():
-            if STATE in module.__dict__:
-                masks.declare_ones(module, "weight", self.name, ones)
+            for pname in masks.masked_names(module):
+                if state_key(pname) in module.__dict__:
+                    masks.declare_ones(module, pname, self.name, ones)
 
     # --- masks, loss, statistics ---------------------------------------------------------
 
@@ -238,11 +249,19 @@ class RBSparsity(Algorithm):
             return None
         target = 1.0 - self.current
         scale = self.shared.scale
-        kept = [_kept(t, scale, mask if self.fixed else None) for _, _, t, mask in self.entries]
-        sizes = [theta.numel() for _, _, theta, _ in self.entries]
         if self.params["sparsity_level_setting_mode"] == "local":
+            # every expert's matrix of a fused expert parameter is a layer of its own
+            pairs = [
+                (t, m if self.fixed else None)
+                for name, module, theta, mask in self.entries
+                for t, m in zip(matrices(name, module, theta), matrices(name, module, mask))
+            ]
+            kept = [_kept(theta, scale, fixed) for theta, fixed in pairs]
+            sizes = [theta.numel() for theta, _ in pairs]
             losses = [((k / n - target) / DENSITY_SCALE) ** 2 for k, n in zip(kept, sizes)]
             return torch.stack(losses).mean()
+        kept = [_kept(t, scale, mask if self.fixed else None) for _, _, t, mask in self.entries]
+        sizes = [theta.numel() for _, _, theta, _ in self.entries]
         density = torch.stack(kept).sum() / sum(sizes)
         return ((density - target) / DENSITY_SCALE) ** 2
 
@@ -316,19 +335,20 @@ class RBSparsity(Algorithm):
         """Writes the deterministic masks into the mask buffers (``masks.fold`` then folds them)
         and removes the logits, their hooks and the noise state from the copy."""
         for module in model.modules():
-            layer: RBLayer | None = module.__dict__.pop(STATE, None)
-            if layer is None:
-                continue
-            theta = module._parameters.pop(LOGIT)
-            mask = masks.get_mask(module, "weight", self.name)
-            if mask is None or theta is None:
-                raise CompressError(f"rb_sparsity: {type(module).__name__} lost its RB mask")
-            masks.declare_ones(module, "weight", self.name, False)
-            if not layer.shared.frozen:
-                mask.mul_(self._keep(theta))
-            state_id, load_id = layer.hook_ids
-            module._state_dict_hooks.pop(state_id, None)
-            module._load_state_dict_pre_hooks.pop(load_id, None)
+            for pname in masks.masked_names(module):
+                layer: RBLayer | None = module.__dict__.pop(state_key(pname), None)
+                if layer is None:
+                    continue
+                theta = module._parameters.pop(logit_name(pname))
+                mask = masks.get_mask(module, pname, self.name)
+                if mask is None or theta is None:
+                    raise CompressError(f"rb_sparsity: {type(module).__name__} lost its RB mask")
+                masks.declare_ones(module, pname, self.name, False)
+                if not layer.shared.frozen:
+                    mask.mul_(self._keep(theta))
+                state_id, load_id = layer.hook_ids
+                module._state_dict_hooks.pop(state_id, None)
+                module._load_state_dict_pre_hooks.pop(load_id, None)
         return model
 
 

@@ -17,12 +17,23 @@ from torch import nn
 from compress import distributed
 
 LOGIT = "weight_rb_logit"
-"""Name of the logit parameter on a masked module."""
+"""Name of the logit parameter on a masked module (of its ``weight``; see :func:`logit_name`)."""
 INIT_LOGIT = math.log(0.99 / 0.01)
 DENSITY_SCALE = 0.05  # NNCF's ``p`` in SparseLoss
 NOISE_EPS = 1e-6  # uniform noise is clamped to [eps, 1 - eps] before its logit, as in NNCF
 SEED = 0
 STATE = "_compress_rb"
+
+
+def logit_name(param: str) -> str:
+    """The logit parameter of the masked parameter ``param``: ``weight_rb_logit`` for a layer's
+    weight, ``gate_up_proj_rb_logit`` for a fused expert parameter."""
+    return f"{param}_rb_logit"
+
+
+def state_key(param: str) -> str:
+    """Where ``module.__dict__`` keeps the :class:`RBLayer` of the masked parameter ``param``."""
+    return STATE if param == "weight" else f"{STATE}_{param}"
 
 
 @dataclass(eq=False)
@@ -151,12 +162,12 @@ def sigmoid_slope(
     return s
 
 
-def rb_weight(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+def rb_weight(module: nn.Module, weight: torch.Tensor, param: str = "weight") -> torch.Tensor:
     """The ``fn`` given to ``masks.attach``: the weight as the current RB mask leaves it."""
-    layer: RBLayer | None = module.__dict__.get(STATE)
+    layer: RBLayer | None = module.__dict__.get(state_key(param))
     if layer is None:  # stripped: the mask buffer holds the final mask
         return weight
-    logit = module._parameters[LOGIT]
+    logit = module._parameters[logit_name(param)]
     assert logit is not None
     theta: torch.Tensor = logit
     shared = layer.shared
@@ -179,9 +190,15 @@ def rb_weight(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     return LearnedMask.apply(weight, theta, noise, shared.scale)
 
 
-def drop_logit(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+def drop_logit(
+    module: nn.Module,
+    state: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    param: str = "weight",
+) -> None:
     """state_dict hook: the logits are the controller's state, not the model's."""
-    state.pop(prefix + LOGIT, None)
+    state.pop(prefix + logit_name(param), None)
 
 
 def keep_logit(
@@ -193,9 +210,11 @@ def keep_logit(
     missing_keys: list[str],
     unexpected_keys: list[str],
     error_msgs: list[str],
+    param: str = "weight",
 ) -> None:
     """load_state_dict pre-hook: a plain checkpoint (no logits) loads strictly and leaves the
     current logits as they are."""
-    theta = module._parameters.get(LOGIT)
-    if theta is not None and prefix + LOGIT not in state:
-        state[prefix + LOGIT] = theta.detach()
+    name = logit_name(param)
+    theta = module._parameters.get(name)
+    if theta is not None and prefix + name not in state:
+        state[prefix + name] = theta.detach()
