@@ -1,5 +1,5 @@
 """Hugging Face models from small configs with random weights (never downloaded): BERT, ViT,
-GPT-2 and Llama, each with example inputs and a function reading its main output."""
+GPT-2, Llama and Whisper, each with example inputs and a function reading its main output."""
 
 from __future__ import annotations
 
@@ -80,6 +80,36 @@ def llama(**overrides: Any) -> nn.Module:
         "max_position_embeddings": 16,
     }
     return LlamaForCausalLM(LlamaConfig(**(sizes | overrides)))
+
+
+def whisper() -> nn.Module:
+    """A tiny Whisper (encoder-decoder on log-mel features)."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    config = WhisperConfig(
+        vocab_size=100,
+        num_mel_bins=8,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        d_model=16,
+        max_source_positions=8,
+        max_target_positions=8,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+        decoder_start_token_id=0,
+    )
+    return WhisperForConditionalGeneration(config)
+
+
+def whisper_inputs() -> tuple[torch.Tensor | None, ...]:
+    """Features, Whisper's positional ``attention_mask=None``, decoder token ids."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(2, 8, 16, generator=gen), None, torch.randint(0, 100, (2, 4), generator=gen)
 
 
 def _pixels() -> tuple[torch.Tensor, ...]:

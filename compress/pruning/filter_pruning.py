@@ -37,6 +37,7 @@ from torch import nn
 
 from compress import distributed, masks
 from compress.algorithm import Algorithm, weight, weight_layers
+from compress.analysis.outputs import on_device
 from compress.analysis.summary import layer_macs
 from compress.analysis.untouched import copy_model
 from compress.errors import CompressError, ConfigError
@@ -557,7 +558,7 @@ class FilterPruning(Algorithm):
         if self.scop is not None:
             self.scop.release(model)
         device = next(model.parameters()).device
-        inputs = tuple(t.to(device) for t in self.example_inputs or ())
+        inputs = on_device(self.example_inputs or (), device)
         pruned = {n: k for n, k in self.keep.items() if not k.all()}
         before = widths(model)
         small = shrink(model, self.groups, pruned, example_inputs=inputs)
