@@ -560,6 +560,13 @@ class FilterPruning(Algorithm):
         device = next(model.parameters()).device
         inputs = on_device(self.example_inputs or (), device)
         pruned = {n: k for n, k in self.keep.items() if not k.all()}
+        if not self.groups:  # said at build too; a stripped model as large is said again here
+            why = "; ".join(e.detail for e in self.excluded if e.kind == "trace failure")
+            warnings.warn(
+                "strip(): filter pruning removed nothing, the model keeps all its params: "
+                + (why or "no group of coupled channels can be pruned"),
+                stacklevel=3,
+            )
         before = widths(model)
         small = shrink(model, self.groups, pruned, example_inputs=inputs)
         update_config(small, before)  # a Hugging Face model's config states its widths
