@@ -82,6 +82,45 @@ def llama(**overrides: Any) -> nn.Module:
     return LlamaForCausalLM(LlamaConfig(**(sizes | overrides)))
 
 
+def distilbert() -> nn.Module:
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    config = DistilBertConfig(
+        vocab_size=100,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        hidden_dim=64,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
+    return DistilBertForSequenceClassification(config)
+
+
+def t5() -> nn.Module:
+    """A small T5 encoder (``T5EncoderModel``: one input, the ids)."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0
+    )
+    return T5EncoderModel(config)
+
+
+def clip_text() -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+    )
+    return CLIPTextModel(config)
+
+
 def whisper() -> nn.Module:
     """A tiny Whisper (encoder-decoder on log-mel features)."""
     from transformers import WhisperConfig, WhisperForConditionalGeneration
@@ -116,6 +155,13 @@ def _pixels() -> tuple[torch.Tensor, ...]:
     return (torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)),)
 
 
+MORE = {
+    "distilbert": Zoo("distilbert", distilbert, _ids),
+    "t5": Zoo("t5", t5, _ids),
+    "clip_text": Zoo("clip_text", clip_text, _ids),
+}
+"""Built for the save_pretrained round trip of filter pruning only."""
+
 ZOO = {
     "bert": Zoo("bert", bert, _ids),
     "vit": Zoo("vit", vit, _pixels),
@@ -125,10 +171,13 @@ ZOO = {
 
 
 def logits(out: object) -> torch.Tensor:
-    """The main output: ``.logits`` of a ``ModelOutput``, or the tensor itself."""
+    """The main output: ``.logits`` (or ``.last_hidden_state``) of a ``ModelOutput``, or the
+    tensor itself."""
     if isinstance(out, torch.Tensor):
         return out
     value = getattr(out, "logits", None)
+    if value is None:  # a bare encoder (T5EncoderModel, CLIPTextModel)
+        value = getattr(out, "last_hidden_state", None)
     if value is None and isinstance(out, (tuple, list)):
         value = out[0]
     assert isinstance(value, torch.Tensor)

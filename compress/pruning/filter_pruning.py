@@ -46,7 +46,7 @@ from compress.pruning.allocation import global_counts, global_keep, kept_count, 
 from compress.pruning.calibration import nuclear_scores
 from compress.pruning.channel_groups import Excluded, build_groups
 from compress.pruning.coverage import check_reachable, coverage_warning, exclusion_rows
-from compress.pruning.hf_config import config_warning, update_config, widths
+from compress.pruning.hf_config import config_warning, unstated, update_config, widths
 from compress.pruning.importance import FILTER_IMPORTANCE
 from compress.pruning.layer_choices import layer_choices
 from compress.pruning.scop import Scop
@@ -133,7 +133,7 @@ class FilterPruning(Algorithm):
         )
         names = {n for n, _ in allowed}
         ignored = [n for n, m in self.model.named_modules() if isinstance(m, kinds)]
-        return build_groups(
+        groups = build_groups(
             self.model,
             self.example_inputs,  # type: ignore[arg-type]
             ignored=[n for n in ignored if n not in names],
@@ -143,6 +143,14 @@ class FilterPruning(Algorithm):
             time_budget=p.get("trace_time_budget"),
             excluded=self.excluded,
         )
+        if p["prune_beyond_config"]:
+            return groups
+        # a Hugging Face model prunes what its config states, so save_pretrained rebuilds it
+        cannot = set(unstated(self.model, [g.name for g in groups]))
+        for name in sorted(cannot):
+            detail = "its config cannot state the pruned width (save_pretrained would not rebuild)"
+            self.excluded.append(Excluded(name, "config", detail))
+        return [g for g in groups if g.name not in cannot]
 
     def _check_coverage(self) -> None:
         """Groups that rounding keeps whole at the target level join ``excluded``; a recipe
