@@ -16,7 +16,7 @@ from compress.algorithm import Algorithm, is_sparsifiable
 from compress.algorithms import ALGORITHMS
 from compress.analysis import untouched
 from compress.analysis.effective import active_weights
-from compress.analysis.outputs import check_same, outputs
+from compress.analysis.outputs import check_same, on_device, outputs
 from compress.analysis.summary import Statistics, model_summary
 from compress.distillation import KnowledgeDistillation
 from compress.errors import CompressError
@@ -241,7 +241,7 @@ class CompressionController:
                 return None
         param = next(self.model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-        return tuple(t.to(device) for t in self.example_inputs)
+        return on_device(self.example_inputs, device)
 
 
 def check_state_values(state: Mapping[str, Any], names: list[str]) -> None:

@@ -1,6 +1,6 @@
 """Hugging Face models from small configs with random weights (never downloaded): BERT, ViT,
-GPT-2, Llama, Mixtral and Qwen2-MoE, each with example inputs and a function reading its main
-output."""
+GPT-2, Llama, Mixtral, Qwen2-MoE and Whisper, each with example inputs and a function reading its
+main output."""
 
 from __future__ import annotations
 
@@ -123,9 +123,85 @@ def qwen2_moe(**overrides: Any) -> nn.Module:
     return Qwen2MoeForCausalLM(Qwen2MoeConfig(**(sizes | overrides)))
 
 
+def distilbert() -> nn.Module:
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    config = DistilBertConfig(
+        vocab_size=100,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        hidden_dim=64,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
+    return DistilBertForSequenceClassification(config)
+
+
+def t5() -> nn.Module:
+    """A small T5 encoder (``T5EncoderModel``: one input, the ids)."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0
+    )
+    return T5EncoderModel(config)
+
+
+def clip_text() -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+    )
+    return CLIPTextModel(config)
+
+
+def whisper() -> nn.Module:
+    """A tiny Whisper (encoder-decoder on log-mel features)."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    config = WhisperConfig(
+        vocab_size=100,
+        num_mel_bins=8,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        d_model=16,
+        max_source_positions=8,
+        max_target_positions=8,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+        decoder_start_token_id=0,
+    )
+    return WhisperForConditionalGeneration(config)
+
+
+def whisper_inputs() -> tuple[torch.Tensor | None, ...]:
+    """Features, Whisper's positional ``attention_mask=None``, decoder token ids."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(2, 8, 16, generator=gen), None, torch.randint(0, 100, (2, 4), generator=gen)
+
+
 def _pixels() -> tuple[torch.Tensor, ...]:
     return (torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)),)
 
+
+MORE = {
+    "distilbert": Zoo("distilbert", distilbert, _ids),
+    "t5": Zoo("t5", t5, _ids),
+    "clip_text": Zoo("clip_text", clip_text, _ids),
+}
+"""Built for the save_pretrained round trip of filter pruning only."""
 
 ZOO = {
     "bert": Zoo("bert", bert, _ids),
@@ -138,10 +214,13 @@ ZOO = {
 
 
 def logits(out: object) -> torch.Tensor:
-    """The main output: ``.logits`` of a ``ModelOutput``, or the tensor itself."""
+    """The main output: ``.logits`` (or ``.last_hidden_state``) of a ``ModelOutput``, or the
+    tensor itself."""
     if isinstance(out, torch.Tensor):
         return out
     value = getattr(out, "logits", None)
+    if value is None:  # a bare encoder (T5EncoderModel, CLIPTextModel)
+        value = getattr(out, "last_hidden_state", None)
     if value is None and isinstance(out, (tuple, list)):
         value = out[0]
     assert isinstance(value, torch.Tensor)

@@ -85,7 +85,9 @@ def test_filter_pruning_removes_attention_heads_and_mlp_neurons() -> None:
     torch.manual_seed(0)
     zoo = ZOO["bert"]
     model, x = zoo.build(), zoo.inputs()
-    recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5, "params": {"round_to": 1}}
+    # BERT derives the head size from hidden_size / num_attention_heads: heads only on request
+    params = {"round_to": 1, "prune_beyond_config": True}
+    recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5, "params": params}
     with pytest.warns(UserWarning, match="can remove at most"):
         ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
     _train(ctrl, model, x)
@@ -112,6 +114,10 @@ def _pruned(name: str, **options: Any) -> tuple[Any, torch.nn.Module, tuple, tor
         ctrl, model = compress.create_compressed_model(model, {"compression": recipe | options}, x)
     _train(ctrl, model, x)
     return ctrl, model, x, _outputs(model, x)
+
+
+BEYOND = {"params": {"round_to": 1, "prune_beyond_config": True}}
+"""Heads too where the config cannot state them (BERT, GPT-2): the export is the pruned file."""
 
 
 def _round_trip(small: torch.nn.Module, x: tuple, path: Path) -> torch.Tensor:
@@ -152,7 +158,7 @@ def test_head_counts_that_differ_between_layers_are_warned_of() -> None:
 def test_bert_heads_the_config_cannot_describe_are_warned_of_with_what_to_do(
     tmp_path: Path,
 ) -> None:
-    ctrl, _, x, want = _pruned("bert")
+    ctrl, _, x, want = _pruned("bert", **BEYOND)
     with pytest.warns(UserWarning, match=r"derives the head size from hidden_size") as record:
         small = ctrl.strip()
     message = str(record[0].message)
@@ -174,7 +180,7 @@ def test_bert_heads_the_config_cannot_describe_are_warned_of_with_what_to_do(
 
 
 def test_gpt2_filter_pruning_removes_heads_and_mlp_neurons(tmp_path: Path) -> None:
-    ctrl, model, x, want = _pruned("gpt2")
+    ctrl, model, x, want = _pruned("gpt2", **BEYOND)
     groups = {g.name: g.size for g in ctrl.algorithms[0].groups}
     # whole heads of the fused c_attn (q, k, v of one head together), and the MLP's neurons
     assert groups["transformer.h.0.attn.c_attn"] == 4
@@ -199,7 +205,7 @@ def test_gpt2_filter_pruning_removes_heads_and_mlp_neurons(tmp_path: Path) -> No
 
 
 def test_gpt2_mlp_pruning_round_trips_through_save_pretrained(tmp_path: Path) -> None:
-    ctrl, _, x, want = _pruned("gpt2", ignored_scopes=["transformer.h.*.attn.c_attn"])
+    ctrl, _, x, want = _pruned("gpt2")  # by default, only what the config states
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         small = ctrl.strip()
@@ -390,7 +396,7 @@ def test_gpt2_without_lm_head_prunes_heads_too() -> None:
     torch.manual_seed(0)
     config = gpt2_config(n_inner=64, use_cache=False)
     model, x = GPT2Model(config), ZOO["gpt2"].inputs()
-    recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5, "params": {"round_to": 1}}
+    recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5} | BEYOND
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
@@ -496,31 +502,22 @@ def test_feature_map_importance_calibrates_on_hf_dict_batches(tmp_path: Path) ->
     torch.testing.assert_close(_outputs(small, x), _outputs(lit.model, x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    ("name", "scopes"),
-    [
-        ("bert", ["bert.encoder.layer.*.attention.self.query", "bert.pooler.dense"]),
-        ("gpt2", ["transformer.h.*.attn.c_attn"]),
-        ("vit", None),
-        ("llama", None),
-    ],
-)
-def test_a_config_that_cannot_state_the_pruned_widths_is_said_before_training(
-    name: str, scopes: list[str] | None, tmp_path: Path
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_heads_beyond_the_config_are_said_before_training_with_the_pruned_export(
+    name: str, tmp_path: Path
 ) -> None:
     zoo = ZOO[name]
-    recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5, "params": {"round_to": 1}}
+    recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5} | BEYOND
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         compress.create_compressed_model(zoo.build(), {"compression": recipe}, zoo.inputs())
     said = [str(w.message) for w in record if "config cannot state" in str(w.message)]
-    if scopes is None:  # ViT and Llama read head_dim: their configs state pruned heads
-        assert said == []
-        return
-    assert len(said) == 1 and f"ignored_scopes: {scopes}" in said[0]
-    # what it offers: with those scopes left whole, nothing to warn of and save_pretrained works
-    ctrl, model, x, want = _pruned(name, ignored_scopes=scopes)
+    assert len(said) == 1 and "formats=['pruned']" in said[0]
+    # what it offers: the pruned file rebuilds the small model on a fresh instance
+    ctrl, _, x, want = _pruned(name, **BEYOND)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("ignore")  # the config is left as it was: said again at strip()
         small = ctrl.strip()
-    torch.testing.assert_close(_round_trip(small, x, tmp_path / "hf"), want, rtol=1e-5, atol=1e-5)
+    paths = compress.export(small, tmp_path / "m", ["pruned"], example_inputs=x)
+    again = compress.load_pruned(zoo.build(), paths["pruned"])
+    torch.testing.assert_close(_outputs(again, x), want, rtol=1e-5, atol=1e-5)

@@ -18,7 +18,7 @@ from torch import nn
 
 from compress.errors import CompressError
 
-__all__ = ["check_same", "leaves", "outputs", "tolerance"]
+__all__ = ["check_same", "leaves", "on_device", "outputs", "tolerance"]
 
 RTOL = 1e-4
 """Relative to the largest output value, for float32; wider for lower precisions (16 ulps)."""
@@ -34,6 +34,14 @@ def leaves(out: object) -> list[torch.Tensor]:
     if isinstance(out, (list, tuple)):
         return [t for v in out for t in leaves(v)]
     return []
+
+
+def on_device(
+    inputs: Sequence[torch.Tensor | None], device: torch.device | str
+) -> tuple[torch.Tensor, ...]:
+    """``inputs`` moved to ``device``; a ``None`` among them (Whisper's positional
+    ``attention_mask=None``) stays ``None``."""
+    return tuple(t if t is None else t.to(device) for t in inputs)  # type: ignore[misc]
 
 
 def outputs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -289,9 +289,12 @@ def _dynamic_batch(inputs: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor
     """Inputs and ``dynamic_shapes`` that leave the batch dimension free, so the exported model
     takes any batch size. A batch of 1 is repeated to 2 first: torch.export specialises size 1."""
     inputs = tuple(
-        t.expand(2, *t.shape[1:]).contiguous() if t.dim() and t.shape[0] == 1 else t for t in inputs
+        t.expand(2, *t.shape[1:]).contiguous()
+        if t is not None and t.dim() and t.shape[0] == 1
+        else t
+        for t in inputs
     )
-    dims = tuple({0: torch.export.Dim.AUTO} if t.dim() else None for t in inputs)
+    dims = tuple({0: torch.export.Dim.AUTO} if t is not None and t.dim() else None for t in inputs)
     return inputs, dims
 
 

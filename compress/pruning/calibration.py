@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from compress import masks
+from compress.analysis.outputs import on_device
 from compress.pruning.importance import feature_map_nuclear_norms
 from compress.pruning.structured import INPUT_OWNER, OWNER, ChannelGroup
 
@@ -51,7 +52,7 @@ def nuclear_scores(
         with torch.no_grad():
             for batch in batches:
                 args = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
-                model(*(a.to(device) for a in args))
+                model(*on_device(args, device))
     finally:
         model.train(was_training)
         for h in hooks:

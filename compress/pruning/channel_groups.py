@@ -211,7 +211,7 @@ def _build(
     except TimeBudgetExceeded:
         raise
     except Exception as err:  # noqa: BLE001 - any tracing failure means "nothing to prune"
-        reason = f"{type(err).__name__}: {err}"
+        reason = f"{type(err).__name__}: {err}" + _trace_cause(err)
         excluded.append(Excluded("", "trace failure", reason))
         warnings.warn(
             f"Torch-Pruning could not trace {type(model).__name__} ({reason}): filter pruning "
@@ -287,6 +287,20 @@ def _build(
             "These channel groups are left unpruned: " + "; ".join(problems), stacklevel=3
         )
     return groups
+
+
+def _trace_cause(err: BaseException) -> str:
+    """What in the model a Torch-Pruning failure points at, where its traceback says."""
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "update_reshape_index_mapping":
+            return (
+                "; Torch-Pruning cannot follow channels through a reshape of the channel "
+                "dimension, such as ShuffleNet's channel shuffle "
+                "(x.view(b, groups, c // groups, h, w)); a sparsity algorithm compresses it"
+            )
+        tb = tb.tb_next
+    return ""
 
 
 def _root_channels(dg: tp.DependencyGraph, module: nn.Module, fn: object) -> list[int]:

@@ -29,6 +29,7 @@ FLAGS = {
     "downsample conv": "prune_downsample_convs: true",
     "out of scope": "ignored_scopes / target_scopes",
     "rounding": "a smaller round_to",
+    "config": "prune_beyond_config: true (then export the 'pruned' file, not save_pretrained)",
 }
 """The recipe flag that would bring back a group excluded for each reason."""
 _QUIET = {"network output", "single channel"}  # inherent to the model, not worth a warning

@@ -37,6 +37,7 @@ from torch import nn
 
 from compress import distributed, masks
 from compress.algorithm import Algorithm, weight, weight_layers
+from compress.analysis.outputs import on_device
 from compress.analysis.summary import layer_macs
 from compress.analysis.untouched import copy_model
 from compress.errors import CompressError, ConfigError
@@ -51,7 +52,7 @@ from compress.pruning.coverage import (
     exclusion_rows,
     experts_warning,
 )
-from compress.pruning.hf_config import config_warning, update_config, widths
+from compress.pruning.hf_config import config_warning, unstated, update_config, widths
 from compress.pruning.importance import FILTER_IMPORTANCE
 from compress.pruning.layer_choices import layer_choices
 from compress.pruning.scop import Scop
@@ -150,7 +151,7 @@ class FilterPruning(Algorithm):
         )
         names = {n for n, _ in allowed}
         ignored = [n for n, m in self.model.named_modules() if isinstance(m, kinds)]
-        return build_groups(
+        groups = build_groups(
             self.model,
             self.example_inputs,  # type: ignore[arg-type]
             ignored=[n for n in ignored if n not in names],
@@ -160,6 +161,14 @@ class FilterPruning(Algorithm):
             time_budget=p.get("trace_time_budget"),
             excluded=self.excluded,
         )
+        if p["prune_beyond_config"]:
+            return groups
+        # a Hugging Face model prunes what its config states, so save_pretrained rebuilds it
+        cannot = set(unstated(self.model, [g.name for g in groups]))
+        for name in sorted(cannot):
+            detail = "its config cannot state the pruned width (save_pretrained would not rebuild)"
+            self.excluded.append(Excluded(name, "config", detail))
+        return [g for g in groups if g.name not in cannot]
 
     def _check_coverage(self) -> None:
         """Groups that rounding keeps whole at the target level join ``excluded``; a recipe
@@ -596,8 +605,15 @@ class FilterPruning(Algorithm):
         if self.scop is not None:
             self.scop.release(model)
         device = next(model.parameters()).device
-        inputs = tuple(t.to(device) for t in self.example_inputs or ())
+        inputs = on_device(self.example_inputs or (), device)
         pruned = {n: k for n, k in self.keep.items() if not k.all()}
+        if not self.groups:  # said at build too; a stripped model as large is said again here
+            why = "; ".join(e.detail for e in self.excluded if e.kind == "trace failure")
+            warnings.warn(
+                "strip(): filter pruning removed nothing, the model keeps all its params: "
+                + (why or "no group of coupled channels can be pruned"),
+                stacklevel=3,
+            )
         before = widths(model)
         small = shrink(model, self.groups, pruned, example_inputs=inputs)
         update_config(small, before)  # a Hugging Face model's config states its widths

@@ -30,9 +30,10 @@ from torch import nn
 from compress.analysis.node_kinds import is_transposed_linear
 from compress.pruning.hf_layers import out_width
 
-__all__ = ["config_warning", "update_config", "widths"]
+__all__ = ["config_warning", "unstated", "update_config", "widths"]
 
-_INTERMEDIATE = ("intermediate_size", "n_inner")
+_INTERMEDIATE = ("intermediate_size", "n_inner", "hidden_dim", "d_ff")
+"""The config keys of the MLP width: most models, GPT-2, DistilBERT, T5."""
 _HEADS = ("q_proj", "query", "c_attn")
 # layers (by a part of their name) whose width a key of their own states, whatever the others
 _SCOPED = (("shared_expert", "shared_expert_intermediate_size"),)
@@ -143,32 +144,41 @@ def update_config(model: nn.Module, before: dict[str, tuple[str, int]]) -> None:
         )
 
 
-def config_warning(model: nn.Module, group_names: list[str]) -> str | None:
-    """Before training: a warning when pruning the groups ``group_names`` (root layer names)
-    would leave a Hugging Face model whose config cannot state its widths, so that
-    ``save_pretrained`` would not rebuild it, naming the ``ignored_scopes`` that keep it
-    working; None when the config can state every pruned width (or there is no config). A
-    group's width is stated when a config key gives it (``intermediate_size``; heads, where the
-    config reads ``head_dim`` instead of deriving the head size from ``hidden_size /
-    num_attention_heads`` as BERT and GPT-2 do)."""
+def unstated(model: nn.Module, group_names: list[str]) -> list[str]:
+    """The groups of ``group_names`` (root layer names) whose pruned widths a Hugging Face
+    model's config cannot state, so that ``save_pretrained`` would not rebuild the model; none
+    without a config. A group's width is stated when a config key gives it (``intermediate_size``
+    and its kin; heads, where the config reads ``head_dim`` instead of deriving the head size
+    from ``hidden_size / num_attention_heads`` as BERT and GPT-2 do)."""
     config = _config(model)
     if config is None:
-        return None
+        return []
     stated = widths(model)
     cannot = [n for n in group_names if n not in stated]
     heads = [n for n in group_names if stated.get(n, ("",))[0] == "num_attention_heads"]
     if heads and not _fewer_heads_stated(model, config, heads[0]):
         cannot += heads
+    return cannot
+
+
+def config_warning(model: nn.Module, group_names: list[str]) -> str | None:
+    """Before training, with ``prune_beyond_config: true``: the groups of ``group_names`` whose
+    widths the config cannot state (:func:`unstated`), and that the export is then the
+    ``pruned`` file; None when the config states every pruned width."""
+    cannot = unstated(model, group_names)
     if not cannot:
         return None
-    scopes = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in cannot})
     return (
-        f"{type(model).__name__}'s config cannot state the widths of {scopes} once pruned (it "
-        "has no key for them, or derives the head size from hidden_size / "
-        "num_attention_heads): save_pretrained will not rebuild the pruned model. To keep "
-        f"save_pretrained, leave them whole with ignored_scopes: {scopes}; or use the 'pruned' "
-        "export (compress.load_pruned rebuilds the small model on a fresh instance)"
+        f"{type(model).__name__}'s config cannot state the widths of {scopes(cannot)} once "
+        "pruned (prune_beyond_config: true): save_pretrained will not rebuild the pruned model; "
+        "export it with formats=['pruned'] (compress.load_pruned rebuilds the small model on a "
+        "fresh instance)"
     )
+
+
+def scopes(names: list[str]) -> list[str]:
+    """Layer names with their block indices as ``*``: one scope per kind of layer."""
+    return sorted({re.sub(r"\.\d+\.", ".*.", n) for n in names})
 
 
 def _fewer_heads_stated(model: nn.Module, config: Any, name: str) -> bool:

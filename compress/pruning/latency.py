@@ -243,7 +243,7 @@ def _without(
 
 
 def _batched(t: torch.Tensor, batch: int | None) -> torch.Tensor:
-    if batch is None or t.dim() == 0:
+    if t is None or batch is None or t.dim() == 0:  # None: an optional input left out
         return t
     return torch.randn(batch, *t.shape[1:], dtype=t.dtype, device=t.device)
 
@@ -314,7 +314,7 @@ def measure_table(
     whole_layers = [n for n in whole_layers if n in shapes]
     table: dict[str, Any] = {
         "backend": backend,
-        "batch_size": int(inputs[0].shape[0]) if inputs and inputs[0].dim() else None,
+        "batch_size": next((int(t.shape[0]) for t in inputs if t is not None and t.dim()), None),
         "groups": {g.name: {"size": g.size, "widths": candidate_widths(g.size)} for g in groups},
         "layers": {},
     }

@@ -335,6 +335,39 @@ def _random_keep(groups: Sequence[ChannelGroup], seed: int = 0) -> dict[str, tor
     return keep
 
 
+SMALL_GROUP = 8
+"""Groups of fewer channels (heads, conv-group offsets) are checked with a second draw, the
+complement of the first: each of their channels is then removed once and kept once."""
+
+
+def _draws(groups: Sequence[ChannelGroup], seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """The keeps the exactness check tries: :func:`_random_keep`, and where a group is smaller
+    than :data:`SMALL_GROUP`, a second one keeping what the first removed in those groups (one
+    draw of three heads checks only one way of removing them)."""
+    first = _random_keep(groups, seed)
+    small = [g for g in groups if 1 < g.size < SMALL_GROUP]
+    if not small:
+        return [first]
+    second = dict(first)
+    for group in small:
+        second[group.name] = ~first[group.name]
+    return [first, second]
+
+
+def _matches_all(
+    model: nn.Module,
+    groups: Sequence[ChannelGroup],
+    keeps: Sequence[Mapping[str, torch.Tensor]],
+    inputs: tuple[torch.Tensor, ...],
+) -> str | None:
+    """None if every draw in ``keeps`` matches (:func:`_matches`), else the first problem."""
+    for keep in keeps:
+        problem = _matches(model, groups, keep, inputs)
+        if problem is not None:
+            return problem
+    return None
+
+
 def _matches(
     model: nn.Module,
     groups: Sequence[ChannelGroup],
@@ -375,22 +408,23 @@ def exact_groups(
     model: nn.Module, groups: list[ChannelGroup], example_inputs: Inputs, problems: list[str]
 ) -> list[ChannelGroup]:
     """The groups whose masked model equals their shrunk model, with a random half of every
-    group's channels pruned; one check, then one per group only when the joint check fails,
+    group's channels pruned (and its complement where a group is small, :func:`_draws`); one
+    check, then one per group only when the joint check fails,
     and one more of the groups that passed alone: groups that match alone and fail together
     (a shrink that maps one group through another's removed channels) are all left out.
     Each group left out adds its reason to ``problems``."""
     inputs = as_tuple(example_inputs)
-    keep = _random_keep(groups)
-    if not groups or _matches(model, groups, keep, inputs) is None:
+    keeps = _draws(groups)
+    if not groups or _matches_all(model, groups, keeps, inputs) is None:
         return groups
     exact = []
     for group in groups:
-        problem = _matches(model, [group], keep, inputs)
+        problem = _matches_all(model, [group], keeps, inputs)
         if problem is None:
             exact.append(group)
         else:
             problems.append(f"group {group.name!r}: {problem}")
-    joint = _matches(model, exact, keep, inputs) if len(exact) > 1 else None
+    joint = _matches_all(model, exact, keeps, inputs) if len(exact) > 1 else None
     if joint is None:
         return exact
     problems.extend(f"group {g.name!r}: pruned with the other groups, {joint}" for g in exact)
