@@ -35,7 +35,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     "filter": {"algorithm": "filter_pruning", "pruning_init": 0.5},
 }
 # Input sizes other than 64x64: the smallest these architectures accept, or their fixed one.
-SIZE = {"inception_v3": 96, "timm:levit_128s": 224, "timm:efficientformer_l1": 224}
+SIZE = {
+    "inception_v3": 96,
+    "timm:levit_128s": 224,
+    "timm:efficientformer_l1": 224,
+    "timm:mixer_s16_224": 224,
+    "timm:swin_tiny_patch4_window7_224": 224,
+}
 
 
 def build(name: str) -> nn.Module:
