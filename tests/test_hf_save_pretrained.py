@@ -15,6 +15,7 @@ import torch
 from hf_zoo import MORE, ZOO, logits
 
 import compress
+from compress.pruning.hf_config import widths
 
 pytest.importorskip("transformers")
 
@@ -92,6 +93,10 @@ def test_a_fused_gate_and_up_width_is_written_to_the_config() -> None:
     assert phi3.model.layers[0].mlp.gate_up_proj.out_features == 64
     assert phi3.model.layers[0].mlp.down_proj.in_features == 32
     assert phi3.config.intermediate_size == 32
+    # its fused qkv_proj, as wide as intermediate_size here, is no MLP
+    stated = widths(MODELS["phi3"].build())
+    assert sorted(stated) == [f"model.layers.{i}.mlp.gate_up_proj" for i in (0, 1)]
+    assert set(stated.values()) == {("intermediate_size", 64)}
 
 
 @pytest.mark.slow

@@ -42,6 +42,9 @@ _SCOPED = (
 )
 """Layers (by a part of their name) whose width a key of their own states, in a config that has
 that key: no other key states them."""
+_FUSED_ATTENTION = ("qkv_proj", "query_key_value", "Wqkv")
+"""Fused q, k and v projections (Phi-3, Falcon, MPT): never an MLP width, whatever their width
+(Phi-3's 4 query and 2 key/value heads of 8 are 64 wide, as its intermediate_size can be)."""
 _FUSED = {"gate_up_proj": 2}
 """Layers that hold several MLP projections side by side (Phi-3's gate and up): their width is
 this many times the config's."""
@@ -88,7 +91,7 @@ def widths(model: nn.Module) -> dict[str, tuple[str, int]]:
                 out[name] = (scoped[0], width)
         elif name.rpartition(".")[2] in _HEADS and isinstance(heads, int):
             out[name] = ("num_attention_heads", width)
-        elif width in keys:
+        elif width in keys and name.rpartition(".")[2] not in _FUSED_ATTENTION:
             out[name] = (keys[width], width)
     return out
 
