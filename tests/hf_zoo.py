@@ -1,6 +1,6 @@
-"""Hugging Face models from small configs with random weights (never downloaded): BERT, ViT,
-GPT-2, Llama, Mixtral, Qwen2-MoE and Whisper, each with example inputs and a function reading its
-main output."""
+"""Hugging Face models from small configs with random weights (never downloaded): BERT, RoBERTa,
+DistilBERT, ViT, GPT-2, Phi-3, T5, CLIP, Llama, Mixtral, Qwen2-MoE and Whisper, each with example
+inputs and a function reading its main output."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch import nn
 class Zoo:
     name: str
     build: Callable[[], nn.Module]
-    inputs: Callable[[], tuple[torch.Tensor, ...]]
+    inputs: Callable[[], tuple[torch.Tensor | None, ...]]
 
 
 def _ids() -> tuple[torch.Tensor, ...]:
@@ -123,6 +123,42 @@ def qwen2_moe(**overrides: Any) -> nn.Module:
     return Qwen2MoeForCausalLM(Qwen2MoeConfig(**(sizes | overrides)))
 
 
+def roberta() -> nn.Module:
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    config = RobertaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=16 + 2,  # positions start after the padding index
+        pad_token_id=1,
+        num_labels=3,
+    )
+    return RobertaForSequenceClassification(config)
+
+
+def phi3() -> nn.Module:
+    """A small Phi-3: fused ``qkv_proj`` and ``gate_up_proj``, grouped-query attention."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        original_max_position_embeddings=16,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return Phi3ForCausalLM(config)
+
+
 def distilbert() -> nn.Module:
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
@@ -197,9 +233,12 @@ def _pixels() -> tuple[torch.Tensor, ...]:
 
 
 MORE = {
+    "roberta": Zoo("roberta", roberta, _ids),
+    "phi3": Zoo("phi3", phi3, _ids),
     "distilbert": Zoo("distilbert", distilbert, _ids),
     "t5": Zoo("t5", t5, _ids),
     "clip_text": Zoo("clip_text", clip_text, _ids),
+    "whisper": Zoo("whisper", whisper, whisper_inputs),
 }
 """Built for the save_pretrained round trip of filter pruning only."""
 

@@ -616,7 +616,8 @@ class FilterPruning(Algorithm):
             )
         before = widths(model)
         small = shrink(model, self.groups, pruned, example_inputs=inputs)
-        update_config(small, before)  # a Hugging Face model's config states its widths
+        # a Hugging Face model's config states its widths
+        update_config(small, before, pruned=bool(pruned))
         plan = pruning_plan(self.groups, self.keep)
         setattr(small, "compress_pruning_plan", plan)  # noqa: B010  (mypy: nn.Module attrs are tensors)
         if self.latency_table is not None:

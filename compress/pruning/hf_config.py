@@ -35,8 +35,23 @@ __all__ = ["config_warning", "unstated", "update_config", "widths"]
 _INTERMEDIATE = ("intermediate_size", "n_inner", "hidden_dim", "d_ff")
 """The config keys of the MLP width: most models, GPT-2, DistilBERT, T5."""
 _HEADS = ("q_proj", "query", "c_attn")
-# layers (by a part of their name) whose width a key of their own states, whatever the others
-_SCOPED = (("shared_expert", "shared_expert_intermediate_size"),)
+_SCOPED = (
+    ("shared_expert", "shared_expert_intermediate_size"),  # Qwen2-MoE
+    ("encoder", "encoder_ffn_dim"),  # Whisper, BART, Marian: one MLP width per stack
+    ("decoder", "decoder_ffn_dim"),
+)
+"""Layers (by a part of their name) whose width a key of their own states, in a config that has
+that key: no other key states them."""
+_FUSED_ATTENTION = ("qkv_proj", "query_key_value", "Wqkv")
+"""Fused q, k and v projections (Phi-3, Falcon, MPT): never an MLP width, whatever their width
+(Phi-3's 4 query and 2 key/value heads of 8 are 64 wide, as its intermediate_size can be)."""
+_FUSED = {"gate_up_proj": 2}
+"""Layers that hold several MLP projections side by side (Phi-3's gate and up): their width is
+this many times the config's."""
+
+
+def _fused(name: str) -> int:
+    return _FUSED.get(name.rpartition(".")[2], 1)
 
 
 def _config(model: nn.Module) -> Any:
@@ -51,8 +66,9 @@ def _out(module: nn.Module) -> int | None:
 
 
 def widths(model: nn.Module) -> dict[str, tuple[str, int]]:
-    """Per Linear (or GPT-2 ``Conv1D``) layer whose width the config states: (config key, out
-    width). Read before pruning, so the layers are found by the width the config gives them."""
+    """Per Linear (or GPT-2 ``Conv1D``) layer whose width the config states: (config key, the
+    width the key gives: the out width, halved for a fused gate and up projection). Read before
+    pruning, so the layers are found by the width the config gives them."""
     config = _config(model)
     if config is None:
         return {}
@@ -62,27 +78,33 @@ def widths(model: nn.Module) -> dict[str, tuple[str, int]]:
     if hasattr(config, "n_inner") and config.n_inner is None:  # GPT-2: None means 4 * n_embd
         keys.setdefault(4 * config.hidden_size, "n_inner")
     heads = getattr(config, "num_attention_heads", None)
+    own = [(part, k) for part, k in _SCOPED if isinstance(getattr(config, k, None), int)]
     out = {}
     for name, module in model.named_modules():
         width = _out(module)
         if width is None:
             continue
-        scoped = [k for part, k in _SCOPED if part in name.split(".")]
-        if scoped:  # Qwen2-MoE's shared expert: only its own key states its width
-            if getattr(config, scoped[0], None) == width:
+        scoped = [k for part, k in own if part in name.split(".")]
+        width //= _fused(name)
+        if scoped:  # Qwen2-MoE's shared expert, Whisper's encoder: only their own key
+            if getattr(config, scoped[0]) == width:
                 out[name] = (scoped[0], width)
         elif name.rpartition(".")[2] in _HEADS and isinstance(heads, int):
             out[name] = ("num_attention_heads", width)
-        elif width in keys:
+        elif width in keys and name.rpartition(".")[2] not in _FUSED_ATTENTION:
             out[name] = (keys[width], width)
     return out
 
 
-def update_config(model: nn.Module, before: dict[str, tuple[str, int]]) -> None:
+def update_config(
+    model: nn.Module, before: dict[str, tuple[str, int]], *, pruned: bool = True
+) -> None:
     """Writes the widths ``model`` kept (layers named in ``before``) into its config, or warns
-    that its config cannot describe them and leaves it as it was."""
+    that its config cannot describe them and leaves it as it was. ``pruned``: whether any
+    channel was removed; then the model built from the config is checked even when no width
+    the config states changed (a layer no key states was cut)."""
     config = _config(model)
-    if config is None or not before:
+    if config is None or not (before or pruned):
         return
     kept: dict[str, set[int]] = {}
     full: dict[str, int] = {}
@@ -94,6 +116,7 @@ def update_config(model: nn.Module, before: dict[str, tuple[str, int]]) -> None:
             continue
         value = _out(now)
         assert value is not None
+        value //= _fused(name)
         kept.setdefault(key, set()).add(value)
         full[key] = width
         if value != width:
@@ -106,20 +129,20 @@ def update_config(model: nn.Module, before: dict[str, tuple[str, int]]) -> None:
     mixed: list[str] = []
     for key in sorted(changed):
         values = kept[key]
-        pruned = values - {full[key]}
+        narrower = values - {full[key]}
         if len(values) > 1:
             mixed.append(f"{key}: the layers keep different widths ({sorted(values)}){_hint(key)}")
-        if len(pruned) != 1:
+        if len(narrower) != 1:
             problems.append(mixed.pop())
             continue
-        (value,) = pruned
+        (value,) = narrower
         if key != "num_attention_heads":
             updates[key] = value
             continue
         head = full[key] // config.num_attention_heads  # the projection's channels per head
         updates |= _head_updates(config, value // head)
     layers: list[str] = []
-    if not problems and updates:
+    if not problems and (updates or pruned):
         problem, layers = _rebuild_problem(model, config, updates)
         if problem is None:
             for key, value in updates.items():
@@ -231,7 +254,8 @@ def _rebuild_problem(
 ) -> tuple[str | None, list[str]]:
     """(None, []) when the model built from ``config`` with ``updates`` has the parameter shapes
     of ``model``; else the first shape that differs, and the layers whose outputs were cut where
-    the config cannot say so (their bias differs, or their weight when no bias does)."""
+    the config cannot say so (their out width differs; else their bias, or their weight when no
+    bias does)."""
     try:
         fresh = _built(model, config, updates)
     except Exception as err:  # noqa: BLE001 - any failure means the config does not describe it
@@ -247,10 +271,23 @@ def _rebuild_problem(
         if "num_attention_heads" in updates
         else ""
     )
-    cut = [k for k in wrong if k.endswith(".bias")] or wrong
-    layers = [k.rpartition(".")[0] for k in cut]
+    layers = [
+        n for n in dict.fromkeys(k.rpartition(".")[0] for k in wrong) if _cut(n, model, fresh)
+    ]
+    if not layers:
+        cut = [k for k in wrong if k.endswith(".bias")] or wrong
+        layers = [k.rpartition(".")[0] for k in cut]
     return (
         f"a model built from it has {key} of shape {got.get(key)}, the pruned model "
         f"{want[key]}{why}",
         layers,
     )
+
+
+def _cut(name: str, model: nn.Module, fresh: nn.Module) -> bool:
+    """Whether layer ``name`` has fewer outputs in ``model`` than in ``fresh``."""
+    try:
+        now, full = _out(model.get_submodule(name)), _out(fresh.get_submodule(name))
+    except AttributeError:
+        return False
+    return now is not None and full is not None and now < full
