@@ -95,6 +95,7 @@ CORE = {
     "compress.masks",
     "compress.distributed",
     "compress.schedules",
+    "compress.experts",  # which parameters are fused experts: torch only, read by every wing
 }
 
 
