@@ -139,6 +139,7 @@ def test_a_layer_no_group_touches_is_timed_and_stays_whole() -> None:
     assert "conv1" not in [g.name for g in groups]
     table = latency.measure_table(model, groups, (x,), timer=latency.layer_macs_timer)
     conv1 = table["layers"]["conv1"]
-    assert conv1 == {"ms": pytest.approx(2 * 16 * 64 * 27 * 1e-9 * 1e3), "out": None, "in": []}
+    ms = pytest.approx(2 * 16 * 64 * 27 * 1e-9 * 1e3)
+    assert conv1 == {"ms": ms, "spread": 0.0, "out": None, "in": []}
     narrowest = {g: info["widths"][0] for g, info in table["groups"].items()}
     assert latency_widths.predicted_ms(table, narrowest) >= conv1["ms"]
