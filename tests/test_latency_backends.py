@@ -90,7 +90,10 @@ def test_the_table_is_timed_in_the_runtime(backend: str, monkeypatch: pytest.Mon
     monkeypatch.setattr(latency, "time_call", record)
     table = latency.measure_table(model, groups, (x,), rounds=2, backend=backend)
     assert table["backend"] == backend
-    # every call timed is the runtime's (a closure over its session), none a PyTorch module
+    # every call timed is the runtime's (a closure over its session), none a PyTorch module,
+    # but the first: one eager call of the whole model that sets how long a sample lasts
+    probe, *timed = timed
+    assert isinstance(probe, functools.partial) and table["sample_ms"] == 2.0
     assert timed and not any(isinstance(fn, functools.partial) for fn in timed)
     layers = table["layers"]
     n_jobs = sum(

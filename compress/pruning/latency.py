@@ -5,20 +5,33 @@ efficiently than wide ones (oneDNN computes convolutions in blocks of 16 channel
 channels can cost what 32 do). So ``pruning_latency_target`` does not count MACs; before pruning
 starts, :func:`measure_table` times every layer a channel group touches, on this machine, at a
 few candidate widths of that group (the activation shapes the example inputs produce, at the
-recipe's batch size, all variants of a group taking turns, medians of rounds), and the rest of
-the model by running it with those layers replaced by their recorded outputs.
+recipe's batch size), and the rest of the model by running it with those layers replaced by
+their recorded outputs.
+
+Two builds on one machine must choose the same widths, so the table is measured until it
+settles and says how well it knows each time: every job (a layer variant, the whole model,
+the rest) takes a turn in each round, in an order shuffled per round; each sample loops its
+call for about as long as one call of the whole model (2 to 20 ms), so that when other
+processes take a share of the CPU they slow long and short calls alike (with 2 ms samples a
+loaded machine inflated the rest, timed as one long call, by 1x to 2.6x from one build to the
+next, while the layers read clean); rounds go on from 5 until every median's spread
+(:func:`median_spread`) is within 2% of it, or 20 rounds are done. Each time is kept with its
+spread, which :func:`compress.pruning.latency_widths.choose_widths` takes as the size of a
+difference that does not count.
 :func:`compress.pruning.latency_widths.choose_widths` then picks per-group widths that reach a
 fraction of latency removed while removing the least importance.
 
 The table is a plain dict (JSON and ``torch.load(weights_only=True)`` friendly)::
 
     {"backend": "torch", "batch_size": 64, "model_ms": 12.3, "rest_ms": 2.1,
-     "volume_total": 81920,
+     "model_spread": 0.1, "rest_spread": 0.02, "rounds": 7, "spread_bound": 0.02,
+     "sample_ms": 12.0, "volume_total": 81920,
      "groups": {"layer1.0.conv1": {"size": 32, "widths": [8, 16, 24, 32], "volume": 8192}},
-     "layers": {"layer1.0.conv1": {"ms": 1.2,
-                                   "out": {"group": "layer1.0.conv1", "ms": [0.4, 0.6, 1.1, 1.2]},
-                                   "in": [{"group": "conv1", "ms": [...]}]},
-                "stem": {"ms": 0.9, "out": None, "in": []}}}  # no group's: timed whole
+     "layers": {"layer1.0.conv1": {"ms": 1.2, "spread": 0.01,
+                                   "out": {"group": "layer1.0.conv1", "ms": [0.4, 0.6, 1.1, 1.2],
+                                           "spread": [0.01, 0.01, 0.02, 0.01]},
+                                   "in": [{"group": "conv1", "ms": [...], "spread": [...]}]},
+                "stem": {"ms": 0.9, "spread": 0.01, "out": None, "in": []}}}  # timed whole
 
 Example:
     >>> import torch
@@ -63,6 +76,7 @@ model's is ``functools.partial(model, *inputs)``: a test timer can return planne
 _ROUNDS = 5
 _MAX_ROUNDS = 20
 _SPREAD_BOUND = 0.02
+_SAMPLE_S = (2e-3, 20e-3)
 _MAX_CANDIDATES = 16
 
 
@@ -73,7 +87,7 @@ def time_call(fn: Callable[[], object], *, target_s: float = 2e-3) -> float:
         start = time.perf_counter()
         fn()
         once = max(time.perf_counter() - start, 1e-7)
-        loops = max(1, min(100, int(target_s / once)))
+        loops = max(1, min(1000, int(target_s / once)))
         start = time.perf_counter()
         for _ in range(loops):
             fn()
@@ -114,10 +128,10 @@ def layer_macs_timer(fn: Callable[[], object]) -> float:
     return total * 1e-9
 
 
-def _time_in(backend: Backend, fn: Callable[[], object]) -> float:
+def _time_in(backend: Backend, fn: Callable[[], object], *, target_s: float = 2e-3) -> float:
     """``time_call`` of ``fn`` (a PyTorch layer call) rebuilt in ``backend``."""
     assert isinstance(fn, functools.partial)
-    return time_call(runtime_call(backend, fn))
+    return time_call(runtime_call(backend, fn), target_s=target_s)
 
 
 def candidate_widths(size: int) -> list[int]:
@@ -371,6 +385,7 @@ def measure_table(
     whole model takes beyond its layers rather than a model of replayed layers. A ``timer``
     given is handed the PyTorch calls whatever the backend (planned times for tests)."""
     check_backend(backend)
+    was_training = model.training
     if timer is not None:
         time_fn = timer
     elif backend == "torch":
@@ -438,6 +453,16 @@ def measure_table(
     # the activations the rest (norms, activations, adds) works on, per sample: every layer's
     table["volume_total"] = sum(outputs.values())
     rest = functools.partial(replayed, *inputs)
+    if timer is None:  # samples as long as one call of the whole model (module docstring)
+        with torch.no_grad():
+            model.eval()
+            sample_s = min(max(time_call(whole, target_s=0.0), _SAMPLE_S[0]), _SAMPLE_S[1])
+            model.train(was_training)
+        table["sample_ms"] = sample_s * 1e3
+        if backend != "torch":
+            time_fn = functools.partial(_time_in, backend, target_s=sample_s)
+        elif default_timer is time_call:
+            time_fn = functools.partial(time_call, target_s=sample_s)
     for g in groups:  # the activation each group's producers write: the rest shrinks with it
         table["groups"][g.name]["volume"] = sum(
             outputs[n] for n, e in layers.items() if e["out"] is g
