@@ -228,3 +228,31 @@ def test_strip_export_and_inspect_report_both_speedups_with_their_spreads(
     out = capsys.readouterr().out
     assert f"latency table (torch, batch 1, {table['rounds']} rounds)" in out
     assert line in out
+
+
+def test_the_callback_says_both_speedups_at_export(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    from conftest import fit_quietly
+    from test_lightning_path import trainer
+    from test_resume import Lit
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from callbacks import CompressionCallback
+
+    monkeypatch.setattr(latency, "default_timer", noisy_timer(0.05, 2))
+    params = {"pruning_latency_target": 0.4, "prune_first_conv": True, "schedule": "baseline"}
+    recipe = {"compression": {"algorithm": "filter_pruning", "params": params}}
+    cb = CompressionCallback(
+        recipe, model_attr="model", export_dir=tmp_path, export_formats=["pruned"], verbose=False
+    )
+    data = TensorDataset(torch.randn(16, 3, 8, 8), torch.randint(0, 2, (16,)), torch.arange(16))
+    with caplog.at_level(logging.INFO):
+        fit_quietly(trainer(tmp_path, cb, epochs=1), Lit(), DataLoader(data, batch_size=8))
+    saved = json.loads((tmp_path / "model.latency.json").read_text())
+    said = [r.getMessage() for r in caplog.records if "compression: latency:" in r.getMessage()]
+    assert said == [f"compression: latency: {latency_widths.speedup_line(saved)}"]
+    assert f"± {saved['measured_speedup_spread']:.2f} measured" in said[0]
+    assert said[0].endswith("for a target of 1.67x)")
