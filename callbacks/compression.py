@@ -43,6 +43,7 @@ from compress.controller import (
 from compress.deploy.export import FORMATS
 from compress.deploy.files import safe_load
 from compress.errors import CompressError, ConfigError
+from compress.pruning import latency_widths
 from compress.recipe.config import Config, load_config
 
 if TYPE_CHECKING:
@@ -467,6 +468,9 @@ class CompressionCallback(_Callback):
         self.exported = compress.export(
             plain, self.export_dir / self.export_name, self.export_formats, example_inputs=inputs
         )
+        report = getattr(plain, "compress_latency_table", None)
+        if report is not None:  # pruning_latency_target: what was asked, predicted, measured
+            rank_zero_info(f"compression: latency: {latency_widths.speedup_line(report)}")
 
     @contextlib.contextmanager
     def _checkpointed(self, pl_module: pl.LightningModule, path: Path) -> Iterator[None]:

@@ -90,7 +90,10 @@ def test_the_table_is_timed_in_the_runtime(backend: str, monkeypatch: pytest.Mon
     monkeypatch.setattr(latency, "time_call", record)
     table = latency.measure_table(model, groups, (x,), rounds=2, backend=backend)
     assert table["backend"] == backend
-    # every call timed is the runtime's (a closure over its session), none a PyTorch module
+    # every call timed is the runtime's (a closure over its session), none a PyTorch module,
+    # but the first: one eager call of the whole model that sets how long a sample lasts
+    probe, *timed = timed
+    assert isinstance(probe, functools.partial) and table["sample_ms"] == 2.0
     assert timed and not any(isinstance(fn, functools.partial) for fn in timed)
     layers = table["layers"]
     n_jobs = sum(
@@ -139,6 +142,7 @@ def test_a_layer_no_group_touches_is_timed_and_stays_whole() -> None:
     assert "conv1" not in [g.name for g in groups]
     table = latency.measure_table(model, groups, (x,), timer=latency.layer_macs_timer)
     conv1 = table["layers"]["conv1"]
-    assert conv1 == {"ms": pytest.approx(2 * 16 * 64 * 27 * 1e-9 * 1e3), "out": None, "in": []}
+    ms = pytest.approx(2 * 16 * 64 * 27 * 1e-9 * 1e3)
+    assert conv1 == {"ms": ms, "spread": 0.0, "out": None, "in": []}
     narrowest = {g: info["widths"][0] for g, info in table["groups"].items()}
     assert latency_widths.predicted_ms(table, narrowest) >= conv1["ms"]

@@ -222,7 +222,7 @@ def test_export_writes_the_table_beside_the_file_and_inspect_shows_it(
     assert small[0].out_channels == widths(algo)["0"]
     assert main(["inspect", str(paths["pruned"])]) == 0
     out = capsys.readouterr().out
-    assert "m.latency.json: latency table (torch, batch 1)" in out
+    assert "m.latency.json: latency table (torch, batch 1, 5 rounds)" in out
     assert f"| 0     | 64   | {widths(algo)['0']:<6} | 8 16 24 32 40 48 56 64 |" in out
 
 
@@ -316,9 +316,15 @@ def test_strip_reports_the_measured_time_beside_the_predicted_one() -> None:
     report = small.compress_latency_table
     assert report["chosen"] == widths(algo)
     assert report["predicted_ms"] == latency_widths.predicted_ms(algo.latency_table, widths(algo))
-    # the planned timer: the stripped model's time is that of its narrower convs
+    # the planned timer: the stripped model's time is that of its narrower convs, the dense
+    # model's that of the full ones, timed in the same rounds (planned times: no spread)
     assert report["measured_ms"] == pytest.approx(blocked_timer(functools.partial(small, x)) * 1e3)
-    assert report["measured_ms"] < report["model_ms"]
+    assert report["dense_ms"] == pytest.approx(report["model_ms"])
+    assert report["measured_speedup"] == pytest.approx(report["dense_ms"] / report["measured_ms"])
+    assert report["measured_speedup_spread"] == report["predicted_speedup_spread"] == 0.0
+    assert report["target_speedup"] == 2.0
     head = latency_widths.text(report).splitlines()[0]
     assert f"the stripped model measured {report['measured_ms']:.3f} ms" in head
-    assert "x predicted" in head and "x measured)" in head
+    assert f"{report['predicted_speedup']:.2f}x ± 0.00 predicted" in head
+    assert f"{report['measured_speedup']:.2f}x ± 0.00 measured over 5 interleaved rounds" in head
+    assert head.endswith("for a target of 2.00x)")

@@ -503,7 +503,7 @@ class FilterPruning(Algorithm):
         for name, width in chosen.items():
             keep[name] = top(scores[name], width)
         reached = latency_widths.removed_fraction(self.latency(), {**fixed, **chosen})
-        if reached < fraction - 1e-6:
+        if not latency_widths.target_holds(self.latency(), {**fixed, **chosen}, fraction):
             warnings.warn(
                 f"{self.cfg.path}: pruning_latency_target {fraction:.3f} is out of reach; the "
                 f"narrowest widths in the latency table remove {reached:.3f} of its predicted "
@@ -615,15 +615,21 @@ class FilterPruning(Algorithm):
                 stacklevel=3,
             )
         before = widths(model)
+        dense = None
+        if self.latency_table is not None:  # at full width, to time beside the stripped model
+            dense = copy_model(model)
+            for module in dense.modules():
+                masks.remove(module)
         small = shrink(model, self.groups, pruned, example_inputs=inputs)
         # a Hugging Face model's config states its widths
         update_config(small, before, pruned=bool(pruned))
         plan = pruning_plan(self.groups, self.keep)
         setattr(small, "compress_pruning_plan", plan)  # noqa: B010  (mypy: nn.Module attrs are tensors)
-        if self.latency_table is not None:
+        if self.latency_table is not None and dense is not None:
             chosen = {n: int(k.sum()) for n, k in self.keep.items()}
             # what the table predicted for the stripped model beside what it measures
-            measured = latency.measure_model(
+            measured = latency.compare_models(
+                dense,
                 small,
                 inputs,
                 batch_size=self.params.get("latency_batch_size"),
@@ -631,8 +637,9 @@ class FilterPruning(Algorithm):
             )
             report = {
                 "chosen": chosen,
-                "predicted_ms": latency_widths.predicted_ms(self.latency_table, chosen),
-                "measured_ms": measured,
+                **latency_widths.prediction(self.latency_table, chosen),
+                "target_speedup": 1.0 / (1.0 - float(self.latency_target or 0.0)),
+                **measured,
             }
             setattr(small, "compress_latency_table", {**self.latency_table, **report})  # noqa: B010
         return small

@@ -5,20 +5,33 @@ efficiently than wide ones (oneDNN computes convolutions in blocks of 16 channel
 channels can cost what 32 do). So ``pruning_latency_target`` does not count MACs; before pruning
 starts, :func:`measure_table` times every layer a channel group touches, on this machine, at a
 few candidate widths of that group (the activation shapes the example inputs produce, at the
-recipe's batch size, all variants of a group taking turns, medians of rounds), and the rest of
-the model by running it with those layers replaced by their recorded outputs.
+recipe's batch size), and the rest of the model by running it with those layers replaced by
+their recorded outputs.
+
+Two builds on one machine must choose the same widths, so the table is measured until it
+settles and says how well it knows each time: every job (a layer variant, the whole model,
+the rest) takes a turn in each round, in an order shuffled per round; each sample loops its
+call for about as long as one call of the whole model (2 to 20 ms), so that when other
+processes take a share of the CPU they slow long and short calls alike (with 2 ms samples a
+loaded machine inflated the rest, timed as one long call, by 1x to 2.6x from one build to the
+next, while the layers read clean); rounds go on from 5 until every median's spread
+(:func:`median_spread`) is within 2% of it, or 20 rounds are done. Each time is kept with its
+spread, which :func:`compress.pruning.latency_widths.choose_widths` takes as the size of a
+difference that does not count.
 :func:`compress.pruning.latency_widths.choose_widths` then picks per-group widths that reach a
 fraction of latency removed while removing the least importance.
 
 The table is a plain dict (JSON and ``torch.load(weights_only=True)`` friendly)::
 
     {"backend": "torch", "batch_size": 64, "model_ms": 12.3, "rest_ms": 2.1,
-     "volume_total": 81920,
+     "model_spread": 0.1, "rest_spread": 0.02, "rounds": 7, "spread_bound": 0.02,
+     "sample_ms": 12.0, "volume_total": 81920,
      "groups": {"layer1.0.conv1": {"size": 32, "widths": [8, 16, 24, 32], "volume": 8192}},
-     "layers": {"layer1.0.conv1": {"ms": 1.2,
-                                   "out": {"group": "layer1.0.conv1", "ms": [0.4, 0.6, 1.1, 1.2]},
-                                   "in": [{"group": "conv1", "ms": [...]}]},
-                "stem": {"ms": 0.9, "out": None, "in": []}}}  # no group's: timed whole
+     "layers": {"layer1.0.conv1": {"ms": 1.2, "spread": 0.01,
+                                   "out": {"group": "layer1.0.conv1", "ms": [0.4, 0.6, 1.1, 1.2],
+                                           "spread": [0.01, 0.01, 0.02, 0.01]},
+                                   "in": [{"group": "conv1", "ms": [...], "spread": [...]}]},
+                "stem": {"ms": 0.9, "spread": 0.01, "out": None, "in": []}}}  # timed whole
 
 Example:
     >>> import torch
@@ -40,6 +53,7 @@ from __future__ import annotations
 
 import functools
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -53,13 +67,16 @@ from compress.analysis.untouched import copy_model
 from compress.pruning.latency_backends import Backend, check_backend, runtime_call
 from compress.pruning.structured import ChannelGroup
 
-__all__ = ["Timer", "layer_macs_timer", "measure_model", "measure_table"]
+__all__ = ["Timer", "compare_models", "layer_macs_timer", "measure_table", "median_spread"]
 
 Timer = Callable[[Callable[[], object]], float]
 """Seconds of one call of ``fn``. Layer calls are ``functools.partial(layer, x)``; the whole
 model's is ``functools.partial(model, *inputs)``: a test timer can return planned numbers."""
 
 _ROUNDS = 5
+_MAX_ROUNDS = 20
+_SPREAD_BOUND = 0.02
+_SAMPLE_S = (2e-3, 20e-3)
 _MAX_CANDIDATES = 16
 
 
@@ -70,7 +87,7 @@ def time_call(fn: Callable[[], object], *, target_s: float = 2e-3) -> float:
         start = time.perf_counter()
         fn()
         once = max(time.perf_counter() - start, 1e-7)
-        loops = max(1, min(100, int(target_s / once)))
+        loops = max(1, min(1000, int(target_s / once)))
         start = time.perf_counter()
         for _ in range(loops):
             fn()
@@ -111,10 +128,10 @@ def layer_macs_timer(fn: Callable[[], object]) -> float:
     return total * 1e-9
 
 
-def _time_in(backend: Backend, fn: Callable[[], object]) -> float:
+def _time_in(backend: Backend, fn: Callable[[], object], *, target_s: float = 2e-3) -> float:
     """``time_call`` of ``fn`` (a PyTorch layer call) rebuilt in ``backend``."""
     assert isinstance(fn, functools.partial)
-    return time_call(runtime_call(backend, fn))
+    return time_call(runtime_call(backend, fn), target_s=target_s)
 
 
 def candidate_widths(size: int) -> list[int]:
@@ -248,31 +265,101 @@ def _batched(t: torch.Tensor, batch: int | None) -> torch.Tensor:
     return torch.randn(batch, *t.shape[1:], dtype=t.dtype, device=t.device)
 
 
-def measure_model(
+def median_spread(samples: Sequence[float]) -> float:
+    """The spread of the median of ``samples``: its robust standard error, 1.858 times the
+    median absolute deviation over the square root of the count (1.4826 MAD estimates the
+    standard deviation of normal samples; a median's error is 1.2533 of it over the root)."""
+    if len(samples) < 2:
+        return 0.0
+    mid = statistics.median(samples)
+    mad = statistics.median(abs(s - mid) for s in samples)
+    return 1.858 * mad / math.sqrt(len(samples))
+
+
+def _settled(samples: dict[Any, list[float]], bound: float) -> bool:
+    """Whether every median's spread is within ``bound`` of itself, or of a fiftieth of the
+    largest median (the whole model's: an entry that small moves no choice)."""
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    floor = max(medians.values(), default=0.0) / 50
+    return all(median_spread(v) <= bound * max(medians[k], floor) for k, v in samples.items())
+
+
+def _rounds(
+    jobs: Sequence[tuple[Any, Callable[[], float]]],
+    *,
+    rounds: int,
+    max_rounds: int,
+    bound: float,
     model: nn.Module,
+) -> dict[Any, list[float]]:
+    """Seconds of every job per round: all jobs take turns in each round, in an order shuffled
+    per round (a fixed seed: the same orders in every run) so that a burst of load on a shared
+    machine falls on different jobs each round; ``rounds`` rounds, then more until every
+    median's spread is within ``bound`` (:func:`_settled`) or ``max_rounds`` are done."""
+    samples: dict[Any, list[float]] = {key: [] for key, _ in jobs}
+    order = list(range(len(jobs)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for r in range(max(rounds, max_rounds)):
+                if r >= rounds and _settled(samples, bound):
+                    break
+                random.Random(r).shuffle(order)
+                for i in order:
+                    key, fn = jobs[i]
+                    samples[key].append(fn())
+    finally:
+        model.train(was_training)
+    return samples
+
+
+def compare_models(
+    dense: nn.Module,
+    small: nn.Module,
     example_inputs: tuple[torch.Tensor, ...],
     *,
     batch_size: int | None = None,
     backend: Backend = "torch",
     rounds: int = _ROUNDS,
-) -> float:
-    """Milliseconds of one forward pass of ``model`` (median of ``rounds``), timed as
-    :func:`measure_table` times the whole model: the stripped model's measured time, beside
-    what the table predicted for it."""
+    max_rounds: int = _MAX_ROUNDS,
+    spread_bound: float = _SPREAD_BOUND,
+) -> dict[str, Any]:
+    """The measured speed-up of ``small`` (the stripped model) over ``dense`` (the model at
+    full width): both timed as :func:`measure_table` times the whole model, taking turns in
+    each round, rounds as the table's. The speed-up is the median of the per-round ratios (a
+    burst of load that slows one round slows both), with its spread (:func:`median_spread`)::
+
+        {"dense_ms": 12.1, "measured_ms": 3.9, "measured_spread": 0.05, "measured_speedup": 3.1,
+         "measured_speedup_spread": 0.04, "measured_rounds": 9}
+    """
     inputs = tuple(_batched(t, batch_size) for t in example_inputs)
-    whole = functools.partial(model, *inputs)
-    if backend == "torch":
-        time_whole = functools.partial(default_timer, whole)
-    else:
-        time_whole = functools.partial(time_call, runtime_call(backend, whole))
-    was_training = model.training
-    model.eval()
+
+    def timed(model: nn.Module) -> Callable[[], float]:
+        whole = functools.partial(model, *inputs)
+        if backend == "torch":
+            return functools.partial(default_timer, whole)
+        return functools.partial(time_call, runtime_call(backend, whole))
+
+    was_training = small.training
+    dense.eval()
+    small.eval()
     try:
-        with torch.no_grad():
-            samples = [time_whole() for _ in range(rounds)]
+        jobs = [("dense", timed(dense)), ("small", timed(small))]
+        samples = _rounds(
+            jobs, rounds=rounds, max_rounds=max_rounds, bound=spread_bound, model=small
+        )
     finally:
-        model.train(was_training)
-    return statistics.median(samples) * 1e3
+        small.train(was_training)
+    ratios = [d / s for d, s in zip(samples["dense"], samples["small"], strict=True) if s > 0]
+    return {
+        "dense_ms": statistics.median(samples["dense"]) * 1e3,
+        "measured_ms": statistics.median(samples["small"]) * 1e3,
+        "measured_spread": median_spread(samples["small"]) * 1e3,
+        "measured_speedup": statistics.median(ratios) if ratios else 0.0,
+        "measured_speedup_spread": median_spread(ratios),
+        "measured_rounds": len(samples["small"]),
+    }
 
 
 def measure_table(
@@ -283,17 +370,22 @@ def measure_table(
     batch_size: int | None = None,
     timer: Timer | None = None,
     rounds: int = _ROUNDS,
+    max_rounds: int = _MAX_ROUNDS,
+    spread_bound: float = _SPREAD_BOUND,
     backend: Backend = "torch",
 ) -> dict[str, Any]:
     """Times each group's layers at the group's candidate widths; returns the table (module
-    docstring). Every group's variants take turns within a round; values are medians of
-    ``rounds`` rounds. Fresh layers with random weights are timed, the model is not changed.
+    docstring). Every group's variants take turns within a round, in a shuffled order; values
+    are medians of at least ``rounds`` rounds, more until each median's spread
+    (:func:`median_spread`, kept beside it as ``spread``) is within ``spread_bound`` of it, at
+    most ``max_rounds``. Fresh layers with random weights are timed, the model is not changed.
 
     ``backend`` names the runtime the calls are timed in (:mod:`latency_backends`); outside
     PyTorch a runtime fuses norms and activations into the layers, so the rest is what the
     whole model takes beyond its layers rather than a model of replayed layers. A ``timer``
     given is handed the PyTorch calls whatever the backend (planned times for tests)."""
     check_backend(backend)
+    was_training = model.training
     if timer is not None:
         time_fn = timer
     elif backend == "torch":
@@ -356,54 +448,64 @@ def measure_table(
     for name in whole_layers:
         layer = copy_model(model.get_submodule(name)).eval()
         jobs.append(((name, "full", 0, 0), functools.partial(layer, torch.randn(shapes[name]))))
-    samples: dict[tuple[str, str, int, int], list[float]] = {key: [] for key, _ in jobs}
     whole = functools.partial(model, *inputs)
     replayed, outputs = _without(model, inputs, list(layers) + whole_layers)
     # the activations the rest (norms, activations, adds) works on, per sample: every layer's
     table["volume_total"] = sum(outputs.values())
     rest = functools.partial(replayed, *inputs)
+    if timer is None:  # samples as long as one call of the whole model (module docstring)
+        with torch.no_grad():
+            model.eval()
+            sample_s = min(max(time_call(whole, target_s=0.0), _SAMPLE_S[0]), _SAMPLE_S[1])
+            model.train(was_training)
+        table["sample_ms"] = sample_s * 1e3
+        if backend != "torch":
+            time_fn = functools.partial(_time_in, backend, target_s=sample_s)
+        elif default_timer is time_call:
+            time_fn = functools.partial(time_call, target_s=sample_s)
     for g in groups:  # the activation each group's producers write: the rest shrinks with it
         table["groups"][g.name]["volume"] = sum(
             outputs[n] for n, e in layers.items() if e["out"] is g
         )
-    model_samples, rest_samples = [], []
     time_whole, time_rest = functools.partial(time_fn, whole), functools.partial(time_fn, rest)
     if backend != "torch" and timer is None:  # converted once; the rest follows from it below
         time_whole = functools.partial(time_call, runtime_call(backend, whole))
         time_rest = functools.partial(float, 0)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for _ in range(rounds):
-                model_samples.append(time_whole())
-                rest_samples.append(time_rest())
-                for key, fn in jobs:
-                    samples[key].append(time_fn(fn))
-    finally:
-        model.train(was_training)
+    all_jobs = [(("model", "", 0, 0), time_whole), (("rest", "", 0, 0), time_rest)]
+    all_jobs += [(key, functools.partial(time_fn, fn)) for key, fn in jobs]
+    samples = _rounds(
+        all_jobs, rounds=rounds, max_rounds=max_rounds, bound=spread_bound, model=model
+    )
     ms = {key: statistics.median(v) * 1e3 for key, v in samples.items()}
-    table["model_ms"] = statistics.median(model_samples) * 1e3
-    table["rest_ms"] = statistics.median(rest_samples) * 1e3
+    spread = {key: median_spread(v) * 1e3 for key, v in samples.items()}
+    table["rounds"] = len(samples[("model", "", 0, 0)])
+    table["spread_bound"] = spread_bound
+    table["model_ms"], table["model_spread"] = ms[("model", "", 0, 0)], spread[("model", "", 0, 0)]
+    table["rest_ms"], table["rest_spread"] = ms[("rest", "", 0, 0)], spread[("rest", "", 0, 0)]
 
     def curve(name: str, kind: str, j: int, group: ChannelGroup) -> dict[str, Any]:
         n = len(table["groups"][group.name]["widths"])
-        times = [ms[(name, kind, j, i)] for i in range(n - 1)] + [ms[(name, "full", 0, 0)]]
+        keys = [(name, kind, j, i) for i in range(n - 1)] + [(name, "full", 0, 0)]
+        times, spreads = [ms[k] for k in keys], [spread[k] for k in keys]
         # A narrower layer is never taken to be slower than a wider one: on a loaded machine a
         # stalled sample would otherwise make a width look worse than the full layer.
         for i in range(n - 2, -1, -1):
-            times[i] = min(times[i], times[i + 1])
-        return {"group": group.name, "ms": times}
+            if times[i] > times[i + 1]:
+                times[i], spreads[i] = times[i + 1], max(spreads[i], spreads[i + 1])
+        return {"group": group.name, "ms": times, "spread": spreads}
 
     for name, e in layers.items():
         table["layers"][name] = {
             "ms": ms[(name, "full", 0, 0)],
+            "spread": spread[(name, "full", 0, 0)],
             "out": None if e["out"] is None else curve(name, "out", 0, e["out"]),
             "in": [curve(name, "in", j, g) for j, (g, _) in enumerate(e["in"])],
         }
     for name in whole_layers:
-        table["layers"][name] = {"ms": ms[(name, "full", 0, 0)], "out": None, "in": []}
+        key = (name, "full", 0, 0)
+        table["layers"][name] = {"ms": ms[key], "spread": spread[key], "out": None, "in": []}
     if backend != "torch" and timer is None:
         full = sum(e["ms"] for e in table["layers"].values())
         table["rest_ms"] = max(0.0, table["model_ms"] - full)
+        table["rest_spread"] = table["model_spread"]
     return table

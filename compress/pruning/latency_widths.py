@@ -13,6 +13,7 @@ widths that reach a fraction of latency removed while removing the least importa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,30 +22,37 @@ import torch
 __all__ = [
     "choose_widths",
     "layer_ms",
+    "layer_spread",
     "predicted_ms",
+    "predicted_spread",
+    "prediction",
     "reach",
     "reach_warning",
     "removed_fraction",
+    "speedup_line",
+    "target_holds",
     "text",
 ]
 
 
-def _ratio(table: Mapping[str, Any], curve: Mapping[str, Any], full_ms: float, width: int) -> float:
-    """The layer's time at ``width`` of the curve's group over its full time (interpolated
-    linearly between measured widths; widths below the smallest scale down from it). Measured
-    times never fall as the width grows (the table is made so)."""
-    widths = table["groups"][curve["group"]]["widths"]
-    times = curve["ms"]
-    if full_ms <= 0:
-        return 1.0
+def _at(widths: list[int], values: list[float], width: int) -> float:
+    """``values`` (one per measured width) at ``width``: interpolated linearly between measured
+    widths; below the smallest scaled down from it."""
     if width >= widths[-1]:
-        return times[-1] / full_ms
+        return values[-1]
     if width <= widths[0]:
-        return times[0] * width / widths[0] / full_ms
+        return values[0] * width / widths[0]
     i = next(k for k, w in enumerate(widths) if w >= width)
     lo, hi = widths[i - 1], widths[i]
-    t = times[i - 1] + (times[i] - times[i - 1]) * (width - lo) / (hi - lo)
-    return t / full_ms
+    return values[i - 1] + (values[i] - values[i - 1]) * (width - lo) / (hi - lo)
+
+
+def _ratio(table: Mapping[str, Any], curve: Mapping[str, Any], full_ms: float, width: int) -> float:
+    """The layer's time at ``width`` of the curve's group over its full time. Measured times
+    never fall as the width grows (the table is made so)."""
+    if full_ms <= 0:
+        return 1.0
+    return _at(table["groups"][curve["group"]]["widths"], curve["ms"], width) / full_ms
 
 
 def layer_ms(table: Mapping[str, Any], name: str, widths: Mapping[str, int]) -> float:
@@ -68,6 +76,60 @@ def predicted_ms(table: Mapping[str, Any], widths: Mapping[str, int]) -> float:
             _rest_saved(table, g, w, total) for g, w in widths.items() if g in table["groups"]
         )
     return rest + sum(layer_ms(table, n, widths) for n in table["layers"])
+
+
+def layer_spread(table: Mapping[str, Any], name: str, widths: Mapping[str, int]) -> float:
+    """The spread of :func:`layer_ms` (ms): the relative spreads of the full time and of every
+    narrowed curve's time, added in quadrature (0 for tables measured without spreads)."""
+    entry = table["layers"][name]
+    if entry["ms"] <= 0:
+        return 0.0
+    rel = (entry.get("spread", 0.0) / entry["ms"]) ** 2
+    for curve in ([entry["out"]] if entry["out"] else []) + list(entry["in"]):
+        info = table["groups"][curve["group"]]
+        width = widths.get(curve["group"], info["size"])
+        if width >= info["size"] or "spread" not in curve:
+            continue
+        t = _at(info["widths"], curve["ms"], width)
+        if t > 0:
+            rel += (_at(info["widths"], curve["spread"], width) / t) ** 2
+    return float(layer_ms(table, name, widths) * math.sqrt(rel))
+
+
+def predicted_spread(table: Mapping[str, Any], widths: Mapping[str, int]) -> float:
+    """The spread of :func:`predicted_ms` (ms): the layers' spreads and the rest's (scaled with
+    what is left of it), in quadrature."""
+    full = sum(e["ms"] for e in table["layers"].values())
+    rest = table.get("rest_ms", max(0.0, table["model_ms"] - full))
+    rest_spread = table.get("rest_spread", 0.0)
+    if rest > 0:
+        left = predicted_ms(table, widths) - sum(
+            layer_ms(table, n, widths) for n in table["layers"]
+        )
+        rest_spread *= max(0.0, left) / rest
+    layers = sum(layer_spread(table, n, widths) ** 2 for n in table["layers"])
+    return math.sqrt(rest_spread**2 + layers)
+
+
+def prediction(table: Mapping[str, Any], widths: Mapping[str, int]) -> dict[str, float]:
+    """What the table predicts for ``widths``, with spreads: the time, the full-width time, and
+    the speed-up (their spreads in quadrature, relative)::
+
+        {"predicted_ms": 3.6, "predicted_spread": 0.04, "full_ms": 12.0, "full_spread": 0.1,
+         "predicted_speedup": 3.33, "predicted_speedup_spread": 0.05}
+    """
+    ms, full = predicted_ms(table, widths), predicted_ms(table, {})
+    ms_spread, full_spread = predicted_spread(table, widths), predicted_spread(table, {})
+    speedup = full / ms if ms > 0 else 0.0
+    rel = math.hypot(ms_spread / ms if ms > 0 else 0.0, full_spread / full if full > 0 else 0.0)
+    return {
+        "predicted_ms": ms,
+        "predicted_spread": ms_spread,
+        "full_ms": full,
+        "full_spread": full_spread,
+        "predicted_speedup": speedup,
+        "predicted_speedup_spread": speedup * rel,
+    }
 
 
 def _volume_total(table: Mapping[str, Any]) -> int:
@@ -136,6 +198,15 @@ def choose_widths(
     one that reaches the target losing least; then give back width where the target
     still holds, most important first. ``fixed`` groups keep their widths. Returns a width for
     every group in ``scores``; short of the target when even the narrowest widths do not reach it.
+
+    The table's times are medians with a spread (:func:`compress.pruning.latency.median_spread`),
+    and two tables of one machine differ by about that much, so no choice turns on a difference
+    within it: a narrower width saves time only when it saves more than the spread of the
+    saving; steps whose rates are within their spreads of the best are ties, taken from the
+    group kept widest (then the one losing least importance, then the table's order); and the
+    target must hold at the slow end of the prediction's spread (:func:`predicted_spread`), so
+    that a choice just short of it is not taken in one run and left in the next. With spreads of
+    0 (planned tables) every difference counts.
     """
     fixed = dict(fixed or {})
     groups = [g for g in scores if g not in fixed and g in table["groups"]]
@@ -154,49 +225,68 @@ def choose_widths(
     base = predicted_ms(table, {})
     goal = base * (1.0 - fraction)
     now = predicted_ms(table, widths)
-
     volume = _volume_total(table)
+    order = {g: i for i, g in enumerate(table["groups"])}
 
-    def local(g: str, w: int) -> float:
+    def local(g: str, w: int) -> tuple[float, float]:
+        """The time of the group's layers and of its share of the rest, and its spread."""
         trial = {**widths, g: w}
         layers = sum(layer_ms(table, n, trial) for n in touching[g])
-        return layers - _rest_saved(table, g, w, volume)
+        spread = math.sqrt(sum(layer_spread(table, n, trial) ** 2 for n in touching[g]))
+        return layers - _rest_saved(table, g, w, volume), spread
 
-    while now > goal + 1e-12:
-        best: tuple[float, float, float, str, int] | None = None
-        for g in groups:
-            here = local(g, widths[g])
-            # The next narrower width that saves time: small steps, so little overshoot.
-            for w in sorted(table["groups"][g]["widths"], reverse=True):
-                if w >= widths[g]:
-                    continue
-                saved = here - local(g, w)
-                if saved <= 0:
-                    continue
-                lost = cum[g][widths[g]] - cum[g][w]
-                # A step that reaches the goal: the one losing least wins; else the best rate.
-                reaches = now - saved <= goal + 1e-12
-                key = (float(reaches), -lost if reaches else saved / max(lost, 1e-12), saved)
-                if best is None or key > best[:3]:
-                    best = (*key, g, w)
-                break
-        if best is None:
+    def step(g: str) -> tuple[int, float, float] | None:
+        """The next narrower width of ``g`` that saves more time than the saving's spread."""
+        here, here_spread = local(g, widths[g])
+        for w in sorted(table["groups"][g]["widths"], reverse=True):
+            if w >= widths[g]:
+                continue
+            there, there_spread = local(g, w)
+            saved, spread = here - there, math.hypot(here_spread, there_spread)
+            if saved > max(spread, 0.0):
+                return w, saved, spread
+        return None
+
+    while now + (margin := predicted_spread(table, widths)) > goal + 1e-12:
+        steps = {g: found for g in groups if (found := step(g)) is not None}
+        if not steps:
             break
-        _, _, saved, g, w = best
-        widths[g] = w
-        now -= saved
+        lost = {g: cum[g][widths[g]] - cum[g][w] for g, (w, _, _) in steps.items()}
+        reaching = [g for g, (_, saved, _) in steps.items() if now - saved + margin <= goal + 1e-12]
+        if reaching:  # the last step: the one losing least
+            pick = min(reaching, key=lambda g: (lost[g], order[g]))
+        else:
+            rate = {g: saved / max(lost[g], 1e-12) for g, (_, saved, _) in steps.items()}
+            slack = {g: spread / max(lost[g], 1e-12) for g, (_, _, spread) in steps.items()}
+            best = max(rate, key=lambda g: rate[g])
+            ties = [g for g in steps if rate[g] + slack[g] >= rate[best] - slack[best]]
+            pick = min(
+                ties,
+                key=lambda g: (-widths[g] / table["groups"][g]["size"], lost[g], order[g]),
+            )
+        widths[pick] = steps[pick][0]
+        now -= steps[pick][1]
     # Give width back where the target still holds: the most important channel first.
+    margin = predicted_spread(table, widths)
     for _ in range(2):
-        for g in sorted(groups, key=lambda g: -(cum[g][-1] - cum[g][widths[g]])):
+        for g in sorted(groups, key=lambda g: (-(cum[g][-1] - cum[g][widths[g]]), order[g])):
             for w in sorted(table["groups"][g]["widths"], reverse=True):
                 if w <= widths[g]:
                     break
-                extra = local(g, w) - local(g, widths[g])
-                if now + extra <= goal + 1e-12 or extra <= 0:
+                extra = local(g, w)[0] - local(g, widths[g])[0]
+                if now + extra + margin <= goal + 1e-12 or extra <= 0:
                     widths[g] = w
                     now += extra
                     break
     return {g: widths[g] for g in groups}
+
+
+def target_holds(table: Mapping[str, Any], widths: Mapping[str, int], fraction: float) -> bool:
+    """Whether ``widths`` remove ``fraction`` of the predicted time within the prediction's
+    spread (as :func:`choose_widths` reaches it)."""
+    base = predicted_ms(table, {})
+    goal = base * (1.0 - fraction)
+    return predicted_ms(table, widths) <= goal + predicted_spread(table, widths) + 1e-9 * base
 
 
 def text(table: Mapping[str, Any], widths: Mapping[str, int] | None = None) -> str:
@@ -223,19 +313,37 @@ def text(table: Mapping[str, Any], widths: Mapping[str, int] | None = None) -> s
             }
         )
     full = predicted_ms(table, {})
+    rounds = f", {table['rounds']} rounds" if "rounds" in table else ""
     head = (
-        f"latency table ({table.get('backend', 'torch')}, batch {table.get('batch_size')}): "
-        f"model {table['model_ms']:.3f} ms "
+        f"latency table ({table.get('backend', 'torch')}, batch {table.get('batch_size')}"
+        f"{rounds}): model {table['model_ms']:.3f} ms "
         f"measured, {full:.3f} ms predicted at full width (of which {table.get('rest_ms', 0):.3f}"
         " ms outside the table's layers)"
     )
     if widths:
         head += f", {predicted_ms(table, widths):.3f} ms at the chosen widths"
     if "measured_ms" in table:
-        speedup = full / table["predicted_ms"] if table["predicted_ms"] else 0.0
-        measured = table["model_ms"] / table["measured_ms"] if table["measured_ms"] else 0.0
-        head += (
-            f"; the stripped model measured {table['measured_ms']:.3f} ms (speed-up "
+        head += f"; {speedup_line(table)}"
+    return head + "\n" + markdown(rows)
+
+
+def speedup_line(report: Mapping[str, Any]) -> str:
+    """The predicted and measured speed-ups of a stripped model's report (``strip()``'s
+    ``compress_latency_table``), each with its spread, and the target's."""
+    if "predicted_speedup" not in report:  # a report from before spreads were kept
+        full = predicted_ms(report, {})
+        speedup = full / report["predicted_ms"] if report["predicted_ms"] else 0.0
+        measured = report["model_ms"] / report["measured_ms"] if report["measured_ms"] else 0.0
+        return (
+            f"the stripped model measured {report['measured_ms']:.3f} ms (speed-up "
             f"{speedup:.2f}x predicted, {measured:.2f}x measured)"
         )
-    return head + "\n" + markdown(rows)
+    target = report.get("target_speedup")
+    aim = f" for a target of {target:.2f}x" if target else ""
+    return (
+        f"the stripped model measured {report['measured_ms']:.3f} ms against "
+        f"{report['dense_ms']:.3f} ms at full width (speed-up "
+        f"{report['predicted_speedup']:.2f}x ± {report['predicted_speedup_spread']:.2f} predicted, "
+        f"{report['measured_speedup']:.2f}x ± {report['measured_speedup_spread']:.2f} measured "
+        f"over {report['measured_rounds']} interleaved rounds{aim})"
+    )
