@@ -80,7 +80,6 @@ class CompressionController:
         # (nn.MultiheadAttention's out_proj)
         masks.tie(model)
         masks.cover(model)
-        self._masked = [m for m in model.modules() if masks.masked_names(m)]
         self.scheduler.on_change = self._on_change
         # Only a per-step schedule without params.steps_per_epoch needs the epoch length.
         self.scheduler.infer_steps_per_epoch = any(
@@ -95,13 +94,10 @@ class CompressionController:
         distributed.check_placed((m, n, b) for _, m, n, b in masks.iter_masked(self.model))
         for algo in self.algorithms:
             algo.update(per_step)
-        masks.sync(self._masked)
 
     def set_level(self, algo: Algorithm, level: float) -> None:
-        """Moves ``algo`` to ``level`` now, outside the schedule (accuracy-aware training), and
-        publishes its masks to compiled forward passes, as every schedule event does."""
+        """Moves ``algo`` to ``level`` now, outside the schedule (accuracy-aware training)."""
         algo.set_level(level)
-        masks.sync(self._masked)
 
     def fix_dropped(self) -> None:
         """Fixes at zero the weights that learned masks (RB) drop now, so that further training
@@ -110,7 +106,6 @@ class CompressionController:
             fix = getattr(algo, "fix_dropped", None)
             if fix is not None:
                 fix()
-        masks.sync(self._masked)
 
     @property
     def compression_level(self) -> float:
@@ -194,7 +189,6 @@ class CompressionController:
         self.scheduler.load_state_dict(state["scheduler"])
         for algo in self.algorithms:
             algo.load_state_dict(state["state"][algo.name])
-        masks.sync(self._masked)
 
     def strip(self, *, copy_model: bool = True, source: nn.Module | None = None) -> nn.Module:
         """A plain ``nn.Module``: no hooks, no mask buffers, masks folded into the weights and,

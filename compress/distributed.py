@@ -249,12 +249,12 @@ def summed(x: torch.Tensor, like_of: Any) -> torch.Tensor:
 # --- masks in the forward pass and at updates -----------------------------------------------
 
 
-def mask_for(mask: Any, param: torch.Tensor, one_byte: Any) -> torch.Tensor:
+def mask_for(mask: Any, param: torch.Tensor) -> torch.Tensor:
     """The mask as the forward pass needs it: FSDP2 gathers a sharded weight whole before the
-    layer runs, so its sharded mask is gathered too, as its one-byte copy (``masks.sync`` keeps
-    it current): one byte per weight sent, and one kept for the backward pass."""
+    layer runs, so its sharded (one-byte) mask is gathered too: one byte per weight sent, and
+    one kept for the backward pass."""
     if is_sharded(mask) and not is_sharded(param):
-        gathered_mask: torch.Tensor = one_byte.full_tensor()
+        gathered_mask: torch.Tensor = mask.full_tensor()
         return gathered_mask
     return mask
 

@@ -11,10 +11,11 @@ for modules that read a child's weight without calling it (``nn.MultiheadAttenti
 The rule, as in ``torch.ao`` pruning: the mask tensor is created once and then only updated in
 place (``copy_``), so DDP, optimizers and ``.to(device)`` keep valid references.
 
-Under ``torch.compile`` the forward pass reads a one-byte copy of each mask instead (a quarter
-of the memory traffic of the float mask, in the forward product and in the gradient's), which
-``sync`` refreshes from the masks that changed; the controller calls it after every mask
-update. Eager forward passes read the float mask itself, so they never see a stale copy.
+A mask is one byte per weight (``MASK_DTYPE``, uint8 holding 0 and 1), in eager and compiled
+passes alike: ``param * mask`` computes in the weight's dtype without a converted copy, and
+autograd keeps the one-byte mask for the gradient. uint8 rather than bool: on CPU the product
+with a bool tensor took 2.5x as long as with a float one, with uint8 about as long. A mask
+written with floats (``copy_`` of a 0./1. tensor, an old checkpoint) is cast on the way in.
 
 Example:
     >>> import torch
@@ -22,6 +23,8 @@ Example:
     >>> mask = attach(layer, "weight")
     >>> mask.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0]]))  # doctest: +ELLIPSIS
     tensor(...)
+    >>> mask.dtype, mask.element_size()
+    (torch.uint8, 1)
     >>> sorted(layer.state_dict())
     ['bias', 'weight']
     >>> fold(layer)
@@ -34,7 +37,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -44,7 +47,8 @@ from compress import distributed
 from compress.errors import CompressError
 
 _MASK_PREFIX = "_cmask_"
-_BYTES = "_u8"  # suffix of a mask's one-byte copy, read by compiled forward passes
+MASK_DTYPE = torch.uint8
+"""The dtype of every mask buffer: one byte per weight, 0 or 1."""
 _STATE = "_compress_masked"  # attribute on a module: {param_name: _Masking}
 _COVER = "_compress_cover"  # attribute on a module: the masked submodules its forward may read
 _COVERED = "_compress_covered"  # set on a masked module while an ancestor's forward shadows it
@@ -57,7 +61,7 @@ MaskFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 class _Masking:
     """How one parameter is masked: an optional function, then the product of mask buffers."""
 
-    __slots__ = ("fn", "buffers", "ones", "straight", "home", "synced")
+    __slots__ = ("fn", "buffers", "ones", "straight", "home")
 
     def __init__(self) -> None:
         # a module that shares a masked parameter it does not own reads it through its home:
@@ -69,8 +73,6 @@ class _Masking:
         self.ones: set[str] = set()
         # buffers applied in the forward pass only: the gradient passes them unmasked
         self.straight: set[str] = set()
-        # buffer -> the mask's version counter when its one-byte copy was last written
-        self.synced: dict[str, int] = {}
 
 
 def mask_name(param_name: str, owner: str = "") -> str:
@@ -82,12 +84,10 @@ def _compute(module: nn.Module, name: str, param: torch.Tensor, m: _Masking) -> 
         home, home_name = m.home
         return _compute(home, home_name, param, home.__dict__[_STATE][home_name])
     out = m.fn(module, param) if m.fn else param
-    compiled = torch.compiler.is_compiling()
     for buf in m.buffers:
         if buf in m.ones:
             continue
-        mask = getattr(module, buf + _BYTES if compiled else buf)
-        mask = distributed.mask_for(mask, param, getattr(module, buf + _BYTES))
+        mask = distributed.mask_for(getattr(module, buf), param)
         if buf in m.straight:
             # value out * mask (exactly: out + (0 - out) is 0), gradient of the identity
             out = out + (out * mask - out).detach()
@@ -290,25 +290,11 @@ def attach(
     if buf in m.buffers:
         return getattr(module, buf)
     if mask is None:
-        mask = torch.ones_like(param, dtype=param.dtype)
+        mask = torch.ones_like(param, dtype=MASK_DTYPE)
+    assert mask.dtype == MASK_DTYPE, f"a shared mask is {mask.dtype}"
     module.register_buffer(buf, mask, persistent=False)
-    module.register_buffer(buf + _BYTES, mask.to(torch.uint8), persistent=False)
     m.buffers.append(buf)
-    m.synced[buf] = mask._version
     return mask
-
-
-def sync(modules: Iterable[nn.Module]) -> None:
-    """Refreshes the one-byte copy of every mask of ``modules`` that changed since the last
-    call (a version-counter check per mask, a copy only where it moved). Compiled forward
-    passes read these copies: call this after writing a mask outside the controller."""
-    for module in modules:
-        for m in module.__dict__.get(_STATE, {}).values():
-            for buf in m.buffers:
-                mask = getattr(module, buf)
-                if m.synced.get(buf) != mask._version:
-                    getattr(module, buf + _BYTES).copy_(mask)
-                    m.synced[buf] = mask._version
 
 
 def declare_ones(
@@ -428,7 +414,6 @@ def remove(module: nn.Module) -> None:
         module.__dict__.pop(name, None)
         for buf in m.buffers:
             delattr(module, buf)
-            delattr(module, buf + _BYTES)
 
 
 def _remove_hooks(module: nn.Module, pre: object, post: object) -> None:

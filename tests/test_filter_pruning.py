@@ -495,7 +495,7 @@ def test_combined_sparsity_level_applies_to_the_weights_that_remain() -> None:
 
 
 def test_calibration_of_a_compiled_model_sees_every_channel() -> None:
-    # compiled forward passes read the masks' one-byte copies: lifting the masks for the
+    # compiled forward passes read the masks themselves: lifting the masks for the
     # calibration (and putting them back) must reach them too
     torch._dynamo.reset()
     model, ctrl, algo = _nuclear_norm_net()

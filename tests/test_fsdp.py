@@ -124,6 +124,20 @@ class EndProbe(pl.Callback):
             },
             "weights": {n: distributed.full(p.detach()).cpu() for n, p in model.named_parameters()},
             "strict_loading": pl_module.strict_loading,
+            # what rank 0 holds: (dtype, bytes held, whole shape, sharded) per mask, and the
+            # bytes of every buffer of the network (the masks are its only buffers)
+            "layout": {
+                f"{name}.{pname}": (
+                    str(m.dtype),
+                    distributed.local(m).numel() * m.element_size(),
+                    tuple(m.shape),
+                    distributed.is_sharded(m),
+                )
+                for name, _, pname, m in masks.iter_masked(model)
+            },
+            "buffer bytes": sum(
+                distributed.local(b).numel() * b.element_size() for b in model.buffers()
+            ),
         }
         if trainer.is_global_zero:
             torch.save(found, self.path)
@@ -232,6 +246,14 @@ def test_fsdp2_ends_as_ddp(name: str, tmp_path: Path) -> None:
             "head.weight",
         ]
     )
+    # one byte per weight, and under FSDP2 only for rank 0's rows (the first half, rounded up)
+    for run, sharded in ((ddp, False), (fsdp, True)):
+        held = 0
+        for dtype, nbytes, (rows, cols), is_sharded in run["layout"].values():
+            assert (dtype, is_sharded) == ("torch.uint8", sharded)
+            assert nbytes == ((rows + 1) // 2 if sharded else rows) * cols
+            held += nbytes
+        assert run["buffer bytes"] == held
     same = sum(int((ddp["masks"][k] == fsdp["masks"][k]).sum()) for k in ddp["masks"])
     total = sum(m.numel() for m in ddp["masks"].values())
     assert same / total >= 0.999

@@ -46,8 +46,7 @@ def nuclear_scores(
     # Our own masks are lifted while measuring, else a pruned channel could never return.
     saved = [(mask, mask.clone()) for mask in channel_masks(model, groups)]
     for mask, _ in saved:
-        mask.fill_(1.0)
-    masks.sync(model.modules())  # compiled forward passes read the masks' one-byte copies
+        mask.fill_(1)
     try:
         with torch.no_grad():
             for batch in batches:
@@ -59,7 +58,6 @@ def nuclear_scores(
             h.remove()
         for mask, values in saved:
             mask.copy_(values)
-        masks.sync(model.modules())
     return scores
 
 

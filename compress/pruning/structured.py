@@ -212,8 +212,8 @@ def apply_channel_mask(model: nn.Module, group: ChannelGroup, keep: torch.Tensor
         mask = masks.attach(module, member.param_name, owner=owner)
         kept = keep[member.channel]
         with torch.no_grad():
-            mask.index_fill_(member.dim, member.index[kept], 1.0)
-            mask.index_fill_(member.dim, member.index[~kept], 0.0)
+            mask.index_fill_(member.dim, member.index[kept], 1)
+            mask.index_fill_(member.dim, member.index[~kept], 0)
 
 
 def shrink(

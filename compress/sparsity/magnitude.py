@@ -277,7 +277,9 @@ def _expand_blocks(
 
 
 def load_masks(entries: list, saved: Mapping[str, torch.Tensor], algorithm: str) -> None:  # type: ignore[type-arg]
-    """Copies saved masks into the attached ones, checking that they belong to this model."""
+    """Copies saved masks into the attached ones, checking that they belong to this model; a
+    mask saved in another dtype (bool, or the float masks of earlier versions) is cast to the
+    attached one's."""
     names = [name for name, _, _ in entries]
     if sorted(saved) != sorted(names):
         missing = sorted(set(names) - set(saved))
@@ -292,7 +294,7 @@ def load_masks(entries: list, saved: Mapping[str, torch.Tensor], algorithm: str)
                 f"{algorithm} state does not fit this model: layer {name!r} has shape "
                 f"{tuple(mask.shape)}, the saved mask {tuple(saved[name].shape)}"
             )
-        mask.copy_(distributed.shard_like(saved[name], mask))
+        mask.copy_(distributed.shard_like(saved[name].to(mask.dtype), mask))
 
 
 def _check_sharded_options(params: Mapping[str, Any], entries: list) -> None:  # type: ignore[type-arg]

@@ -316,11 +316,12 @@ class RBSparsity(Algorithm):
             load_masks([(n, m, t) for n, m, t, _ in self.entries], state["logits"], self.name)
             for name, _, _, mask in self.entries:
                 if frozen:
-                    mask.copy_(distributed.shard_like(state["masks"][name], mask))
+                    saved = state["masks"][name].to(mask.dtype)
+                    mask.copy_(distributed.shard_like(saved, mask))
                 elif name in fixed:
-                    mask.copy_(distributed.shard_like(fixed[name], mask))
+                    mask.copy_(distributed.shard_like(fixed[name].to(mask.dtype), mask))
                 else:
-                    mask.fill_(1.0)
+                    mask.fill_(1)
         self.shared.frozen = frozen
         self.fixed = bool(fixed)
         if not frozen and not fixed:  # once the buffers hold ones
