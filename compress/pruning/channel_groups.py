@@ -4,7 +4,7 @@ Torch-Pruning's ``DependencyGraph`` finds which output channels are coupled (res
 concat, split, depthwise convs, norms, Linear after flatten). :func:`build_groups` turns each of
 its groups into a plain :class:`~compress.pruning.structured.ChannelGroup` that names parameters by
 module name; with ``validate`` it keeps only the groups whose masked model computes what their
-shrunk model computes (:func:`compress.pruning.structured.exact_groups`). A group is named by
+shrunk model computes (:func:`compress.pruning.exactness.exact_groups`). A group is named by
 its root module, a stable id across fresh instances of the same class, so the ``pruned`` file
 (:mod:`compress.deploy.pruned_file`) stores the kept channels per group name and rebuilds the
 small model from a fresh instance by finding its groups again.
@@ -34,14 +34,9 @@ from compress.analysis.untouched import copy_model
 from compress.errors import CompressError
 from compress.pruning import hf_layers
 from compress.pruning.deadline import TimeBudgetExceeded, deadline
+from compress.pruning.exactness import exact_groups
 from compress.pruning.group_members import Skip, map_group
-from compress.pruning.structured import (
-    ChannelGroup,
-    Inputs,
-    Member,
-    dependency_graph,
-    exact_groups,
-)
+from compress.pruning.structured import ChannelGroup, Inputs, Member, dependency_graph
 
 __all__ = ["Excluded", "build_groups"]
 
