@@ -153,10 +153,10 @@ def test_groups_that_match_alone_but_not_together_are_all_left_out(
     groups = build_groups(net, x, validate=False)
     real = exactness._matches
 
-    def together_only(model, some, keep, inputs):  # type: ignore[no-untyped-def]
-        return (
-            "the shrunk model fails (forced)" if len(some) > 1 else real(model, some, keep, inputs)
-        )
+    def together_only(model, dg, some, keep, inputs):  # type: ignore[no-untyped-def]
+        if len(some) > 1:
+            return "the shrunk model fails (forced)"
+        return real(model, dg, some, keep, inputs)
 
     monkeypatch.setattr(exactness, "_matches", together_only)
     problems: list[str] = []

@@ -104,7 +104,7 @@ def test_a_group_that_fails_only_without_the_head_the_first_draw_keeps_is_left_o
     first = exactness._random_keep([group])[group.name]
     kept = int(torch.nonzero(first)[0])  # a head the old single draw never removed
 
-    def matches(model: object, groups: object, keep: dict, inputs: object) -> str | None:
+    def matches(model: object, dg: object, groups: object, keep: dict, x: object) -> str | None:
         return None if keep[group.name][kept] else "the shrunk model fails (shape invalid)"
 
     monkeypatch.setattr(exactness, "_matches", matches)

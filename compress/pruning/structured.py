@@ -30,13 +30,15 @@ from __future__ import annotations
 import bisect
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.dependency import index_mapping as tp_index_mapping
 
 from compress import masks
 from compress.analysis.untouched import copy_model
@@ -48,10 +50,12 @@ __all__ = [
     "ChannelGroup",
     "Member",
     "apply_channel_mask",
+    "bare_copy",
     "channel_norms",
     "check_keep",
     "group_weights",
     "pruning_plan",
+    "remove_channels",
     "round_keep",
     "shrink",
 ]
@@ -120,12 +124,30 @@ def as_tuple(example_inputs: Inputs) -> tuple[torch.Tensor, ...]:
     return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
 
 
-def dependency_graph(model: nn.Module, example_inputs: Inputs) -> tp.DependencyGraph:
+def bare_copy(model: nn.Module) -> nn.Module:
+    """A deep copy without masks: mask products in the forward pass would look like extra ops."""
+    clone = copy_model(model)
+    for module in clone.modules():
+        masks.remove(module)
+    return clone
+
+
+def dependency_graph(
+    model: nn.Module, example_inputs: Inputs, *, outputs: list[torch.Size] | None = None
+) -> tp.DependencyGraph:
     """Torch-Pruning's ``DependencyGraph`` of ``model``; pass a copy, tracing calls ``eval()``.
 
     The graph is traced back from every tensor of the output that has a gradient, so outputs
-    that are dicts or dataclasses holding caches (Hugging Face's ``ModelOutput``) trace too."""
+    that are dicts or dataclasses holding caches (Hugging Face's ``ModelOutput``) trace too.
+    ``outputs``, if given, receives the shapes of the output's tensors (:func:`leaves`)."""
     inputs = as_tuple(example_inputs)
+
+    def forward(m: nn.Module, x: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        out = leaves(m(*x))
+        if outputs is not None:
+            outputs[:] = [t.shape for t in out]
+        return [t for t in out if t.grad_fn is not None]
+
     with (
         torch.enable_grad(),
         warnings.catch_warnings(),
@@ -136,12 +158,56 @@ def dependency_graph(model: nn.Module, example_inputs: Inputs) -> tp.DependencyG
         dg = tp.DependencyGraph().build_dependency(
             model,
             inputs,
-            forward_fn=lambda m, x: [t for t in _leaves(m(*x)) if t.grad_fn is not None],
+            forward_fn=forward,
             customized_pruners=hf_layers.pruners(model),  # type: ignore[arg-type]
             verbose=False,
         )
     hf_layers.map_last_dim_splits(dg)
     return dg
+
+
+@contextmanager
+def mappings_as_traced(dg: tp.DependencyGraph) -> Iterator[None]:
+    """Inside the block, Torch-Pruning's group search on ``dg`` reuses the index mappings of its
+    concat, split and reshape nodes instead of computing them all again for every group it is
+    asked for, which on DenseNet is most of the search. The trace computed them, and they stay
+    valid while no channel is removed; other graphs (a shrink elsewhere) still update theirs."""
+    update = tp_index_mapping.update_index_mapping
+
+    def update_others(graph: tp.DependencyGraph) -> None:
+        if graph is not dg:
+            update(graph)
+
+    tp_index_mapping.update_index_mapping = update_others
+    try:
+        yield
+    finally:
+        tp_index_mapping.update_index_mapping = update
+
+
+@contextmanager
+def concats_as_sized(dg: tp.DependencyGraph) -> Iterator[None]:
+    """Inside the block, Torch-Pruning computes the index mapping of a concat node of ``dg``
+    again only when the sizes of its parts changed since it last did. It computes every
+    concat's mapping before each group it prunes, and the mapping follows from the part sizes
+    alone (which its concat pruner updates); a group changes a few of them, and DenseNet-121
+    has 58 concats of up to 32 parts each."""
+    update = tp_index_mapping.update_concat_index_mapping
+    done: dict[object, tuple[int, ...]] = {}
+
+    def update_changed(graph: tp.DependencyGraph, node: Any) -> None:
+        sizes = node.module.concat_sizes
+        if graph is dg and sizes is not None and done.get(node) == tuple(sizes):
+            return
+        update(graph, node)
+        if graph is dg and node.module.concat_sizes is not None:
+            done[node] = tuple(node.module.concat_sizes)
+
+    tp_index_mapping.update_concat_index_mapping = update_changed
+    try:
+        yield
+    finally:
+        tp_index_mapping.update_concat_index_mapping = update
 
 
 def group_weights(
@@ -236,13 +302,26 @@ def shrink(
     if not pruned:  # nothing to remove: no trace (a model Torch-Pruning cannot trace strips too)
         return small
     was_training = small.training
-    dg = dependency_graph(small, example_inputs)
-    removed: dict[tuple[str, bool], list[int]] = {}
-    for group in pruned:
-        _prune_group(dg, small, group, check_keep(group, keep[group.name]), removed)
-    hf_layers.fit_attention(small)
+    remove_channels(dependency_graph(small, example_inputs), small, pruned, keep)
     small.train(was_training)
     return small
+
+
+def remove_channels(
+    dg: tp.DependencyGraph,
+    model: nn.Module,
+    groups: Sequence[ChannelGroup],
+    keep: Mapping[str, torch.Tensor],
+) -> None:
+    """Removes from ``model`` itself, whose dependency graph ``dg`` is, the channels that ``keep``
+    drops (:func:`shrink` on a copy it has traced; the exactness check on the copy it traced to
+    find the groups)."""
+    removed: dict[tuple[str, bool], list[int]] = {}
+    with concats_as_sized(dg):
+        for group in groups:
+            if group.name in keep:
+                _prune_group(dg, model, group, check_keep(group, keep[group.name]), removed)
+    hf_layers.fit_attention(model)
 
 
 def _prune_group(
@@ -320,13 +399,14 @@ def pruning_plan(
     }
 
 
-def _leaves(out: object) -> list[torch.Tensor]:
+def leaves(out: object) -> list[torch.Tensor]:
+    """The tensors of a model's output (nested in dicts, lists and tuples), as float."""
     if isinstance(out, torch.Tensor):
         return [out if out.is_floating_point() else out.float()]
     if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _leaves(v)]
+        return [t for v in out.values() for t in leaves(v)]
     if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _leaves(v)]
+        return [t for v in out for t in leaves(v)]
     return []
 
 
