@@ -146,21 +146,21 @@ def test_filter_pruning_half_of_a_concat_model_strips_to_the_masked_model(
 def test_groups_that_match_alone_but_not_together_are_all_left_out(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from compress.pruning import structured
+    from compress.pruning import exactness
     from compress.pruning.channel_groups import build_groups
 
     net, x = DenseNet(), torch.randn(2, 3, 16, 16)
     groups = build_groups(net, x, validate=False)
-    real = structured._matches
+    real = exactness._matches
 
-    def together_only(model, some, keep, inputs):  # type: ignore[no-untyped-def]
-        return (
-            "the shrunk model fails (forced)" if len(some) > 1 else real(model, some, keep, inputs)
-        )
+    def together_only(model, dg, some, keep, inputs):  # type: ignore[no-untyped-def]
+        if len(some) > 1:
+            return "the shrunk model fails (forced)"
+        return real(model, dg, some, keep, inputs)
 
-    monkeypatch.setattr(structured, "_matches", together_only)
+    monkeypatch.setattr(exactness, "_matches", together_only)
     problems: list[str] = []
-    assert structured.exact_groups(net, groups, x, problems) == []
+    assert exactness.exact_groups(net, groups, x, problems) == []
     assert len(problems) == len(groups)
     assert problems[0] == (
         f"group {groups[0].name!r}: pruned with the other groups, the shrunk model fails (forced)"

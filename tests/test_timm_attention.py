@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import compress
-from compress.pruning import structured
+from compress.pruning import exactness
 from compress.pruning.structured import ChannelGroup
 
 DIM, HEADS, HEAD_DIM = 48, 3, 16
@@ -83,31 +83,31 @@ def test_filter_pruning_removes_whole_timm_heads_and_strips_to_the_masked_model(
         torch.testing.assert_close(plain(x), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("size", range(2, structured.SMALL_GROUP))
+@pytest.mark.parametrize("size", range(2, exactness.SMALL_GROUP))
 def test_small_groups_are_checked_with_each_head_removed_once_and_kept_once(size: int) -> None:
     group = ChannelGroup("blocks.0.attn.qkv", size, ())
     for seed in range(5):
-        draws = [k[group.name] for k in structured._draws([group], seed)]
+        draws = [k[group.name] for k in exactness._draws([group], seed)]
         for keep in draws:  # each draw removes at least one and keeps at least one head
             assert 0 < int(keep.sum()) < size
         removed = torch.stack([~k for k in draws]).any(0)
         kept = torch.stack(draws).any(0)
         assert removed.all() and kept.all()
-    big = ChannelGroup("blocks.0.mlp.fc1", structured.SMALL_GROUP, ())
-    assert len(structured._draws([big])) == 1  # a wide group: one draw, as before
+    big = ChannelGroup("blocks.0.mlp.fc1", exactness.SMALL_GROUP, ())
+    assert len(exactness._draws([big])) == 1  # a wide group: one draw, as before
 
 
 def test_a_group_that_fails_only_without_the_head_the_first_draw_keeps_is_left_out(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     group = ChannelGroup("blocks.2.attn.qkv", HEADS, ())
-    first = structured._random_keep([group])[group.name]
+    first = exactness._random_keep([group])[group.name]
     kept = int(torch.nonzero(first)[0])  # a head the old single draw never removed
 
-    def matches(model: object, groups: object, keep: dict, inputs: object) -> str | None:
+    def matches(model: object, dg: object, groups: object, keep: dict, x: object) -> str | None:
         return None if keep[group.name][kept] else "the shrunk model fails (shape invalid)"
 
-    monkeypatch.setattr(structured, "_matches", matches)
+    monkeypatch.setattr(exactness, "_matches", matches)
     problems: list[str] = []
-    assert structured.exact_groups(torch.nn.Identity(), [group], (), problems) == []
+    assert exactness.exact_groups(torch.nn.Identity(), [group], (), problems) == []
     assert problems == ["group 'blocks.2.attn.qkv': the shrunk model fails (shape invalid)"]

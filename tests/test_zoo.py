@@ -216,7 +216,7 @@ def test_gpt2_mlp_pruning_round_trips_through_save_pretrained(tmp_path: Path) ->
 def test_a_trace_that_never_ends_stops_at_the_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     import compress.pruning.channel_groups as channel_groups
 
-    def endless(model: torch.nn.Module, inputs: object) -> None:
+    def endless(model: torch.nn.Module, inputs: object, **kwargs: object) -> None:
         while True:
             pass
 

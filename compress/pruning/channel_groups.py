@@ -4,7 +4,7 @@ Torch-Pruning's ``DependencyGraph`` finds which output channels are coupled (res
 concat, split, depthwise convs, norms, Linear after flatten). :func:`build_groups` turns each of
 its groups into a plain :class:`~compress.pruning.structured.ChannelGroup` that names parameters by
 module name; with ``validate`` it keeps only the groups whose masked model computes what their
-shrunk model computes (:func:`compress.pruning.structured.exact_groups`). A group is named by
+shrunk model computes (:func:`compress.pruning.exactness.exact_groups`). A group is named by
 its root module, a stable id across fresh instances of the same class, so the ``pruned`` file
 (:mod:`compress.deploy.pruned_file`) stores the kept channels per group name and rebuilds the
 small model from a fresh instance by finding its groups again.
@@ -28,19 +28,19 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from compress import masks
 from compress.analysis.node_kinds import is_transposed_linear
-from compress.analysis.untouched import copy_model
 from compress.errors import CompressError
 from compress.pruning import hf_layers
 from compress.pruning.deadline import TimeBudgetExceeded, deadline
+from compress.pruning.exactness import Traced, exact_groups
 from compress.pruning.group_members import Skip, map_group
 from compress.pruning.structured import (
     ChannelGroup,
     Inputs,
     Member,
+    bare_copy,
     dependency_graph,
-    exact_groups,
+    mappings_as_traced,
 )
 
 __all__ = ["Excluded", "build_groups"]
@@ -63,14 +63,6 @@ class Excluded:
     group: str
     kind: str
     detail: str
-
-
-def _bare_copy(model: nn.Module) -> nn.Module:
-    """A deep copy without masks: mask products in the forward pass would look like extra ops."""
-    clone = copy_model(model)
-    for module in clone.modules():
-        masks.remove(module)
-    return clone
 
 
 def _is_named(name: str, names: Collection[str]) -> bool:
@@ -157,12 +149,13 @@ def build_groups(
     A group Torch-Pruning cannot give, or that cannot be mapped exactly (see
     :mod:`compress.pruning.group_members`), is left out, and one warning lists all such groups
     with the reason. With ``validate`` the groups are also checked numerically: a random half
-    of every group's channels is masked in one copy and removed in another, and a group whose
-    removal crashes or changes the output (hand-written attention whose heads come from
-    ``view``, say) is left out the same way.
+    of every group's channels is zeroed in a copy, then removed, and a group whose removal
+    crashes or changes the output (hand-written attention whose heads come from ``view``, say)
+    is left out the same way (:func:`compress.pruning.exactness.exact_groups`).
 
     Every group left out, warned of or not, is appended to ``excluded`` with its reason. The
-    trace and the group search stop with a ``CompressError`` after ``time_budget`` seconds.
+    trace, the group search and the check stop with a ``CompressError`` that says which after
+    ``time_budget`` seconds (None: no budget; 0: spent before it starts).
 
     Example:
         >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 2))
@@ -184,6 +177,14 @@ def build_groups(
                 validate=validate,
                 excluded=out,
             )
+    except _CheckOutOfTime as err:
+        raise CompressError(
+            f"filter pruning did not finish checking the {err.groups} channel groups of "
+            f"{type(model).__name__} within {time_budget:g} s (filter_pruning "
+            "params.trace_time_budget), after tracing it: each check removes channels from a "
+            "copy of the model and runs it on one sample; raise the budget, or leave blocks "
+            "out with ignored_scopes"
+        ) from None
     except TimeBudgetExceeded:
         raise CompressError(
             f"Torch-Pruning did not finish tracing {type(model).__name__} within "
@@ -191,6 +192,14 @@ def build_groups(
             "group search explode; exclude the blocks it cannot handle with ignored_scopes, or "
             "raise the budget"
         ) from None
+
+
+class _CheckOutOfTime(TimeBudgetExceeded):
+    """The budget ran out while the groups were checked numerically, after the trace."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__(f"checking {groups} groups")
+        self.groups = groups
 
 
 def _build(
@@ -205,9 +214,9 @@ def _build(
     validate: bool,
     excluded: list[Excluded],
 ) -> list[ChannelGroup]:
-    clone = _bare_copy(model)
+    clone, outputs = bare_copy(model), list[torch.Size]()
     try:
-        dg = dependency_graph(clone, example_inputs)
+        dg = dependency_graph(clone, example_inputs, outputs=outputs)
     except TimeBudgetExceeded:
         raise
     except Exception as err:  # noqa: BLE001 - any tracing failure means "nothing to prune"
@@ -224,48 +233,49 @@ def _build(
     groups: list[ChannelGroup] = []
     claimed: set[tuple[str, str, int, int]] = set()
     problems: list[str] = []
-    for name, module in clone.named_modules():
-        layer = isinstance(module, prunable) or is_transposed_linear(module)
-        if module in visited or module not in dg.module2node or not layer:
-            continue
-        if _is_named(name, ignored):
-            excluded.append(Excluded(name, "out of scope", f"{name!r} is out of scope"))
-            continue
-        try:
-            fn = dg.get_pruner_of_module(module).prune_out_channels
-            tp_group = dg.get_pruning_group(module, fn, _root_channels(dg, module, fn))
-            visited.update(
-                item.dep.target.module
-                for item in tp_group.items
-                if dg.is_out_channel_pruning_fn(item.dep.handler)
-            )
-            members, size = map_group(dg, tp_group, clone)
-            _check_flags(
-                clone,
-                members,
-                ignored=ignored,
-                input_layers=input_layers,
-                prune_first_conv=prune_first_conv,
-                prune_downsample_convs=prune_downsample_convs,
-                prunable=prunable,
-            )
-            _claim(claimed, members)
-        except Skip as skip:
-            excluded.append(Excluded(name, skip.kind, str(skip)))
-            if skip.warn:
-                problems.append(f"group {name!r}: {skip}")
-            continue
-        except TimeBudgetExceeded:
-            raise
-        except Exception as err:  # noqa: BLE001 - Torch-Pruning failures must not crash training
-            reason = f"Torch-Pruning failed ({type(err).__name__}: {err})"
-            excluded.append(Excluded(name, "trace failure", reason))
-            problems.append(f"group {name!r}: {reason}")
-            continue
-        if size > 1:
-            groups.append(ChannelGroup(name, size, tuple(members), prune_batch_norms))
-        else:
-            excluded.append(Excluded(name, "single channel", "one channel: nothing to remove"))
+    with mappings_as_traced(dg):  # nothing is removed during the search
+        for name, module in clone.named_modules():
+            layer = isinstance(module, prunable) or is_transposed_linear(module)
+            if module in visited or module not in dg.module2node or not layer:
+                continue
+            if _is_named(name, ignored):
+                excluded.append(Excluded(name, "out of scope", f"{name!r} is out of scope"))
+                continue
+            try:
+                fn = dg.get_pruner_of_module(module).prune_out_channels
+                tp_group = dg.get_pruning_group(module, fn, _root_channels(dg, module, fn))
+                visited.update(
+                    item.dep.target.module
+                    for item in tp_group.items
+                    if dg.is_out_channel_pruning_fn(item.dep.handler)
+                )
+                members, size = map_group(dg, tp_group, clone)
+                _check_flags(
+                    clone,
+                    members,
+                    ignored=ignored,
+                    input_layers=input_layers,
+                    prune_first_conv=prune_first_conv,
+                    prune_downsample_convs=prune_downsample_convs,
+                    prunable=prunable,
+                )
+                _claim(claimed, members)
+            except Skip as skip:
+                excluded.append(Excluded(name, skip.kind, str(skip)))
+                if skip.warn:
+                    problems.append(f"group {name!r}: {skip}")
+                continue
+            except TimeBudgetExceeded:
+                raise
+            except Exception as err:  # noqa: BLE001 - Torch-Pruning failures must not crash training
+                reason = f"Torch-Pruning failed ({type(err).__name__}: {err})"
+                excluded.append(Excluded(name, "trace failure", reason))
+                problems.append(f"group {name!r}: {reason}")
+                continue
+            if size > 1:
+                groups.append(ChannelGroup(name, size, tuple(members), prune_batch_norms))
+            else:
+                excluded.append(Excluded(name, "single channel", "one channel: nothing to remove"))
     for name, module in clone.named_modules():
         weight = module._parameters.get("weight")
         if (
@@ -278,7 +288,11 @@ def _build(
             excluded.append(Excluded(name, "unsupported layer", detail))
     if validate:
         n_problems, found = len(problems), groups
-        groups = exact_groups(clone, found, example_inputs, problems)
+        try:
+            traced = Traced(clone, dg, outputs)
+            groups = exact_groups(model, found, example_inputs, problems, traced=traced)
+        except TimeBudgetExceeded:
+            raise _CheckOutOfTime(len(found)) from None
         dropped = [g.name for g in found if g not in groups]
         for name, problem in zip(dropped, problems[n_problems:], strict=True):
             excluded.append(Excluded(name, "not exact", problem))

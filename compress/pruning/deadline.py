@@ -38,10 +38,12 @@ class TimeBudgetExceeded(Exception):
 @contextmanager
 def deadline(seconds: float | None) -> Iterator[None]:
     """Raises :class:`TimeBudgetExceeded` inside the block once ``seconds`` have passed
-    (``None`` or a value <= 0: no budget)."""
-    if seconds is None or seconds <= 0:
+    (``None``: no budget; a value <= 0: at once, a budget spent before the block starts)."""
+    if seconds is None:
         yield
         return
+    if seconds <= 0:
+        raise TimeBudgetExceeded(f"{seconds:g} s")
     main = threading.current_thread() is threading.main_thread()
     if main and hasattr(signal, "setitimer"):
         with _alarm(seconds):

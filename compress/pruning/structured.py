@@ -7,8 +7,9 @@ Torch-Pruning's ``DependencyGraph``). A pruning algorithm scores the channels
 (:func:`apply_channel_mask`), and finally calls :func:`shrink` to remove the channels
 physically. The masked model computes exactly what the shrunk model computes: a pruned channel
 is zero at every producer (weights, bias, norm affine), so consumers see exact zeros, which is
-what removing the channel gives. :func:`exact_groups` checks that numerically. The sizes of
-the shrunk model, counted without shrinking, are in :mod:`compress.pruning.sizes`.
+what removing the channel gives. :func:`compress.pruning.exactness.exact_groups` checks that
+numerically. The sizes of the shrunk model, counted without shrinking, are in
+:mod:`compress.pruning.sizes`.
 
 Example:
     >>> import torch
@@ -29,13 +30,15 @@ from __future__ import annotations
 import bisect
 import math
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Literal
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.dependency import index_mapping as tp_index_mapping
 
 from compress import masks
 from compress.analysis.untouched import copy_model
@@ -47,10 +50,12 @@ __all__ = [
     "ChannelGroup",
     "Member",
     "apply_channel_mask",
+    "bare_copy",
     "channel_norms",
     "check_keep",
     "group_weights",
     "pruning_plan",
+    "remove_channels",
     "round_keep",
     "shrink",
 ]
@@ -119,12 +124,30 @@ def as_tuple(example_inputs: Inputs) -> tuple[torch.Tensor, ...]:
     return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
 
 
-def dependency_graph(model: nn.Module, example_inputs: Inputs) -> tp.DependencyGraph:
+def bare_copy(model: nn.Module) -> nn.Module:
+    """A deep copy without masks: mask products in the forward pass would look like extra ops."""
+    clone = copy_model(model)
+    for module in clone.modules():
+        masks.remove(module)
+    return clone
+
+
+def dependency_graph(
+    model: nn.Module, example_inputs: Inputs, *, outputs: list[torch.Size] | None = None
+) -> tp.DependencyGraph:
     """Torch-Pruning's ``DependencyGraph`` of ``model``; pass a copy, tracing calls ``eval()``.
 
     The graph is traced back from every tensor of the output that has a gradient, so outputs
-    that are dicts or dataclasses holding caches (Hugging Face's ``ModelOutput``) trace too."""
+    that are dicts or dataclasses holding caches (Hugging Face's ``ModelOutput``) trace too.
+    ``outputs``, if given, receives the shapes of the output's tensors (:func:`leaves`)."""
     inputs = as_tuple(example_inputs)
+
+    def forward(m: nn.Module, x: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        out = leaves(m(*x))
+        if outputs is not None:
+            outputs[:] = [t.shape for t in out]
+        return [t for t in out if t.grad_fn is not None]
+
     with (
         torch.enable_grad(),
         warnings.catch_warnings(),
@@ -135,12 +158,56 @@ def dependency_graph(model: nn.Module, example_inputs: Inputs) -> tp.DependencyG
         dg = tp.DependencyGraph().build_dependency(
             model,
             inputs,
-            forward_fn=lambda m, x: [t for t in _leaves(m(*x)) if t.grad_fn is not None],
+            forward_fn=forward,
             customized_pruners=hf_layers.pruners(model),  # type: ignore[arg-type]
             verbose=False,
         )
     hf_layers.map_last_dim_splits(dg)
     return dg
+
+
+@contextmanager
+def mappings_as_traced(dg: tp.DependencyGraph) -> Iterator[None]:
+    """Inside the block, Torch-Pruning's group search on ``dg`` reuses the index mappings of its
+    concat, split and reshape nodes instead of computing them all again for every group it is
+    asked for, which on DenseNet is most of the search. The trace computed them, and they stay
+    valid while no channel is removed; other graphs (a shrink elsewhere) still update theirs."""
+    update = tp_index_mapping.update_index_mapping
+
+    def update_others(graph: tp.DependencyGraph) -> None:
+        if graph is not dg:
+            update(graph)
+
+    tp_index_mapping.update_index_mapping = update_others
+    try:
+        yield
+    finally:
+        tp_index_mapping.update_index_mapping = update
+
+
+@contextmanager
+def concats_as_sized(dg: tp.DependencyGraph) -> Iterator[None]:
+    """Inside the block, Torch-Pruning computes the index mapping of a concat node of ``dg``
+    again only when the sizes of its parts changed since it last did. It computes every
+    concat's mapping before each group it prunes, and the mapping follows from the part sizes
+    alone (which its concat pruner updates); a group changes a few of them, and DenseNet-121
+    has 58 concats of up to 32 parts each."""
+    update = tp_index_mapping.update_concat_index_mapping
+    done: dict[object, tuple[int, ...]] = {}
+
+    def update_changed(graph: tp.DependencyGraph, node: Any) -> None:
+        sizes = node.module.concat_sizes
+        if graph is dg and sizes is not None and done.get(node) == tuple(sizes):
+            return
+        update(graph, node)
+        if graph is dg and node.module.concat_sizes is not None:
+            done[node] = tuple(node.module.concat_sizes)
+
+    tp_index_mapping.update_concat_index_mapping = update_changed
+    try:
+        yield
+    finally:
+        tp_index_mapping.update_concat_index_mapping = update
 
 
 def group_weights(
@@ -235,13 +302,26 @@ def shrink(
     if not pruned:  # nothing to remove: no trace (a model Torch-Pruning cannot trace strips too)
         return small
     was_training = small.training
-    dg = dependency_graph(small, example_inputs)
-    removed: dict[tuple[str, bool], list[int]] = {}
-    for group in pruned:
-        _prune_group(dg, small, group, check_keep(group, keep[group.name]), removed)
-    hf_layers.fit_attention(small)
+    remove_channels(dependency_graph(small, example_inputs), small, pruned, keep)
     small.train(was_training)
     return small
+
+
+def remove_channels(
+    dg: tp.DependencyGraph,
+    model: nn.Module,
+    groups: Sequence[ChannelGroup],
+    keep: Mapping[str, torch.Tensor],
+) -> None:
+    """Removes from ``model`` itself, whose dependency graph ``dg`` is, the channels that ``keep``
+    drops (:func:`shrink` on a copy it has traced; the exactness check on the copy it traced to
+    find the groups)."""
+    removed: dict[tuple[str, bool], list[int]] = {}
+    with concats_as_sized(dg):
+        for group in groups:
+            if group.name in keep:
+                _prune_group(dg, model, group, check_keep(group, keep[group.name]), removed)
+    hf_layers.fit_attention(model)
 
 
 def _prune_group(
@@ -319,115 +399,14 @@ def pruning_plan(
     }
 
 
-def _random_keep(groups: Sequence[ChannelGroup], seed: int = 0) -> dict[str, torch.Tensor]:
-    """About half of each group's channels, at least one kept and, in a group of two or more,
-    at least one dropped (a group of three heads that kept all three would not be checked),
-    drawn from a private generator."""
-    gen = torch.Generator().manual_seed(seed)
-    keep = {}
-    for group in groups:
-        k = torch.rand(group.size, generator=gen) < 0.5
-        first = int(torch.randint(group.size, (1,), generator=gen))
-        k[first] = True
-        if k.all() and group.size > 1:
-            k[(first + 1) % group.size] = False
-        keep[group.name] = k
-    return keep
-
-
-SMALL_GROUP = 8
-"""Groups of fewer channels (heads, conv-group offsets) are checked with a second draw, the
-complement of the first: each of their channels is then removed once and kept once."""
-
-
-def _draws(groups: Sequence[ChannelGroup], seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """The keeps the exactness check tries: :func:`_random_keep`, and where a group is smaller
-    than :data:`SMALL_GROUP`, a second one keeping what the first removed in those groups (one
-    draw of three heads checks only one way of removing them)."""
-    first = _random_keep(groups, seed)
-    small = [g for g in groups if 1 < g.size < SMALL_GROUP]
-    if not small:
-        return [first]
-    second = dict(first)
-    for group in small:
-        second[group.name] = ~first[group.name]
-    return [first, second]
-
-
-def _matches_all(
-    model: nn.Module,
-    groups: Sequence[ChannelGroup],
-    keeps: Sequence[Mapping[str, torch.Tensor]],
-    inputs: tuple[torch.Tensor, ...],
-) -> str | None:
-    """None if every draw in ``keeps`` matches (:func:`_matches`), else the first problem."""
-    for keep in keeps:
-        problem = _matches(model, groups, keep, inputs)
-        if problem is not None:
-            return problem
-    return None
-
-
-def _matches(
-    model: nn.Module,
-    groups: Sequence[ChannelGroup],
-    keep: Mapping[str, torch.Tensor],
-    inputs: tuple[torch.Tensor, ...],
-) -> str | None:
-    """None if masking and removing ``keep`` give the same output, else what went wrong."""
-    masked = copy_model(model).eval()
-    for group in groups:  # norms masked whatever the option: this checks the mapping itself
-        apply_channel_mask(masked, replace(group, mask_norms=True), keep[group.name])
-    masks.cover(masked)
-    try:
-        small = shrink(masked, groups, keep, example_inputs=inputs).eval()
-        with torch.no_grad():
-            want, got = masked(*inputs), small(*inputs)
-            error = _max_rel_error(want, got)
-    except Exception as err:  # noqa: BLE001 - a crash is one more way not to match
-        return f"the shrunk model fails ({type(err).__name__}: {err})"
-    return None if error <= 1e-4 else f"the shrunk model's output differs by {error:.2g}"
-
-
-def _max_rel_error(want: object, got: object) -> float:
-    pairs = zip(_leaves(want), _leaves(got), strict=True)
-    return max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)) for a, b in pairs)
-
-
-def _leaves(out: object) -> list[torch.Tensor]:
+def leaves(out: object) -> list[torch.Tensor]:
+    """The tensors of a model's output (nested in dicts, lists and tuples), as float."""
     if isinstance(out, torch.Tensor):
         return [out if out.is_floating_point() else out.float()]
     if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _leaves(v)]
+        return [t for v in out.values() for t in leaves(v)]
     if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _leaves(v)]
-    return []
-
-
-def exact_groups(
-    model: nn.Module, groups: list[ChannelGroup], example_inputs: Inputs, problems: list[str]
-) -> list[ChannelGroup]:
-    """The groups whose masked model equals their shrunk model, with a random half of every
-    group's channels pruned (and its complement where a group is small, :func:`_draws`); one
-    check, then one per group only when the joint check fails,
-    and one more of the groups that passed alone: groups that match alone and fail together
-    (a shrink that maps one group through another's removed channels) are all left out.
-    Each group left out adds its reason to ``problems``."""
-    inputs = as_tuple(example_inputs)
-    keeps = _draws(groups)
-    if not groups or _matches_all(model, groups, keeps, inputs) is None:
-        return groups
-    exact = []
-    for group in groups:
-        problem = _matches_all(model, [group], keeps, inputs)
-        if problem is None:
-            exact.append(group)
-        else:
-            problems.append(f"group {group.name!r}: {problem}")
-    joint = _matches_all(model, exact, keeps, inputs) if len(exact) > 1 else None
-    if joint is None:
-        return exact
-    problems.extend(f"group {g.name!r}: pruned with the other groups, {joint}" for g in exact)
+        return [t for v in out for t in leaves(v)]
     return []
 
 

@@ -1,0 +1,124 @@
+"""How long filter pruning takes to find and check the channel groups of real architectures,
+beside Torch-Pruning's own ``DependencyGraph().build_dependency`` on the same model and input.
+
+Ours is ``build_groups`` as ``filter_pruning`` calls it (its default options: trace, group
+search, numerical check of the groups, within ``trace_time_budget``). Both run in one process,
+interleaved (Torch-Pruning, then ours, for every model in each round), on copies of one model
+with random weights, one intra-op thread (on a shared machine, two threads made a forward pass
+100x slower under load), and the table gives medians over the rounds. Needs torchvision and
+timm beside torch (a side venv):
+
+    python benchmarks/zoo_build_time.py                      # the zoo, 3 rounds
+    python benchmarks/zoo_build_time.py densenet121,timm:levit_128s --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from compress.errors import CompressError  # noqa: E402
+from compress.pruning import exactness  # noqa: E402
+from compress.pruning.channel_groups import Excluded, build_groups  # noqa: E402
+
+ZOO = (
+    "densenet121,resnet18,mobilenet_v2,googlenet,inception_v3,vit_b_16,swin_t,"
+    "timm:levit_128s,timm:efficientformer_l1,timm:mobilevitv2_050"
+)
+
+
+def build(name: str) -> nn.Module:
+    """The architecture at its own input size (224, Inception v3 299), random weights."""
+    if name.startswith("timm:"):
+        import timm
+
+        return timm.create_model(name.removeprefix("timm:"), pretrained=False)
+    import torchvision
+
+    kwargs: dict[str, Any] = {}
+    if name in ("inception_v3", "googlenet"):
+        kwargs = {"aux_logits": False, "init_weights": True}
+    return getattr(torchvision.models, name)(weights=None, **kwargs)
+
+
+def torch_pruning(model: nn.Module, x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    tp.DependencyGraph().build_dependency(model, x)
+    return time.perf_counter() - start
+
+
+def ours(model: nn.Module, x: torch.Tensor, budget: float) -> tuple[float, str]:
+    """Seconds, and what came of it: groups found, left out as not exact, checks run."""
+    calls = [0]
+    real = exactness._matches
+
+    def counted(*args: Any) -> str | None:
+        calls[0] += 1
+        return real(*args)
+
+    exactness._matches = counted  # type: ignore[assignment]
+    excluded: list[Excluded] = []
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            groups = build_groups(model, x, time_budget=budget, excluded=excluded)
+        bad = sum(e.kind == "not exact" for e in excluded)
+        note = f"{len(groups)} groups, {bad} not exact, {calls[0]} checks"
+    except CompressError as err:
+        note = str(err).split(":")[0]
+    finally:
+        exactness._matches = real  # type: ignore[assignment]
+    return time.perf_counter() - start, note
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="?", default=ZOO)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=180.0, help="trace_time_budget, s")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    names = args.models.split(",")
+    models, inputs = {}, {}
+    for name in names:
+        torch.manual_seed(0)
+        models[name] = build(name).eval()
+        size = 299 if name == "inception_v3" else 224
+        inputs[name] = torch.randn(args.batch, 3, size, size)
+    times: dict[str, dict[str, list[float]]] = {n: {"tp": [], "ours": []} for n in names}
+    notes: dict[str, str] = {}
+    for r in range(args.rounds):
+        for name in names:
+            x = inputs[name]
+            times[name]["tp"].append(torch_pruning(copy.deepcopy(models[name]), x))
+            seconds, notes[name] = ours(copy.deepcopy(models[name]), x, args.budget)
+            times[name]["ours"].append(seconds)
+            print(
+                f"round {r + 1} {name}: tp {times[name]['tp'][-1]:.2f} s, ours {seconds:.2f} s,"
+                f" {notes[name]}",
+                file=sys.stderr,
+                flush=True,
+            )
+    print("| model | ours s | Torch-Pruning s | ratio | ours: result |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        mine, theirs = (statistics.median(times[name][k]) for k in ("ours", "tp"))
+        print(f"| {name} | {mine:.2f} | {theirs:.2f} | {mine / theirs:.1f} | {notes[name]} |")
+
+
+if __name__ == "__main__":
+    main()

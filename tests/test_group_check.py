@@ -1,0 +1,183 @@
+"""The numerical check of channel groups (compress/pruning/exactness.py): bisection finds the
+groups that fail in few checks and leaves out what the per-group check left out, the checks
+run on a small input and copy the model once when every group passes, and the time budget
+names its key."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import torch
+from test_concat_pruning import DenseNet, InceptionNet
+from test_structured import ALL, _make
+from test_timm_attention import TinyViT
+from timm_like import TimmLikeNet
+from torch import nn
+
+from compress import masks
+from compress.analysis.untouched import copy_model
+from compress.errors import CompressError
+from compress.pruning import exactness, structured
+from compress.pruning.channel_groups import build_groups
+from compress.pruning.deadline import TimeBudgetExceeded
+from compress.pruning.structured import ChannelGroup, apply_channel_mask, as_tuple, shrink
+
+
+class Chain(nn.Module):
+    """``n`` Linear layers, one group each, and after layer ``bad`` a channel shuffle (a view
+    into two halves, transposed) that Torch-Pruning's mapping cannot follow: removing that
+    layer's channels crashes, every other group is exact."""
+
+    def __init__(self, n: int = 32, bad: int = 20, width: int = 8) -> None:
+        super().__init__()
+        self.bad = bad
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        for i, layer in enumerate(self.layers):
+            x = torch.relu(layer(x))
+            if i == self.bad:
+                x = x.view(b, t, 2, d // 2).transpose(-2, -1).reshape(b, t, d)
+        return x.mean(1)
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the checks: one call of ``_matches`` is one draw of one check."""
+    calls = [0]
+    real = exactness._matches
+
+    def counted(*args: Any) -> str | None:
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(exactness, "_matches", counted)
+    return calls
+
+
+@pytest.mark.parametrize("bad", [0, 13, 30])
+def test_one_bad_group_among_many_is_found_in_log_n_checks(
+    bad: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, x = Chain(bad=bad), torch.randn(2, 4, 8)
+    calls = _counting(monkeypatch)
+    excluded: list[Any] = []
+    with pytest.warns(UserWarning, match=f"'layers.{bad}': the shrunk model fails"):
+        groups = build_groups(model, x, prune_first_conv=True, excluded=excluded)
+    n = len(groups) + 1  # layers.31 is the network output
+    assert n == 31
+    assert [e.group for e in excluded if e.kind == "not exact"] == [f"layers.{bad}"]
+    # the joint check, at most two per level of the bisection, the survivors together: 12,
+    # where one check per group took 33
+    assert calls[0] <= 2 * math.ceil(math.log2(n)) + 2
+
+
+def _old_matches(model: nn.Module, groups: Sequence[ChannelGroup], keep: Any, x: Any) -> bool:
+    """The check as it was: masks (norms too) on a copy, covered, against a shrunk copy."""
+    masked = copy_model(model).eval()
+    for group in groups:
+        apply_channel_mask(masked, replace(group, mask_norms=True), keep[group.name])
+    masks.cover(masked)
+    try:
+        small = shrink(masked, groups, keep, example_inputs=x).eval()
+        with torch.no_grad():
+            error = exactness._max_rel_error(masked(*x), small(*x))
+    except Exception:  # noqa: BLE001 - a crash is one more way not to match
+        return False
+    return error <= 1e-4
+
+
+def _old_exact_groups(model: nn.Module, groups: list[ChannelGroup], x: Any) -> list[str]:
+    """The per-group check this replaces: all groups, then each alone, then those together."""
+    inputs, keeps = as_tuple(x), exactness._draws(groups)
+
+    def ok(some: Sequence[ChannelGroup]) -> bool:
+        return all(_old_matches(model, some, keep, inputs) for keep in keeps)
+
+    if ok(groups):
+        return [g.name for g in groups]
+    exact = [g for g in groups if ok([g])]
+    return [g.name for g in exact] if len(exact) < 2 or ok(exact) else []
+
+
+MODELS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
+    "attention": lambda: _make("attention"),  # two groups fail: heads from view
+    "chain": lambda: (Chain(n=12, bad=5), torch.randn(2, 4, 8)),
+    "resnet": lambda: _make("resnet"),
+    "densenet": lambda: (DenseNet(), torch.randn(2, 3, 16, 16)),
+    "inception": lambda: (InceptionNet(), torch.randn(2, 3, 16, 16)),
+    "tinyvit": lambda: (TinyViT(), torch.randn(2, 3, 16, 16)),
+    "timm_like": lambda: (TimmLikeNet(), torch.randn(1, 3, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bisection_leaves_out_what_the_per_group_check_left_out(name: str) -> None:
+    torch.manual_seed(0)
+    model, x = MODELS[name]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = build_groups(model, x, validate=False, **ALL)
+        checked = build_groups(model, x, **ALL)
+    assert [g.name for g in checked] == _old_exact_groups(model, found, x)
+    if name in ("attention", "chain"):
+        assert len(checked) < len(found)  # the models where groups fail
+
+
+def test_every_group_passing_copies_the_model_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    copies = [0]
+
+    def counted(model: nn.Module) -> nn.Module:
+        copies[0] += 1
+        return copy_model(model)
+
+    monkeypatch.setattr(structured, "copy_model", counted)
+    calls = _counting(monkeypatch)
+    model, x = DenseNet(), torch.randn(2, 3, 16, 16)
+    assert len(build_groups(model, x, **ALL)) == 14
+    assert (copies[0], calls[0]) == (1, 1)  # the copy traced to find the groups is checked
+
+
+def test_checks_run_on_one_sample_halved_down_to_32_pixels() -> None:
+    pooled = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    x = torch.randn(4, 3, 150, 130)
+    shapes = [torch.Size((4, 16))]
+    assert exactness.check_inputs(pooled, (x,), shapes)[0].shape == (1, 3, 37, 32)
+    fixed = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 62 * 62, 2))
+    out = [torch.Size((4, 2))]
+    one = exactness.check_inputs(fixed, (torch.randn(4, 3, 64, 64),), out)
+    assert one[0].shape == (1, 3, 64, 64)  # a model that needs its size keeps it
+    tokens = (torch.zeros(2, 5, dtype=torch.long), torch.ones(3, 5))
+    assert exactness.check_inputs(nn.Identity(), tokens, []) is tokens  # no common batch
+
+
+def test_a_budget_spent_before_the_trace_names_the_key() -> None:
+    model, x = Chain(), torch.randn(2, 4, 8)
+    with pytest.raises(
+        CompressError,
+        match=r"did not finish tracing Chain within 0 s \(filter_pruning "
+        r"params\.trace_time_budget\)",
+    ):
+        build_groups(model, x, time_budget=0)
+
+
+def test_a_budget_that_runs_out_during_the_check_names_the_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def out_of_time(*args: Any) -> None:
+        raise TimeBudgetExceeded("60 s")  # what the timer raises inside a check
+
+    # inside the check's own try: the budget must not pass for a group that fails
+    monkeypatch.setattr(exactness, "remove_channels", out_of_time)
+    model, x = Chain(), torch.randn(2, 4, 8)
+    with pytest.raises(
+        CompressError,
+        match=r"did not finish checking the 31 channel groups of Chain within 60 s "
+        r"\(filter_pruning params\.trace_time_budget\)",
+    ):
+        build_groups(model, x, prune_first_conv=True, time_budget=60)
