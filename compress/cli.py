@@ -208,27 +208,17 @@ def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str
     report_path = Path(str(path).removesuffix(".sparse.pt") + ".runtime.json")
     if path.name.endswith(".sparse.pt") and report_path.is_file():
         from compress.deploy.runtime_report import report_from_dict
+        from compress.deploy.sidecars import read_sidecar
 
-        try:
-            report = report_from_dict(json.loads(report_path.read_text()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise CompressError(
-                f"{report_path}: not a runtime report ({type(e).__name__}: {e}); delete it or "
-                "export again"
-            ) from None
+        report = report_from_dict(read_sidecar(report_path, "runtime"))
         lines.append(f"sparse runtime ({report_path.name}):")
         lines.append(str(report))
     latency_path = Path(str(path).removesuffix(".pruned.pt") + ".latency.json")
     if path.name.endswith(".pruned.pt") and latency_path.is_file():
+        from compress.deploy.sidecars import read_sidecar
         from compress.pruning.latency_widths import text
 
-        try:
-            lines.append(f"{latency_path.name}: " + text(json.loads(latency_path.read_text())))
-        except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
-            raise CompressError(
-                f"{latency_path}: not a latency table ({type(e).__name__}: {e}); delete it or "
-                "export again"
-            ) from None
+        lines.append(f"{latency_path.name}: " + text(read_sidecar(latency_path, "latency")))
     if model_spec is not None:
         model = _load_model(model_spec)
         if isinstance(payload, dict) and payload.get("format") == "compress.pruned":
