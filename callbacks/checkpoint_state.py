@@ -52,16 +52,48 @@ def masked_values(model: nn.Module) -> dict[str, dict[str, Any]]:
     return out
 
 
-def restore_masked_values(model: nn.Module, values: Mapping[str, Mapping[str, Any]]) -> None:
-    """Writes back what ``masked_values`` saved, into the weights loaded from ``state_dict``."""
+def check_masked_values(model: nn.Module, values: Any) -> dict[str, torch.Tensor]:
+    """The positions of every entry of ``masked_values``, each checked against its parameter
+    (``where`` of the parameter's shape, one stored value per position) before any is written."""
+    if not isinstance(values, Mapping):
+        raise CompressError(f"checkpoint: masked_values is a {type(values).__name__}, not a dict")
     params = _masked_params(model)
+    out = {}
     for key, saved in values.items():
         if key not in params:
             raise CompressError(f"checkpoint: masked values for {key!r}, which is not masked")
+        if not isinstance(saved, Mapping) or not isinstance(saved.get("where"), Mapping):
+            raise CompressError(f"checkpoint: masked_values[{key!r}] has no packed 'where'")
+        module, pname = params[key]
+        shape = list(distributed.full(module._parameters[pname].detach()).shape)  # type: ignore[union-attr]
+        where = unpack_bits(saved["where"])
+        if list(where.shape) != shape:
+            raise CompressError(
+                f"checkpoint: masked_values[{key!r}].where has shape {list(where.shape)}, "
+                f"the parameter {shape}"
+            )
+        stored = saved.get("values")
+        count = int(where.sum())
+        if not isinstance(stored, torch.Tensor) or list(stored.shape) != [count]:
+            got = list(stored.shape) if isinstance(stored, torch.Tensor) else type(stored).__name__
+            raise CompressError(
+                f"checkpoint: masked_values[{key!r}].values is {got}; {count} values, one per "
+                "position of 'where', are needed"
+            )
+        out[key] = where
+    return out
+
+
+def restore_masked_values(model: nn.Module, values: Mapping[str, Mapping[str, Any]]) -> None:
+    """Writes back what ``masked_values`` saved, into the weights loaded from ``state_dict``
+    (all of it checked first)."""
+    params = _masked_params(model)
+    checked = check_masked_values(model, values)
+    for key, saved in values.items():
         module, pname = params[key]
         param = module._parameters[pname]
         assert param is not None
-        where = unpack_bits(saved["where"]).to(param.device)
+        where = checked[key].to(param.device)
         with torch.no_grad():
             stored = distributed.full(param.detach()).clone()
             stored[where] = saved["values"].to(param.device, param.dtype)

@@ -26,6 +26,7 @@ import compress
 from callbacks import accuracy_aware as aa_glue
 from callbacks.batches import calibrate, first_batch_inputs
 from callbacks.checkpoint_state import (
+    check_masked_values,
     fold_in_place,
     masked_values,
     masks_may_move,
@@ -385,17 +386,33 @@ class CompressionCallback(_Callback):
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._aa is not None and "accuracy_aware" in state_dict:
-            self._aa.load_state_dict(state_dict["accuracy_aware"])
+        """Checks the whole entry (offsets, accuracy-aware state, masked values against the
+        model, the controller state) before applying any of it."""
+        offsets = state_dict.get("offsets", [0, 0])
+        if not (
+            isinstance(offsets, (list, tuple))
+            and len(offsets) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in offsets)
+        ):
+            raise CompressError(
+                f"checkpoint: offsets {str(offsets)[:60]} are not two counts (epoch, step)"
+            )
+        aa_state = state_dict.get("accuracy_aware") if self._aa is not None else None
+        if aa_state is not None:
+            accuracy_aware.check_state(aa_state)
         state = state_dict.get("controller")
-        if state is None:
-            return
-        if self.ctrl is None:
+        if state is not None and self.ctrl is None:
             self._pending_state = state_dict
             return
-        self.ctrl.load_state_dict(expand_state(state))
-        restore_masked_values(self.ctrl.model, state_dict.get("masked_values", {}))
-        self._epoch_offset, self._step_offset = state_dict.get("offsets", (0, 0))
+        if state is not None:
+            assert self.ctrl is not None
+            check_masked_values(self.ctrl.model, state_dict.get("masked_values", {}))
+            self.ctrl.load_state_dict(expand_state(state))  # checks all, then applies
+            restore_masked_values(self.ctrl.model, state_dict.get("masked_values", {}))
+            self._epoch_offset, self._step_offset = offsets
+        if aa_state is not None:
+            assert self._aa is not None
+            self._aa.load_state_dict(aa_state)
 
     # --- accuracy-aware training ---------------------------------------------------------------
 

@@ -331,10 +331,7 @@ class AccuracyAware:
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise CompressError(
-                f"accuracy-aware state version {state.get('version')} is not {STATE_VERSION}"
-            )
+        check_state(state)
         for k in ("phase", "epochs", "target", "step_size", "direction", "epochs_at_level"):
             setattr(self, k, state[k])
         if self.reference is None:
@@ -344,6 +341,42 @@ class AccuracyAware:
         self.history = [tuple(x) for x in state["history"]]  # type: ignore[misc]
         if self.ctrl is not None and self.phase == "search":
             _hold(self.ctrl)
+
+
+_STATE_KEYS = (
+    "phase",
+    "epochs",
+    "target",
+    "step_size",
+    "direction",
+    "epochs_at_level",
+    "reference",
+    "best_at_level",
+    "best",
+    "history",
+)
+
+
+def check_state(state: Any) -> None:
+    """An accuracy-aware state from a checkpoint has this version and every key, with counts
+    and a history of the right types (else a ``CompressError``, before any is applied)."""
+    if not isinstance(state, Mapping):
+        raise CompressError(f"accuracy-aware state is a {type(state).__name__}, not a dict")
+    if state.get("version") != STATE_VERSION:
+        raise CompressError(
+            f"accuracy-aware state version {state.get('version')} is not {STATE_VERSION}"
+        )
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise CompressError(f"accuracy-aware state: missing keys {missing}; the entry is damaged")
+    for key in ("epochs", "epochs_at_level"):
+        n = state[key]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise CompressError(f"accuracy-aware state: {key} {n!r} is not a count")
+    if not isinstance(state["history"], (list, tuple)) or not all(
+        isinstance(x, (list, tuple)) for x in state["history"]
+    ):
+        raise CompressError("accuracy-aware state: history is not a list of entries")
 
 
 def from_config(

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,12 +143,18 @@ def _load_model(spec: str) -> nn.Module:
         sys.path.insert(0, os.getcwd())  # as `python -m` does, so local modules are found
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-        return factory()
+        model = factory()
     except (ImportError, AttributeError, TypeError, ValueError) as e:
         raise CompressError(
             f"--model {spec!r}: cannot build the model ({e}); give 'package.module:Factory', "
             "a class or function that takes no arguments"
         ) from None
+    if not isinstance(model, nn.Module):
+        raise CompressError(
+            f"--model {spec!r}: the factory returned a {type(model).__name__}, not a "
+            "torch.nn.Module; give a class or function that builds the model"
+        )
+    return model
 
 
 def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str:
@@ -197,31 +203,22 @@ def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str
             raise CompressError(
                 f"{path}: no weights found (not an export or checkpoint of this library)"
             )
+    _check_keys(state, path)
     lines = [inspect_state(state, str(path), weights)]
     report_path = Path(str(path).removesuffix(".sparse.pt") + ".runtime.json")
     if path.name.endswith(".sparse.pt") and report_path.is_file():
         from compress.deploy.runtime_report import report_from_dict
+        from compress.deploy.sidecars import read_sidecar
 
-        try:
-            report = report_from_dict(json.loads(report_path.read_text()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise CompressError(
-                f"{report_path}: not a runtime report ({type(e).__name__}: {e}); delete it or "
-                "export again"
-            ) from None
+        report = report_from_dict(read_sidecar(report_path, "runtime"))
         lines.append(f"sparse runtime ({report_path.name}):")
         lines.append(str(report))
     latency_path = Path(str(path).removesuffix(".pruned.pt") + ".latency.json")
     if path.name.endswith(".pruned.pt") and latency_path.is_file():
+        from compress.deploy.sidecars import read_sidecar
         from compress.pruning.latency_widths import text
 
-        try:
-            lines.append(f"{latency_path.name}: " + text(json.loads(latency_path.read_text())))
-        except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
-            raise CompressError(
-                f"{latency_path}: not a latency table ({type(e).__name__}: {e}); delete it or "
-                "export again"
-            ) from None
+        lines.append(f"{latency_path.name}: " + text(read_sidecar(latency_path, "latency")))
     if model_spec is not None:
         model = _load_model(model_spec)
         if isinstance(payload, dict) and payload.get("format") == "compress.pruned":
@@ -242,6 +239,15 @@ def _inspect(path: Path, model_spec: str | None = None, prefix: str = "") -> str
     elif graph_macs is not None:
         lines.append(table([graph_macs]))
     return "\n".join(lines)
+
+
+def _check_keys(state: Mapping[Any, Any], path: Path) -> None:
+    bad = [k for k in state if not isinstance(k, str)]
+    if bad:
+        raise CompressError(
+            f"{path}: the state_dict has a key {bad[0]!r} that is not a string; "
+            "the file is damaged or crafted"
+        )
 
 
 def _masked_checkpoint_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -318,6 +324,7 @@ def export_checkpoint(
     and example input shapes come from the callback's entry."""
     from compress.controller import create_compressed_model, expand_state
     from compress.deploy.export import FORMATS, export
+    from compress.deploy.files import zero_inputs
 
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
@@ -343,9 +350,20 @@ def export_checkpoint(
     weights = payload.get("state_dict")
     if not isinstance(weights, dict):
         raise CompressError(f"{path}: the checkpoint has no 'state_dict' of weights")
+    _check_keys(weights, path)
+    if not isinstance(prefix, str) or (prefix and not prefix.endswith(".")):
+        raise CompressError(
+            f"{path}: the entry's prefix {str(prefix)[:40]!r} is not a key prefix such as 'model.'"
+        )
+    inputs = tuple(zero_inputs(entry.get("inputs", []), f"{path}: the entry's inputs"))
     target = model
     if sorted(model.state_dict()) == sorted(weights):  # the factory built the LightningModule
-        target = model.get_submodule(prefix[:-1]) if prefix else model
+        try:
+            target = model.get_submodule(prefix[:-1]) if prefix else model
+        except AttributeError:
+            raise CompressError(
+                f"{path}: the entry's prefix {prefix!r} names no submodule of --model"
+            ) from None
     else:  # the compressed network, under its plain names
         weights = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
     try:
@@ -353,9 +371,6 @@ def export_checkpoint(
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise CompressError(f"{path}: the weights do not fit --model ({first})") from None
-    inputs = tuple(
-        torch.zeros(shape, dtype=getattr(torch, dtype)) for shape, dtype in entry["inputs"]
-    )
     ctrl, _ = create_compressed_model(target, entry["recipe"], inputs or None)
     ctrl.load_state_dict(expand_state(entry["controller"]))
     return export(ctrl.strip(), out, formats, example_inputs=inputs or None)
@@ -406,6 +421,7 @@ def inspect_state(
 
 
 def _keys(readme: str | None) -> None:
+    from compress.deploy.files import save_bytes
     from compress.recipe.config import keys_markdown
 
     text = keys_markdown()
@@ -413,12 +429,18 @@ def _keys(readme: str | None) -> None:
         print(text)
         return
     path = Path(readme)
-    old = path.read_text()
+    try:
+        old = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CompressError(
+            f"{path}: cannot read the README ({getattr(e, 'strerror', None) or e}); "
+            "give the path of a README.md with a key table section"
+        ) from None
     begin, end = "<!-- keys:begin -->", "<!-- keys:end -->"
     if begin not in old or end not in old:
         raise CompressError(f"{path}: no '{begin}' ... '{end}' section")
     head, rest = old.split(begin, 1)
-    path.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
+    save_bytes(path, f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}".encode())
     print(f"{path}: key table updated")
 
 

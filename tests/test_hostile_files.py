@@ -233,7 +233,7 @@ def test_damaged_sections_of_files_give_errors_naming_the_file(tmp_path: Path) -
     report = tmp_path / "m.runtime.json"
     report.write_text('{"min_speedup": 1.1, "layers": [{"na')
     code, text = run_cli("inspect", str(path))
-    assert code == 2 and "m.runtime.json: not a runtime report (JSONDecodeError" in text
+    assert code == 2 and "m.runtime.json: not JSON (JSONDecodeError" in text
 
     rewrite_payload(path, lambda p: p["tensors"].update({"conv1.weight": {"dense": 5}}))
     with pytest.raises(CompressError, match=r"sparse file is damaged \('dense' holds a int"):

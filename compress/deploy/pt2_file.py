@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from compress.deploy.files import check_zip_crc
+from compress.deploy.files import check_tensor, check_zip
 from compress.errors import CompressError
 
 __all__ = ["read_pt2"]
@@ -67,6 +67,11 @@ _COUNTED = {
     "scaled_dot_product_attention",
 }
 MAX_WEIGHT_RECORDS = 100_000
+# The JSON of an archive (graph, weights config) is refused above these sizes before it is
+# parsed: parsing makes a Python object per container, about 100 bytes each, so 200 MB of
+# '[{}, ...]' would take 5 GB. A BERT-base graph is about 2 MB with 1 container per 30 bytes.
+MAX_JSON_BYTES = 64 * 2**20
+MAX_JSON_CONTAINERS = 2_000_000
 
 
 def read_pt2(path: str | Path) -> tuple[dict[str, torch.Tensor], int | None]:
@@ -74,11 +79,9 @@ def read_pt2(path: str | Path) -> tuple[dict[str, torch.Tensor], int | None]:
     and its MACs at the exported example shapes (None if the graph has no counted node).
     Raises ``CompressError`` naming the file for anything that is not a plain archive."""
     path = Path(path)
-    if not path.is_file():
-        raise CompressError(f"{path}: no such file")
+    check_zip(path)  # a regular file; records stored once, uncompressed, CRCs checked
     if not zipfile.is_zipfile(path):
         raise CompressError(f"{path}: not a torch.export archive (not a zip file)")
-    check_zip_crc(path)
     try:
         with zipfile.ZipFile(path) as z:
             return _read(z, path)
@@ -123,10 +126,19 @@ def _json(z: zipfile.ZipFile, infos: dict[str, zipfile.ZipInfo], name: str, path
     info = infos.get(name)
     if info is None:
         raise CompressError(f"{path}: not a torch.export archive (no {name.split('/', 1)[-1]})")
-    if info.file_size > 256 * 2**20:
-        raise CompressError(f"{path}: {name} declares {info.file_size} bytes; refused")
+    if info.file_size > MAX_JSON_BYTES:
+        raise CompressError(
+            f"{path}: {name} declares {info.file_size} bytes, more than {MAX_JSON_BYTES}; refused"
+        )
+    data = z.read(info)
+    containers = data.count(b"{") + data.count(b"[")
+    if containers > MAX_JSON_CONTAINERS:
+        raise CompressError(
+            f"{path}: {name} holds {containers} JSON objects and lists, more than "
+            f"{MAX_JSON_CONTAINERS}; the file is damaged or crafted; refused"
+        )
     try:
-        return json.loads(z.read(info))
+        return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CompressError(f"{path}: {name} is not valid JSON ({type(e).__name__})") from None
 
@@ -173,7 +185,9 @@ def _tensor(
         )
     data = bytearray(z.read(info))
     flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-    return torch.as_strided(flat, sizes, strides, offset).clone()
+    view = torch.as_strided(flat, sizes, strides, offset)  # no copy yet
+    check_tensor(view, what)  # a zero stride would make the copy far larger than the record
+    return view.clone()
 
 
 def _macs(graph: dict[str, Any]) -> int | None:

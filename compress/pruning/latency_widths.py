@@ -295,13 +295,13 @@ def text(table: Mapping[str, Any], widths: Mapping[str, int] | None = None) -> s
     from compress.analysis.summary import table as markdown
 
     widths = dict(widths or table.get("chosen") or {})
+    touching: dict[str, list[str]] = {g: [] for g in table["groups"]}
+    for n, e in table["layers"].items():  # one pass: a table of many groups stays fast
+        for g in dict.fromkeys(c["group"] for c in ([e["out"]] if e["out"] else []) + e["in"]):
+            touching[g].append(n)
     rows = []
     for g, info in table["groups"].items():
-        names = [
-            n
-            for n, e in table["layers"].items()
-            if (e["out"] and e["out"]["group"] == g) or any(c["group"] == g for c in e["in"])
-        ]
+        names = touching[g]
         times = [sum(layer_ms(table, n, {g: w}) for n in names) for w in info["widths"]]
         rows.append(
             {

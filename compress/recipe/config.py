@@ -223,8 +223,13 @@ def _check_input_info(info: Any) -> None:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
+    from compress.deploy.files import read_bytes
+    from compress.errors import CompressError
+
+    try:  # a regular file of at most MAX_RECIPE_BYTES: never /dev/zero or a FIFO
+        text = read_bytes(path, MAX_RECIPE_BYTES).decode("utf-8")
+    except CompressError as e:
+        raise ConfigError(f"cannot read the recipe: {e}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the recipe ({e.strerror})") from None
     except UnicodeDecodeError as e:
@@ -262,6 +267,7 @@ def _no_repeats(duplicates: list[str], pairs: list[tuple[str, Any]]) -> dict[str
 
 
 MAX_INT = 2**53  # the integers a float holds exactly; beyond it schedules overflow
+MAX_RECIPE_BYTES = 16 * 2**20  # a recipe is a few kB
 MAX_INPUT_ELEMENTS = 2**28  # example inputs from input_info: 1 GiB of float32 at most
 
 
@@ -404,10 +410,20 @@ def _check_rules(name: str, options: Mapping[str, Any], params: dict[str, Any], 
             )
 
 
+# JSON Schema counts 3.0 as an integer; the code that reads integer keys (round_to, steps,
+# epochs) does not, so a float is refused at validation rather than as a TypeError at build.
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, x: isinstance(x, int) and not isinstance(x, bool)
+    ),
+)
+
+
 def _validate(instance: Any, sub: Mapping[str, Any], path: str) -> None:
     root = schema()
     resolver_schema = {**sub, "$defs": root["$defs"]}
-    validator = jsonschema.Draft202012Validator(resolver_schema)
+    validator = _Validator(resolver_schema)
     errors = sorted(
         validator.iter_errors(instance), key=lambda e: (len(e.path), list(map(str, e.path)))
     )

@@ -9,7 +9,8 @@ A scope is one of:
   which also names every layer inside a container: ``ResNet/Sequential[layer1]``);
 - a regular expression with NNCF's ``{re}`` prefix. As in NNCF it is searched for in the node
   name (``{re}.*NNCFConv2d\\[conv1\\]``, ``{re}fc``); it also selects a module whose whole name
-  it matches (``{re}layer[12]\\..*conv1``).
+  it matches (``{re}layer[12]\\..*conv1``). It is matched with RE2 (:func:`compile_regex`),
+  which never backtracks: time linear in the name, whatever the pattern.
 
 NNCF takes its names from a trace; here they come from the module tree, which gives the same
 names for layers: the model's class, then ``Class[attribute]`` per level, with NNCF's wrapper
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from re import _constants as sre_constants  # type: ignore[attr-defined]
 from re import _parser as sre_parse  # type: ignore[attr-defined]
 from typing import Any
 
+import re2
 import torch
 from torch import nn
 
@@ -139,10 +142,10 @@ def matches(scope: str, name: str | Names) -> bool:
     if names.owner and matches(scope, Names(names.owner, "", None)):
         return True
     if scope.startswith("{re}"):
-        pattern = scope[4:]
-        if re.fullmatch(pattern, names.path) is not None:
+        pattern = compile_regex(scope[4:], "scope")
+        if pattern.fullmatch(names.path) is not None:
             return True
-        return bool(names.scope) and re.search(pattern, names.node or names.scope) is not None
+        return bool(names.scope) and pattern.search(names.node or names.scope) is not None
     if "/" in scope:
         if not names.scope:
             return False
@@ -193,7 +196,7 @@ def _names_other_op(scope: str, names: list[Names]) -> bool:
     the model has (not a layer: a layer's scope holds its own operation only). It selects no
     layer, in NNCF as here."""
     if scope.startswith("{re}"):
-        pattern = re.compile(scope[4:])
+        pattern = compile_regex(scope[4:], "scope")
         return any(
             pattern.search(f"{n.scope}/{op}_{i}")
             for n in names
@@ -226,12 +229,7 @@ def select(
         for key, scopes in (("ignored_scopes", ignored_l), ("target_scopes", target_l)):
             for scope in scopes:
                 if scope.startswith("{re}"):
-                    try:
-                        re.compile(scope[4:])
-                    except re.error as e:
-                        raise ConfigError(
-                            f"{path}.{key}: {scope!r} is not a valid regex: {e}"
-                        ) from None
+                    check_regex(scope[4:], f"{path}.{key}")
                 if not any(matches(scope, n) for n in names) and not _names_other_op(scope, names):
                     raise ConfigError(f"{path}.{key}: {unmatched(scope, names)}")
     out = []
@@ -268,11 +266,13 @@ _REPEATS = {sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT, sre_constants.PO
 
 
 def check_regex(pattern: str, where: str) -> None:
-    """Refuses a ``{re}`` scope that does not compile or could backtrack for hours.
+    """Refuses a ``{re}`` scope that does not compile, in Python's ``re`` (NNCF's) and in RE2.
 
-    The check is static, on the parsed pattern: a quantifier without an upper bound whose body
-    has no fixed length (``(a+)+``, ``(\\w+\\.?)+``, ``(a|aa)+``: exponential), or more than
-    ``MAX_UNBOUNDED`` unbounded quantifiers in one pattern (polynomial of that degree).
+    Scopes are matched with RE2 (:func:`compile_regex`), which cannot backtrack. Patterns that
+    backtrack for hours in ``re`` are still refused first, from the parsed pattern, with a
+    message saying what to write instead (they would work here but not in NNCF): a quantifier
+    without an upper bound whose body has no fixed length (``(a+)+``, ``(\\w+\\.?)+``,
+    ``(a|aa)+``: exponential), or more than ``MAX_UNBOUNDED`` unbounded quantifiers.
 
     Example:
         >>> check_regex("layer[0-9]+\\..*conv", "target_scopes")
@@ -297,6 +297,82 @@ def check_regex(pattern: str, where: str) -> None:
             f"{where}: '{{re}}{pattern}' has {unbounded} unbounded quantifiers ('*', '+', "
             f"'{{n,}}'); at most {MAX_UNBOUNDED}, so that matching stays fast"
         )
+    compile_regex(pattern, where)
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # else RE2 prints each refused pattern to stderr
+# Python spellings that RE2 reads otherwise (escapes and classes are matched whole, so that a
+# '\\Z' or '{,2}' inside them stays as written).
+_TOKENS = re.compile(r"\\.|\[\^?\]?(?:\\.|[^\]\\])*\]|\{,(\d*)\}", re.DOTALL)
+
+
+def compile_regex(pattern: str, where: str) -> Any:
+    """``pattern`` compiled by RE2 (cached), which matches in time linear in the name.
+
+    It matches as Python's ``re`` does on ASCII names (``\\w``, ``\\d`` and ``\\b`` are ASCII in
+    RE2); what RE2 cannot do (backreferences, lookarounds, counts above 1000) is a
+    ``ConfigError`` naming ``where``, the pattern and what to write instead.
+
+    Example:
+        >>> bool(compile_regex("(.|.)*Z", "target_scopes").search("layer1.0.conv1" * 20))
+        False
+        >>> compile_regex("conv(?!1)", "ignored_scopes")
+        Traceback (most recent call last):
+        ...
+        compress.errors.ConfigError: ignored_scopes: '{re}conv(?!1)' uses a lookaround ...
+    """
+    try:
+        return _compiled(pattern)
+    except re2.error as e:
+        error = e.args[0].decode() if isinstance(e.args[0], bytes) else str(e)
+        raise ConfigError(f"{where}: '{{re}}{pattern}' {_re2_hint(error)}") from None
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(pattern: str) -> Any:
+    def spelled(m: re.Match[str]) -> str:
+        if m[0].startswith("["):
+            if "[:" in re.sub(r"\\.", "", m[0][1:]):
+                raise re2.error(b"POSIX class")
+            return m[0]
+        if m[0] == "\\Z":
+            return "\\z"
+        return m[0] if m[1] is None else f"{{0,{m[1]}}}"
+
+    return re2.compile(_TOKENS.sub(spelled, pattern), _RE2_OPTIONS)
+
+
+def _re2_hint(error: str) -> str:
+    if error == "POSIX class":
+        return (
+            "holds '[:' in a class, a POSIX class in RE2 but those characters in Python's re;"
+            " write the characters out ('[a-zA-Z]') or escape the '[' ('[\\[:]')"
+        )
+    if "repetition size" in error:
+        return (
+            f"repeats more than RE2 allows ({error}): counts up to 1000, nested counts "
+            "multiplied; write a smaller count, or '*' (matched in linear time)"
+        )
+    if re.search(r"escape sequence: \\[1-9]|\(\?P$", error):
+        return (
+            f"refers back to a group ({error}), which needs a backtracking matcher; "
+            "write the group's text again, or use a glob"
+        )
+    if re.search(r"\(\?<?[=!]", error):
+        return (
+            f"uses a lookaround ({error}), which needs a backtracking matcher; name the "
+            "layers to keep in target_scopes and those to leave out in ignored_scopes"
+        )
+    if "(?>" in error or re.search(r"operator: [*+?]\+", error):
+        return (
+            f"holds an atomic group or a possessive quantifier ({error}); drop it: "
+            "RE2 never backtracks ('a+' for 'a++')"
+        )
+    return (
+        f"is not supported by RE2, which scopes are matched with ({error}); "
+        "see https://github.com/google/re2/wiki/Syntax"
+    )
 
 
 def _scan(items: list[Any]) -> tuple[bool, int]:
