@@ -292,14 +292,11 @@ def _checkpoint(path: Path) -> Any:
             f"{path}: a directory, not a distributed checkpoint written by Lightning "
             "(no .metadata and meta.pt in it)"
         )
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+    from compress.deploy.dcp_file import read_state_dict
 
     payload = safe_load(path / "meta.pt")
     if isinstance(payload, dict):
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
-            warnings.simplefilter("ignore", UserWarning)
-            state = _load_state_dict_from_keys("state_dict", checkpoint_id=path)
-        payload["state_dict"] = state["state_dict"]
+        payload["state_dict"] = read_state_dict(path)
     return payload
 
 
