@@ -228,7 +228,7 @@ from hf_zoo import ZOO
 
 def endless(model, inputs, **kwargs):
     while True:
-        pass
+        (lambda: None)()
 
 channel_groups.dependency_graph = endless
 zoo = ZOO["bert"]
