@@ -83,7 +83,7 @@ ALLOWED = {
     "analysis": set(),
     "sparsity": {"recipe", "analysis", "compress.algorithm"},
     "pruning": {"recipe", "analysis", "sparsity", "compress.algorithm"},
-    "deploy": {"pruning", "analysis", "sparsity"},
+    "deploy": {"pruning", "analysis", "sparsity", "recipe"},
     "compress.algorithm": {"recipe"},
     "compress.algorithms": {"sparsity", "pruning", "compress.algorithm", "compress.distillation"},
     "compress.distillation": {"recipe", "compress.algorithm"},
@@ -96,6 +96,7 @@ CORE = {
     "compress.distributed",
     "compress.schedules",
     "compress.experts",  # which parameters are fused experts: torch only, read by every wing
+    "compress.deploy.files",  # the file defences (size caps, safe loads): torch and errors only
 }
 
 
