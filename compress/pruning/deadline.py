@@ -1,10 +1,10 @@
 """A time budget for a block of pure-Python work that might never finish (a dependency trace).
 
-No thread is started (a Python thread cannot be killed): in the main thread a ``SIGALRM`` timer
-interrupts the block; elsewhere (a worker thread, or a platform without ``setitimer``) a trace
-function checks the clock at every Python call. Either way the block is interrupted with
-:class:`TimeBudgetExceeded` at the next Python bytecode after the budget runs out, and the
-previous handler, timer and trace function are restored.
+No thread is started (a Python thread cannot be killed): a trace function checks the clock at
+every Python call and interrupts the block with :class:`TimeBudgetExceeded` at the first call
+after the budget runs out; the previous trace function is restored. (A ``SIGALRM`` timer, used
+before, crashed the process after a long test session; a loop that makes no Python call is not
+interrupted.)
 
 Example:
     >>> import time
@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -47,23 +46,6 @@ def deadline(seconds: float | None) -> Iterator[None]:
     # crash the process (segmentation fault) in CI.
     with _clock_check(seconds):
         yield
-
-
-@contextmanager
-def _alarm(seconds: float) -> Iterator[None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise TimeBudgetExceeded(f"{seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, handler)
-    outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
-    start = time.monotonic()
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-        if outer > 0:  # someone else's timer was running: give it back what is left of it
-            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-3))
 
 
 @contextmanager
