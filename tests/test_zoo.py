@@ -3,7 +3,6 @@ build, a few steps, statistics, strip equals the masked model, pt2 export, save_
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -214,35 +213,18 @@ def test_gpt2_mlp_pruning_round_trips_through_save_pretrained(tmp_path: Path) ->
     torch.testing.assert_close(_round_trip(small, x, tmp_path / "hf"), want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_trace_that_never_ends_stops_at_the_time_budget() -> None:
-    # In a fresh process: after the rest of the suite, the SIGALRM that stops the endless
-    # loop was seen to crash the test process (not yet explained; the budget's messages are
-    # also tested without a signal in test_group_check.py).
-    import subprocess
-    import sys
+def test_a_trace_that_never_ends_stops_at_the_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    import compress.pruning.channel_groups as channel_groups
 
-    code = """
-import pytest, torch, compress
-import compress.pruning.channel_groups as channel_groups
-from hf_zoo import ZOO
+    def endless(model: torch.nn.Module, inputs: object, **kwargs: object) -> None:
+        while True:  # a search that never ends, through Python calls as Torch-Pruning's does
+            (lambda: None)()
 
-def endless(model, inputs, **kwargs):
-    while True:
-        (lambda: None)()
-
-channel_groups.dependency_graph = endless
-zoo = ZOO["bert"]
-recipe = {"algorithm": "filter_pruning", "params": {"trace_time_budget": 1}}
-with pytest.raises(compress.CompressError, match="BertForSequenceClassification within 1 s"):
-    compress.create_compressed_model(zoo.build(), {"compression": recipe}, zoo.inputs())
-print("stopped")
-"""
-    here = Path(__file__).resolve().parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert done.returncode == 0 and "stopped" in done.stdout, done.stderr[-2000:]
+    monkeypatch.setattr(channel_groups, "dependency_graph", endless)
+    zoo = ZOO["bert"]
+    recipe = {"algorithm": "filter_pruning", "params": {"trace_time_budget": 1}}
+    with pytest.raises(compress.CompressError, match="BertForSequenceClassification within 1 s"):
+        compress.create_compressed_model(zoo.build(), {"compression": recipe}, zoo.inputs())
 
 
 def test_a_model_torch_pruning_cannot_trace_gets_no_groups_and_strips(
