@@ -199,6 +199,12 @@ torch.set_num_threads(1)
 import test_fsdp
 out = Path({out!r})
 {body}
+# Both ranks close the process group before exiting: left to interpreter exit, gloo's threads
+# were seen to abort a rank ("terminate called without an active exception") after the fit.
+import torch.distributed as dist
+if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()
 """
 _BOTH = """
 test_fsdp.fit(out, {name!r}, "ddp")
