@@ -45,6 +45,7 @@ from compress.deploy.export import FORMATS
 from compress.deploy.files import safe_load
 from compress.errors import CompressError, ConfigError
 from compress.pruning import latency_widths
+from compress.recipe import rules
 from compress.recipe.config import Config, load_config
 
 if TYPE_CHECKING:
@@ -239,6 +240,9 @@ class CompressionCallback(_Callback):
         if isinstance(inputs, torch.Tensor):
             inputs = (inputs,)
         target = self._target(pl_module)
+        epochs = trainer.max_epochs  # -1 with only max_steps: unknown
+        if epochs != self.config.data.get("epochs"):  # the recipe's was checked when loaded
+            rules.check_run_epochs(self.config.algorithms, epochs)
         self.ctrl, _ = compress.create_compressed_model(
             target, self.config, inputs, teacher=self.teacher
         )

@@ -7,6 +7,7 @@ says whether the layer exists but cannot be pruned or does not exist at all.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch import nn
 from compress.algorithm import weight
 from compress.errors import ConfigError
 from compress.pruning.structured import ChannelGroup, Member
-from compress.recipe import scopes
+from compress.recipe import rules, scopes
 from compress.recipe.scopes import parse_channels
 
 __all__ = ["layer_choices", "resolve"]
@@ -87,4 +88,9 @@ def layer_choices(
         for group, _ in resolve(model, layers, key, path):
             claim(group, path)
             ratios[group.name] = float(ratio)
+    groups = {group.name for group, _ in layers.values()}
+    if ratios and groups <= set(owner):
+        warnings.warn(
+            rules.all_layers_fixed(base, params["layer_ratios"], len(groups)), stacklevel=4
+        )
     return explicit, ratios

@@ -31,7 +31,7 @@ import jsonschema
 import torch
 
 from compress.errors import ConfigError
-from compress.recipe import scopes
+from compress.recipe import rules, scopes
 from compress.recipe.messages import choices, hint, message
 
 IMPLEMENTED = (
@@ -166,6 +166,7 @@ def load_config(recipe: str | Path | Mapping[str, Any] | Config) -> Config:
     _validate(rest, top, "")
     _global_scopes(rest, algorithms)
     _check_input_info(rest.get("input_info"))
+    rules.check_run_epochs(algorithms, rest.get("epochs"))
     if "compression" in data:
         data["compression"] = (
             [_as_dict(a) for a in algorithms]
@@ -317,7 +318,7 @@ def _algorithm(item: Any, path: str) -> AlgorithmConfig:
     params = {**_defaults(sub["properties"]["params"]), **copy.deepcopy(item.get("params", {}))}
     options = {**_defaults(sub), **{k: copy.deepcopy(v) for k, v in item.items() if k != "params"}}
     options.pop("params", None)
-    _check_rules(name, options, params, path)
+    rules.check_algorithm(name, options, params, path)
     for key in ("ignored_scopes", "target_scopes"):
         scopes.check_scopes(options.get(key), f"{path}.{key}")
     return AlgorithmConfig(name, path, MappingProxyType(options), MappingProxyType(params))
@@ -333,81 +334,6 @@ def _defaults(sub: Mapping[str, Any]) -> dict[str, Any]:
 
 def _as_dict(a: AlgorithmConfig) -> dict[str, Any]:
     return {**dict(a.options), "params": dict(a.params)}
-
-
-def _check_rules(name: str, options: Mapping[str, Any], params: dict[str, Any], path: str) -> None:
-    """Rules across keys, which JSON Schema cannot say clearly."""
-    p = f"{path}.params"
-    if name in ("magnitude_sparsity", "rb_sparsity") and params["schedule"] == "multistep":
-        steps, levels = params["multistep_steps"], params["multistep_sparsity_levels"]
-        if len(levels) != len(steps) + 1:
-            raise ConfigError(
-                f"{p}.multistep_sparsity_levels: {len(levels)} levels for {len(steps)} steps; "
-                "there must be one more level than steps (the first level holds before the "
-                f"first step), e.g. steps [10, 20] with levels [0.3, 0.5, 0.7]"
-            )
-        if list(steps) != sorted(steps):
-            raise ConfigError(f"{p}.multistep_steps: {steps} must be in ascending order")
-        if list(levels) != sorted(levels):
-            warnings.warn(
-                f"{p}.multistep_sparsity_levels: {levels} decrease; masks then give pruned "
-                "weights back. Give the levels in ascending order unless you mean that",
-                stacklevel=4,
-            )
-    elif name in ("magnitude_sparsity", "rb_sparsity") and params["schedule"] != "adaptive":
-        init, target = options["sparsity_init"], params["sparsity_target"]
-        if init > target:
-            warnings.warn(
-                f"{path}.sparsity_init: {init} is above sparsity_target {target}; the level "
-                "falls during training. Give sparsity_init <= sparsity_target",
-                stacklevel=4,
-            )
-        freeze, target_epoch = params["sparsity_freeze_epoch"], params["sparsity_target_epoch"]
-        if freeze < target_epoch:
-            warnings.warn(
-                f"{p}.sparsity_freeze_epoch: {freeze} comes before sparsity_target_epoch "
-                f"{target_epoch}; the masks freeze before the level reaches {target}. Set "
-                "sparsity_freeze_epoch >= sparsity_target_epoch",
-                stacklevel=4,
-            )
-    if name == "filter_pruning":
-        if "pruning_target" in params and "pruning_flops_target" in params:
-            raise ConfigError(
-                f"{p}: pruning_target ({params['pruning_target']}) and pruning_flops_target "
-                f"({params['pruning_flops_target']}) are both set; give only one"
-            )
-        targets = ("pruning_target", "pruning_flops_target", "pruning_latency_target")
-        given = [k for k in targets if k in params]
-        if len(given) > 1:
-            raise ConfigError(
-                f"{p}: {' and '.join(f'{k} ({params[k]})' for k in given)} are both set; give "
-                "only one target (a fraction of filters, of MACs or of measured latency)"
-            )
-        if not given:
-            params.setdefault("pruning_target", 0.5)
-        if params["interlayer_ranking_type"] == "learned_ranking" or any(
-            k in params
-            for k in ("legr_params", "save_ranking_coeffs_path", "load_ranking_coeffs_path")
-        ):
-            raise ConfigError(
-                f"{p}.interlayer_ranking_type: 'learned_ranking' (LeGR) is not supported; "
-                "use 'unweighted_ranking'"
-            )
-        allocation = params.get("allocation")
-        if allocation is None:
-            params["allocation"] = "global" if params["all_weights"] else "uniform"
-        elif params["all_weights"] and allocation == "uniform":
-            raise ConfigError(
-                f"{p}.allocation: 'uniform' contradicts all_weights: true; drop one of them"
-            )
-        target = params.get("pruning_target", 0.0)
-        if options["pruning_init"] > target and "pruning_target" in params:
-            warnings.warn(  # NNCF 2.17 accepts it (its own resnet18_pruning_accuracy_aware.json)
-                f"{path}.pruning_init: {options['pruning_init']} is above pruning_target "
-                f"{target}; as in NNCF 2.17 the model is built pruned at {options['pruning_init']}"
-                f" and pruned at {target} from epoch num_init_steps on",
-                stacklevel=4,
-            )
 
 
 # JSON Schema counts 3.0 as an integer; the code that reads integer keys (round_to, steps,
