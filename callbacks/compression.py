@@ -110,6 +110,9 @@ class CompressionCallback(_Callback):
             ``trainer.validate`` run before ``fit``.
         export_from: ``"final"`` (the state at fit end) or ``"best"`` (the best checkpoint of
             the trainer's ``ModelCheckpoint``, by its ``monitor``).
+        accept_new_teacher: resume (``ckpt_path``) with a ``knowledge_distillation`` teacher other
+            than the one the checkpoint's run started with (by default refused: the checkpoint
+            keeps a digest of the teacher's weights); later checkpoints keep the new one's.
     """
 
     def __init__(
@@ -126,9 +129,11 @@ class CompressionCallback(_Callback):
         teacher: nn.Module | None = None,
         reference_metric: float | None = None,
         export_from: Literal["final", "best"] = "final",
+        accept_new_teacher: bool = False,
     ) -> None:
         self.config = load_config(recipe)
         self.monitor, self.teacher = monitor, teacher
+        self.accept_new_teacher = accept_new_teacher
         if mode not in ("max", "min"):
             raise ConfigError(f"mode: {mode!r} is not allowed; one of 'max', 'min'")
         self._aa = accuracy_aware.from_config(self.config, mode=mode, reference=reference_metric)
@@ -411,7 +416,9 @@ class CompressionCallback(_Callback):
         if state is not None:
             assert self.ctrl is not None
             check_masked_values(self.ctrl.model, state_dict.get("masked_values", {}))
-            self.ctrl.load_state_dict(expand_state(state))  # checks all, then applies
+            self.ctrl.load_state_dict(  # checks all, then applies
+                expand_state(state), accept_new_teacher=self.accept_new_teacher
+            )
             restore_masked_values(self.ctrl.model, state_dict.get("masked_values", {}))
             self._epoch_offset, self._step_offset = offsets
         if aa_state is not None:
@@ -510,11 +517,12 @@ class CompressionCallback(_Callback):
         target.load_state_dict(
             {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
         )
-        self.ctrl.load_state_dict(expand_state(entry["controller"]))
+        # a checkpoint of this run: its teacher is this one (or one replaced on purpose)
+        self.ctrl.load_state_dict(expand_state(entry["controller"]), accept_new_teacher=True)
         try:
             yield
         finally:
-            self.ctrl.load_state_dict(saved_ctrl)
+            self.ctrl.load_state_dict(saved_ctrl, accept_new_teacher=True)
             with torch.no_grad():
                 for name, t in tensors.items():
                     t.copy_(saved[name])

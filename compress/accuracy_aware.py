@@ -314,7 +314,10 @@ class AccuracyAware:
         assert ctrl is not None
         ctrl.model.load_state_dict(best["model"])
         # The epoch counters go on; only weights, masks and levels go back.
-        ctrl.load_state_dict({**best["controller"], "scheduler": ctrl.scheduler.state_dict()})
+        ctrl.load_state_dict(  # the teacher is this run's (a resume has checked it)
+            {**best["controller"], "scheduler": ctrl.scheduler.state_dict()},
+            accept_new_teacher=True,
+        )
 
     # --- checkpoints -----------------------------------------------------------------------
 

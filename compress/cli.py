@@ -369,7 +369,8 @@ def export_checkpoint(
         first = str(e).splitlines()[0]
         raise CompressError(f"{path}: the weights do not fit --model ({first})") from None
     ctrl, _ = create_compressed_model(target, entry["recipe"], inputs or None)
-    ctrl.load_state_dict(expand_state(entry["controller"]))
+    # the teacher is a copy of the trained weights here, and no export uses it
+    ctrl.load_state_dict(expand_state(entry["controller"]), accept_new_teacher=True)
     return export(ctrl.strip(), out, formats, example_inputs=inputs or None)
 
 

@@ -18,7 +18,7 @@ from compress.analysis import untouched
 from compress.analysis.effective import active_weights
 from compress.analysis.outputs import check_same, on_device, outputs
 from compress.analysis.summary import Statistics, model_summary
-from compress.distillation import KnowledgeDistillation
+from compress.distillation import KnowledgeDistillation, check_teacher
 from compress.errors import CompressError
 from compress.recipe.config import Config, load_config
 from compress.schedules import Scheduler, moves_per_step
@@ -157,8 +157,13 @@ class CompressionController:
             "state": distributed.whole({a.name: a.state_dict() for a in self.algorithms}),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restores the scheduler position, masks and algorithm state saved by ``state_dict``."""
+    def load_state_dict(
+        self, state: Mapping[str, Any], *, accept_new_teacher: bool = False
+    ) -> None:
+        """Restores the scheduler position, masks and algorithm state saved by ``state_dict``.
+
+        A state distilled from another teacher (``knowledge_distillation``: its weights' digest)
+        is refused unless ``accept_new_teacher``: the run then continues with this one."""
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
             raise CompressError(
                 "compression state is not from this library version "
@@ -172,6 +177,9 @@ class CompressionController:
                 f"but the recipe builds {names}"
             )
         check_state_values(state, names)
+        for algo in self.algorithms:
+            if isinstance(algo, KnowledgeDistillation):
+                check_teacher(algo, state["state"][algo.name], accept_new_teacher)
         # Applied as a whole or not at all: a state that fails half way is rolled back.
         backup = self.state_dict()
         try:

@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import hashlib
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -49,6 +50,69 @@ def frozen(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+# Tensors of more elements are hashed on a fixed strided subset of about this many elements (every
+# k-th of the flattened tensor), so that a large teacher's digest stays cheap to compute.
+DIGEST_SAMPLE = 2**20
+DIGEST_SCHEME = f"sha256/strided-{DIGEST_SAMPLE}"
+
+
+def teacher_digest(teacher: nn.Module) -> str:
+    """What identifies a teacher: sha256 over the name, dtype, shape and bytes of every tensor of
+    its ``state_dict``, in name order; a tensor of more than ``DIGEST_SAMPLE`` elements gives the
+    bytes of every k-th element only. A sharded (FSDP2) tensor is gathered whole first, so the
+    digest is the same on every rank and at any number of ranks (a collective: every rank calls
+    this at once).
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> teacher_digest(net) == teacher_digest(copy.deepcopy(net))
+        True
+    """
+    h = hashlib.sha256()
+    for name, value in sorted(teacher.state_dict().items()):
+        t = distributed.full(value.detach())
+        h.update(f"{name}:{str(t.dtype)}:{list(t.shape)};".encode())
+        flat = t.reshape(-1)
+        if flat.numel() > DIGEST_SAMPLE:
+            flat = flat[:: -(-flat.numel() // DIGEST_SAMPLE)]
+        h.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return f"{DIGEST_SCHEME}:{h.hexdigest()}"
+
+
+def check_teacher(algo: KnowledgeDistillation, entry: Mapping[str, Any], accept_new: bool) -> None:
+    """Refuses a saved state (``entry``: the algorithm's part of the controller state) that was
+    distilled from another teacher than ``algo``'s, unless ``accept_new``; warns when the state
+    says nothing about its teacher (written by an earlier version)."""
+    saved = entry.get("teacher_digest")
+    if saved is None:
+        warnings.warn(
+            "knowledge_distillation: the checkpoint does not identify its teacher (written "
+            "before teacher digests were kept); make sure the teacher is the one the run "
+            "started with (teacher= the same pretrained model)",
+            stacklevel=4,
+        )
+        return
+    if not isinstance(saved, str):
+        raise CompressError(
+            f"compression state: knowledge_distillation.teacher_digest is {str(saved)[:40]!r}, "
+            "not a digest"
+        )
+    if saved == algo.digest or accept_new:
+        return
+    scheme = saved.rpartition(":")[0]
+    if scheme != DIGEST_SCHEME:
+        why = f"its digest is of another kind ({scheme!r}, this version writes {DIGEST_SCHEME!r})"
+    else:
+        why = f"weights digest {algo.digest[-12:]}, the checkpoint's {saved[-12:]}"
+    raise CompressError(
+        "knowledge_distillation: the teacher differs from the one the run started with "
+        f"({why}); resuming would distil from another model. Pass the same teacher (teacher= "
+        "the same pretrained model, or, for the default teacher, a model built with the same "
+        "weights the run started from), or accept_new_teacher=True (CompressionCallback or "
+        "ctrl.load_state_dict) to continue with the new teacher deliberately"
+    )
 
 
 def mse_loss(student: torch.Tensor, teacher: torch.Tensor, scale: float) -> torch.Tensor:
@@ -103,6 +167,7 @@ class KnowledgeDistillation(Algorithm):
                 "sharded like the student (build it and fully_shard it in configure_model)"
             )
         self.teacher = frozen(teacher if teacher is not None else copy.deepcopy(model))
+        self.digest = teacher_digest(self.teacher)  # kept in the state: a resume checks it
         self._latest: torch.Tensor | None = None
         self._warned: set[str] = set()
         self._handle = model.register_forward_hook(_make_hook(self), with_kwargs=True)
@@ -164,6 +229,9 @@ class KnowledgeDistillation(Algorithm):
             "temperature": self.temperature,
             "teacher params": sum(p.numel() for p in self.teacher.parameters()),
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"teacher_digest": self.digest}
 
     def strip(self, model: nn.Module) -> nn.Module:
         # A deep copy of the model holds a copy of the hook under the same id.
