@@ -385,6 +385,22 @@ def _refusals(rank: int, port: int, out: str) -> None:
             compress.create_compressed_model(net, recipe, torch.zeros(2, 16))
         except CompressError as e:
             said[key] = str(e)
+    # A sharded teacher: its digest is the whole tensors', the same on both ranks as unsharded,
+    # and a state saved with it loads back.
+    from compress.distillation import teacher_digest
+
+    torch.manual_seed(1)
+    teacher = MLP()
+    unsharded = teacher_digest(teacher)
+    fully_shard(teacher)
+    student = MLP()
+    fully_shard(student)
+    kd = {"compression": {"algorithm": "knowledge_distillation", "type": "softmax"}}
+    ctrl, _ = compress.create_compressed_model(student, kd, teacher=teacher)
+    digests: list[Any] = [None, None]
+    dist.all_gather_object(digests, ctrl.algorithms[0].digest)  # type: ignore[attr-defined]
+    said["teacher digest"] = digests == [unsharded, unsharded]
+    ctrl.load_state_dict(ctrl.state_dict())
     # The masked weight is recomputed for the backward pass, not kept whole: same gradients.
     recomputes = []
     recomputed = distributed.recomputed
@@ -450,3 +466,4 @@ def test_core_api_under_fully_shard(tmp_path: Path) -> None:
     assert "filter_pruning does not run on a sharded model" in said["filter"]
     assert said["recomputes"] == 3  # one per masked Linear: the weight the input grad needs
     assert said["input grad"] and said["weight grad"]
+    assert said["teacher digest"]
