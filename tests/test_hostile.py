@@ -109,7 +109,7 @@ X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
 # --- recipes ---------------------------------------------------------------------------------
 
-# Schema-valid recipes that break one of the cross-key rules config._check_rules enforces, or
+# Schema-valid recipes that break one of the cross-key rules compress/recipe/rules.py enforces, or
 # one of the bounds load_config adds (integers up to 2**53, input_info size, safe regexes).
 CROSS_KEY_RULES = re.compile(
     r"levels for \d+ steps|must be in ascending order|are both set; give only one|"
