@@ -172,6 +172,8 @@ class CompressionController:
                 f"but the recipe builds {names}"
             )
         check_state_values(state, names)
+        for algo in self.algorithms:
+            algo.check_state(state["state"][algo.name])
         # Applied as a whole or not at all: a state that fails half way is rolled back.
         backup = self.state_dict()
         try:

@@ -103,3 +103,138 @@ def test_models_the_masks_cannot_work_on_are_errors() -> None:
         meta = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(CompressError, match=r"model: 0.weight is on the meta device"):
         compress.create_compressed_model(meta, recipe, torch.randn(1, 4))
+
+
+# --- 5. every algorithm's own state, checked whole before any is applied ------------------------
+
+
+def refused_whole(ctrl: compress.CompressionController, state: Any, message: str) -> None:
+    """``state`` is refused with ``message`` and nothing of it was applied."""
+    before = flat(ctrl.state_dict())
+    with pytest.raises(CompressError, match=message):
+        ctrl.load_state_dict(state)
+    assert flat(ctrl.state_dict()) == before
+
+
+def filter_recipe(**params: Any) -> dict[str, Any]:
+    return {
+        "compression": {
+            "algorithm": "filter_pruning",
+            "pruning_init": 0.25,
+            "params": {"round_to": 1, "prune_first_conv": True, **params},
+        }
+    }
+
+
+def scop_controller() -> compress.CompressionController:
+    recipe = filter_recipe(schedule="baseline", num_init_steps=1, filter_importance="scop")
+    ctrl, _ = compress.create_compressed_model(ConvBNNet(), recipe, X)
+    return ctrl
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (lambda k: torch.full_like(k, float("nan")), r"holds NaN, Inf or values outside \[0, 1\]"),
+        (lambda k: torch.full_like(k, 7.0), r"holds NaN, Inf or values outside \[0, 1\]"),
+        (
+            lambda k: torch.tensor([0.5]),
+            r"has shape \[1\] and dtype torch.float32; a float tensor of shape \[\d+\]",
+        ),
+        (lambda k: k.long(), r"has shape \[\d+\] and dtype torch.int64; a float tensor"),
+        (lambda k: "abc", r"is a str; a float tensor of shape"),
+    ],
+)
+def test_scop_coefficients_off_range_or_broadcast_are_refused(value: Any, message: str) -> None:
+    """Before: NaN and 7.0 were copied in, one value was broadcast over every channel."""
+    ctrl = scop_controller()
+    state = ctrl.state_dict()
+    coeffs = state["state"]["filter_pruning"]["scop"]["coefficients"]
+    layer = next(iter(coeffs))
+    coeffs[layer] = value(coeffs[layer])
+    refused_whole(ctrl, state, rf"filter_pruning.scop.coefficients\[{layer!r}\] {message}")
+
+
+def test_scop_phase_and_generator_are_checked() -> None:
+    ctrl = scop_controller()
+    state = ctrl.state_dict()
+    state["state"]["filter_pruning"]["scop"]["phase"] = "sideways"
+    refused_whole(ctrl, state, r"filter_pruning.scop.phase is 'sideways'; one of 'waiting'")
+    state = ctrl.state_dict()
+    state["state"]["filter_pruning"]["scop"]["generator"] = torch.zeros(3, dtype=torch.uint8)
+    refused_whole(ctrl, state, r"filter_pruning.scop.generator .*not a random generator state")
+
+
+@pytest.mark.parametrize(
+    "gen",
+    [torch.zeros(3, dtype=torch.uint8), torch.zeros(5056), "abc"],
+    ids=["3-byte", "float", "str"],
+)
+def test_a_damaged_rb_generator_state_is_refused_at_load(gen: Any) -> None:
+    """Before: a 3-byte state was accepted and failed at the next forward."""
+    ctrl, model = compress.create_compressed_model(
+        ConvBNNet(), {"compression": RECIPES["rb_sparsity"]}, X
+    )
+    model.train()
+    model(X)  # the generator exists
+    state = ctrl.state_dict()
+    state["state"]["rb_sparsity"]["generator"] = gen
+    refused_whole(ctrl, state, r"rb_sparsity.generator .*not a random generator state")
+    good = ctrl.state_dict()
+    ctrl.load_state_dict(good)
+    model(X)
+
+
+@pytest.mark.parametrize(
+    ("thresholds", "message"),
+    [
+        ("abc", r"is a str; a list of \d+ finite numbers"),
+        ([0.1], r"holds 1 values; a list of \d+ finite numbers"),
+        (["a", "b", "c", "d"], r"holds 'a'; a list of \d+ finite numbers"),
+        ([float("nan")] * 4, r"holds 'nan'; a list of \d+ finite numbers"),
+    ],
+)
+def test_magnitude_thresholds_that_are_not_numbers_are_refused(
+    thresholds: Any, message: str
+) -> None:
+    """Before: "abc" was accepted and failed with an IndexError."""
+    ctrl, _ = compress.create_compressed_model(
+        ConvBNNet(), {"compression": RECIPES["magnitude_sparsity"]}, X
+    )
+    state = ctrl.state_dict()
+    n = len(state["state"]["magnitude_sparsity"]["thresholds"])
+    if isinstance(thresholds, list) and len(thresholds) == 4:
+        thresholds = (thresholds * n)[:n]
+    state["state"]["magnitude_sparsity"]["thresholds"] = thresholds
+    refused_whole(ctrl, state, rf"magnitude_sparsity.thresholds {message}")
+
+
+def test_nan_nuclear_norm_scores_are_refused() -> None:
+    ctrl, _ = compress.create_compressed_model(
+        ConvBNNet(), filter_recipe(filter_importance="nuclear_norm"), X
+    )
+    state = ctrl.state_dict()
+    scores = state["state"]["filter_pruning"]["calibration"]
+    assert scores, "nuclear_norm scored the channels at build"
+    group = next(iter(scores))
+    scores[group] = torch.full_like(scores[group], float("nan"))
+    refused_whole(
+        ctrl,
+        state,
+        rf"filter_pruning.calibration\[{group!r}\] holds NaN or Inf; a float tensor of shape",
+    )
+    state["state"]["filter_pruning"]["calibration"] = "abc"
+    refused_whole(ctrl, state, r"filter_pruning.calibration is a str; a table of tensors")
+
+
+@pytest.mark.parametrize(
+    "table",
+    [torch.ones(3), {"model_ms": "fast"}, {"junk": 1}, "abc"],
+    ids=["tensor", "bad-model-ms", "junk", "str"],
+)
+def test_a_latency_table_off_its_schema_is_refused_at_load(table: Any, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Before: junk was loaded and written to the .latency.json beside the export (exit 0)."""
+    ctrl, _ = compress.create_compressed_model(ConvBNNet(), filter_recipe(), X)
+    state = ctrl.state_dict()
+    state["state"]["filter_pruning"]["latency_table"] = table
+    refused_whole(ctrl, state, r"filter_pruning.latency_table: .*; a latency table as measured")
