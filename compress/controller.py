@@ -16,8 +16,15 @@ from compress.algorithm import Algorithm, is_sparsifiable
 from compress.algorithms import ALGORITHMS
 from compress.analysis import untouched
 from compress.analysis.effective import active_weights
-from compress.analysis.outputs import check_same, on_device, outputs
+from compress.analysis.outputs import (
+    check_finite_outputs,
+    check_same,
+    first_non_finite,
+    on_device,
+    outputs,
+)
 from compress.analysis.summary import Statistics, model_summary
+from compress.deploy.files import check_loaded
 from compress.distillation import KnowledgeDistillation
 from compress.errors import CompressError
 from compress.recipe.config import Config, load_config
@@ -159,6 +166,7 @@ class CompressionController:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores the scheduler position, masks and algorithm state saved by ``state_dict``."""
+        check_loaded(state, "compression state")  # nesting, tensors viewing more than they hold
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
             raise CompressError(
                 "compression state is not from this library version "
@@ -217,6 +225,16 @@ class CompressionController:
                     f"strip(): the stripped model fails on the example inputs "
                     f"({type(err).__name__}: {err}); please report the model"
                 ) from None
+            # a NaN in a pruned channel: the masked model multiplies it by 0 (NaN), the
+            # stripped one drops it (finite); the weights diverged all the same
+            note = (
+                "; the stripped model's outputs are finite: the NaN or Inf sits in what strip() "
+                "removes (pruned channels), which the masked model multiplies by 0"
+                if first_non_finite(got) is None
+                else ""
+            )
+            check_finite_outputs(want, source or self.model, "strip()", "the masked model", note)
+            check_finite_outputs(got, model, "strip()", "the stripped model")
             check_same(want, got, "strip()")
         return model
 

@@ -7,8 +7,10 @@ from typing import Any
 import pytest
 import torch
 from conftest import ConvBNNet, lenet
+from torch import nn
 
 import compress
+from compress.analysis.outputs import check_same
 from compress.errors import CompressError
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -238,3 +240,69 @@ def test_a_latency_table_off_its_schema_is_refused_at_load(table: Any, tmp_path)
     state = ctrl.state_dict()
     state["state"]["filter_pruning"]["latency_table"] = table
     refused_whole(ctrl, state, r"filter_pruning.latency_table: .*; a latency table as measured")
+
+
+class ScaledNet(nn.Module):
+    """ConvBNNet times a non-persistent buffer: no state_dict holds it, forward reads it."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.net = ConvBNNet()
+        self.register_buffer("scale", torch.tensor(scale), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.scale
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_non_persistent_buffer_stops_strip_and_exports(bad: float, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Before: strip() passed (NaN compared equal to NaN) and the pt2 program output NaN."""
+    ctrl, _ = compress.create_compressed_model(
+        ScaledNet(bad), {"compression": RECIPES["magnitude_sparsity"]}, X
+    )
+    with pytest.raises(
+        CompressError,
+        match=r"strip\(\): the masked model's output 0 holds NaN or Inf on the example inputs "
+        r"\(scale holds NaN or Inf\)",
+    ):
+        ctrl.strip()
+    for fmt in ("pt2", "onnx"):
+        with pytest.raises(
+            CompressError, match=r"export: the model's output 0 holds NaN .*\(scale holds NaN"
+        ):
+            compress.export(ScaledNet(bad), tmp_path / "m", [fmt], X)
+    assert not list(tmp_path.iterdir())
+    compress.export(ScaledNet(2.0), tmp_path / "m", ["pt2"], X)  # a finite one is written
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt2"]
+
+
+def test_nan_only_in_a_pruned_filter_is_said_not_hidden() -> None:
+    """Before: the masked model gave NaN, the stripped one finite outputs, without a word."""
+    ctrl, model = compress.create_compressed_model(ConvBNNet(), filter_recipe(), X)
+    algo = ctrl.algorithms[0]
+    group, keep = next((n, k) for n, k in algo.keep.items() if not k.all())  # type: ignore[attr-defined]
+    pruned = int((~keep).nonzero()[0])
+    producer = next(
+        m
+        for g in algo.groups
+        if g.name == group
+        for m in g.members
+        if m.role == "producer"  # type: ignore[attr-defined]
+    )
+    with torch.no_grad():
+        model.get_submodule(producer.module_name).weight[pruned] = float("nan")
+        assert torch.isnan(model.eval()(X)).all()  # eval: the BatchNorm statistics stay
+    with pytest.raises(
+        CompressError,
+        match=r"strip\(\): the masked model's output 0 holds NaN or Inf on the example inputs "
+        rf"\({producer.module_name}.weight holds NaN or Inf\); the stripped model's outputs are "
+        r"finite: the NaN or Inf sits in what strip\(\) removes",
+    ):
+        ctrl.strip()
+
+
+def test_the_comparison_refuses_a_nan_reference() -> None:
+    """Before: NaN in both outputs compared as equal."""
+    nan = [torch.tensor([1.0, float("nan")])]
+    with pytest.raises(CompressError, match=r"strip\(\): the masked model's output 0 holds NaN"):
+        check_same(nan, [t.clone() for t in nan], "strip()")
