@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from compress import distributed, experts, masks
-from compress.algorithm import Algorithm, is_sparsifiable
+from compress.algorithm import Algorithm, bad_state, is_sparsifiable
 from compress.algorithms import ALGORITHMS
 from compress.analysis import untouched
 from compress.analysis.effective import active_weights
@@ -25,6 +25,7 @@ from compress.analysis.outputs import (
 )
 from compress.analysis.summary import Statistics, model_summary
 from compress.deploy.files import check_loaded
+from compress.deploy.sidecars import sidecar_problem
 from compress.distillation import KnowledgeDistillation
 from compress.errors import CompressError
 from compress.recipe.config import Config, load_config
@@ -182,6 +183,7 @@ class CompressionController:
         check_state_values(state, names)
         for algo in self.algorithms:
             algo.check_state(state["state"][algo.name])
+        _check_latency_table(state["state"])
         # Applied as a whole or not at all: a state that fails half way is rolled back.
         backup = self.state_dict()
         try:
@@ -291,6 +293,20 @@ def check_state_values(state: Mapping[str, Any], names: list[str]) -> None:
                         f"compression state: {name}.{kind}[{layer!r}] holds values other than "
                         f"{allowed}; nothing was changed"
                     )
+
+
+def _check_latency_table(entries: Mapping[str, Any]) -> None:
+    """Filter pruning's latency table, against the schema its ``.latency.json`` is read with
+    (here: pruning may not import deploy)."""
+    table = _get(entries.get("filter_pruning"), "latency_table")
+    if isinstance(entries.get("filter_pruning"), Mapping) and table is not None:
+        problem = sidecar_problem(table, "latency")
+        if problem is not None:
+            bad_state(
+                "filter_pruning.latency_table:",
+                problem,
+                "a latency table as measured for pruning_latency_target (deploy/schema)",
+            )
 
 
 _BITS = "packed_bits"

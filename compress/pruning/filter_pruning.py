@@ -38,7 +38,6 @@ from torch import nn
 from compress import distributed, masks
 from compress.algorithm import (
     Algorithm,
-    bad_state,
     check_flag,
     check_fraction,
     check_tensor_table,
@@ -48,7 +47,6 @@ from compress.algorithm import (
 from compress.analysis.outputs import on_device
 from compress.analysis.summary import layer_macs
 from compress.analysis.untouched import copy_model
-from compress.deploy.sidecars import sidecar_problem
 from compress.errors import CompressError, ConfigError
 from compress.pruning import flops_target, hf_layers, latency, latency_widths
 from compress.pruning.allocation import global_counts, global_keep, kept_count, top
@@ -600,14 +598,7 @@ class FilterPruning(Algorithm):
             check_tensor_table(f"{self.name}.calibration", scores, shapes)
         if self.scop is not None and state.get("scop") is not None:
             self.scop.check_state(state["scop"], f"{self.name}.scop")
-        table = state.get("latency_table")
-        problem = None if table is None else sidecar_problem(table, "latency")
-        if problem is not None:
-            bad_state(
-                f"{self.name}.latency_table:",
-                problem,
-                "a latency table as measured for pruning_latency_target (deploy/schema)",
-            )
+        # latency_table: checked by the controller against deploy's side-car schema
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         saved = state["keep"]
