@@ -42,7 +42,7 @@ from compress.controller import (
     expand_state,
 )
 from compress.deploy.export import FORMATS
-from compress.deploy.files import safe_load
+from compress.deploy.files import check_loaded, safe_load
 from compress.errors import CompressError, ConfigError
 from compress.pruning import latency_widths
 from compress.recipe import rules
@@ -397,6 +397,7 @@ class CompressionCallback(_Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Checks the whole entry (offsets, accuracy-aware state, masked values against the
         model, the controller state) before applying any of it."""
+        check_loaded(state_dict, "checkpoint: the CompressionCallback entry")
         offsets = state_dict.get("offsets", [0, 0])
         if not (
             isinstance(offsets, (list, tuple))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -86,6 +87,11 @@ class Algorithm:
     def state_dict(self) -> dict[str, Any]:
         return {}
 
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        """Checks this algorithm's entry of a controller state before any of the state is
+        applied (a ``CompressError`` naming the key, what it holds and what is expected); the
+        controller runs every algorithm's check on the whole state first."""
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         pass
 
@@ -97,6 +103,80 @@ class Algorithm:
         """Why the stripped model computes something other than the masked one by design (None:
         it computes the same, and ``strip()`` checks that on the example inputs)."""
         return None
+
+
+# --- checks of saved state (``Algorithm.check_state``) ----------------------------------------
+
+
+def bad_state(where: str, what: str, expected: str) -> NoReturn:
+    raise CompressError(f"compression state: {where} {what}; {expected} is expected")
+
+
+def check_tensor(where: str, value: Any, shape: Sequence[int], *, unit: bool = False) -> None:
+    """``value`` is a finite float tensor of ``shape`` (with ``unit``: values in [0, 1])."""
+    expected = f"a float tensor of shape {list(shape)}" + (
+        " with values in [0, 1]" if unit else " of finite numbers"
+    )
+    if not isinstance(value, torch.Tensor):
+        bad_state(where, f"is a {type(value).__name__}", expected)
+    if list(value.shape) != list(shape) or not value.is_floating_point():
+        bad_state(where, f"has shape {list(value.shape)} and dtype {value.dtype}", expected)
+    ok = torch.isfinite(value).all()
+    if unit:
+        ok = ok & (value >= 0).all() & (value <= 1).all()
+    if not bool(ok):
+        what = "holds NaN, Inf or values outside [0, 1]" if unit else "holds NaN or Inf"
+        bad_state(where, what, expected)
+
+
+def check_tensor_table(
+    where: str, value: Any, shapes: Mapping[str, Sequence[int]], *, unit: bool = False
+) -> None:
+    """``value`` maps exactly the names of ``shapes`` to finite float tensors of those shapes
+    (with ``unit``: values in [0, 1])."""
+    if not isinstance(value, Mapping):
+        bad_state(where, f"is a {type(value).__name__}", "a table of tensors")
+    if sorted(map(str, value)) != sorted(shapes):
+        got, want = sorted(map(str, value))[:5], sorted(shapes)[:5]
+        bad_state(where, f"has entries {got}", f"one for each of {want}")
+    for name, shape in shapes.items():
+        check_tensor(f"{where}[{name!r}]", value[name], shape, unit=unit)
+
+
+def check_numbers(where: str, value: Any, count: int) -> None:
+    """``value`` is a list of ``count`` finite numbers."""
+    expected = f"a list of {count} finite numbers"
+    if not isinstance(value, (list, tuple)):
+        bad_state(where, f"is a {type(value).__name__}", expected)
+    if len(value) != count:
+        bad_state(where, f"holds {len(value)} values", expected)
+    for x in value:
+        if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x):
+            bad_state(where, f"holds {str(x)[:20]!r}", expected)
+
+
+def check_fraction(where: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+        bad_state(where, f"is {str(value)[:20]!r}", "a number in [0, 1]")
+
+
+def check_flag(where: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        bad_state(where, f"is {str(value)[:20]!r}", "true or false")
+
+
+def check_generator_state(where: str, value: Any, device: torch.device) -> None:
+    """``value`` is a state a random generator on ``device`` accepts (``get_state()``)."""
+    expected = f"a {device.type} generator's get_state() (a uint8 tensor)"
+    ok = isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+    if ok:
+        try:
+            torch.Generator(device=device).set_state(value.clone())
+        except (RuntimeError, ValueError):
+            ok = False
+    if not ok:
+        got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        bad_state(where, f"{got} is not a random generator state", expected)
 
 
 def weight(module: nn.Module, name: str = "weight") -> torch.Tensor:

@@ -12,12 +12,20 @@ import torch
 from torch import nn
 
 from compress import distributed, experts, masks
-from compress.algorithm import Algorithm, is_sparsifiable
+from compress.algorithm import Algorithm, bad_state, is_sparsifiable
 from compress.algorithms import ALGORITHMS
 from compress.analysis import untouched
 from compress.analysis.effective import active_weights
-from compress.analysis.outputs import check_same, on_device, outputs
+from compress.analysis.outputs import (
+    check_finite_outputs,
+    check_same,
+    first_non_finite,
+    on_device,
+    outputs,
+)
 from compress.analysis.summary import Statistics, model_summary
+from compress.deploy.files import check_loaded
+from compress.deploy.sidecars import sidecar_problem
 from compress.distillation import KnowledgeDistillation, check_teacher
 from compress.errors import CompressError
 from compress.recipe.config import Config, load_config
@@ -164,6 +172,7 @@ class CompressionController:
 
         A state distilled from another teacher (``knowledge_distillation``: its weights' digest)
         is refused unless ``accept_new_teacher``: the run then continues with this one."""
+        check_loaded(state, "compression state")  # nesting, tensors viewing more than they hold
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
             raise CompressError(
                 "compression state is not from this library version "
@@ -178,8 +187,10 @@ class CompressionController:
             )
         check_state_values(state, names)
         for algo in self.algorithms:
+            algo.check_state(state["state"][algo.name])
             if isinstance(algo, KnowledgeDistillation):
                 check_teacher(algo, state["state"][algo.name], accept_new_teacher)
+        _check_latency_table(state["state"])
         # Applied as a whole or not at all: a state that fails half way is rolled back.
         backup = self.state_dict()
         try:
@@ -223,6 +234,16 @@ class CompressionController:
                     f"strip(): the stripped model fails on the example inputs "
                     f"({type(err).__name__}: {err}); please report the model"
                 ) from None
+            # a NaN in a pruned channel: the masked model multiplies it by 0 (NaN), the
+            # stripped one drops it (finite); the weights diverged all the same
+            note = (
+                "; the stripped model's outputs are finite: the NaN or Inf sits in what strip() "
+                "removes (pruned channels), which the masked model multiplies by 0"
+                if first_non_finite(got) is None
+                else ""
+            )
+            check_finite_outputs(want, source or self.model, "strip()", "the masked model", note)
+            check_finite_outputs(got, model, "strip()", "the stripped model")
             check_same(want, got, "strip()")
         return model
 
@@ -279,6 +300,20 @@ def check_state_values(state: Mapping[str, Any], names: list[str]) -> None:
                         f"compression state: {name}.{kind}[{layer!r}] holds values other than "
                         f"{allowed}; nothing was changed"
                     )
+
+
+def _check_latency_table(entries: Mapping[str, Any]) -> None:
+    """Filter pruning's latency table, against the schema its ``.latency.json`` is read with
+    (here: pruning may not import deploy)."""
+    table = _get(entries.get("filter_pruning"), "latency_table")
+    if isinstance(entries.get("filter_pruning"), Mapping) and table is not None:
+        problem = sidecar_problem(table, "latency")
+        if problem is not None:
+            bad_state(
+                "filter_pruning.latency_table:",
+                problem,
+                "a latency table as measured for pruning_latency_target (deploy/schema)",
+            )
 
 
 _BITS = "packed_bits"

@@ -99,3 +99,30 @@ def test_accuracy_aware_state_with_missing_keys_is_a_message() -> None:
         accuracy_aware.check_state(
             {**state, "version": accuracy_aware.STATE_VERSION, "epochs": "x", "history": []}
         )
+
+
+def deep_list(depth: int) -> list[Any]:
+    """A list in a list ``depth`` deep, built without recursion."""
+    top: list[Any] = []
+    inner = top
+    for _ in range(depth):
+        inner.append([])
+        inner = inner[0]
+    return top
+
+
+@pytest.mark.parametrize("where", ["controller", "recipe", "accuracy_aware", "state"])
+def test_a_deeply_nested_entry_is_refused_on_resume(fitted: Any, where: str) -> None:
+    """Before: a 100,000-deep list under controller raised RecursionError."""
+    cb, entry = fitted
+    bad = copy.deepcopy(entry)
+    if where == "state":  # deep inside the controller state
+        bad["controller"]["state"]["magnitude_sparsity"]["thresholds"] = deep_list(100_000)
+    else:
+        bad[where] = deep_list(100_000)
+    refused(cb, bad, r"checkpoint: the CompressionCallback entry: .* nests more than 100 deep")
+    assert cb.ctrl is not None
+    state = cb.ctrl.state_dict()
+    state["state"]["magnitude_sparsity"]["thresholds"] = deep_list(100_000)
+    with pytest.raises(CompressError, match=r"compression state: .* nests more than 100 deep"):
+        cb.ctrl.load_state_dict(state)

@@ -18,7 +18,7 @@ from torch import nn
 
 from compress.errors import CompressError
 
-__all__ = ["check_same", "leaves", "on_device", "outputs", "tolerance"]
+__all__ = ["check_finite_outputs", "check_same", "leaves", "on_device", "outputs", "tolerance"]
 
 RTOL = 1e-4
 """Relative to the largest output value, for float32; wider for lower precisions (16 ulps)."""
@@ -86,10 +86,13 @@ def check_same(
             )
         if not a.numel():
             continue
+        if not bool(torch.isfinite(a).all()):  # NaN == NaN would pass any comparison
+            raise CompressError(
+                f"{what}: {against}'s output {k} holds NaN or Inf, nothing to compare with; "
+                "nothing is written"
+            )
         diff = (a.float() - b.float().to(a.device)).abs()
         diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
-        both_nan = torch.isnan(a) & torch.isnan(b.to(a.device))
-        diff = torch.where(both_nan, torch.zeros_like(diff), diff)
         worst = int(diff.argmax())
         tol = tolerance(a)
         if float(diff.flatten()[worst]) > tol:
@@ -99,3 +102,40 @@ def check_same(
                 f"{float(diff.flatten()[worst]):.3g} at {list(where)} (output scale "
                 f"{float(a.abs().max()):.3g}, tolerance {tol:.2g}); nothing is written"
             )
+
+
+def non_finite(model: nn.Module) -> list[str]:
+    """The parameters and buffers of ``model`` (non-persistent buffers too, which no
+    ``state_dict`` holds) that hold NaN or Inf."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [
+        name
+        for name, t in tensors
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())
+    ]
+
+
+def first_non_finite(out: Sequence[torch.Tensor]) -> int | None:
+    """The index of the first output tensor holding NaN or Inf (None: all are finite)."""
+    return next((k for k, t in enumerate(out) if not bool(torch.isfinite(t).all())), None)
+
+
+def check_finite_outputs(
+    out: Sequence[torch.Tensor], model: nn.Module, what: str, whose: str, note: str = ""
+) -> None:
+    """Raises ``CompressError`` when an output of ``model`` on the example inputs holds NaN or
+    Inf, naming the first parameter or buffer of ``model`` that does (a non-persistent buffer
+    passes every ``state_dict`` check)."""
+    k = first_non_finite(out)
+    if k is None:
+        return
+    names = non_finite(model)
+    culprit = (
+        f" ({names[0]} holds NaN or Inf)"
+        if names
+        else " (no weight or buffer does: the outputs overflow, the weights diverged)"
+    )
+    raise CompressError(
+        f"{what}: {whose}'s output {k} holds NaN or Inf on the example inputs{culprit}{note}; "
+        "nothing is written"
+    )

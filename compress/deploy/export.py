@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.analysis.outputs import check_same, leaves, outputs
+from compress.analysis.outputs import check_finite_outputs, check_same, leaves, outputs
 from compress.deploy.files import atomic_write, safe_load, save_bytes, stored_inputs, torch_save
 from compress.errors import CompressError, ConfigError
 from compress.masks import check_finite, masked_names
@@ -218,6 +218,8 @@ def export(
         openvino_module()
     check_finite(model, "export")
     check_stripped(model)
+    if needs_inputs and inputs is not None:  # what the exported programs are compared with
+        check_finite_outputs(outputs(model, inputs), model, "export", "the model")
     prefix = str(path_prefix)
     out: dict[str, Path] = {}
     was_training = model.training

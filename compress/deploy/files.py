@@ -248,9 +248,10 @@ def check_tensor(t: torch.Tensor, what: str) -> None:
         )
 
 
-def check_loaded(payload: Any, path: Path) -> None:
+def check_loaded(payload: Any, path: str | Path) -> None:
     """Every tensor of a loaded file passes :func:`check_tensor`, and nothing nests more than
-    :data:`MAX_DEPTH` deep (walked without recursion, so a 100,000-deep list is an error)."""
+    :data:`MAX_DEPTH` deep (walked without recursion, so a 100,000-deep list is an error).
+    ``path`` names the file, or what else was loaded (a checkpoint entry on resume)."""
     stack: list[tuple[Any, str, int]] = [(payload, "", 0)]
     while stack:
         value, where, depth = stack.pop()

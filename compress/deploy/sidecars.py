@@ -33,23 +33,34 @@ def sidecar_schema(kind: Kind) -> dict[str, Any]:
 def read_sidecar(path: Path, kind: Kind) -> dict[str, Any]:
     """The contents of ``path``, checked against ``schema/<kind>.schema.json`` (and, for a
     latency table, the groups its curves name and one time per width)."""
-    from compress.recipe.config import _Validator
-    from compress.recipe.messages import message
-
     data = read_bytes(path, MAX_SIDECAR_BYTES)
     try:
         d = json.loads(data, parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         _refuse(path, f"not JSON ({type(e).__name__}: {e})")
+    problem = sidecar_problem(d, kind)
+    if problem is not None:
+        _refuse(path, problem)
+    return dict(d)
+
+
+def sidecar_problem(data: Any, kind: Kind) -> str | None:
+    """What is wrong with ``data`` as the contents of a ``kind`` side-car (None: nothing), for
+    a file read back and for a latency table kept in a controller state alike."""
+    from compress.recipe.config import _Validator
+    from compress.recipe.messages import message
+
+    try:  # only JSON data: a tensor, NaN or a nesting too deep for the validator is refused
+        json.dumps(data, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:
+        return f"not JSON data ({type(e).__name__}: {str(e)[:80]})"
     errors = sorted(
-        _Validator(sidecar_schema(kind)).iter_errors(d),
+        _Validator(sidecar_schema(kind)).iter_errors(data),
         key=lambda e: (len(e.path), list(map(str, e.path))),
     )
     if errors:
-        _refuse(path, message(errors[0], "").replace("(recipe)", "(top level)", 1))
-    if kind == "latency":
-        _check_table(d, path)
-    return dict(d)
+        return message(errors[0], "").replace("(recipe)", "(top level)", 1)
+    return _table_problem(data) if kind == "latency" else None
 
 
 def _no_constant(name: str) -> NoReturn:
@@ -60,25 +71,22 @@ def _refuse(path: Path, what: str) -> NoReturn:
     raise CompressError(f"{path}: {what}; delete it or export again") from None
 
 
-def _check_table(table: dict[str, Any], path: Path) -> None:
+def _table_problem(table: dict[str, Any]) -> str | None:
     groups = table["groups"]
     for g, info in groups.items():
         widths = info["widths"]
         if any(b <= a for a, b in zip(widths, widths[1:])) or widths[-1] > info["size"]:
-            _refuse(
-                path,
-                f"groups.{g}.widths: {widths} are not increasing up to the size {info['size']}",
-            )
+            return f"groups.{g}.widths: {widths} are not increasing up to the size {info['size']}"
     for name, entry in table["layers"].items():
         curves = [("out", entry["out"])] if entry["out"] else []
         curves += [(f"in[{i}]", c) for i, c in enumerate(entry["in"])]
         for where, curve in curves:
             info = groups.get(curve["group"])
             if info is None:
-                _refuse(path, f"layers.{name}.{where}.group: {curve['group']!r} is not in groups")
+                return f"layers.{name}.{where}.group: {curve['group']!r} is not in groups"
             if len(curve["ms"]) != len(info["widths"]):
-                _refuse(
-                    path,
+                return (
                     f"layers.{name}.{where}.ms: {len(curve['ms'])} times for the "
-                    f"{len(info['widths'])} widths of group {curve['group']!r}",
+                    f"{len(info['widths'])} widths of group {curve['group']!r}"
                 )
+    return None

@@ -36,7 +36,14 @@ import torch
 from torch import nn
 
 from compress import distributed, masks
-from compress.algorithm import Algorithm, weight, weight_layers
+from compress.algorithm import (
+    Algorithm,
+    check_flag,
+    check_fraction,
+    check_tensor_table,
+    weight,
+    weight_layers,
+)
 from compress.analysis.outputs import on_device
 from compress.analysis.summary import layer_macs
 from compress.analysis.untouched import copy_model
@@ -571,16 +578,30 @@ class FilterPruning(Algorithm):
             "latency_table": copy.deepcopy(self.latency_table),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        saved = state["keep"]
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        saved = state.get("keep")
         sizes = {g.name: g.size for g in self.groups}
-        if sorted(saved) != sorted(sizes) or any(
-            tuple(saved[n].shape) != (s,) for n, s in sizes.items()
+        if (
+            not isinstance(saved, Mapping)
+            or sorted(saved) != sorted(sizes)
+            or any(tuple(saved[n].shape) != (s,) for n, s in sizes.items())
         ):
             raise CompressError(
                 f"{self.name} state does not fit this model: the state has groups "
-                f"{sorted(saved)[:5]}, the model {sorted(sizes)[:5]} (or their widths differ)"
+                f"{sorted(saved or {})[:5]}, the model {sorted(sizes)[:5]} (or their widths differ)"
             )
+        check_fraction(f"{self.name}.ratio", state.get("ratio", state.get("level")))
+        check_flag(f"{self.name}.frozen", state.get("frozen"))
+        scores = state.get("calibration")
+        if scores is not None:  # nuclear_norm scores
+            shapes = {n: [s] for n, s in sizes.items()}
+            check_tensor_table(f"{self.name}.calibration", scores, shapes)
+        if self.scop is not None and state.get("scop") is not None:
+            self.scop.check_state(state["scop"], f"{self.name}.scop")
+        # latency_table: checked by the controller against deploy's side-car schema
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = state["keep"]
         self.current = float(state["level"])
         self.ratio = float(state.get("ratio", self.current))
         self.frozen = bool(state["frozen"])

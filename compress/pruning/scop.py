@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -37,6 +38,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.hooks import RemovableHandle
 
+from compress.algorithm import bad_state, check_generator_state, check_tensor_table
 from compress.analysis.node_kinds import is_transposed_linear
 from compress.errors import ConfigError
 from compress.pruning.structured import ChannelGroup
@@ -266,6 +268,32 @@ class Scop:
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
         }
+
+    def check_state(self, state: Any, where: str) -> None:
+        """Checks a saved ``state_dict`` before any of it is applied: a known phase, one
+        coefficient in [0, 1] per channel of every layer, an optimizer state of these
+        coefficients and a CPU generator state."""
+        if not isinstance(state, Mapping):
+            bad_state(where, f"is a {type(state).__name__}", "SCOP's state (a dict)")
+        if state.get("phase") not in ("waiting", "knockoff", "done"):
+            phase = str(state.get("phase"))[:20]
+            bad_state(f"{where}.phase", f"is {phase!r}", "one of 'waiting', 'knockoff', 'done'")
+        shapes = {n: list(k.shape) for n, k in self.coefficients.items()}
+        check_tensor_table(f"{where}.coefficients", state.get("coefficients"), shapes, unit=True)
+        scratch = torch.optim.SGD([torch.zeros(s) for s in shapes.values()], lr=1.0, momentum=0.9)
+        try:
+            scratch.load_state_dict(copy.deepcopy(state["optimizer"]))
+            finite = all(
+                bool(torch.isfinite(t).all())
+                for per_param in scratch.state.values()
+                for t in per_param.values()
+                if isinstance(t, torch.Tensor)
+            )
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError):
+            finite = False
+        if not finite:
+            bad_state(f"{where}.optimizer", "does not fit", "the SGD state of the coefficients")
+        check_generator_state(f"{where}.generator", state.get("generator"), torch.device("cpu"))
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         with torch.no_grad():

@@ -23,6 +23,9 @@ from compress import distributed, masks
 from compress.algorithm import (
     Algorithm,
     attach_weight_masks,
+    check_flag,
+    check_fraction,
+    check_numbers,
     matrices,
     param_name,
     sparsity_event,
@@ -255,6 +258,11 @@ class MagnitudeSparsity(Algorithm):
             "thresholds": list(self.thresholds),
             "masks": {name: mask.bool().clone() for name, _, mask in self.entries},
         }
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        check_fraction(f"{self.name}.scheduled", state.get("scheduled", state.get("level")))
+        check_flag(f"{self.name}.frozen", state.get("frozen"))
+        check_numbers(f"{self.name}.thresholds", state.get("thresholds"), len(self.entries))
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.current = float(state["level"])

@@ -50,6 +50,10 @@ from torch import nn
 from compress import distributed, masks
 from compress.algorithm import (
     Algorithm,
+    bad_state,
+    check_flag,
+    check_fraction,
+    check_generator_state,
     matrices,
     param_name,
     sparsity_event,
@@ -303,6 +307,16 @@ class RBSparsity(Algorithm):
             "fixed": {name: m.bool() for name, _, _, m in self.entries} if self.fixed else {},
             "generator": None if gen_state is None else gen_state.clone(),
         }
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        check_fraction(f"{self.name}.scheduled", state.get("scheduled", state.get("level")))
+        check_flag(f"{self.name}.frozen", state.get("frozen"))
+        epochs = state.get("reached_epochs", 0)
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+            bad_state(f"{self.name}.reached_epochs", f"is {str(epochs)[:20]!r}", "a count")
+        gen = state.get("generator")
+        if gen is not None and self.entries:  # the noise is drawn on the logits' device
+            check_generator_state(f"{self.name}.generator", gen, self.entries[0][2].device)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.current = float(state["level"])
