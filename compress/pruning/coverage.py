@@ -26,7 +26,7 @@ FLAGS = {
     "out of scope": "ignored_scopes / target_scopes",
     "rounding": "a smaller round_to",
     "config": "prune_beyond_config: true (then export the 'pruned' file, not save_pretrained)",
-    "experts whole under a target": "pruning_target in place of the FLOPs or latency target",
+    "latency target": "pruning_target or pruning_flops_target in place of the latency target",
 }
 """The recipe flag that would bring back a group excluded for each reason."""
 _QUIET = {"network output", "single channel"}  # inherent to the model, not worth a warning

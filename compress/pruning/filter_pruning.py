@@ -275,19 +275,20 @@ class FilterPruning(Algorithm):
         scores = self.scores()
         if self.latency_target:
             self.keep = self._latency_keep(level, scores, epoch)
-            self.ratio = 1.0 - sum(int(k.sum()) for k in self.keep.values()) / max(
-                1, sum(g.size for g in self.groups)
-            )
+            self.ratio = self._filter_ratio(self.keep)
         elif self.flops_target and self.params["allocation"] == "global":
             self.keep = self._flops_keep(level, scores, epoch)
-            self.ratio = 1.0 - sum(int(k.sum()) for k in self.keep.values()) / max(
-                1, sum(g.size for g in self.groups)
-            )
+            self.ratio = self._filter_ratio(self.keep)
         else:
             self.ratio = self._flops_ratio(level, scores, epoch) if self.flops_target else level
             self.keep = self.choose(self.ratio, scores, epoch)
         moe.choose(self.model, self.experts, self.ratio, self.params, self.rounding)
         self._apply()
+
+    def _filter_ratio(self, keep: Mapping[str, torch.Tensor]) -> float:
+        """The share of the groups' channels ``keep`` drops."""
+        kept = sum(int(keep[g.name].sum()) for g in self.groups)
+        return 1.0 - kept / max(1, sum(g.size for g in self.groups))
 
     def _apply(self) -> None:
         for group in self.groups:
@@ -413,7 +414,8 @@ class FilterPruning(Algorithm):
             return 0.0
 
         def macs(ratio: float) -> int:
-            return self.macs_params(self.choose(ratio, scores, epoch))[0]
+            experts = moe.counted(self.experts, ratio, self.params, self.rounding)
+            return self.macs_params(self.choose(ratio, scores, epoch) | experts)[0]
 
         ratio = flops_target.uniform_ratio(macs, self.full_macs * (1.0 - fraction))
         self._warn_short(fraction, macs(ratio))
@@ -441,7 +443,10 @@ class FilterPruning(Algorithm):
             return out
 
         def macs(n: int) -> int:
-            return self.macs_params(pruned(n))[0]
+            keep = pruned(n)
+            ratio = self._filter_ratio(keep)
+            experts = moe.counted(self.experts, ratio, self.params, self.rounding)
+            return self.macs_params(keep | experts)[0]
 
         n = flops_target.shortest_prefix(len(order), macs, self.full_macs * (1.0 - fraction))
         self._warn_short(fraction, macs(n))

@@ -23,8 +23,8 @@ Left whole, each with an :class:`~compress.pruning.channel_groups.Excluded` row 
 warning lists before training: layers out of scope; every layer of a model whose config states
 one width for them when some are out of scope, or when no config key states it (then
 ``prune_beyond_config: true`` prunes them, with the ``pruned`` export); layers of another
-layout; all of them under ``pruning_flops_target`` or ``pruning_latency_target``, whose searches
-count the traced groups only.
+layout; all of them under ``pruning_latency_target``, whose table times the traced groups only.
+``pruning_flops_target`` counts them: its searches see the experts' MACs at each filter ratio.
 
 Example:
     >>> from torch import nn
@@ -56,6 +56,7 @@ __all__ = [
     "apply",
     "build",
     "choose",
+    "counted",
     "fit_shapes",
     "least",
     "load",
@@ -148,19 +149,19 @@ def build(
             width[name] = w
         else:
             excluded.append(Excluded(name, "out of scope", "the scopes leave these experts out"))
-    targets = ("pruning_flops_target", "pruning_latency_target")
-    target = next((k for k in targets if params.get(k)), None)
+    target = "pruning_latency_target" if params.get("pruning_latency_target") else None
     beyond = bool(params.get("prune_beyond_config"))
     keys = {_config_key(model, w) for w in width.values()}
-    key = keys.pop() if len(keys) == 1 else None
+    stated = keys.pop() if len(keys) == 1 else None  # the key of every pruned layer's width
+    key = stated if len(names) == len(found) else None  # which states it when all are pruned
     why = None
     if target:
-        why = f"{target} searches the traced channel groups only", "experts whole under a target"
+        why = f"{target}'s table times the traced channel groups only", "latency target"
     elif not beyond and getattr(model, "config", None) is not None:
-        if key is None:
+        if stated is None:
             why = "no config key states their width (save_pretrained would not rebuild)", "config"
-        elif len(names) < len(found):
-            why = f"{key} states one width for all {len(found)} expert layers", "config"
+        elif key is None:
+            why = f"{stated} states one width for all {len(found)} expert layers", "config"
     if why is not None and names:
         excluded.extend(Excluded(n, why[1], why[0]) for n in names)
         return Experts([])
@@ -196,10 +197,21 @@ def choose(
     """Every expert of every layer keeps its best ``kept_count(width, ratio)`` channels, by the
     recipe's ``filter_importance`` and ``round_to`` (``params``)."""
     for name in state.names:
-        module = model.get_submodule(name)
         n = kept_count(state.width[name], ratio, params["round_to"], rounding=rounding)
-        ranked = scores(module, params["filter_importance"])
+        ranked = scores(model.get_submodule(name), params["filter_importance"])
         state.keep[name] = torch.stack([top(s, n) for s in ranked])
+
+
+def counted(
+    state: Experts, ratio: float, params: Mapping[str, Any], rounding: str
+) -> dict[str, torch.Tensor]:
+    """Keep masks with the counts :func:`choose` keeps at ``ratio`` (the first channels), for
+    the FLOPs searches, which count channels and need not score them."""
+    out = {}
+    for name, k in state.keep.items():
+        n = kept_count(state.width[name], ratio, params["round_to"], rounding=rounding)
+        out[name] = (torch.arange(k.shape[1]) < n).expand_as(k)
+    return out
 
 
 def apply(model: nn.Module, state: Experts) -> None:
