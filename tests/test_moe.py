@@ -1,6 +1,6 @@
 """Mixture-of-experts models whose experts are fused 3-D parameters (transformers 5's
 ``MixtralExperts``, ``Qwen2MoeExperts``): sparsity masks every expert's matrix, statistics count
-the routed expert compute, filter pruning says before training that it leaves them whole."""
+the routed expert compute, filter pruning prunes every expert's width to one kept width."""
 
 from __future__ import annotations
 
@@ -181,12 +181,148 @@ def test_macs_count_the_routed_experts_by_hand() -> None:
     assert stats["nonzero MACs"] < 0.3 * want
 
 
-def test_filter_pruning_says_before_training_that_experts_stay_whole() -> None:
-    recipe = {"algorithm": "filter_pruning", "pruning_init": 0.5, "params": {"round_to": 1}}
-    with pytest.warns(UserWarning, match="filter_pruning leaves the experts of 2 mixture-of-"):
-        compress.create_compressed_model(
-            ZOO["mixtral"].build(), {"compression": recipe}, ZOO["mixtral"].inputs()
-        )
+FILTER = {"algorithm": "filter_pruning", "pruning_init": 0.5, "params": {"round_to": 1}}
+# (width key, full width, params before and after filter pruning at 0.5)
+WIDTHS = {
+    "mixtral": ("intermediate_size", 128, 234_816, 124_224),
+    "qwen2_moe": ("moe_intermediate_size", 64, 186_048, 99_904),
+}
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_filter_pruning_prunes_every_expert_to_one_width(name: str, tmp_path: Path) -> None:
+    key, width, before, after = WIDTHS[name]
+    torch.manual_seed(0)
+    model, x = ZOO[name].build(), ZOO[name].inputs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ctrl, model = compress.create_compressed_model(model, {"compression": FILTER}, x)
+        stats = ctrl.statistics().to_dict()
+        want = _outputs(model, x)
+        small = ctrl.strip()
+    said = [str(w.message) for w in caught]
+    assert not [m for m in said if "mixture-of-experts" in m or "config cannot" in m], said
+    assert _params(model) == before and _params(small) == after
+    for experts in _experts(small):
+        assert tuple(experts.gate_up_proj.shape) == (4, width, 64)  # gate and up: width / 2 each
+        assert tuple(experts.down_proj.shape) == (4, 64, width // 2)
+    assert getattr(small.config, key) == width // 2
+    torch.testing.assert_close(_outputs(small, x), want, rtol=1e-5, atol=1e-5)
+    # statistics count the stripped model: params, and MACs with the routed experts narrower
+    summary = {row[""]: row for row in stats["algorithms"][0]["summary"]}
+    assert summary["params"]["current"] == after
+    assert summary["MACs"]["current"] == layer_macs(small, x)[""]
+    macs = layer_macs(model, x)
+    expert_macs = sum(macs[f"model.layers.{i}.mlp.experts"] for i in range(2))
+    assert summary["MACs"]["full"] - summary["MACs"]["current"] >= expert_macs // 2
+    rows = {row["layer"]: row for row in stats["algorithms"][0]["layers"]}
+    row = rows["model.layers.1.mlp.experts.down_proj"]
+    assert (row["kept filters"], row["pruning level"]) == (width // 2, 0.5)
+    # save_pretrained rebuilds the small model from its config
+    small.save_pretrained(tmp_path / "hf")
+    again = type(small).from_pretrained(tmp_path / "hf")
+    assert _params(again) == after
+    torch.testing.assert_close(_outputs(again, x), want, rtol=1e-5, atol=1e-5)
+    # and so does the pruned file on a fresh model
+    paths = compress.export(small, tmp_path / "m", ["pruned"], example_inputs=x)
+    loaded = compress.load_pruned(ZOO[name].build(), paths["pruned"])
+    torch.testing.assert_close(_outputs(loaded, x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("criterion", ["L1", "L2", "geometric_median"])
+def test_each_expert_keeps_its_own_best_channels(criterion: str) -> None:
+    from compress.pruning.importance import ROW_SCORES
+
+    recipe = {**FILTER, "params": {"round_to": 1, "filter_importance": criterion}}
+    ctrl, model, _ = _build("mixtral", recipe)
+    score = ROW_SCORES[criterion]
+    kept_sets = set()
+    for experts in _experts(model):
+        gate_up = compress.masks.effective(experts, "gate_up_proj")
+        down = compress.masks.effective(experts, "down_proj")
+        for e in range(experts.num_experts):
+            w = experts.gate_up_proj[e].detach()
+            scores = score(w[:128]) + score(w[128:])
+            best = set(torch.argsort(scores, descending=True)[:64].tolist())
+            kept = set(torch.nonzero(gate_up[e, :128].abs().sum(1)).flatten().tolist())
+            assert kept == best
+            assert kept == set(torch.nonzero(gate_up[e, 128:].abs().sum(1)).flatten().tolist())
+            assert kept == set(torch.nonzero(down[e].abs().sum(0)).flatten().tolist())
+            kept_sets.add(frozenset(kept))
+    assert len(kept_sets) > 1  # the same width, not the same channels
+
+
+def test_expert_masks_survive_the_controller_state() -> None:
+    ctrl, model, x = _build("mixtral", FILTER)
+    experts = _experts(model)[0]
+    state = ctrl.state_dict()
+    want = compress.masks.effective(experts, "gate_up_proj")
+    ctrl2, model2, _ = _build("mixtral", {**FILTER, "pruning_init": 0.0})
+    experts2 = _experts(model2)[0]
+    with torch.no_grad():
+        experts2.gate_up_proj.copy_(experts.gate_up_proj)
+    assert bool((compress.masks.effective(experts2, "gate_up_proj") != 0).all())
+    ctrl2.load_state_dict(state)
+    torch.testing.assert_close(compress.masks.effective(experts2, "gate_up_proj"), want)
+
+
+def test_experts_stay_whole_when_the_config_cannot_state_their_width(tmp_path: Path) -> None:
+    # one layer's experts out of scope: moe_intermediate_size states one width for both
+    recipe = {**FILTER, "ignored_scopes": ["model.layers.1.mlp.experts"]}
+    with pytest.warns(UserWarning, match=r"model\.layers\.0\.mlp\.experts \(config: "):
+        ctrl, model, _ = _build_warned("qwen2_moe", recipe)
+    excluded = {row["group"]: row for row in _statistics(ctrl)["algorithms"][0]["excluded"]}
+    assert excluded["model.layers.0.mlp.experts"]["excluded because"] == "config"
+    assert excluded["model.layers.1.mlp.experts"]["excluded because"] == "out of scope"
+    assert bool((compress.masks.effective(_experts(model)[0], "gate_up_proj") != 0).all())
+    # prune_beyond_config: the experts in scope are pruned, the pruned file rebuilds them
+    recipe["params"] = {"round_to": 1, "prune_beyond_config": True}
+    ctrl, model, x = _build("qwen2_moe", recipe)
+    with pytest.warns(UserWarning, match=r"config cannot describe .*'model\.layers\.\*\.mlp\.ex"):
+        small = ctrl.strip()
+    assert small.config.moe_intermediate_size == 64
+    assert tuple(_experts(small)[0].down_proj.shape) == (4, 64, 32)
+    assert tuple(_experts(small)[1].down_proj.shape) == (4, 64, 64)
+    want = _outputs(small, x)
+    paths = compress.export(small, tmp_path / "m", ["pruned"], example_inputs=x)
+    loaded = compress.load_pruned(ZOO["qwen2_moe"].build(), paths["pruned"])
+    torch.testing.assert_close(_outputs(loaded, x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_a_flops_target_counts_the_experts(allocation: str) -> None:
+    params = {"round_to": 1, "pruning_flops_target": 0.4, "allocation": allocation}
+    recipe = {**FILTER, "pruning_init": 0.4, "params": params}
+    if allocation == "uniform":  # the experts alone: the target is met to one channel
+        recipe["ignored_scopes"] = ["{re}.*self_attn.*"]
+    ctrl, model, x = _build("mixtral", recipe)
+    summary = {row[""]: row for row in _statistics(ctrl)["algorithms"][0]["summary"]}
+    widths = {int(k[e].sum()) for k in ctrl.algorithms[0].experts.keep.values() for e in range(4)}
+    assert len(widths) == 1 and widths.pop() < 128
+    channel = 0.757 / 128  # the experts are 75.7% of the MACs
+    most = 0.4 + channel if allocation == "uniform" else 0.5
+    assert 0.4 <= summary["MACs"]["pruned"] < most
+    small = ctrl.strip()
+    assert summary["MACs"]["current"] == layer_macs(small, x)[""]
+
+
+def test_a_latency_target_leaves_the_experts_whole_and_says_so() -> None:
+    recipe = {**FILTER, "params": {"round_to": 1, "pruning_latency_target": 0.3}}
+    with pytest.warns(UserWarning, match="latency target: pruning_target or pruning_flops_targ"):
+        ctrl, model, _ = _build_warned("mixtral", recipe)
+    assert bool((compress.masks.effective(_experts(model)[0], "down_proj") != 0).all())
+
+
+def _build_warned(name: str, recipe: dict[str, Any]) -> tuple[Any, torch.nn.Module, tuple]:
+    torch.manual_seed(0)
+    zoo = ZOO[name]
+    model, x = zoo.build(), zoo.inputs()
+    ctrl, model = compress.create_compressed_model(model, {"compression": recipe}, x)
+    return ctrl, model, x
 
 
 def test_qwen2_moe_shared_expert_width_round_trips(tmp_path: Path) -> None:

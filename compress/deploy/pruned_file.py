@@ -22,6 +22,7 @@ from compress.deploy.files import (  # safe_load: CRC checked, no pickles
 )
 from compress.errors import CompressError
 from compress.pruning.channel_groups import build_groups
+from compress.pruning.moe import fit_shapes
 from compress.pruning.structured import Inputs, as_tuple, shrink
 
 __all__ = ["load_pruned", "save_pruned"]
@@ -109,6 +110,7 @@ def load_pruned(fresh_model: nn.Module, path: str | os.PathLike) -> nn.Module:
         keep[name] = mask
     try:
         small = shrink(fresh_model, groups, keep, example_inputs=inputs)
+        fit_shapes(small, payload["state_dict"])  # experts' widths: not groups of the plan
         small.load_state_dict(payload["state_dict"], strict=True)
     except (RuntimeError, ValueError, KeyError, CompressError) as err:
         raise CompressError(f"{path}: does not fit this model: {err}") from None

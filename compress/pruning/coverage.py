@@ -11,18 +11,14 @@ Example:
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from torch import nn
-
-from compress.experts import expert_modules
 from compress.pruning.channel_groups import Excluded
 
-__all__ = ["check_reachable", "coverage_warning", "exclusion_rows", "experts_warning"]
+__all__ = ["check_reachable", "coverage_warning", "exclusion_rows"]
 
 FLAGS = {
     "first conv": "prune_first_conv: true",
@@ -30,6 +26,7 @@ FLAGS = {
     "out of scope": "ignored_scopes / target_scopes",
     "rounding": "a smaller round_to",
     "config": "prune_beyond_config: true (then export the 'pruned' file, not save_pretrained)",
+    "latency target": "pruning_target or pruning_flops_target in place of the latency target",
 }
 """The recipe flag that would bring back a group excluded for each reason."""
 _QUIET = {"network output", "single channel"}  # inherent to the model, not worth a warning
@@ -97,26 +94,3 @@ def check_reachable(path: str, n_groups: int, excluded: Sequence[Excluded]) -> N
             "unpruned, as in NNCF 2.17",
             stacklevel=6,
         )
-
-
-def experts_warning(model: nn.Module, macs: Mapping[str, int]) -> str | None:
-    """The build-time warning for mixture-of-experts layers, which filter pruning leaves whole:
-    their experts are fused 3-D parameters (``MixtralExperts.gate_up_proj``), not layers that
-    Torch-Pruning traces into channel groups. None when the model has none. ``macs`` are the
-    model's MACs per module (:func:`compress.analysis.summary.layer_macs`)."""
-    found = expert_modules(model)
-    if not found:
-        return None
-    params = sum(p.numel() for _, m in found for p in m.parameters(recurse=False))
-    total_params = sum(p.numel() for p in model.parameters())
-    total_macs = macs.get("", sum(macs.values()))
-    expert_macs = sum(macs.get(name, 0) for name, _ in found)
-    names = sorted({re.sub(r"\.\d+\.", ".*.", name) for name, _ in found})
-    return (
-        f"filter_pruning leaves the experts of {len(found)} mixture-of-experts layers {names} "
-        f"whole ({params / max(total_params, 1):.1%} of the params, "
-        f"{expert_macs / max(total_macs, 1):.1%} of the MACs): each holds its experts as fused "
-        "3-D parameters, which are not channel groups Torch-Pruning traces, so their width "
-        "(intermediate_size / moe_intermediate_size) stays as it is. magnitude_sparsity "
-        "sparsifies them"
-    )

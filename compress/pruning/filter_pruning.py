@@ -48,7 +48,7 @@ from compress.analysis.outputs import on_device
 from compress.analysis.summary import layer_macs
 from compress.analysis.untouched import copy_model
 from compress.errors import CompressError, ConfigError
-from compress.pruning import flops_target, hf_layers, latency, latency_widths
+from compress.pruning import flops_target, hf_layers, latency, latency_widths, moe
 from compress.pruning.allocation import global_counts, global_keep, kept_count, top
 from compress.pruning.calibration import nuclear_scores
 from compress.pruning.channel_groups import Excluded, build_groups
@@ -57,7 +57,6 @@ from compress.pruning.coverage import (
     check_reachable,
     coverage_warning,
     exclusion_rows,
-    experts_warning,
 )
 from compress.pruning.hf_config import config_warning, unstated, update_config, widths
 from compress.pruning.importance import FILTER_IMPORTANCE
@@ -133,10 +132,9 @@ class FilterPruning(Algorithm):
             weight(m).shape[0] for m in model.modules() if isinstance(m, _LAYERS)
         )
         self.rounded_whole: list[str] = []  # groups whose rounding keeps every channel now
+        # mixture-of-experts widths: not traced groups, pruned by compress.pruning.moe
+        self.experts = moe.build(model, cfg.options, p, macs, self.excluded, path=cfg.path)
         self._check_coverage()
-        message = experts_warning(model, macs)
-        if message:
-            warnings.warn(message, stacklevel=4)
         self.scop = self._scop()
         self.reach_checked = False  # whether the latency target was checked against the table
         self.update(False)
@@ -191,7 +189,7 @@ class FilterPruning(Algorithm):
         rounded = {e.group for e in self.excluded if e.kind == "rounding"}
         fixed = set(self.explicit) | set(self.ratios)
         reachable = [g for g in self.groups if g.name not in rounded or g.name in fixed]
-        check_reachable(self.cfg.path, len(reachable), self.excluded)
+        check_reachable(self.cfg.path, len(reachable) + len(self.experts.names), self.excluded)
         self.macs_share, self.params_share = self._removable()
         message = coverage_warning(self.macs_share, self.params_share, self.excluded)
         if message:
@@ -203,7 +201,7 @@ class FilterPruning(Algorithm):
 
     def _removable(self) -> tuple[float, float]:
         """The share of MACs and params that pruning every group down to one channel removes."""
-        least = {g.name: torch.arange(g.size) == 0 for g in self.groups}
+        least = {g.name: torch.arange(g.size) == 0 for g in self.groups} | moe.least(self.experts)
         macs, params = self.macs_params(least)
         return (
             1.0 - macs / self.full_macs if self.full_macs else 0.0,
@@ -284,22 +282,25 @@ class FilterPruning(Algorithm):
         scores = self.scores()
         if self.latency_target:
             self.keep = self._latency_keep(level, scores, epoch)
-            self.ratio = 1.0 - sum(int(k.sum()) for k in self.keep.values()) / max(
-                1, sum(g.size for g in self.groups)
-            )
+            self.ratio = self._filter_ratio(self.keep)
         elif self.flops_target and self.params["allocation"] == "global":
             self.keep = self._flops_keep(level, scores, epoch)
-            self.ratio = 1.0 - sum(int(k.sum()) for k in self.keep.values()) / max(
-                1, sum(g.size for g in self.groups)
-            )
+            self.ratio = self._filter_ratio(self.keep)
         else:
             self.ratio = self._flops_ratio(level, scores, epoch) if self.flops_target else level
             self.keep = self.choose(self.ratio, scores, epoch)
+        moe.choose(self.model, self.experts, self.ratio, self.params, self.rounding)
         self._apply()
+
+    def _filter_ratio(self, keep: Mapping[str, torch.Tensor]) -> float:
+        """The share of the groups' channels ``keep`` drops."""
+        kept = sum(int(keep[g.name].sum()) for g in self.groups)
+        return 1.0 - kept / max(1, sum(g.size for g in self.groups))
 
     def _apply(self) -> None:
         for group in self.groups:
             apply_channel_mask(self.model, group, self.keep[group.name])
+        moe.apply(self.model, self.experts)
 
     # --- importance and allocation ---------------------------------------------------------
 
@@ -405,7 +406,8 @@ class FilterPruning(Algorithm):
             k: n if k in self.own_params else 0
             for k, n in shrunk_numel(self.model, self.groups, keep).items()
         }
-        saved = 0.0
+        experts, saved = moe.sizes(self.experts, keep)
+        numel |= experts
         for name, macs in self.layer_macs.items():
             saved += macs * (1.0 - numel[f"{name}.weight"] / self._weight(name).numel())
         return round(self.full_macs - saved), distinct_numel(self.model, numel)
@@ -419,7 +421,8 @@ class FilterPruning(Algorithm):
             return 0.0
 
         def macs(ratio: float) -> int:
-            return self.macs_params(self.choose(ratio, scores, epoch))[0]
+            experts = moe.counted(self.experts, ratio, self.params, self.rounding)
+            return self.macs_params(self.choose(ratio, scores, epoch) | experts)[0]
 
         ratio = flops_target.uniform_ratio(macs, self.full_macs * (1.0 - fraction))
         self._warn_short(fraction, macs(ratio))
@@ -447,7 +450,10 @@ class FilterPruning(Algorithm):
             return out
 
         def macs(n: int) -> int:
-            return self.macs_params(pruned(n))[0]
+            keep = pruned(n)
+            ratio = self._filter_ratio(keep)
+            experts = moe.counted(self.experts, ratio, self.params, self.rounding)
+            return self.macs_params(keep | experts)[0]
 
         n = flops_target.shortest_prefix(len(order), macs, self.full_macs * (1.0 - fraction))
         self._warn_short(fraction, macs(n))
@@ -539,6 +545,7 @@ class FilterPruning(Algorithm):
                     "pruning level": 1.0 - kept / n,
                 }
             )
+        rows += moe.rows(self.experts, self.model)
         macs, params = self.macs_params(self.keep)
         # as NNCF: filters of every conv and linear layer, the pruned ones removed
         filters = self.full_filters - (full_filters - kept_filters)
@@ -576,6 +583,7 @@ class FilterPruning(Algorithm):
             else {n: s.clone() for n, s in self.calibration.items()},
             "scop": None if self.scop is None else self.scop.state_dict(),
             "latency_table": copy.deepcopy(self.latency_table),
+            "experts": moe.state_dict(self.experts),
         }
 
     def check_state(self, state: Mapping[str, Any]) -> None:
@@ -612,6 +620,7 @@ class FilterPruning(Algorithm):
             self.scop.load_state_dict(state["scop"])
         if state.get("latency_table") is not None:
             self.latency_table = copy.deepcopy(dict(state["latency_table"]))
+        moe.load(self.experts, state.get("experts"))
         self._apply()
 
     def strip_differs(self) -> str | None:
@@ -628,7 +637,7 @@ class FilterPruning(Algorithm):
         device = next(model.parameters()).device
         inputs = on_device(self.example_inputs or (), device)
         pruned = {n: k for n, k in self.keep.items() if not k.all()}
-        if not self.groups:  # said at build too; a stripped model as large is said again here
+        if not self.groups and not self.experts.names:  # said at build too, and again here
             why = "; ".join(e.detail for e in self.excluded if e.kind == "trace failure")
             warnings.warn(
                 "strip(): filter pruning removed nothing, the model keeps all its params: "
@@ -642,8 +651,9 @@ class FilterPruning(Algorithm):
             for module in dense.modules():
                 masks.remove(module)
         small = shrink(model, self.groups, pruned, example_inputs=inputs)
+        moe.shrink(small, self.experts)  # and writes the experts' width into the config
         # a Hugging Face model's config states its widths
-        update_config(small, before, pruned=bool(pruned))
+        update_config(small, before, pruned=bool(pruned) or moe.pruned(self.experts))
         plan = pruning_plan(self.groups, self.keep)
         setattr(small, "compress_pruning_plan", plan)  # noqa: B010  (mypy: nn.Module attrs are tensors)
         if self.latency_table is not None and dense is not None:

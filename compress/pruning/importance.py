@@ -56,18 +56,28 @@ def _summed(
     return scores
 
 
+ROW_SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "L1": lambda rows: torch.norm(rows, p=1, dim=1),
+    "L2": lambda rows: torch.norm(rows, p=2, dim=1),
+    "geometric_median": lambda rows: torch.cdist(rows[None], rows[None]).squeeze(0).sum(0),
+}
+"""One score per row of one layer's filters (rows: [filters, elements]): the criteria below per
+layer, and per expert matrix for the widths of mixture-of-experts layers
+(:mod:`compress.pruning.moe`)."""
+
+
 def l1_importance(
     model: nn.Module, group: ChannelGroup, *, normalise: bool = False
 ) -> torch.Tensor:
     """Sum over the group's layers of each filter's L1 norm."""
-    return _summed(model, group, normalise, lambda rows: torch.norm(rows, p=1, dim=1))
+    return _summed(model, group, normalise, ROW_SCORES["L1"])
 
 
 def l2_importance(
     model: nn.Module, group: ChannelGroup, *, normalise: bool = False
 ) -> torch.Tensor:
     """Sum over the group's layers of each filter's L2 norm (NNCF adds norms, not squares)."""
-    return _summed(model, group, normalise, lambda rows: torch.norm(rows, p=2, dim=1))
+    return _summed(model, group, normalise, ROW_SCORES["L2"])
 
 
 def geometric_median_importance(
@@ -76,9 +86,7 @@ def geometric_median_importance(
     """FPGM (He et al. 2019): a filter near the geometric median of its layer is the one the
     others can replace, so the score is the sum of Euclidean distances from a filter to every
     other filter of the same layer, summed over the group's layers."""
-    return _summed(
-        model, group, normalise, lambda rows: torch.cdist(rows[None], rows[None]).squeeze(0).sum(0)
-    )
+    return _summed(model, group, normalise, ROW_SCORES["geometric_median"])
 
 
 FILTER_IMPORTANCE: dict[str, Criterion] = {
