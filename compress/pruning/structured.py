@@ -31,7 +31,7 @@ import bisect
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -150,9 +150,11 @@ def dependency_graph(
     inputs = as_tuple(example_inputs)
 
     def forward(m: nn.Module, x: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        with counting_macs(m) if macs is not None else nullcontext({}) as counted:
+        if macs is None:
             out = leaves(m(*x))
-        if macs is not None:
+        else:
+            with counting_macs(m) as counted:
+                out = leaves(m(*x))
             macs.update(counted)
         if outputs is not None:
             outputs[:] = [t.shape for t in out]
