@@ -34,6 +34,7 @@ from compress.pruning import hf_layers
 from compress.pruning.deadline import TimeBudgetExceeded, deadline
 from compress.pruning.exactness import Traced, exact_groups
 from compress.pruning.group_members import Skip, map_group
+from compress.pruning.group_search import indexed_groups
 from compress.pruning.structured import (
     ChannelGroup,
     Inputs,
@@ -239,7 +240,7 @@ def _build(
     groups: list[ChannelGroup] = []
     claimed: dict[tuple[str, str, int], set[int]] = {}
     problems: list[str] = []
-    with mappings_as_traced(dg):  # nothing is removed during the search
+    with mappings_as_traced(dg), indexed_groups():  # nothing is removed during the search
         for name, module in clone.named_modules():
             layer = isinstance(module, prunable) or is_transposed_linear(module)
             if module in visited or module not in dg.module2node or not layer:

@@ -46,6 +46,7 @@ from compress.analysis.untouched import copy_model
 from compress.errors import CompressError
 from compress.pruning import hf_layers
 from compress.pruning.attention import cache_off, rotary_as_identity
+from compress.pruning.group_search import indexed_groups
 
 __all__ = [
     "ChannelGroup",
@@ -356,7 +357,7 @@ def remove_channels(
     drops (:func:`shrink` on a copy it has traced; the exactness check on the copy it traced to
     find the groups)."""
     removed: dict[tuple[str, bool], list[int]] = {}
-    with concats_as_sized(dg):
+    with concats_as_sized(dg), indexed_groups():
         for group in groups:
             if group.name in keep:
                 _prune_group(dg, model, group, check_keep(group, keep[group.name]), removed)
