@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,19 +92,36 @@ def layer_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dict
     Fused mixture-of-experts layers are counted by hand instead: the counter misses their
     grouped matrix products. Such a layer over T tokens costs T * k (experts per token) times
     one expert's weights, listed per fused parameter too (``...experts.gate_up_proj``)."""
+    with untouched(model), torch.no_grad(), counting_macs(model) as out:
+        model.eval()
+        model(*example_inputs)
+    return out
+
+
+@contextmanager
+def counting_macs(model: nn.Module) -> Iterator[dict[str, int]]:
+    """Counts the MACs of the forward passes of ``model`` run inside the block (as
+    :func:`layer_macs` does), into the dict it yields, filled when the block ends without an
+    error: the trace of filter pruning counts them in the forward pass it runs anyway."""
     counter = FlopCounterMode(display=False)
     tokens: dict[str, int] = {}
+    out: dict[str, int] = {}
     handles = [
         module.register_forward_hook(functools.partial(_count_tokens, tokens, name))
         for name, module in experts.expert_modules(model)
     ]
     try:
-        with untouched(model), torch.no_grad(), counter:
-            model.eval()
-            model(*example_inputs)
+        with counter:
+            yield out
     finally:
         for handle in handles:
             handle.remove()
+    out |= _counted(model, counter, tokens)
+
+
+def _counted(
+    model: nn.Module, counter: FlopCounterMode, tokens: Mapping[str, int]
+) -> dict[str, int]:
     root = type(model).__name__
     out: dict[str, int] = {}
     for key, counts in counter.get_flop_counts().items():

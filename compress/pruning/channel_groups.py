@@ -34,6 +34,7 @@ from compress.pruning import hf_layers
 from compress.pruning.deadline import TimeBudgetExceeded, deadline
 from compress.pruning.exactness import Traced, exact_groups
 from compress.pruning.group_members import Skip, map_group
+from compress.pruning.group_search import indexed_groups
 from compress.pruning.structured import (
     ChannelGroup,
     Inputs,
@@ -135,6 +136,7 @@ def build_groups(
     validate: bool = True,
     time_budget: float | None = None,
     excluded: list[Excluded] | None = None,
+    macs: dict[str, int] | None = None,
 ) -> list[ChannelGroup]:
     """One :class:`ChannelGroup` per set of coupled output channels that may be pruned.
 
@@ -153,7 +155,10 @@ def build_groups(
     crashes or changes the output (hand-written attention whose heads come from ``view``, say)
     is left out the same way (:func:`compress.pruning.exactness.exact_groups`).
 
-    Every group left out, warned of or not, is appended to ``excluded`` with its reason. The
+    Every group left out, warned of or not, is appended to ``excluded`` with its reason;
+    ``macs``, if given, receives the MACs of each module (as
+    :func:`compress.analysis.summary.layer_macs` counts them) from the trace's forward pass,
+    and stays empty when that pass fails. The
     trace, the group search and the check stop with a ``CompressError`` that says which after
     ``time_budget`` seconds (None: no budget; 0: spent before it starts).
 
@@ -176,6 +181,7 @@ def build_groups(
                 prunable=prunable,
                 validate=validate,
                 excluded=out,
+                macs=macs,
             )
     except _CheckOutOfTime as err:
         raise CompressError(
@@ -213,10 +219,11 @@ def _build(
     prunable: tuple[type[Layer], ...],
     validate: bool,
     excluded: list[Excluded],
+    macs: dict[str, int] | None,
 ) -> list[ChannelGroup]:
     clone, outputs = bare_copy(model), list[torch.Size]()
     try:
-        dg = dependency_graph(clone, example_inputs, outputs=outputs)
+        dg = dependency_graph(clone, example_inputs, outputs=outputs, macs=macs)
     except TimeBudgetExceeded:
         raise
     except Exception as err:  # noqa: BLE001 - any tracing failure means "nothing to prune"
@@ -231,9 +238,9 @@ def _build(
     input_layers = _input_layers(dg)
     visited: set[nn.Module] = set()
     groups: list[ChannelGroup] = []
-    claimed: set[tuple[str, str, int, int]] = set()
+    claimed: dict[tuple[str, str, int], set[int]] = {}
     problems: list[str] = []
-    with mappings_as_traced(dg):  # nothing is removed during the search
+    with mappings_as_traced(dg), indexed_groups():  # nothing is removed during the search
         for name, module in clone.named_modules():
             layer = isinstance(module, prunable) or is_transposed_linear(module)
             if module in visited or module not in dg.module2node or not layer:
@@ -346,14 +353,14 @@ def _width(module: nn.Module) -> int:
     return hf_layers.out_width(module)  # transformers' Conv1D
 
 
-def _claim(claimed: set[tuple[str, str, int, int]], members: Sequence[Member]) -> None:
-    """Output-side slices belong to one group only, else two groups would fight over a mask."""
-    keys = {
-        (m.module_name, m.param_name, m.dim, int(i))
-        for m in members
-        if m.role in ("producer", "norm")
-        for i in m.index
-    }
-    if keys & claimed:
+def _claim(claimed: dict[tuple[str, str, int], set[int]], members: Sequence[Member]) -> None:
+    """Output-side slices belong to one group only, else two groups would fight over a mask.
+    ``claimed`` holds the positions taken so far per (module, parameter, dim)."""
+    keys: dict[tuple[str, str, int], set[int]] = {}
+    for m in members:
+        if m.role in ("producer", "norm"):
+            keys.setdefault((m.module_name, m.param_name, m.dim), set()).update(m.index.tolist())
+    if any(not positions.isdisjoint(claimed.get(key, ())) for key, positions in keys.items()):
         raise Skip("its output channels overlap another group", kind="overlap")
-    claimed.update(keys)
+    for key, positions in keys.items():
+        claimed.setdefault(key, set()).update(positions)

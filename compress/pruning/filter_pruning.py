@@ -115,7 +115,8 @@ class FilterPruning(Algorithm):
         self.ratio = 0.0  # the filter ratio of the scored groups; differs from level for FLOPs
         self.frozen = False
         self.calibration: dict[str, torch.Tensor] | None = None
-        macs = layer_macs(model, example_inputs)
+        # counted in the trace's forward pass; a model it could not run is counted on its own
+        macs = self.traced_macs or layer_macs(model, example_inputs)
         self.full_macs = macs.get("", sum(macs.values()))
         self.layer_macs = {n: macs.get(n, 0) for n in self._weight_layers()}
         # the model's own parameters, those of its state_dict: RB's logits (added before or
@@ -145,6 +146,7 @@ class FilterPruning(Algorithm):
         """Groups whose producers the scopes allow; the others stay whole."""
         opts, p = self.cfg.options, self.params
         self.excluded: list[Excluded] = []
+        self.traced_macs: dict[str, int] = {}
         kinds = _LAYERS + hf_layers.matrix_layer_types(self.model)  # GPT-2's Conv1D
         allowed = scopes.select(
             self.model,
@@ -165,6 +167,7 @@ class FilterPruning(Algorithm):
             prune_batch_norms=p["prune_batch_norms"],
             time_budget=p.get("trace_time_budget"),
             excluded=self.excluded,
+            macs=self.traced_macs,
         )
         if p["prune_beyond_config"]:
             return groups

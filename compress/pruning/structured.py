@@ -41,10 +41,12 @@ from torch import nn
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 
 from compress import masks
+from compress.analysis.summary import counting_macs
 from compress.analysis.untouched import copy_model
 from compress.errors import CompressError
 from compress.pruning import hf_layers
 from compress.pruning.attention import cache_off, rotary_as_identity
+from compress.pruning.group_search import indexed_groups
 
 __all__ = [
     "ChannelGroup",
@@ -133,17 +135,28 @@ def bare_copy(model: nn.Module) -> nn.Module:
 
 
 def dependency_graph(
-    model: nn.Module, example_inputs: Inputs, *, outputs: list[torch.Size] | None = None
+    model: nn.Module,
+    example_inputs: Inputs,
+    *,
+    outputs: list[torch.Size] | None = None,
+    macs: dict[str, int] | None = None,
 ) -> tp.DependencyGraph:
     """Torch-Pruning's ``DependencyGraph`` of ``model``; pass a copy, tracing calls ``eval()``.
 
     The graph is traced back from every tensor of the output that has a gradient, so outputs
     that are dicts or dataclasses holding caches (Hugging Face's ``ModelOutput``) trace too.
-    ``outputs``, if given, receives the shapes of the output's tensors (:func:`leaves`)."""
+    ``outputs``, if given, receives the shapes of the output's tensors (:func:`leaves`), and
+    ``macs`` the MACs of each module in the trace's forward pass
+    (:func:`compress.analysis.summary.counting_macs`; no forward pass of its own)."""
     inputs = as_tuple(example_inputs)
 
     def forward(m: nn.Module, x: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        out = leaves(m(*x))
+        if macs is None:
+            out = leaves(m(*x))
+        else:
+            with counting_macs(m) as counted:
+                out = leaves(m(*x))
+            macs.update(counted)
         if outputs is not None:
             outputs[:] = [t.shape for t in out]
         return [t for t in out if t.grad_fn is not None]
@@ -185,15 +198,33 @@ def mappings_as_traced(dg: tp.DependencyGraph) -> Iterator[None]:
         tp_index_mapping.update_index_mapping = update
 
 
+_MAPPED = {
+    "CONCAT": "update_concat_index_mapping",
+    "SPLIT": "update_split_index_mapping",
+    "RESHAPE": "update_reshape_index_mapping",
+    "UNBIND": "update_unbind_index_mapping",
+    "EXPAND": "update_expand_index_mapping",
+    "SLICE": "update_slice_index_mapping",
+}
+"""The node types whose index mappings Torch-Pruning's ``update_index_mapping`` computes, and the
+function that computes each."""
+
+
 @contextmanager
 def concats_as_sized(dg: tp.DependencyGraph) -> Iterator[None]:
     """Inside the block, Torch-Pruning computes the index mapping of a concat node of ``dg``
     again only when the sizes of its parts changed since it last did. It computes every
     concat's mapping before each group it prunes, and the mapping follows from the part sizes
     alone (which its concat pruner updates); a group changes a few of them, and DenseNet-121
-    has 58 concats of up to 32 parts each."""
-    update = tp_index_mapping.update_concat_index_mapping
+    has 58 concats of up to 32 parts each. The other mappings are computed as before, for the
+    nodes that have one, listed once instead of looked for among all nodes before each group."""
+    update_all, update = (
+        tp_index_mapping.update_index_mapping,
+        tp_index_mapping.update_concat_index_mapping,
+    )
     done: dict[object, tuple[int, ...]] = {}
+    kinds = {getattr(tp_index_mapping.ops.OPTYPE, k): f for k, f in _MAPPED.items()}
+    mapped = [(node, kinds[node.type]) for node in dg.module2node.values() if node.type in kinds]
 
     def update_changed(graph: tp.DependencyGraph, node: Any) -> None:
         sizes = node.module.concat_sizes
@@ -203,11 +234,20 @@ def concats_as_sized(dg: tp.DependencyGraph) -> Iterator[None]:
         if graph is dg and node.module.concat_sizes is not None:
             done[node] = tuple(node.module.concat_sizes)
 
+    def update_mapped(graph: tp.DependencyGraph) -> None:
+        if graph is not dg:
+            update_all(graph)
+            return
+        for node, name in mapped:  # looked up now: the concat's is update_changed
+            getattr(tp_index_mapping, name)(graph, node)
+
     tp_index_mapping.update_concat_index_mapping = update_changed
+    tp_index_mapping.update_index_mapping = update_mapped
     try:
         yield
     finally:
         tp_index_mapping.update_concat_index_mapping = update
+        tp_index_mapping.update_index_mapping = update_all
 
 
 def group_weights(
@@ -317,7 +357,7 @@ def remove_channels(
     drops (:func:`shrink` on a copy it has traced; the exactness check on the copy it traced to
     find the groups)."""
     removed: dict[tuple[str, bool], list[int]] = {}
-    with concats_as_sized(dg):
+    with concats_as_sized(dg), indexed_groups():
         for group in groups:
             if group.name in keep:
                 _prune_group(dg, model, group, check_keep(group, keep[group.name]), removed)
