@@ -93,6 +93,47 @@ def shard_like(whole: torch.Tensor, ref: Any) -> torch.Tensor:
     return like(piece.to(ref.device).contiguous(), ref)
 
 
+def held(t: Any, dim: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which, where) for positions ``index`` along ``dim`` of ``t``: ``which`` are the entries
+    of ``index`` this rank holds, ``where`` their positions in its local part. Under
+    ``Shard(0)`` the rows along dim 0 are cut as ``torch.chunk`` cuts them (FSDP2's cut); every
+    other dim is held whole.
+
+    Example:
+        >>> held(torch.zeros(4, 2), 0, torch.tensor([3, 1]))
+        (tensor([0, 1]), tensor([3, 1]))
+    """
+    if dim != 0 or not is_sharded(t):
+        return torch.arange(len(index)), index
+    _check_layout(t)
+    rank, world = t.device_mesh.get_local_rank(), t.device_mesh.size()
+    rows = t.shape[0]
+    size = -(-rows // world)
+    start = min(rank * size, rows)
+    assert local(t).shape[0] == min(start + size, rows) - start  # torch.chunk's cut
+    which = ((index >= start) & (index < start + size)).nonzero().squeeze(1)
+    return which, index[which] - start
+
+
+def sum_over_ranks(t: torch.Tensor, like_of: Any) -> torch.Tensor:
+    """``t`` summed in place over the ranks of the sharded ``like_of`` (``t`` as it is when
+    ``like_of`` is not sharded)."""
+    if is_sharded(like_of):
+        dist.all_reduce(t, group=like_of.device_mesh.get_group())
+    return t
+
+
+def reshard(model: nn.Module) -> None:
+    """Frees the gathered parameters FSDP2 keeps after a forward pass outside training (the
+    root module keeps its own unsharded after forward, for the backward pass that follows in
+    training), so that the parameters are DTensors again; nothing for an unsharded model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def _check_layout(t: Any) -> None:
     """The layouts the masks handle: FSDP2's, sharded along dim 0 over a 1-D mesh."""
     if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
@@ -355,9 +396,35 @@ def unsharded_copy(model: nn.Module) -> nn.Module | None:
             tensors[id(t)] = t.detach().cpu().clone()
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
+    return _rebuilt(model, tensors, lambda t: t.clone())
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A plain copy of a model sharded by ``fully_shard`` with every parameter and buffer on the
+    meta device in its whole shape (masks and their hooks included): the structure to trace
+    (Torch-Pruning's channel groups, MACs), since DTensors cannot be traced. No communication,
+    no memory for values; every rank builds the same copy.
+
+    Example:
+        >>> meta_copy(nn.Linear(4, 2)).weight.device
+        device(type='meta')
+    """
+    tensors = {
+        id(t): torch.empty(t.shape, dtype=t.dtype, device="meta")
+        for t in [*model.parameters(), *model.buffers()]
+    }
+    return _rebuilt(model, tensors, lambda t: t)
+
+
+def _rebuilt(
+    model: nn.Module, tensors: Mapping[int, torch.Tensor], fresh: Callable[[Any], torch.Tensor]
+) -> nn.Module:
+    """``model`` copied module by module (``copy.deepcopy`` refuses FSDP modules) with the
+    FSDP classes and hooks left out; ``tensors`` gives each parameter's and buffer's value by
+    the id of the original, ``fresh`` the copy of a parameter's value."""
     memo: dict[int, Any] = {}
     for p in model.parameters():
-        memo[id(p)] = nn.Parameter(tensors[id(p)].clone(), requires_grad=p.requires_grad)
+        memo[id(p)] = nn.Parameter(fresh(tensors[id(p)]), requires_grad=p.requires_grad)
     for b in model.buffers():
         memo[id(b)] = tensors[id(b)]
     for m in model.modules():
