@@ -66,6 +66,39 @@ def whole(state: Any) -> Any:
     return state
 
 
+def to_rank_zero(t: Any) -> torch.Tensor | None:
+    """The whole of a sharded ``t`` on rank 0 of its mesh and None on the other ranks (one
+    gather: only the rank that writes a file holds the whole tensor); ``t`` itself when it is
+    not sharded. Every rank of the mesh must call it."""
+    if not is_sharded(t):
+        return t  # type: ignore[no-any-return]
+    _check_layout(t)
+    group = t.device_mesh.get_group()
+    rank, world = t.device_mesh.get_local_rank(), t.device_mesh.size()
+    rows = t.shape[0]
+    part = t.to_local()
+    wire = part.to(torch.uint8) if part.dtype == torch.bool else part  # gloo has no bool
+    padded = wire.new_zeros((-(-rows // world), *t.shape[1:]))  # torch.chunk's piece size
+    padded[: part.shape[0]] = wire
+    pieces = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+    dist.gather(padded, pieces, dst=dist.get_global_rank(group, 0), group=group)
+    if pieces is None:
+        return None
+    return torch.cat(pieces)[:rows].to(part.dtype)
+
+
+def whole_on_rank_zero(state: Any) -> Any:
+    """``state`` (nested dicts and lists) with every sharded tensor gathered whole on rank 0
+    (None in its place on the other ranks): for what only rank 0 writes, a checkpoint entry."""
+    if is_sharded(state):
+        return to_rank_zero(state)
+    if isinstance(state, Mapping):
+        return {k: whole_on_rank_zero(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [whole_on_rank_zero(v) for v in state]
+    return state
+
+
 def scalar(t: torch.Tensor) -> float:
     """A one-element tensor (a sum, a max) as a float, reduced over the ranks when sharded."""
     return float(full(t))
@@ -378,7 +411,8 @@ def unsharded_copy(model: nn.Module) -> nn.Module | None:
     included, on rank 0; None on the other ranks. Every rank must call it. Parameters and
     persistent buffers come from ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``
     (gathered once, to rank 0); the sharded tensors the state_dict leaves out (masks, RB logits)
-    are gathered whole. ``copy.deepcopy`` refuses FSDP modules; this copies module by module.
+    are gathered whole to rank 0 too. ``copy.deepcopy`` refuses FSDP modules; this copies
+    module by module.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -391,7 +425,9 @@ def unsharded_copy(model: nn.Module) -> nn.Module | None:
             if name in state:  # rank 0
                 tensors[id(t)] = state[name]
         elif is_sharded(t):
-            tensors[id(t)] = full(t.detach()).cpu()  # every rank, in the same order
+            gathered = to_rank_zero(t.detach())  # every rank, in the same order
+            if gathered is not None:
+                tensors[id(t)] = gathered.cpu()
         else:
             tensors[id(t)] = t.detach().cpu().clone()
     if dist.is_initialized() and dist.get_rank() != 0:

@@ -54,6 +54,16 @@ test_fsdp.fit(out, {name!r}, "ddp", recipe=recipe)
 test_fsdp.fit(out, {name!r}, "fsdp", recipe=recipe)
 """
 
+_RESUMED = """
+import test_fsdp_filter
+recipe = test_fsdp_filter.RECIPES["L1"]
+test_fsdp.fit(out, "L1", "fsdp", recipe=recipe, distributed_checkpoint=True)
+saved = sorted((out / "fsdp" / "ckpt").glob("epoch=0-*"))[0]
+test_fsdp.fit(
+    out, "L1", "fsdp", tag="_resumed", resume=saved, distributed_checkpoint=True, recipe=recipe
+)
+"""
+
 
 def _pruned_rows(masks: dict[str, torch.Tensor]) -> dict[str, list[int]]:
     """Per weight, the rows (filters) its masks remove whole."""
@@ -196,3 +206,18 @@ def test_core_api_filter_pruning_under_fully_shard(tmp_path: Path) -> None:
     assert "pruning_latency_target does not run on a sharded model" in said["latency"]
     assert "use pruning_flops_target" in said["latency"]
     assert "apply fully_shard first, then create_compressed_model" in said["after"]
+
+
+@pytest.mark.slow
+def test_fsdp2_filter_pruning_resumes_bitwise(tmp_path: Path) -> None:
+    """Resumed from the distributed checkpoint of epoch 0 (the filters move at the next epoch
+    start, and pruned filters' stored values come back with them), a sharded fit ends bitwise
+    where the uninterrupted one did."""
+    run_script(tmp_path, _RESUMED)
+    assert (tmp_path / "fsdp" / "ckpt" / "epoch=0-step=4.ckpt").is_dir()
+    whole, resumed = torch.load(tmp_path / "fsdp.pt"), torch.load(tmp_path / "fsdp_resumed.pt")
+    assert _pruned_rows(whole["masks"])["fc1.weight"]
+    for part in ("masks", "weights"):
+        assert sorted(resumed[part]) == sorted(whole[part])
+        for k, t in whole[part].items():
+            assert torch.equal(resumed[part][k], t), (part, k)
