@@ -38,14 +38,18 @@ def _masked_params(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
 
 def masked_values(model: nn.Module) -> dict[str, dict[str, Any]]:
     """The stored values the masked ``state_dict`` loses: per parameter, the positions where
-    the stored value differs from the masked one (bits) and those values, in order."""
+    the stored value differs from the masked one (bits) and those values, in order (of a
+    sharded model: on rank 0, empty on the other ranks)."""
     out = {}
     for key, (module, pname) in _masked_params(model).items():
         param = module._parameters[pname]
         assert param is not None
-        # sharded weights are gathered whole (every rank takes part; rank 0 writes the file)
-        stored = distributed.full(param.detach())
-        masked = distributed.full(masks.effective(module, pname))
+        # sharded weights are gathered whole to rank 0, which writes the file (every rank
+        # takes part); the other ranks give nothing
+        stored = distributed.to_rank_zero(param.detach())
+        masked = distributed.to_rank_zero(masks.effective(module, pname))
+        if stored is None or masked is None:
+            continue
         lost = (stored != masked) | (stored.signbit() != masked.signbit())
         if bool(lost.any()):
             out[key] = {"where": pack_bits(lost), "values": stored[lost].cpu()}

@@ -378,7 +378,9 @@ class CompressionCallback(_Callback):
         if self.ctrl is None:
             return {}
         out: dict[str, Any] = {
-            "controller": compact_state(self.ctrl.state_dict()),
+            # sharded tensors whole on rank 0, which writes the checkpoint (Lightning's
+            # ModelParallelStrategy writes rank 0's entry only)
+            "controller": compact_state(self.ctrl.state_dict(rank_zero_only=True)),
             "recipe": json.loads(json.dumps(self.config.data, default=dict)),
             "model_attr": self.model_attr,
             "prefix": self._key_prefix,

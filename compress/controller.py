@@ -156,13 +156,16 @@ class CompressionController:
             summary["effective sparsity of compressed layers"] = 1.0 - alive / n_weights
         return Statistics(model=summary, algorithms=tuple(a.statistics() for a in self.algorithms))
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, rank_zero_only: bool = False) -> dict[str, Any]:
+        """The scheduler position and every algorithm's state. Sharded masks and logits are
+        saved whole, loadable at any rank count: on every rank, or with ``rank_zero_only`` on
+        rank 0 only (None in their place elsewhere; for a file rank 0 writes)."""
+        gather = distributed.whole_on_rank_zero if rank_zero_only else distributed.whole
         return {
             "version": STATE_VERSION,
             "algorithms": [a.name for a in self.algorithms],
             "scheduler": self.scheduler.state_dict(),
-            # sharded masks and logits are saved whole, loadable at any rank count
-            "state": distributed.whole({a.name: a.state_dict() for a in self.algorithms}),
+            "state": gather({a.name: a.state_dict() for a in self.algorithms}),
         }
 
     def load_state_dict(

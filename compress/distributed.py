@@ -66,6 +66,39 @@ def whole(state: Any) -> Any:
     return state
 
 
+def to_rank_zero(t: Any) -> torch.Tensor | None:
+    """The whole of a sharded ``t`` on rank 0 of its mesh and None on the other ranks (one
+    gather: only the rank that writes a file holds the whole tensor); ``t`` itself when it is
+    not sharded. Every rank of the mesh must call it."""
+    if not is_sharded(t):
+        return t  # type: ignore[no-any-return]
+    _check_layout(t)
+    group = t.device_mesh.get_group()
+    rank, world = t.device_mesh.get_local_rank(), t.device_mesh.size()
+    rows = t.shape[0]
+    part = t.to_local()
+    wire = part.to(torch.uint8) if part.dtype == torch.bool else part  # gloo has no bool
+    padded = wire.new_zeros((-(-rows // world), *t.shape[1:]))  # torch.chunk's piece size
+    padded[: part.shape[0]] = wire
+    pieces = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+    dist.gather(padded, pieces, dst=dist.get_global_rank(group, 0), group=group)
+    if pieces is None:
+        return None
+    return torch.cat(pieces)[:rows].to(part.dtype)
+
+
+def whole_on_rank_zero(state: Any) -> Any:
+    """``state`` (nested dicts and lists) with every sharded tensor gathered whole on rank 0
+    (None in its place on the other ranks): for what only rank 0 writes, a checkpoint entry."""
+    if is_sharded(state):
+        return to_rank_zero(state)
+    if isinstance(state, Mapping):
+        return {k: whole_on_rank_zero(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [whole_on_rank_zero(v) for v in state]
+    return state
+
+
 def scalar(t: torch.Tensor) -> float:
     """A one-element tensor (a sum, a max) as a float, reduced over the ranks when sharded."""
     return float(full(t))
@@ -91,6 +124,47 @@ def shard_like(whole: torch.Tensor, ref: Any) -> torch.Tensor:
     part = torch.chunk(whole, world, dim=0)
     piece = part[rank] if rank < len(part) else whole[:0]
     return like(piece.to(ref.device).contiguous(), ref)
+
+
+def held(t: Any, dim: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which, where) for positions ``index`` along ``dim`` of ``t``: ``which`` are the entries
+    of ``index`` this rank holds, ``where`` their positions in its local part. Under
+    ``Shard(0)`` the rows along dim 0 are cut as ``torch.chunk`` cuts them (FSDP2's cut); every
+    other dim is held whole.
+
+    Example:
+        >>> held(torch.zeros(4, 2), 0, torch.tensor([3, 1]))
+        (tensor([0, 1]), tensor([3, 1]))
+    """
+    if dim != 0 or not is_sharded(t):
+        return torch.arange(len(index)), index
+    _check_layout(t)
+    rank, world = t.device_mesh.get_local_rank(), t.device_mesh.size()
+    rows = t.shape[0]
+    size = -(-rows // world)
+    start = min(rank * size, rows)
+    assert local(t).shape[0] == min(start + size, rows) - start  # torch.chunk's cut
+    which = ((index >= start) & (index < start + size)).nonzero().squeeze(1)
+    return which, index[which] - start
+
+
+def sum_over_ranks(t: torch.Tensor, like_of: Any) -> torch.Tensor:
+    """``t`` summed in place over the ranks of the sharded ``like_of`` (``t`` as it is when
+    ``like_of`` is not sharded)."""
+    if is_sharded(like_of):
+        dist.all_reduce(t, group=like_of.device_mesh.get_group())
+    return t
+
+
+def reshard(model: nn.Module) -> None:
+    """Frees the gathered parameters FSDP2 keeps after a forward pass outside training (the
+    root module keeps its own unsharded after forward, for the backward pass that follows in
+    training), so that the parameters are DTensors again; nothing for an unsharded model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _check_layout(t: Any) -> None:
@@ -337,7 +411,8 @@ def unsharded_copy(model: nn.Module) -> nn.Module | None:
     included, on rank 0; None on the other ranks. Every rank must call it. Parameters and
     persistent buffers come from ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``
     (gathered once, to rank 0); the sharded tensors the state_dict leaves out (masks, RB logits)
-    are gathered whole. ``copy.deepcopy`` refuses FSDP modules; this copies module by module.
+    are gathered whole to rank 0 too. ``copy.deepcopy`` refuses FSDP modules; this copies
+    module by module.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -350,14 +425,42 @@ def unsharded_copy(model: nn.Module) -> nn.Module | None:
             if name in state:  # rank 0
                 tensors[id(t)] = state[name]
         elif is_sharded(t):
-            tensors[id(t)] = full(t.detach()).cpu()  # every rank, in the same order
+            gathered = to_rank_zero(t.detach())  # every rank, in the same order
+            if gathered is not None:
+                tensors[id(t)] = gathered.cpu()
         else:
             tensors[id(t)] = t.detach().cpu().clone()
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
+    return _rebuilt(model, tensors, lambda t: t.clone())
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A plain copy of a model sharded by ``fully_shard`` with every parameter and buffer on the
+    meta device in its whole shape (masks and their hooks included): the structure to trace
+    (Torch-Pruning's channel groups, MACs), since DTensors cannot be traced. No communication,
+    no memory for values; every rank builds the same copy.
+
+    Example:
+        >>> meta_copy(nn.Linear(4, 2)).weight.device
+        device(type='meta')
+    """
+    tensors = {
+        id(t): torch.empty(t.shape, dtype=t.dtype, device="meta")
+        for t in [*model.parameters(), *model.buffers()]
+    }
+    return _rebuilt(model, tensors, lambda t: t)
+
+
+def _rebuilt(
+    model: nn.Module, tensors: Mapping[int, torch.Tensor], fresh: Callable[[Any], torch.Tensor]
+) -> nn.Module:
+    """``model`` copied module by module (``copy.deepcopy`` refuses FSDP modules) with the
+    FSDP classes and hooks left out; ``tensors`` gives each parameter's and buffer's value by
+    the id of the original, ``fresh`` the copy of a parameter's value."""
     memo: dict[int, Any] = {}
     for p in model.parameters():
-        memo[id(p)] = nn.Parameter(tensors[id(p)].clone(), requires_grad=p.requires_grad)
+        memo[id(p)] = nn.Parameter(fresh(tensors[id(p)]), requires_grad=p.requires_grad)
     for b in model.buffers():
         memo[id(b)] = tensors[id(b)]
     for m in model.modules():

@@ -117,11 +117,13 @@ class EndProbe(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
         model = pl_module.model
+        kept: dict[str, torch.Tensor] = {}  # per weight, the product of its masks
+        for name, _, pname, m in masks.iter_masked(model):
+            mask = distributed.full(m).bool().cpu()
+            key = f"{name}.{pname}"
+            kept[key] = kept[key] & mask if key in kept else mask
         found = {
-            "masks": {
-                f"{name}.{pname}": distributed.full(m).bool().cpu()
-                for name, _, pname, m in masks.iter_masked(model)
-            },
+            "masks": kept,
             "weights": {n: distributed.full(p.detach()).cpu() for n, p in model.named_parameters()},
             "strict_loading": pl_module.strict_loading,
             # what rank 0 holds: (dtype, bytes held, whole shape, sharded) per mask, and the
@@ -152,16 +154,18 @@ def fit(
     epochs: int = EPOCHS,
     resume: Path | None = None,
     distributed_checkpoint: bool = False,
+    recipe: dict[str, Any] | None = None,
 ) -> None:
-    """One fit of ``RECIPES[name]`` under "ddp" or "fsdp" (ModelParallelStrategy); rank 0 writes
-    what it ended with to ``out / f"{strategy}{tag}.pt"``, its run goes to ``out / strategy``
-    (a checkpoint per epoch) and ``resume`` is the checkpoint it starts from."""
+    """One fit of ``recipe`` (default ``RECIPES[name]``) under "ddp" or "fsdp"
+    (ModelParallelStrategy); rank 0 writes what it ended with to ``out / f"{strategy}{tag}.pt"``,
+    its run goes to ``out / strategy`` (a checkpoint per epoch) and ``resume`` is the checkpoint
+    it starts from."""
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.strategies import ModelParallelStrategy
 
     run = out / f"{strategy}{tag}"
     cb = CompressionCallback(
-        {"compression": RECIPES[name]},
+        {"compression": recipe or RECIPES[name]},
         model_attr="model",
         verbose=False,
         export_dir=run / "exports",
@@ -377,7 +381,6 @@ def _refusals(rank: int, port: int, out: str) -> None:
                 ]
             },
         ),
-        ("filter", {"compression": {"algorithm": "filter_pruning", "pruning_init": 0.1}}),
     ):
         net = MLP()
         fully_shard(net)
@@ -457,13 +460,13 @@ def _spawn_connected(fn: Any, out: Path) -> None:
 
 @pytest.mark.slow
 def test_core_api_under_fully_shard(tmp_path: Path) -> None:
-    """What sharding refuses, and the masked weights recomputed for the backward pass."""
+    """What sharding refuses, and the masked weights recomputed for the backward pass (filter
+    pruning under sharding: tests/test_fsdp_filter.py)."""
     out = tmp_path / "said.json"
     _spawn_connected(_refusals, out)
     said = json.loads(out.read_text())
     assert "apply fully_shard first, then create_compressed_model" in said["after"]
     assert "pass teacher= a network sharded like the student" in said["kd"]
-    assert "filter_pruning does not run on a sharded model" in said["filter"]
     assert said["recomputes"] == 3  # one per masked Linear: the weight the input grad needs
     assert said["input grad"] and said["weight grad"]
     assert said["teacher digest"]

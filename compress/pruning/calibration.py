@@ -1,7 +1,9 @@
 """Data-dependent filter scores for ``filter_importance: nuclear_norm``: the nuclear norm of
 every channel's feature maps over calibration batches, taken with forward hooks on the layers
 that produce each group's channels. The model is in eval mode meanwhile (BatchNorm statistics do
-not move) and its own channel masks are lifted (else a pruned channel could never return).
+not move) and its own channel masks are lifted (else a pruned channel could never return). A
+model sharded by FSDP2 runs its forward passes as in training (every rank, feature maps whole
+per sample) and is resharded after them.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from compress import masks
+from compress import distributed, masks
 from compress.analysis.outputs import on_device
 from compress.pruning.importance import feature_map_nuclear_norms
 from compress.pruning.structured import INPUT_OWNER, OWNER, ChannelGroup
@@ -53,6 +55,9 @@ def nuclear_scores(
                 args = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
                 model(*on_device(args, device))
     finally:
+        # FSDP2 keeps the root's gathered parameters after a forward pass (for the backward
+        # pass training would run next); the masks and scores that follow read the shards
+        distributed.reshard(model)
         model.train(was_training)
         for h in hooks:
             h.remove()

@@ -93,14 +93,14 @@ class FilterPruning(Algorithm):
             )
         p = self.params
         weight_layers(model, cfg)  # a ConfigError when no conv or linear layer is in scope
-        if any(distributed.is_sharded(t) for t in model.parameters()):
-            # Torch-Pruning traces the model and reads whole weights to find coupled channels
-            raise CompressError(
-                f"{cfg.path}: filter_pruning does not run on a sharded model (fully_shard) yet: "
-                "its channel groups come from tracing whole weights. Prune under DDP (or on one "
-                "device), export the pruned model, then fine-tune it sharded"
-            )
-        self.groups = self._build_groups()
+        sharded = any(distributed.is_sharded(t) for t in model.parameters())
+        if sharded:
+            _check_sharded(cfg.path, p)
+        # what is traced (channel groups, MACs): a sharded model's structure on the meta
+        # device, since DTensors cannot be traced
+        structure = distributed.meta_copy(model) if sharded else model
+        traced = on_device(example_inputs, "meta") if sharded else example_inputs
+        self.groups = self._build_groups(structure, traced, validate=not sharded)
         self.init = float(cfg.options["pruning_init"])
         self.flops_target = p.get("pruning_flops_target")
         self.latency_target = p.get("pruning_latency_target")
@@ -116,7 +116,8 @@ class FilterPruning(Algorithm):
         self.frozen = False
         self.calibration: dict[str, torch.Tensor] | None = None
         # counted in the trace's forward pass; a model it could not run is counted on its own
-        macs = self.traced_macs or layer_macs(model, example_inputs)
+        macs = self.traced_macs or layer_macs(structure, traced)
+        del structure
         self.full_macs = macs.get("", sum(macs.values()))
         self.layer_macs = {n: macs.get(n, 0) for n in self._weight_layers()}
         # the model's own parameters, those of its state_dict: RB's logits (added before or
@@ -142,8 +143,12 @@ class FilterPruning(Algorithm):
 
     # --- construction ----------------------------------------------------------------------
 
-    def _build_groups(self) -> list[ChannelGroup]:
-        """Groups whose producers the scopes allow; the others stay whole."""
+    def _build_groups(
+        self, structure: nn.Module, inputs: tuple[torch.Tensor, ...], *, validate: bool
+    ) -> list[ChannelGroup]:
+        """Groups whose producers the scopes allow; the others stay whole. ``structure`` is
+        the model to trace (a meta copy of a sharded model, where the numerical check of the
+        groups, which runs the model, is left out: ``validate`` False)."""
         opts, p = self.cfg.options, self.params
         self.excluded: list[Excluded] = []
         self.traced_macs: dict[str, int] = {}
@@ -159,13 +164,14 @@ class FilterPruning(Algorithm):
         names = {n for n, _ in allowed}
         ignored = [n for n, m in self.model.named_modules() if isinstance(m, kinds)]
         groups = build_groups(
-            self.model,
-            self.example_inputs,  # type: ignore[arg-type]
+            structure,
+            inputs,
             ignored=[n for n in ignored if n not in names],
             prune_first_conv=p["prune_first_conv"],
             prune_downsample_convs=p["prune_downsample_convs"],
             prune_batch_norms=p["prune_batch_norms"],
             time_budget=p.get("trace_time_budget"),
+            validate=validate,
             excluded=self.excluded,
             macs=self.traced_macs,
         )
@@ -677,6 +683,24 @@ class FilterPruning(Algorithm):
             }
             setattr(small, "compress_latency_table", {**self.latency_table, **report})  # noqa: B010
         return small
+
+
+def _check_sharded(path: str, p: Mapping[str, Any]) -> None:
+    """What filter pruning cannot do on a model sharded by ``fully_shard``, named with why."""
+    if p["filter_importance"] == "scop":
+        raise CompressError(
+            f"{path}.params.filter_importance: 'scop' does not run on a sharded model "
+            "(fully_shard): its knockoff features and control coefficients are added beside "
+            "the layers, outside FSDP2's sharded parameters; use 'L1', 'L2', "
+            "'geometric_median' or 'nuclear_norm', or prune with scop under DDP"
+        )
+    if p.get("pruning_latency_target"):
+        raise CompressError(
+            f"{path}.params.pruning_latency_target does not run on a sharded model "
+            "(fully_shard): the latency table times the whole model at each width on one "
+            "device; use pruning_flops_target, or prune under DDP (or on one device) with the "
+            "latency target, export, then fine-tune sharded"
+        )
 
 
 def _row(what: str, full: int, current: int) -> dict[str, Any]:

@@ -10,12 +10,13 @@ filters of all layers together (``all_weights``). ``FILTER_IMPORTANCE`` maps the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from compress import distributed
 from compress.pruning.structured import ChannelGroup
 
 
@@ -25,34 +26,48 @@ class Criterion(Protocol):
     ) -> torch.Tensor: ...
 
 
-def _filters(
-    model: nn.Module, group: ChannelGroup, normalise: bool
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(filters, channel) per producing layer: ``filters[j]`` is the flattened weight slice of
-    group channel ``channel[j]``, divided by the whole weight's L2 norm with ``normalise``."""
+def _summed(
+    model: nn.Module,
+    group: ChannelGroup,
+    normalise: bool,
+    score: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    per_row: bool,
+) -> torch.Tensor:
+    """The group's scores: ``score(rows)`` per producing layer, where ``rows[j]`` is the
+    flattened weight slice of group channel ``channel[j]`` (divided by the whole weight's L2
+    norm with ``normalise``), added up per channel in layer order.
+
+    A weight sharded by FSDP2 is scored where it lies when the criterion is ``per_row`` (each
+    score reads its own filter only) and the filters are rows (``Shard(0)`` cuts dim 0): each
+    rank scores the filters it holds, and one all-reduce of the layer's scores (zeros where a
+    rank holds nothing) gives every rank the scores one process computes. Otherwise the layer
+    is gathered whole, one layer at a time."""
+    scores = torch.zeros(group.size)
     for member in group.members:
         if member.role != "producer" or member.param_name.endswith("bias"):
             continue
         param = model.get_submodule(member.module_name)._parameters[member.param_name]
         assert param is not None  # a member names a parameter that is set
         weight = param.detach().float()
-        rows = weight.index_select(member.dim, member.index).movedim(member.dim, 0)
-        rows = rows.reshape(len(member.index), -1)
-        if normalise:  # NNCF's expression, so that the bits agree
-            norm = torch.sqrt(torch.sum(torch.abs(weight) ** 2))
+        if normalise:  # NNCF's expression, so that the bits agree (within a sum over ranks)
+            norm = torch.sqrt(torch.tensor(distributed.scalar(torch.sum(torch.abs(weight) ** 2))))
+        n = len(member.index)
+        local = per_row and member.dim == 0 and distributed.is_sharded(weight)
+        if local:
+            which, index = distributed.held(weight, member.dim, member.index)
+            weight = distributed.local(weight)
+        else:
+            which, index, weight = torch.arange(n), member.index, distributed.full(weight)
+        rows = weight.index_select(member.dim, index.to(weight.device)).movedim(member.dim, 0)
+        rows = rows.reshape(len(index), -1)
+        if normalise:
             rows = rows / norm if norm > 0 else rows
-        yield rows, member.channel
-
-
-def _summed(
-    model: nn.Module,
-    group: ChannelGroup,
-    normalise: bool,
-    score: Callable[[torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    scores = torch.zeros(group.size)
-    for rows, channel in _filters(model, group, normalise):
-        scores.index_add_(0, channel, score(rows))
+        found = torch.zeros(n, device=rows.device)  # on the device the collective needs
+        found.index_copy_(0, which.to(rows.device), score(rows))
+        if local:
+            distributed.sum_over_ranks(found, param)
+        scores.index_add_(0, member.channel, found.cpu())
     return scores
 
 
@@ -70,14 +85,14 @@ def l1_importance(
     model: nn.Module, group: ChannelGroup, *, normalise: bool = False
 ) -> torch.Tensor:
     """Sum over the group's layers of each filter's L1 norm."""
-    return _summed(model, group, normalise, ROW_SCORES["L1"])
+    return _summed(model, group, normalise, ROW_SCORES["L1"], per_row=True)
 
 
 def l2_importance(
     model: nn.Module, group: ChannelGroup, *, normalise: bool = False
 ) -> torch.Tensor:
     """Sum over the group's layers of each filter's L2 norm (NNCF adds norms, not squares)."""
-    return _summed(model, group, normalise, ROW_SCORES["L2"])
+    return _summed(model, group, normalise, ROW_SCORES["L2"], per_row=True)
 
 
 def geometric_median_importance(
@@ -86,7 +101,7 @@ def geometric_median_importance(
     """FPGM (He et al. 2019): a filter near the geometric median of its layer is the one the
     others can replace, so the score is the sum of Euclidean distances from a filter to every
     other filter of the same layer, summed over the group's layers."""
-    return _summed(model, group, normalise, ROW_SCORES["geometric_median"])
+    return _summed(model, group, normalise, ROW_SCORES["geometric_median"], per_row=False)
 
 
 FILTER_IMPORTANCE: dict[str, Criterion] = {

@@ -40,7 +40,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 
-from compress import masks
+from compress import distributed, masks
 from compress.analysis.summary import counting_macs
 from compress.analysis.untouched import copy_model
 from compress.errors import CompressError
@@ -317,10 +317,13 @@ def apply_channel_mask(model: nn.Module, group: ChannelGroup, keep: torch.Tensor
             continue
         module = model.get_submodule(member.module_name)
         mask = masks.attach(module, member.param_name, owner=owner)
-        kept = keep[member.channel]
+        # a sharded mask (FSDP2) is written in the part this rank holds
+        which, where = distributed.held(mask, member.dim, member.index)
+        kept = keep[member.channel[which]]
+        part = distributed.local(mask)
         with torch.no_grad():
-            mask.index_fill_(member.dim, member.index[kept], 1)
-            mask.index_fill_(member.dim, member.index[~kept], 0)
+            part.index_fill_(member.dim, where[kept], 1)
+            part.index_fill_(member.dim, where[~kept], 0)
 
 
 def shrink(
