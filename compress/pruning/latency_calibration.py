@@ -197,11 +197,11 @@ def table_fraction(table: Mapping[str, Any], fraction: float) -> float | None:
     goal = 1.0 - fraction
     if goal < ys[0] - 1e-12:
         return None
-    i = next(k for k, y in enumerate(ys) if y >= goal)
-    if i == 0 or ys[i] == ys[i - 1]:
+    i = max(k for k, y in enumerate(ys) if y <= goal)  # the widest point measured as fast
+    if ys[i] >= goal or i == len(ys) - 1:
         return 1.0 - xs[i]
-    lo, hi = ys[i - 1], ys[i]
-    return 1.0 - (xs[i - 1] + (xs[i] - xs[i - 1]) * (goal - lo) / (hi - lo))
+    lo, hi = ys[i], ys[i + 1]
+    return 1.0 - (xs[i] + (xs[i + 1] - xs[i]) * (goal - lo) / (hi - lo))
 
 
 def reach(table: Mapping[str, Any]) -> float:
