@@ -164,7 +164,9 @@ def test_a_wide_spread_moves_the_goal_by_at_most_the_cap() -> None:
         for c in [e["out"], *e["in"]]:
             if c:
                 c["spread"] = [0.1 * v for v in c["ms"]]
-    scores = {g: torch.arange(info["size"], dtype=torch.float) for g, info in table["groups"].items()}
+    scores = {
+        g: torch.arange(info["size"], dtype=torch.float) for g, info in table["groups"].items()
+    }
     base = latency_widths.predicted_ms(table, {})
     free = latency_widths.choose_widths(table, scores, 0.5)
     capped = latency_widths.choose_widths(table, scores, 0.5, margin_cap=0.02)
@@ -203,7 +205,9 @@ def test_the_calibration_is_saved_and_checked_in_the_side_car(tmp_path: Path) ->
     bad = json.loads(path.read_text())
     bad["calibration"]["measured_ratio"] = bad["calibration"]["measured_ratio"][:-1]
     path.write_text(json.dumps(bad))
-    with pytest.raises(CompressError, match=r"calibration.measured_ratio: 3 values for the 4 scales"):
+    with pytest.raises(
+        CompressError, match=r"calibration.measured_ratio: 3 values for the 4 scales"
+    ):
         read_sidecar(path, "latency")
     bad["calibration"]["measured_ratio"] = "fast"
     path.write_text(json.dumps(bad))

@@ -61,9 +61,9 @@ def _refuse(path: Path, what: str) -> NoReturn:
 
 
 def _check_table(table: dict[str, Any], path: Path) -> None:
-    cal = table.get("calibration")
-    for key in ("table_ratio", "measured_ratio") if cal else ():
-        if len(cal[key]) != len(cal["scales"]):
+    cal: dict[str, Any] = table.get("calibration") or {}
+    for key in ("table_ratio", "measured_ratio"):
+        if cal and len(cal[key]) != len(cal["scales"]):
             n, scales = len(cal[key]), len(cal["scales"])
             _refuse(path, f"calibration.{key}: {n} values for the {scales} scales")
     groups = table["groups"]
