@@ -18,7 +18,8 @@ With ``pruning_flops_target`` the schedule moves the fraction of MACs to remove,
 finds it: the filter ratio by bisection (uniform) or filters pruned one at a time in ranking
 order (global), on MACs counted from the kept widths. With ``pruning_latency_target`` it moves
 the fraction of measured latency to remove, and the widths come from a latency table measured
-once on this machine (:mod:`compress.pruning.latency`).
+once on this machine (:mod:`compress.pruning.latency`), calibrated on the whole model timed
+shrunk uniformly (:mod:`compress.pruning.latency_calibration`).
 
 With ``filter_importance: scop`` the scores are control coefficients learned against knockoff
 features during the ``num_init_steps`` epochs (:mod:`compress.pruning.scop`).

@@ -338,6 +338,13 @@ def text(table: Mapping[str, Any], widths: Mapping[str, int] | None = None) -> s
     )
     if widths:
         head += f", {predicted_ms(table, widths):.3f} ms at the chosen widths"
+    if table.get("calibration"):
+        cal = table["calibration"]
+        narrowest = min(cal["measured_ratio"])
+        head += (
+            f"; calibrated on the whole model shrunk uniformly at {len(cal['scales'])} widths "
+            f"(the narrowest measured {1 / narrowest if narrowest > 0 else 0:.2f}x)"
+        )
     if "measured_ms" in table:
         head += f"; {speedup_line(table)}"
     return head + "\n" + markdown(rows)
