@@ -551,9 +551,11 @@ class FilterPruning(Algorithm):
         if "calibration" in table:
             cap = latency_calibration.MARGIN_CAP
             wanted = latency_calibration.table_fraction(table, fraction)
-        chosen = latency_widths.choose_widths(
-            table, free, 1.0 if wanted is None else wanted, fixed, margin_cap=cap
-        )
+        if wanted is None:  # out of reach: every group at its narrowest, as its reach measured
+            narrowest = latency_calibration.uniform_widths(table, 0.0, fixed)
+            chosen = {g: w for g, w in narrowest.items() if g in free}
+        else:
+            chosen = latency_widths.choose_widths(table, free, wanted, fixed, margin_cap=cap)
         for name, width in chosen.items():
             keep[name] = top(scores[name], width)
         reached = latency_widths.removed_fraction(table, {**fixed, **chosen})
