@@ -141,9 +141,8 @@ def summary(files: list[Path]) -> None:
     """A markdown table: per model, backend and target the medians over runs with ranges."""
     runs = [json.loads(f.read_text()) for f in files]
     keys = list(dict.fromkeys((r["model"], r["backend"], r["what"]) for run in runs for r in run))
-    print(f"{len(runs)} runs\n")
-    print("| model | backend | what | asked | predicted | measured | within 10% | widths |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | backend | what | runs | asked | predicted | measured | within 10% | widths |")
+    print("|---|---|---|---:|---|---|---|---|---|")
     for model, backend, what in keys:
         rows = [
             r
@@ -155,14 +154,17 @@ def summary(files: list[Path]) -> None:
         asked = rows[0]["asked"]
         if asked is None:
             within = "≥ 1.8x" if min(measured) >= 1.8 else "< 1.8x"
-            print(f"| {model} | {backend} | {what} | - | - | {_fmt(measured)} | {within} | - |")
+            print(
+                f"| {model} | {backend} | {what} | {len(rows)} | - | - | {_fmt(measured)} | "
+                f"{within} | - |"
+            )
             continue
         predicted = [r["predicted"] for r in rows]
         hits = sum(abs(m / asked - 1) <= 0.1 for m in measured)
         warned = " (warned: out of reach)" if any(r["warned"] for r in rows) else ""
         distinct = len({json.dumps(r["chosen"], sort_keys=True) for r in rows})
         print(
-            f"| {model} | {backend} | {what} | {asked:.2f}x | {_fmt(predicted)} | "
+            f"| {model} | {backend} | {what} | {len(rows)} | {asked:.2f}x | {_fmt(predicted)} | "
             f"{_fmt(measured)} | {hits}/{len(rows)}{warned} | {distinct} distinct |"
         )
 
