@@ -49,6 +49,55 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class Bottleneck(nn.Module):
+    """A ResNet-50 bottleneck: 1x1 down to ``width``, 3x3 (with the stride), 1x1 up to four
+    times ``width``; a 1x1 conv shortcut where the stride or width changes."""
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = 4 * width
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        return F.relu(self.bn3(self.conv3(y)) + self.shortcut(x))
+
+
+class ResNet50(nn.Module):
+    """ResNet-50 as for ImageNet (torchvision's layout, written here): the ResNet-18 stem, then
+    stages of 3, 4, 6 and 3 bottlenecks, 256 to 2048 channels out."""
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn = nn.BatchNorm2d(64)
+        layers: list[nn.Module] = []
+        cin = 64
+        for i, (blocks, stride) in enumerate(((3, 1), (4, 2), (6, 2), (3, 2))):
+            width = 64 * 2**i
+            for j in range(blocks):
+                layers.append(Bottleneck(cin, width, stride if j == 0 else 1))
+                cin = 4 * width
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.bn(self.stem(x))), 3, 2, 1)
+        x = self.layers(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 class InvertedResidual(nn.Module):
     """MobileNetV2's block: 1x1 expansion (unless ``expand`` is 1), 3x3 depthwise, 1x1
     projection; the input is added back where the shape allows."""

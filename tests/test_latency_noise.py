@@ -22,7 +22,7 @@ from test_structured import _make
 
 import compress
 from compress.cli import main
-from compress.pruning import latency, latency_widths
+from compress.pruning import latency, latency_calibration, latency_widths
 from compress.pruning.channel_groups import build_groups
 
 
@@ -200,12 +200,12 @@ def test_strip_export_and_inspect_report_both_speedups_with_their_spreads(
     report = small.compress_latency_table
     table = algo.latency_table
     predicted = latency_widths.prediction(table, widths(algo))
-    assert report["predicted_speedup"] == pytest.approx(predicted["predicted_speedup"])
-    assert (
-        0
-        < report["predicted_speedup_spread"]
-        == pytest.approx(predicted["predicted_speedup_spread"])
-    )
+    # the table's own prediction is kept; the one reported is read off its calibration
+    assert report["table_speedup"] == pytest.approx(predicted["predicted_speedup"])
+    calibrated = latency_calibration.calibrated_speedup(table, widths(algo))
+    assert report["predicted_speedup"] == pytest.approx(calibrated)
+    rel = predicted["predicted_speedup_spread"] / predicted["predicted_speedup"]
+    assert 0 < report["predicted_speedup_spread"] == pytest.approx(calibrated * rel)
     assert report["measured_speedup_spread"] > 0 and 5 <= report["measured_rounds"] <= 20
     # the planned times of the two models, within the noise of the rounds
     planned = blocked_timer(functools.partial(model, x)) / blocked_timer(

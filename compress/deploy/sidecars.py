@@ -72,6 +72,10 @@ def _refuse(path: Path, what: str) -> NoReturn:
 
 
 def _table_problem(table: dict[str, Any]) -> str | None:
+    cal: dict[str, Any] = table.get("calibration") or {}
+    for key in ("table_ratio", "measured_ratio"):
+        if cal and len(cal[key]) != len(cal["scales"]):
+            return f"calibration.{key}: {len(cal[key])} values for the {len(cal['scales'])} scales"
     groups = table["groups"]
     for g, info in groups.items():
         widths = info["widths"]

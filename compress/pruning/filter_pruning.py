@@ -18,7 +18,8 @@ With ``pruning_flops_target`` the schedule moves the fraction of MACs to remove,
 finds it: the filter ratio by bisection (uniform) or filters pruned one at a time in ranking
 order (global), on MACs counted from the kept widths. With ``pruning_latency_target`` it moves
 the fraction of measured latency to remove, and the widths come from a latency table measured
-once on this machine (:mod:`compress.pruning.latency`).
+once on this machine (:mod:`compress.pruning.latency`), calibrated on the whole model timed
+shrunk uniformly (:mod:`compress.pruning.latency_calibration`).
 
 With ``filter_importance: scop`` the scores are control coefficients learned against knockoff
 features during the ``num_init_steps`` epochs (:mod:`compress.pruning.scop`).
@@ -48,7 +49,14 @@ from compress.analysis.outputs import on_device
 from compress.analysis.summary import layer_macs
 from compress.analysis.untouched import copy_model
 from compress.errors import CompressError, ConfigError
-from compress.pruning import flops_target, hf_layers, latency, latency_widths, moe
+from compress.pruning import (
+    flops_target,
+    hf_layers,
+    latency,
+    latency_calibration,
+    latency_widths,
+    moe,
+)
 from compress.pruning.allocation import global_counts, global_keep, kept_count, top
 from compress.pruning.calibration import nuclear_scores
 from compress.pruning.channel_groups import Excluded, build_groups
@@ -481,54 +489,107 @@ class FilterPruning(Algorithm):
     # --- latency ---------------------------------------------------------------------------
 
     def latency(self) -> dict[str, Any]:
-        """The latency table (measured on first use, on an unmasked copy of the model)."""
+        """The latency table (measured on first use, on an unmasked copy of the model), with
+        its calibration on the whole model (:mod:`compress.pruning.latency_calibration`)."""
         if self.latency_table is None:
             model = copy_model(self.model)
             for module in model.modules():
                 masks.remove(module)
-            self.latency_table = latency.measure_table(
+            inputs = tuple(self.example_inputs or ())
+            batch = self.params.get("latency_batch_size")
+            backend = self.params.get("latency_backend", "torch")
+            table = latency.measure_table(
+                model, self.groups, inputs, batch_size=batch, backend=backend
+            )
+            table["calibration"] = latency_calibration.calibrate(
                 model,
                 self.groups,
-                tuple(self.example_inputs or ()),
-                batch_size=self.params.get("latency_batch_size"),
-                backend=self.params.get("latency_backend", "torch"),
+                inputs,
+                table,
+                batch_size=batch,
+                backend=backend,
+                fixed=self._fixed_widths(),
+                flagged=self._flagged_groups(model),
             )
+            self.latency_table = table
         return self.latency_table
+
+    def _fixed_widths(self) -> dict[str, int]:
+        """Widths of the groups prune_channels or layer_ratios set (not the latency target)."""
+        fixed = {n: int(k.sum()) for n, k in self.explicit.items()}
+        for name, ratio in self.ratios.items():
+            g = next(g for g in self.groups if g.name == name)
+            round_to = self.params["round_to"]
+            fixed[name] = kept_count(g.size, ratio, round_to, unit=g.unit, rounding=self.rounding)
+        return fixed
+
+    def _flagged_groups(self, model: nn.Module) -> tuple[list[ChannelGroup], list[str]] | None:
+        """The groups ``model`` has with the flags that keep its first conv and downsample
+        convs whole turned on, and those flags (None when none keeps a group whole here)."""
+        kinds = {e.kind for e in self.excluded} & {"first conv", "downsample conv"}
+        if not kinds:
+            return None
+        p = self.params
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            groups = build_groups(
+                model,
+                self.example_inputs,  # type: ignore[arg-type]
+                prune_first_conv=True,
+                prune_downsample_convs=True,
+                prune_batch_norms=p["prune_batch_norms"],
+                time_budget=p.get("trace_time_budget"),
+            )
+        return groups, sorted(FLAGS[k] for k in kinds)
 
     def _check_latency_reach(self) -> None:
         """At the first epoch, before any training step (the table is measured then, or comes
         from a loaded state, never twice): a warning when the flags leave too little to prune
         for the latency target, with the most reachable target."""
         self.reach_checked = True
-        fixed = {n: int(k.sum()) for n, k in self.explicit.items()}
-        for name, ratio in self.ratios.items():
-            g = next(g for g in self.groups if g.name == name)
-            round_to = self.params["round_to"]
-            fixed[name] = kept_count(g.size, ratio, round_to, unit=g.unit, rounding=self.rounding)
-        flags = sorted({FLAGS[e.kind] for e in self.excluded if e.kind in FLAGS})
         target = float(self.latency_target or 0.0)
-        message = latency_widths.reach_warning(self.latency(), target, fixed, flags)
+        table = self.latency()
+        if "calibration" in table:
+            message = latency_calibration.reach_warning(table, target)
+        else:  # a table from before calibrations
+            flags = sorted({FLAGS[e.kind] for e in self.excluded if e.kind in FLAGS})
+            message = latency_widths.reach_warning(table, target, self._fixed_widths(), flags)
         if message:
             warnings.warn(f"{self.cfg.path}: {message}", stacklevel=4)
 
     def _latency_keep(
         self, fraction: float, scores: Mapping[str, torch.Tensor], epoch: float
     ) -> dict[str, torch.Tensor]:
-        """Keep masks whose widths remove ``fraction`` of the table's predicted latency;
-        groups set by prune_channels or layer_ratios keep their own widths."""
+        """Keep masks whose widths remove ``fraction`` of the whole model's measured latency
+        (the table's fraction read off its calibration); groups set by prune_channels or
+        layer_ratios keep their own widths."""
         keep = self.choose(0.0, scores, epoch)
         if fraction <= 0.0:
             return keep
+        table = self.latency()
         fixed = {n: int(keep[n].sum()) for n in {**self.explicit, **self.ratios}}
         free = {g.name: scores[g.name] for g in self.groups if g.name not in fixed}
-        chosen = latency_widths.choose_widths(self.latency(), free, fraction, fixed)
+        cap = None
+        wanted: float | None = fraction
+        if "calibration" in table:
+            cap = latency_calibration.MARGIN_CAP
+            wanted = latency_calibration.table_fraction(table, fraction)
+        if wanted is None:  # out of reach: every group at its narrowest, as its reach measured
+            narrowest = latency_calibration.uniform_widths(table, 0.0, fixed)
+            chosen = {g: w for g, w in narrowest.items() if g in free}
+        else:
+            chosen = latency_widths.choose_widths(table, free, wanted, fixed, margin_cap=cap)
         for name, width in chosen.items():
             keep[name] = top(scores[name], width)
-        reached = latency_widths.removed_fraction(self.latency(), {**fixed, **chosen})
-        if not latency_widths.target_holds(self.latency(), {**fixed, **chosen}, fraction):
+        reached = latency_widths.removed_fraction(table, {**fixed, **chosen})
+        if "calibration" in table:
+            reached = 1.0 - 1.0 / latency_calibration.calibrated_speedup(table, {**fixed, **chosen})
+        if wanted is None or not latency_widths.target_holds(
+            table, {**fixed, **chosen}, wanted, margin_cap=cap
+        ):
             warnings.warn(
                 f"{self.cfg.path}: pruning_latency_target {fraction:.3f} is out of reach; the "
-                f"narrowest widths in the latency table remove {reached:.3f} of its predicted "
+                f"narrowest widths in the latency table remove {reached:.3f} of its "
                 "latency",
                 stacklevel=2,
             )
@@ -571,9 +632,7 @@ class FilterPruning(Algorithm):
         out["rounded whole"] = list(self.rounded_whole)
         if self.latency_table is not None:
             chosen = {n: int(k.sum()) for n, k in self.keep.items()}
-            out["latency removed (predicted)"] = latency_widths.removed_fraction(
-                self.latency_table, chosen
-            )
+            out["latency removed (predicted)"] = _removed(self.latency_table, chosen)
         return {
             **out,
             "layers": rows,
@@ -677,7 +736,7 @@ class FilterPruning(Algorithm):
             )
             report = {
                 "chosen": chosen,
-                **latency_widths.prediction(self.latency_table, chosen),
+                **_prediction(self.latency_table, chosen),
                 "target_speedup": 1.0 / (1.0 - float(self.latency_target or 0.0)),
                 **measured,
             }
@@ -701,6 +760,26 @@ def _check_sharded(path: str, p: Mapping[str, Any]) -> None:
             "device; use pruning_flops_target, or prune under DDP (or on one device) with the "
             "latency target, export, then fine-tune sharded"
         )
+
+
+def _removed(table: Mapping[str, Any], widths: Mapping[str, int]) -> float:
+    """Fraction of the latency ``widths`` remove, predicted: on the calibrated curve when the
+    table has one."""
+    if "calibration" in table:
+        return 1.0 - 1.0 / latency_calibration.calibrated_speedup(table, widths)
+    return latency_widths.removed_fraction(table, widths)
+
+
+def _prediction(table: Mapping[str, Any], widths: Mapping[str, int]) -> dict[str, float]:
+    """:func:`latency_widths.prediction`; with a calibration, the speed-up is the calibrated
+    one (its spread scaled), and the table's own is kept as ``table_speedup``."""
+    out = latency_widths.prediction(table, widths)
+    if "calibration" in table:
+        speedup = latency_calibration.calibrated_speedup(table, widths)
+        rel = out["predicted_speedup_spread"] / max(out["predicted_speedup"], 1e-12)
+        out["table_speedup"] = out["predicted_speedup"]
+        out["predicted_speedup"], out["predicted_speedup_spread"] = speedup, speedup * rel
+    return out
 
 
 def _row(what: str, full: int, current: int) -> dict[str, Any]:

@@ -188,6 +188,8 @@ def choose_widths(
     scores: Mapping[str, torch.Tensor],
     fraction: float,
     fixed: Mapping[str, int] | None = None,
+    *,
+    margin_cap: float | None = None,
 ) -> dict[str, int]:
     """Widths of the groups in ``scores`` that remove at least ``fraction`` of the predicted
     time and as little importance as the greedy search finds.
@@ -206,7 +208,8 @@ def choose_widths(
     group kept widest (then the one losing least importance, then the table's order); and the
     target must hold at the slow end of the prediction's spread (:func:`predicted_spread`), so
     that a choice just short of it is not taken in one run and left in the next. With spreads of
-    0 (planned tables) every difference counts.
+    0 (planned tables) every difference counts. ``margin_cap``: that margin is at most this
+    fraction of the full time (a table of many layers adds up spreads that would overshoot).
     """
     fixed = dict(fixed or {})
     groups = [g for g in scores if g not in fixed and g in table["groups"]]
@@ -247,7 +250,11 @@ def choose_widths(
                 return w, saved, spread
         return None
 
-    while now + (margin := predicted_spread(table, widths)) > goal + 1e-12:
+    def spread_of(w: Mapping[str, int]) -> float:
+        spread = predicted_spread(table, w)
+        return spread if margin_cap is None else min(spread, margin_cap * base)
+
+    while now + (margin := spread_of(widths)) > goal + 1e-12:
         steps = {g: found for g in groups if (found := step(g)) is not None}
         if not steps:
             break
@@ -267,7 +274,7 @@ def choose_widths(
         widths[pick] = steps[pick][0]
         now -= steps[pick][1]
     # Give width back where the target still holds: the most important channel first.
-    margin = predicted_spread(table, widths)
+    margin = spread_of(widths)
     for _ in range(2):
         for g in sorted(groups, key=lambda g: (-(cum[g][-1] - cum[g][widths[g]]), order[g])):
             for w in sorted(table["groups"][g]["widths"], reverse=True):
@@ -281,12 +288,21 @@ def choose_widths(
     return {g: widths[g] for g in groups}
 
 
-def target_holds(table: Mapping[str, Any], widths: Mapping[str, int], fraction: float) -> bool:
+def target_holds(
+    table: Mapping[str, Any],
+    widths: Mapping[str, int],
+    fraction: float,
+    *,
+    margin_cap: float | None = None,
+) -> bool:
     """Whether ``widths`` remove ``fraction`` of the predicted time within the prediction's
-    spread (as :func:`choose_widths` reaches it)."""
+    spread (as :func:`choose_widths` reaches it, the spread capped as there)."""
     base = predicted_ms(table, {})
     goal = base * (1.0 - fraction)
-    return predicted_ms(table, widths) <= goal + predicted_spread(table, widths) + 1e-9 * base
+    spread = predicted_spread(table, widths)
+    if margin_cap is not None:
+        spread = min(spread, margin_cap * base)
+    return predicted_ms(table, widths) <= goal + spread + 1e-9 * base
 
 
 def text(table: Mapping[str, Any], widths: Mapping[str, int] | None = None) -> str:
@@ -322,6 +338,13 @@ def text(table: Mapping[str, Any], widths: Mapping[str, int] | None = None) -> s
     )
     if widths:
         head += f", {predicted_ms(table, widths):.3f} ms at the chosen widths"
+    if table.get("calibration"):
+        cal = table["calibration"]
+        narrowest = min(cal["measured_ratio"])
+        head += (
+            f"; calibrated on the whole model shrunk uniformly at {len(cal['scales'])} widths "
+            f"(the narrowest measured {1 / narrowest if narrowest > 0 else 0:.2f}x)"
+        )
     if "measured_ms" in table:
         head += f"; {speedup_line(table)}"
     return head + "\n" + markdown(rows)

@@ -1,0 +1,241 @@
+"""The latency table calibrated on the whole model: what a target asks is what the exported
+model measures.
+
+A latency table (:func:`compress.pruning.latency.measure_table`) predicts a model's time from
+its layers timed one by one. The model the runtime runs is more than that: the layers no group
+prunes (the first conv, downsample convs, the classifier), the time between layers (copies,
+reorders, pooling, adds the runtime does not fuse) and the shapes it actually runs. How much of
+that shrinks with the groups is what the table gets wrong: on ResNet-18 in OpenVINO a table
+asked for 2.0x gave 1.8x measured, on a small CNN a table that predicted 3.5x measured 9x.
+
+So after the table, :func:`calibrate` times the WHOLE model shrunk uniformly, every group at a
+few fractions of its width (``SCALES``) and at its narrowest, beside the model at full width
+(interleaved rounds, the median of per-round ratios, as
+:func:`compress.pruning.latency.compare_models`). That gives a curve from the table's predicted
+relative time to the measured one, which :func:`measured_ratio` interpolates (piecewise linear,
+made non-decreasing). A target of ``fraction`` (a speed-up of ``1 / (1 - fraction)``) becomes
+the table's fraction whose curve value is ``1 - fraction`` (:func:`table_fraction`); the
+widths are chosen on the table for that, with a margin of the table's spread capped at 2% of
+the full time (``MARGIN_CAP``). The reach is measured, not predicted: the whole model with every
+group at its narrowest; when recipe flags (``prune_first_conv``, ``prune_downsample_convs``)
+keep groups whole, the model with those groups at their narrowest too is timed as well, so that
+a target out of reach is warned before training with the target the flags reach.
+
+The calibration is kept in the table (``table["calibration"]``, saved in the ``.latency.json``
+side-car)::
+
+    {"scales": [0.75, 0.5, 0.3, 0.0], "table_ratio": [0.76, 0.52, 0.33, 0.12],
+     "measured_ratio": [0.8, 0.6, 0.45, 0.3], "spread": [0.01, 0.01, 0.01, 0.02],
+     "rounds": 7, "flags": ["prune_first_conv: true"], "flags_ratio": 0.2}
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.pruning import latency
+from compress.pruning.latency_backends import Backend, runtime_call
+from compress.pruning.latency_widths import predicted_ms
+from compress.pruning.structured import ChannelGroup, shrink
+
+__all__ = [
+    "MARGIN_CAP",
+    "SCALES",
+    "calibrate",
+    "calibrated_speedup",
+    "measured_ratio",
+    "reach",
+    "reach_warning",
+    "table_fraction",
+    "uniform_widths",
+]
+
+SCALES = (0.75, 0.5, 0.3, 0.0)
+"""Fractions of every group's width the whole model is timed at (0: each group's narrowest)."""
+MARGIN_CAP = 0.02
+"""The most of the full time the widths are chosen below the goal (the table's spread)."""
+
+
+def uniform_widths(
+    table: Mapping[str, Any], scale: float, fixed: Mapping[str, int] | None = None
+) -> dict[str, int]:
+    """Every group of the table at the candidate width nearest ``scale`` of its size (the
+    narrower of two as near; 0: its narrowest); ``fixed`` groups at theirs."""
+    fixed = dict(fixed or {})
+    out = {}
+    for g, info in table["groups"].items():
+        want = info["size"] * scale
+        out[g] = fixed.get(g, min(info["widths"], key=lambda w: (abs(w - want), w)))
+    return out
+
+
+def _keep(groups: Sequence[ChannelGroup], widths: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """Keep masks of the first ``widths[g]`` channels (which ones does not change the time)."""
+    keep = {}
+    for g in groups:
+        w = widths.get(g.name, g.size)
+        if w < g.size:
+            keep[g.name] = torch.arange(g.size) < w
+    return keep
+
+
+def _timed(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    backend: Backend,
+    timer: latency.Timer | None,
+    sample_s: float,
+) -> Callable[[], float]:
+    """One sample of ``model``'s time on ``inputs`` in ``backend`` (``timer``: planned)."""
+    whole = functools.partial(model, *inputs)
+    if timer is not None:
+        return functools.partial(timer, whole)
+    if backend != "torch":
+        return functools.partial(latency.time_call, runtime_call(backend, whole), target_s=sample_s)
+    if latency.default_timer is latency.time_call:
+        return functools.partial(latency.time_call, whole, target_s=sample_s)
+    return functools.partial(latency.default_timer, whole)
+
+
+def calibrate(
+    model: nn.Module,
+    groups: Sequence[ChannelGroup],
+    example_inputs: tuple[torch.Tensor, ...],
+    table: Mapping[str, Any],
+    *,
+    batch_size: int | None = None,
+    backend: Backend = "torch",
+    timer: latency.Timer | None = None,
+    fixed: Mapping[str, int] | None = None,
+    flagged: tuple[Sequence[ChannelGroup], list[str]] | None = None,
+    scales: Sequence[float] = SCALES,
+    rounds: int = 5,
+    max_rounds: int = 20,
+    spread_bound: float = 0.02,
+) -> dict[str, Any]:
+    """Times ``model`` (at full width, unmasked) shrunk uniformly at each of ``scales`` beside
+    itself at full width; returns the calibration (module docstring). ``flagged`` is the groups
+    the model has with the recipe flags that keep groups whole turned on, and those flags: the
+    model with all of them at their narrowest is timed too."""
+    inputs = tuple(latency._batched(t, batch_size) for t in example_inputs)
+    sample_s = float(table.get("sample_ms", 2.0)) / 1e3
+    full = predicted_ms(table, {})
+    points = [uniform_widths(table, s, fixed) for s in scales]
+    was_training = model.training
+    model.eval()
+    try:
+        jobs: list[tuple[Any, Callable[[], float]]] = [
+            ("dense", _timed(model, inputs, backend, timer, sample_s))
+        ]
+        for i, widths in enumerate(points):
+            small = shrink(model, groups, _keep(groups, widths), example_inputs=inputs).eval()
+            jobs.append((i, _timed(small, inputs, backend, timer, sample_s)))
+        if flagged is not None:
+            narrowest = {g.name: latency.candidate_widths(g.size)[0] for g in flagged[0]}
+            small = shrink(
+                model, flagged[0], _keep(flagged[0], narrowest), example_inputs=inputs
+            ).eval()
+            jobs.append(("flags", _timed(small, inputs, backend, timer, sample_s)))
+        samples = latency._rounds(
+            jobs, rounds=rounds, max_rounds=max_rounds, bound=spread_bound, model=model
+        )
+    finally:
+        model.train(was_training)
+
+    def ratios(key: Any) -> list[float]:
+        return [s / d for d, s in zip(samples["dense"], samples[key], strict=True) if d > 0]
+
+    out: dict[str, Any] = {
+        "scales": list(scales),
+        "table_ratio": [predicted_ms(table, w) / full if full > 0 else 1.0 for w in points],
+        "measured_ratio": [statistics.median(ratios(i)) for i in range(len(points))],
+        "spread": [latency.median_spread(ratios(i)) for i in range(len(points))],
+        "rounds": len(samples["dense"]),
+    }
+    if flagged is not None:
+        out["flags"] = list(flagged[1])
+        out["flags_ratio"] = statistics.median(ratios("flags"))
+    return out
+
+
+def _curve(table: Mapping[str, Any]) -> tuple[list[float], list[float]]:
+    """The calibration's (table ratio, measured ratio) points, the table ratio increasing, with
+    (1, 1) (full width) last; measured ratios made non-decreasing (a narrower model measured
+    slower than a wider one is taken to be as fast)."""
+    cal = table["calibration"]
+    pairs = sorted(zip(cal["table_ratio"], cal["measured_ratio"], strict=True))
+    xs = [x for x, _ in pairs if x < 1.0] + [1.0]
+    ys = [y for x, y in pairs if x < 1.0] + [1.0]
+    for i in range(len(ys) - 2, -1, -1):
+        ys[i] = min(ys[i], ys[i + 1])
+    return xs, ys
+
+
+def measured_ratio(table: Mapping[str, Any], table_ratio: float) -> float:
+    """The whole model's measured time over its full-width time where the table predicts
+    ``table_ratio`` of its full time: interpolated on the calibration curve (below its
+    narrowest point, proportional to it)."""
+    xs, ys = _curve(table)
+    if table_ratio <= xs[0]:
+        return ys[0] * table_ratio / xs[0] if xs[0] > 0 else ys[0]
+    i = next(k for k, x in enumerate(xs) if x >= table_ratio)
+    lo, hi = xs[i - 1], xs[i]
+    return ys[i - 1] + (ys[i] - ys[i - 1]) * (table_ratio - lo) / (hi - lo)
+
+
+def table_fraction(table: Mapping[str, Any], fraction: float) -> float | None:
+    """The fraction of the table's predicted time to remove so that the whole model measures
+    ``fraction`` removed, read off the calibration curve; None when even every group at its
+    narrowest does not remove it (:func:`reach`)."""
+    xs, ys = _curve(table)
+    goal = 1.0 - fraction
+    if goal < ys[0] - 1e-12:
+        return None
+    i = max(k for k, y in enumerate(ys) if y <= goal)  # the widest point measured as fast
+    if ys[i] >= goal or i == len(ys) - 1:
+        return 1.0 - xs[i]
+    lo, hi = ys[i], ys[i + 1]
+    return 1.0 - (xs[i] + (xs[i + 1] - xs[i]) * (goal - lo) / (hi - lo))
+
+
+def reach(table: Mapping[str, Any]) -> float:
+    """The most of the whole model's measured time the groups remove: all at their narrowest."""
+    return 1.0 - _curve(table)[1][0]
+
+
+def calibrated_speedup(table: Mapping[str, Any], widths: Mapping[str, int]) -> float:
+    """The whole model's speed-up the calibrated table predicts for ``widths``."""
+    full = predicted_ms(table, {})
+    ratio = measured_ratio(table, predicted_ms(table, widths) / full if full > 0 else 1.0)
+    return 1.0 / ratio if ratio > 0 else 0.0
+
+
+def reach_warning(table: Mapping[str, Any], target: float) -> str | None:
+    """Before training: what to say when ``target`` is beyond the measured :func:`reach`
+    (None when within), with the target the recipe flags that keep groups whole would reach."""
+    most = reach(table)
+    if target <= most + 1e-6:
+        return None
+    cal = table["calibration"]
+    asked = 1.0 / (1.0 - target)
+    text = (
+        f"pruning_latency_target {target:.3f} ({asked:.2f}x) is out of reach with these flags: "
+        f"the whole model with every prunable group at its narrowest measured "
+        f"{1.0 / (1.0 - most):.2f}x in {table.get('backend', 'torch')}. The most reachable "
+        f"target is {most:.3f}"
+    )
+    if cal.get("flags"):
+        flags = " and ".join(cal["flags"])
+        with_flags = 1.0 - float(cal["flags_ratio"])
+        verdict = "would reach it" if with_flags >= target else "would not reach it either"
+        text += (
+            f"; with {flags} the narrowest model measured {1.0 / cal['flags_ratio']:.2f}x "
+            f"(target {with_flags:.3f} reachable): {flags} {verdict}"
+        )
+    return text
