@@ -347,3 +347,19 @@ def test_qwen2_moe_shared_expert_width_round_trips(tmp_path: Path) -> None:
     small.save_pretrained(tmp_path / "hf")
     again = type(small).from_pretrained(tmp_path / "hf")
     torch.testing.assert_close(_outputs(again, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_saved_experts_entry_that_does_not_fit_is_refused_before_anything_is_applied() -> None:
+    ctrl, model, x = _build("mixtral", FILTER)
+    state = ctrl.state_dict()
+    algo = ctrl.algorithms[0]
+    before = {n: k.clone() for n, k in algo.experts.keep.items()}
+    for junk in ({"nosuch.experts": torch.ones(3, dtype=torch.bool)}, "abc"):
+        bad = {**state, "state": {**state["state"]}}
+        bad["state"]["filter_pruning"] = {**state["state"]["filter_pruning"], "experts": junk}
+        bad["state"]["filter_pruning"]["level"] = 0.1
+        with pytest.raises(compress.CompressError, match="prunes the experts of"):
+            ctrl.load_state_dict(bad)
+        assert all(torch.equal(before[n], algo.experts.keep[n]) for n in before)
+        assert algo.current != 0.1  # refused as a whole, before anything was applied
+    ctrl.load_state_dict(state)

@@ -674,6 +674,7 @@ class FilterPruning(Algorithm):
             check_tensor_table(f"{self.name}.calibration", scores, shapes)
         if self.scop is not None and state.get("scop") is not None:
             self.scop.check_state(state["scop"], f"{self.name}.scop")
+        moe.check(self.experts, state.get("experts"))
         # latency_table: checked by the controller against deploy's side-car schema
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

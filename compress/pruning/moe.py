@@ -278,18 +278,32 @@ def state_dict(state: Experts) -> dict[str, torch.Tensor]:
     return {n: k.clone() for n, k in state.keep.items()}
 
 
+def check(state: Experts, saved: Any) -> None:
+    """A saved ``experts`` entry (None: saved before experts were pruned) fits this model."""
+    if saved is None:
+        return
+    if not isinstance(saved, Mapping) or (
+        saved
+        and (
+            sorted(map(str, saved)) != sorted(state.keep)
+            or any(
+                not isinstance(saved[n], torch.Tensor) or tuple(saved[n].shape) != tuple(k.shape)
+                for n, k in state.keep.items()
+            )
+        )
+    ):
+        names = sorted(map(str, saved))[:3] if isinstance(saved, Mapping) else type(saved).__name__
+        raise CompressError(
+            f"filter_pruning state does not fit this model: it prunes the experts of "
+            f"{names}, the model {sorted(state.keep)[:3]} (or their widths differ)"
+        )
+
+
 def load(state: Experts, saved: Mapping[str, torch.Tensor] | None) -> None:
     """Restores the kept channels; a state without them (saved before experts were pruned)
     keeps every channel."""
+    check(state, saved)
     saved = saved or {}
-    if saved and (
-        sorted(saved) != sorted(state.keep)
-        or any(tuple(saved[n].shape) != tuple(k.shape) for n, k in state.keep.items())
-    ):
-        raise CompressError(
-            f"filter_pruning state does not fit this model: it prunes the experts of "
-            f"{sorted(saved)[:3]}, the model {sorted(state.keep)[:3]} (or their widths differ)"
-        )
     for name, k in state.keep.items():
         state.keep[name] = torch.as_tensor(saved.get(name, k), dtype=torch.bool).clone()
 
