@@ -43,7 +43,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from models import MobileNetV2, ResNet18  # benchmarks/ is on sys.path when run as a script
+from models import (  # benchmarks/ is on sys.path when run as a script
+    MobileNetV2,
+    ResNet18,
+    trained_looking,
+)
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -55,19 +59,6 @@ RUNTIMES = ("eager", "onnxruntime", "openvino")
 BATCHES = (1, 8)
 FILTER_RATIOS = (0.3, 0.5, 0.7)
 SPARSITY = 0.9
-
-
-def trained_looking(model: nn.Module) -> nn.Module:
-    """BatchNorm statistics and scales away from their initial values (so L1 ranks and folded
-    scales are not all ties), in eval mode."""
-    torch.manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.2, 0.2)
-    return model.eval()
 
 
 def _compressed(

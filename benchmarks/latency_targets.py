@@ -32,7 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from models import MobileNetV2, ResNet18, ResNet50  # benchmarks/ is on sys.path as a script
+from models import (  # benchmarks/ is on sys.path as a script
+    MobileNetV2,
+    ResNet18,
+    ResNet50,
+    trained_looking,
+)
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -45,18 +50,6 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "MobileNetV2": MobileNetV2,
 }
 TARGETS = (0.3, 0.5, 0.7)
-
-
-def trained_looking(model: nn.Module) -> nn.Module:
-    """BatchNorm statistics and scales away from their initial values, in eval mode."""
-    torch.manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.2, 0.2)
-    return model.eval()
 
 
 def _recipe(backend: str, batch: int, **params: Any) -> dict[str, Any]:
