@@ -57,12 +57,17 @@ def full(t: Any) -> torch.Tensor:
 
 def whole(state: Any) -> Any:
     """``state`` (nested dicts and lists) with every sharded tensor gathered whole."""
+    return _each_sharded(state, lambda t: t.full_tensor())
+
+
+def _each_sharded(state: Any, fn: Callable[[Any], Any]) -> Any:
+    """``state`` (nested dicts and lists) with ``fn`` of every sharded tensor in its place."""
     if is_sharded(state):
-        return state.full_tensor()
+        return fn(state)
     if isinstance(state, Mapping):
-        return {k: whole(v) for k, v in state.items()}
+        return {k: _each_sharded(v, fn) for k, v in state.items()}
     if isinstance(state, list):
-        return [whole(v) for v in state]
+        return [_each_sharded(v, fn) for v in state]
     return state
 
 
@@ -90,13 +95,7 @@ def to_rank_zero(t: Any) -> torch.Tensor | None:
 def whole_on_rank_zero(state: Any) -> Any:
     """``state`` (nested dicts and lists) with every sharded tensor gathered whole on rank 0
     (None in its place on the other ranks): for what only rank 0 writes, a checkpoint entry."""
-    if is_sharded(state):
-        return to_rank_zero(state)
-    if isinstance(state, Mapping):
-        return {k: whole_on_rank_zero(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return [whole_on_rank_zero(v) for v in state]
-    return state
+    return _each_sharded(state, to_rank_zero)
 
 
 def scalar(t: torch.Tensor) -> float:
