@@ -581,9 +581,7 @@ class FilterPruning(Algorithm):
             chosen = latency_widths.choose_widths(table, free, wanted, fixed, margin_cap=cap)
         for name, width in chosen.items():
             keep[name] = top(scores[name], width)
-        reached = latency_widths.removed_fraction(table, {**fixed, **chosen})
-        if "calibration" in table:
-            reached = 1.0 - 1.0 / latency_calibration.calibrated_speedup(table, {**fixed, **chosen})
+        reached = latency_calibration.removed_fraction(table, {**fixed, **chosen})
         if wanted is None or not latency_widths.target_holds(
             table, {**fixed, **chosen}, wanted, margin_cap=cap
         ):
@@ -632,7 +630,9 @@ class FilterPruning(Algorithm):
         out["rounded whole"] = list(self.rounded_whole)
         if self.latency_table is not None:
             chosen = {n: int(k.sum()) for n, k in self.keep.items()}
-            out["latency removed (predicted)"] = _removed(self.latency_table, chosen)
+            out["latency removed (predicted)"] = latency_calibration.removed_fraction(
+                self.latency_table, chosen
+            )
         return {
             **out,
             "layers": rows,
@@ -737,7 +737,7 @@ class FilterPruning(Algorithm):
             )
             report = {
                 "chosen": chosen,
-                **_prediction(self.latency_table, chosen),
+                **latency_calibration.prediction(self.latency_table, chosen),
                 "target_speedup": 1.0 / (1.0 - float(self.latency_target or 0.0)),
                 **measured,
             }
@@ -761,26 +761,6 @@ def _check_sharded(path: str, p: Mapping[str, Any]) -> None:
             "device; use pruning_flops_target, or prune under DDP (or on one device) with the "
             "latency target, export, then fine-tune sharded"
         )
-
-
-def _removed(table: Mapping[str, Any], widths: Mapping[str, int]) -> float:
-    """Fraction of the latency ``widths`` remove, predicted: on the calibrated curve when the
-    table has one."""
-    if "calibration" in table:
-        return 1.0 - 1.0 / latency_calibration.calibrated_speedup(table, widths)
-    return latency_widths.removed_fraction(table, widths)
-
-
-def _prediction(table: Mapping[str, Any], widths: Mapping[str, int]) -> dict[str, float]:
-    """:func:`latency_widths.prediction`; with a calibration, the speed-up is the calibrated
-    one (its spread scaled), and the table's own is kept as ``table_speedup``."""
-    out = latency_widths.prediction(table, widths)
-    if "calibration" in table:
-        speedup = latency_calibration.calibrated_speedup(table, widths)
-        rel = out["predicted_speedup_spread"] / max(out["predicted_speedup"], 1e-12)
-        out["table_speedup"] = out["predicted_speedup"]
-        out["predicted_speedup"], out["predicted_speedup_spread"] = speedup, speedup * rel
-    return out
 
 
 def _row(what: str, full: int, current: int) -> dict[str, Any]:

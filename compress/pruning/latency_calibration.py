@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.pruning import latency
+from compress.pruning import latency, latency_widths
 from compress.pruning.latency_backends import Backend, runtime_call
 from compress.pruning.latency_widths import predicted_ms
 from compress.pruning.structured import ChannelGroup, shrink
@@ -50,7 +50,9 @@ __all__ = [
     "calibrate",
     "calibrated_speedup",
     "measured_ratio",
+    "prediction",
     "reach",
+    "removed_fraction",
     "reach_warning",
     "table_fraction",
     "uniform_widths",
@@ -239,3 +241,23 @@ def reach_warning(table: Mapping[str, Any], target: float) -> str | None:
             f"(target {with_flags:.3f} reachable): {flags} {verdict}"
         )
     return text
+
+
+def removed_fraction(table: Mapping[str, Any], widths: Mapping[str, int]) -> float:
+    """Fraction of the latency ``widths`` remove, predicted: on the calibrated curve when the
+    table has one."""
+    if "calibration" in table:
+        return 1.0 - 1.0 / calibrated_speedup(table, widths)
+    return latency_widths.removed_fraction(table, widths)
+
+
+def prediction(table: Mapping[str, Any], widths: Mapping[str, int]) -> dict[str, float]:
+    """:func:`latency_widths.prediction`; with a calibration, the speed-up is the calibrated
+    one (its spread scaled), and the table's own is kept as ``table_speedup``."""
+    out = latency_widths.prediction(table, widths)
+    if "calibration" in table:
+        speedup = calibrated_speedup(table, widths)
+        rel = out["predicted_speedup_spread"] / max(out["predicted_speedup"], 1e-12)
+        out["table_speedup"] = out["predicted_speedup"]
+        out["predicted_speedup"], out["predicted_speedup_spread"] = speedup, speedup * rel
+    return out
