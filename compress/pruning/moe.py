@@ -187,6 +187,11 @@ def scores(module: nn.Module, criterion: str) -> torch.Tensor:
     return torch.stack([fn(gu[e, :width]) + fn(gu[e, width:]) for e in range(gu.shape[0])])
 
 
+def _kept(state: Experts, name: str, ratio: float, params: Mapping[str, Any], rounding: str) -> int:
+    """The channels every expert of layer ``name`` keeps at filter ratio ``ratio``."""
+    return kept_count(state.width[name], ratio, params["round_to"], rounding=rounding)
+
+
 def choose(
     model: nn.Module,
     state: Experts,
@@ -197,7 +202,7 @@ def choose(
     """Every expert of every layer keeps its best ``kept_count(width, ratio)`` channels, by the
     recipe's ``filter_importance`` and ``round_to`` (``params``)."""
     for name in state.names:
-        n = kept_count(state.width[name], ratio, params["round_to"], rounding=rounding)
+        n = _kept(state, name, ratio, params, rounding)
         ranked = scores(model.get_submodule(name), params["filter_importance"])
         state.keep[name] = torch.stack([top(s, n) for s in ranked])
 
@@ -209,8 +214,9 @@ def counted(
     the FLOPs searches, which count channels and need not score them."""
     out = {}
     for name, k in state.keep.items():
-        n = kept_count(state.width[name], ratio, params["round_to"], rounding=rounding)
-        out[name] = (torch.arange(k.shape[1]) < n).expand_as(k)
+        out[name] = (
+            torch.arange(k.shape[1]) < _kept(state, name, ratio, params, rounding)
+        ).expand_as(k)
     return out
 
 
