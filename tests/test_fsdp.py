@@ -69,18 +69,45 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
+    def units(self) -> tuple[nn.Module, ...]:
+        """What ``configure_model`` shards, each on its own (then the whole network)."""
+        return (self.fc1, self.fc2, self.head)
+
+
+class CNN(nn.Module):
+    """Two conv-BatchNorm-ReLU blocks and a linear head on 3 x 6 x 6 inputs; each block is one
+    ``fully_shard`` unit (its conv and BatchNorm gathered together), as users wrap blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block1 = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU())
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block2(self.block1(x)).mean((2, 3)))
+
+    def units(self) -> tuple[nn.Module, ...]:
+        return (self.block1, self.block2, self.head)
+
+
+NETS = {"mlp": MLP, "cnn": CNN}
+_INPUT = {"mlp": (16,), "cnn": (3, 6, 6)}
+
 
 class ShardedLit(pl.LightningModule):
-    """A user's module: ``configure_model`` shards the network under ModelParallelStrategy."""
+    """A user's module: ``configure_model`` shards the network (``NETS[net]``) under
+    ModelParallelStrategy."""
 
-    def __init__(self, shard: bool = False) -> None:
+    def __init__(self, shard: bool = False, net: str = "mlp") -> None:
         super().__init__()
         self.save_hyperparameters()
         torch.manual_seed(0)
-        self.model = MLP()
-        with torch.no_grad():  # zeros for const_sparsity to keep
-            self.model.fc1.weight[:, :4] = 0.0
-        self.example_input_array = torch.zeros(2, 16)
+        self.model = NETS[net]()
+        if net == "mlp":
+            with torch.no_grad():  # zeros for const_sparsity to keep
+                self.model.fc1.weight[:, :4] = 0.0
+        self.example_input_array = torch.zeros(2, *_INPUT[net])
 
     def configure_model(self) -> None:
         if not self.hparams.shard or not torch.distributed.is_initialized():
@@ -88,8 +115,8 @@ class ShardedLit(pl.LightningModule):
         from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
-        for layer in (self.model.fc1, self.model.fc2, self.model.head):
-            fully_shard(layer, mesh=mesh)
+        for unit in self.model.units():
+            fully_shard(unit, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,10 +130,11 @@ class ShardedLit(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
-def loader() -> DataLoader:
+def loader(net: str = "mlp") -> DataLoader:
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(64, 16, generator=gen)
-    return DataLoader(TensorDataset(x, (x[:, :3].argmax(1))), batch_size=8)
+    x = torch.randn(64, *_INPUT[net], generator=gen)
+    y = x.flatten(2).mean(2)[:, :3].argmax(1) if net == "cnn" else x[:, :3].argmax(1)
+    return DataLoader(TensorDataset(x, y), batch_size=8)
 
 
 class EndProbe(pl.Callback):
@@ -141,6 +169,22 @@ class EndProbe(pl.Callback):
                 distributed.local(b).numel() * b.element_size() for b in model.buffers()
             ),
         }
+        # filter_importance "scop": the control coefficients each rank learned
+        scop = next(
+            (
+                a.scop
+                for cb in trainer.callbacks
+                if isinstance(cb, CompressionCallback) and cb.ctrl is not None
+                for a in cb.ctrl.algorithms
+                if getattr(a, "scop", None) is not None
+            ),
+            None,
+        )
+        if scop is not None:
+            mine = {n: k.detach().cpu() for n, k in scop.coefficients.items()}
+            every: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(every, mine)
+            found["scop"] = every
         if trainer.is_global_zero:
             torch.save(found, self.path)
 
@@ -155,8 +199,9 @@ def fit(
     resume: Path | None = None,
     distributed_checkpoint: bool = False,
     recipe: dict[str, Any] | None = None,
+    net: str = "mlp",
 ) -> None:
-    """One fit of ``recipe`` (default ``RECIPES[name]``) under "ddp" or "fsdp"
+    """One fit of ``recipe`` (default ``RECIPES[name]``) on ``NETS[net]`` under "ddp" or "fsdp"
     (ModelParallelStrategy); rank 0 writes what it ended with to ``out / f"{strategy}{tag}.pt"``,
     its run goes to ``out / strategy`` (a checkpoint per epoch) and ``resume`` is the checkpoint
     it starts from."""
@@ -191,7 +236,7 @@ def fit(
         logger=False,
     )
     pl.seed_everything(0, verbose=False)
-    fit_quietly(trainer, ShardedLit(shard=sharded), loader(), ckpt_path=resume)
+    fit_quietly(trainer, ShardedLit(shard=sharded, net=net), loader(net), ckpt_path=resume)
 
 
 _SCRIPT = """

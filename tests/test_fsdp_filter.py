@@ -1,9 +1,10 @@
 """Filter pruning under FSDP2 on 2 CPU processes (gloo): through the callback with Lightning's
 ``ModelParallelStrategy`` it ends with the filters, weights and export the same data and seeds
-give under DDP; through the core API with ``fully_shard`` applied first it keeps the channels
-one process keeps; SCOP and latency targets are refused with the reason.
+give under DDP, on the MLP and on a small conv-BatchNorm network (magnitude sparsity too);
+through the core API with ``fully_shard`` applied first it keeps the channels one process
+keeps; latency targets are refused with the reason.
 
-The fits reuse ``tests/test_fsdp.py``'s module, fit and two-process runners.
+The fits reuse ``tests/test_fsdp.py``'s modules, fit and two-process runners.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import test_fsdp
 import torch
 from test_fsdp import MLP, _spawn_connected, run_script
 
@@ -45,13 +47,42 @@ RECIPES: dict[str, Any] = {
         "pruning_init": 0.1,
         "params": {**_PRUNING, "filter_importance": "nuclear_norm", "pruning_target": 0.4},
     },
+    # SLAMP's ranking of the (all-reduced) per-filter scores
+    "L2_slamp": {
+        "algorithm": "filter_pruning",
+        "pruning_init": 0.1,
+        "params": {
+            **_PRUNING,
+            "filter_importance": "L2",
+            "allocation": "slamp",
+            "pruning_target": 0.5,
+        },
+    },
+    # control coefficients learned in a knockoff epoch (weights frozen), then pruned by them
+    "scop": {
+        "algorithm": "filter_pruning",
+        "pruning_init": 0.1,
+        "params": {
+            **_PRUNING,
+            "num_init_steps": 1,
+            "filter_importance": "scop",
+            "scop_lr": 0.05,
+            "pruning_target": 0.5,
+        },
+    },
+}
+CNN_RECIPES: dict[str, Any] = {
+    "L1": RECIPES["L1"],
+    "nuclear_norm": RECIPES["nuclear_norm"],
+    "scop": RECIPES["scop"],
+    "magnitude": test_fsdp.RECIPES["magnitude_global"],
 }
 
 _BOTH = """
 import test_fsdp_filter
-recipe = test_fsdp_filter.RECIPES[{name!r}]
-test_fsdp.fit(out, {name!r}, "ddp", recipe=recipe)
-test_fsdp.fit(out, {name!r}, "fsdp", recipe=recipe)
+recipe = test_fsdp_filter.{table}[{name!r}]
+test_fsdp.fit(out, {name!r}, "ddp", recipe=recipe, net={net!r})
+test_fsdp.fit(out, {name!r}, "fsdp", recipe=recipe, net={net!r})
 """
 
 _RESUMED = """
@@ -73,34 +104,93 @@ def _pruned_rows(masks: dict[str, torch.Tensor]) -> dict[str, list[int]]:
     }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(RECIPES))
-def test_fsdp2_filter_pruning_ends_as_ddp(name: str, tmp_path: Path) -> None:
-    run_script(tmp_path, _BOTH.format(name=name))
+def _both(tmp_path: Path, name: str, net: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The DDP and the FSDP2 fit of ``name`` on ``net``, checked to end alike: the same masks
+    (sharded like their weights under FSDP2), weights within 1e-4, and the same export (the
+    smaller model, gathered once on rank 0 and stripped there, BatchNorm statistics included)."""
+    table = "CNN_RECIPES" if net == "cnn" else "RECIPES"
+    run_script(tmp_path, _BOTH.format(name=name, table=table, net=net))
     ddp, fsdp = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "fsdp.pt")
-    # producers' rows and biases, consumers' columns
     assert sorted(ddp["masks"]) == sorted(fsdp["masks"])
-    assert {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "head.weight"} <= set(ddp["masks"])
     assert all(fsdp["layout"][k][3] for k in fsdp["layout"])  # sharded like their weights
-    pruned = _pruned_rows(ddp["masks"])
-    assert _pruned_rows(fsdp["masks"]) == pruned
-    assert len(pruned["fc1.weight"]) + len(pruned["fc2.weight"]) >= 72 // 4  # it really pruned
+    assert _pruned_rows(fsdp["masks"]) == _pruned_rows(ddp["masks"])
     same = sum(int((ddp["masks"][k] == fsdp["masks"][k]).sum()) for k in ddp["masks"])
     total = sum(m.numel() for m in ddp["masks"].values())
     assert same / total >= 0.999
     assert sorted(ddp["weights"]) == sorted(fsdp["weights"])
     for k, w in ddp["weights"].items():
         torch.testing.assert_close(fsdp["weights"][k], w, atol=1e-4, rtol=0)
-    # The export (the smaller model, gathered once on rank 0 and stripped there) equals DDP's.
     from compress.deploy.export import read_sparse
 
     a, _ = read_sparse(tmp_path / "ddp" / "exports" / "model.sparse.pt")
     b, _ = read_sparse(tmp_path / "fsdp" / "exports" / "model.sparse.pt")
     assert sorted(a) == sorted(b)
-    assert a["fc1.weight"].shape[0] == 48 - len(pruned["fc1.weight"])
     for k in a:
         assert a[k].shape == b[k].shape, k
-        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=0)
+        torch.testing.assert_close(b[k].float(), a[k].float(), atol=1e-4, rtol=0)
+    return ddp, fsdp
+
+
+def _check_scop(ddp: dict[str, Any], fsdp: dict[str, Any], layers: dict[str, str]) -> None:
+    """Every rank learned the same coefficients, FSDP2 those of DDP; most moved from 0.5, and
+    each producer (``layers``: coefficient name -> weight) lost its lowest-scored filters."""
+    for run in (ddp, fsdp):
+        first, second = run["scop"]
+        assert sorted(first) == sorted(layers)
+        assert all(torch.equal(first[n], second[n]) for n in first)
+    for name, key in layers.items():
+        k = ddp["scop"][0][name]
+        torch.testing.assert_close(fsdp["scop"][0][name], k, atol=1e-6, rtol=0)
+        assert int((k != 0.5).sum()) > k.numel() // 2  # (a dead unit's stays)
+        pruned = _pruned_rows(ddp["masks"])[key]
+        kept = [i for i in range(k.numel()) if i not in pruned]
+        assert pruned and float(k[pruned].max()) <= float(k[kept].min())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_fsdp2_filter_pruning_ends_as_ddp(name: str, tmp_path: Path) -> None:
+    ddp, fsdp = _both(tmp_path, name, "mlp")
+    # producers' rows and biases, consumers' columns
+    assert {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "head.weight"} <= set(ddp["masks"])
+    pruned = _pruned_rows(ddp["masks"])
+    assert len(pruned["fc1.weight"]) + len(pruned["fc2.weight"]) >= 72 // 4  # it really pruned
+    from compress.deploy.export import read_sparse
+
+    a, _ = read_sparse(tmp_path / "ddp" / "exports" / "model.sparse.pt")
+    assert a["fc1.weight"].shape[0] == 48 - len(pruned["fc1.weight"])
+    if name == "scop":
+        _check_scop(ddp, fsdp, {"fc1": "fc1.weight", "fc2": "fc2.weight"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CNN_RECIPES))
+def test_fsdp2_conv_batchnorm_ends_as_ddp(name: str, tmp_path: Path) -> None:
+    """Conv-BatchNorm-ReLU blocks, each one fully_shard unit: convs sharded by filters, their
+    BatchNorm's weight and bias masked with them, its running statistics whole on each rank
+    (rank 0's, which DDP broadcasts, are the exported ones)."""
+    ddp, fsdp = _both(tmp_path, name, "cnn")
+    from compress.deploy.export import read_sparse
+
+    a, _ = read_sparse(tmp_path / "ddp" / "exports" / "model.sparse.pt")
+    assert "block1.1.running_var" in a
+    if name == "magnitude":
+        zeros = sum(int((~m).sum()) for m in ddp["masks"].values())
+        assert zeros / sum(m.numel() for m in ddp["masks"].values()) > 0.5
+        return
+    # filters: the conv's rows and bias, its BatchNorm's weight and bias, the next layer's
+    # input channels
+    pruned = _pruned_rows(ddp["masks"])
+    for block, filters in (("block1", 16), ("block2", 24)):
+        rows = pruned[f"{block}.0.weight"]
+        for key in (f"{block}.0.bias", f"{block}.1.weight", f"{block}.1.bias"):
+            assert pruned[key] == rows, key
+        assert a[f"{block}.0.weight"].shape[0] == a[f"{block}.1.running_mean"].shape[0]
+        assert a[f"{block}.0.weight"].shape[0] == filters - len(rows)
+    assert a["block2.0.weight"].shape[1] == a["block1.0.weight"].shape[0]
+    assert len(pruned["block1.0.weight"]) + len(pruned["block2.0.weight"]) >= 8
+    if name == "scop":
+        _check_scop(ddp, fsdp, {"block1.0": "block1.0.weight", "block2.0": "block2.0.weight"})
 
 
 def _core(rank: int, port: int, out: str) -> None:
@@ -166,10 +256,7 @@ def _core(rank: int, port: int, out: str) -> None:
         ]
         said["stripped output"] = float((small(x) - small_ref(x)).abs().max())
     # what sharding refuses, by name
-    for key, params in (
-        ("scop", {"filter_importance": "scop", "num_init_steps": 1}),
-        ("latency", {"pruning_latency_target": 0.3}),
-    ):
+    for key, params in (("latency", {"pruning_latency_target": 0.3}),):
         options = {k: v for k, v in RECIPES["L1"]["params"].items() if k != "pruning_target"}
         refused = {**RECIPES["L1"], "params": {**options, **params}}
         try:
@@ -201,8 +288,6 @@ def test_core_api_filter_pruning_under_fully_shard(tmp_path: Path) -> None:
     assert said["weights"] < 1e-5
     assert said["stripped as one process"] and said["stripped"][0] == [24, 16]
     assert said["stripped output"] < 1e-5
-    assert "'scop' does not run on a sharded model" in said["scop"]
-    assert "use 'L1', 'L2', 'geometric_median' or 'nuclear_norm'" in said["scop"]
     assert "pruning_latency_target does not run on a sharded model" in said["latency"]
     assert "use pruning_flops_target" in said["latency"]
     assert "apply fully_shard first, then create_compressed_model" in said["after"]

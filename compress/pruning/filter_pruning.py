@@ -747,13 +747,6 @@ class FilterPruning(Algorithm):
 
 def _check_sharded(path: str, p: Mapping[str, Any]) -> None:
     """What filter pruning cannot do on a model sharded by ``fully_shard``, named with why."""
-    if p["filter_importance"] == "scop":
-        raise CompressError(
-            f"{path}.params.filter_importance: 'scop' does not run on a sharded model "
-            "(fully_shard): its knockoff features and control coefficients are added beside "
-            "the layers, outside FSDP2's sharded parameters; use 'L1', 'L2', "
-            "'geometric_median' or 'nuclear_norm', or prune with scop under DDP"
-        )
     if p.get("pruning_latency_target"):
         raise CompressError(
             f"{path}.params.pruning_latency_target does not run on a sharded model "

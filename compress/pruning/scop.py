@@ -12,7 +12,10 @@ the real half of its output with the knockoff half::
 A forward hook cuts the model's output back to the real half, so the user's loss sees its own
 batch and its own batch size. The coefficients are plain tensors, not parameters of the model:
 they never enter the user's optimizer or the model's ``state_dict``. Their own optimizer (SGD with
-momentum 0.9, ``scop_lr``) steps at every ``scheduler.step()``; they are clipped to [0, 1]. With
+momentum 0.9, ``scop_lr``) steps at every ``scheduler.step()``; they are clipped to [0, 1]. Under
+DDP and FSDP2 every rank holds all of them (the hooks mix layer outputs, which FSDP2 computes
+from gathered weights) and their gradients are averaged over the data-parallel group before
+each step, so every rank learns the same coefficients. With
 ``scop_freeze_weights`` only the coefficients learn: the model's parameters stop requiring
 gradients from the first training forward of the phase until it ends, and BatchNorm running
 statistics do not move (momentum 0 during each forward). When the phase ends the hooks go, and the
@@ -38,6 +41,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.hooks import RemovableHandle
 
+from compress import distributed
 from compress.algorithm import bad_state, check_generator_state, check_tensor_table
 from compress.analysis.node_kinds import is_transposed_linear
 from compress.errors import ConfigError
@@ -121,6 +125,12 @@ class Scop:
         # SGD, not Adam: the size of a coefficient's gradient is the information (Adam would move
         # every coefficient alike, since every real feature beats another sample's feature).
         self.optimizer = torch.optim.SGD(list(self.coefficients.values()), lr=lr, momentum=0.9)
+        # the data-parallel group their gradients are averaged over: a sharded model's (FSDP2),
+        # else every rank (DDP)
+        self.group = next(
+            (p.device_mesh.get_group() for p in model.parameters() if distributed.is_sharded(p)),
+            None,
+        )
         seed = int(torch.randint(0, 2**62, (1,)))  # follows the user's torch seed
         self.generator = torch.Generator().manual_seed(seed)
         self.phase: Phase = "waiting"
@@ -173,11 +183,11 @@ class Scop:
     def _step(self) -> None:
         coefficients = list(self.coefficients.values())
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = torch.distributed.get_world_size()
+            world = torch.distributed.get_world_size(self.group)
             for k in coefficients:  # every rank must end with the same scores
                 if k.grad is None:
                     k.grad = torch.zeros_like(k)
-                torch.distributed.all_reduce(k.grad)
+                torch.distributed.all_reduce(k.grad, group=self.group)
                 k.grad /= world
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
