@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
@@ -37,6 +38,7 @@ from callbacks.checkpoint_state import (
 from callbacks.run_report import check_finite_weights, layer_metrics, shortfall
 from compress import accuracy_aware, distributed, masks
 from compress.controller import (
+    FSDP1_REFUSED,
     CompressionController,
     compact_state,
     expand_state,
@@ -216,6 +218,11 @@ class CompressionCallback(_Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if isinstance(trainer.strategy, FSDPStrategy):  # wraps the model after this hook
+            raise CompressError(
+                f"strategy: {FSDP1_REFUSED}use ModelParallelStrategy and fully_shard the network "
+                "in the LightningModule's configure_model (docs/sharded.md)"
+            )
         if self.ctrl is not None:
             # A second fit: the new trainer counts from zero, the schedule continues.
             self._epoch_offset = max(self.ctrl.scheduler.epoch + 1, 0)

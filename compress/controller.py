@@ -377,11 +377,28 @@ def expand_state(state: Any) -> Any:
     return state
 
 
+FSDP1_REFUSED = (
+    "FullyShardedDataParallel (FSDP1, Lightning's FSDPStrategy) is not supported: it flattens "
+    "each wrapped unit's parameters into one 1-D FlatParameter (with use_orig_params=True every "
+    "weight is a 1-D slice of its rank's shard, empty on some ranks), so no layer's weight keeps "
+    "its shape for a mask; "
+)
+"""Why FSDP1 is refused; the caller adds what to do instead."""
+
+
 def _check_model(model: nn.Module) -> None:
     """Models the masks cannot work on: weights on the meta device (no values) and modules
     reparametrized by ``torch.nn.utils.prune`` (their weight is no longer a parameter)."""
     if not isinstance(model, nn.Module):
         raise CompressError(f"model: got {type(model).__name__}; give a torch.nn.Module")
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+            raise CompressError(
+                f"model: {FSDP1_REFUSED}shard with torch.distributed.fsdp.fully_shard (FSDP2) "
+                "instead, then call create_compressed_model"
+            )
     for name, module in model.named_modules():
         for pname, param in module.named_parameters(recurse=False):
             if param.device.type == "meta":

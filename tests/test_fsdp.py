@@ -416,6 +416,15 @@ def _refusals(rank: int, port: int, out: str) -> None:
         ctrl.scheduler.epoch_step()
     except CompressError as e:
         said["after"] = str(e)
+    # FSDP1: its flat parameters are no layer's weight shape
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for orig in (False, True):
+        wrapped = FullyShardedDataParallel(MLP(), use_orig_params=orig, device_id="cpu")
+        try:
+            compress.create_compressed_model(wrapped, magnitude)
+        except CompressError as e:
+            said[f"fsdp1 {orig}"] = str(e)
     for key, recipe in (
         (
             "kd",
@@ -512,6 +521,23 @@ def test_core_api_under_fully_shard(tmp_path: Path) -> None:
     said = json.loads(out.read_text())
     assert "apply fully_shard first, then create_compressed_model" in said["after"]
     assert "pass teacher= a network sharded like the student" in said["kd"]
+    for orig in (False, True):
+        assert "(FSDP1, Lightning's FSDPStrategy) is not supported" in said[f"fsdp1 {orig}"]
+        assert "shard with torch.distributed.fsdp.fully_shard (FSDP2)" in said[f"fsdp1 {orig}"]
     assert said["recomputes"] == 3  # one per masked Linear: the weight the input grad needs
     assert said["input grad"] and said["weight grad"]
     assert said["teacher digest"]
+
+
+def test_fsdp1_strategy_refused_with_the_way_out() -> None:
+    """Lightning's FSDPStrategy (FSDP1) wraps the model after the callback's setup and needs
+    CUDA to run; the callback refuses it there, naming ModelParallelStrategy."""
+    from types import SimpleNamespace
+
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    cb = CompressionCallback({"compression": RECIPES["magnitude_local"]}, model_attr="model")
+    trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(CompressError, match=r"FSDP1.*use ModelParallelStrategy and fully_shard"):
+        cb.setup(trainer, ShardedLit(), "fit")  # type: ignore[arg-type]
+    assert cb.ctrl is None
