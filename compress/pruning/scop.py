@@ -127,10 +127,8 @@ class Scop:
         self.optimizer = torch.optim.SGD(list(self.coefficients.values()), lr=lr, momentum=0.9)
         # the data-parallel group their gradients are averaged over: a sharded model's (FSDP2),
         # else every rank (DDP)
-        self.group = next(
-            (p.device_mesh.get_group() for p in model.parameters() if distributed.is_sharded(p)),
-            None,
-        )
+        sharded: list[Any] = [p for p in model.parameters() if distributed.is_sharded(p)]
+        self.group = sharded[0].device_mesh.get_group() if sharded else None
         seed = int(torch.randint(0, 2**62, (1,)))  # follows the user's torch seed
         self.generator = torch.Generator().manual_seed(seed)
         self.phase: Phase = "waiting"
