@@ -378,6 +378,19 @@ class CompressionCallback(_Callback):
         weights = checkpoint.get("state_dict")
         if isinstance(weights, dict) and any("_orig_mod." in k for k in weights):
             checkpoint["state_dict"] = {plain_key(k): v for k, v in weights.items()}
+        optimizers = checkpoint.get("optimizer_states") or []
+        if any(isinstance(o, Mapping) and not o.get("state") for o in optimizers) and any(
+            distributed.is_sharded(p) for p in pl_module.parameters()
+        ):
+            rank_zero_warn(
+                f"checkpoint at epoch {trainer.current_epoch}: the optimizer has not stepped yet "
+                "(SCOP's knockoff phase with scop_freeze_weights freezes every weight), and "
+                "ModelParallelStrategy cannot resume a checkpoint with an empty optimizer state "
+                "(lightning 2.6.6: IndexError in _rekey_optimizer_state_if_needed for a full "
+                "checkpoint, 'Missing key in checkpoint state_dict' for a distributed one); "
+                "resume from a checkpoint saved after the knockoff phase, or set "
+                "scop_freeze_weights to false"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """The controller state (masks as bits), the stored values of masked-out weights while

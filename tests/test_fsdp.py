@@ -457,6 +457,18 @@ def _refusals(rank: int, port: int, out: str) -> None:
     digests: list[Any] = [None, None]
     dist.all_gather_object(digests, ctrl.algorithms[0].digest)  # type: ignore[attr-defined]
     said["teacher digest"] = digests == [unsharded, unsharded]
+    # A checkpoint of a sharded model whose optimizer has not stepped (SCOP's frozen knockoff
+    # phase) is one ModelParallelStrategy cannot resume: the callback says so when it is saved.
+    import warnings
+    from types import SimpleNamespace
+
+    cb = CompressionCallback({"compression": RECIPES["const"]}, model_attr="model")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for state in ({}, {"fc1.weight": {"step": torch.tensor(1.0)}}):
+            checkpoint = {"optimizer_states": [{"state": state, "param_groups": []}]}
+            cb.on_save_checkpoint(SimpleNamespace(current_epoch=0), student, checkpoint)  # type: ignore[arg-type]
+    said["empty optimizer"] = [str(w.message) for w in seen if "not stepped" in str(w.message)]
     ctrl.load_state_dict(ctrl.state_dict())
     # The masked weight is recomputed for the backward pass, not kept whole: same gradients.
     recomputes = []
@@ -527,6 +539,9 @@ def test_core_api_under_fully_shard(tmp_path: Path) -> None:
     assert said["recomputes"] == 3  # one per masked Linear: the weight the input grad needs
     assert said["input grad"] and said["weight grad"]
     assert said["teacher digest"]
+    [empty] = said["empty optimizer"]  # the state that has stepped is not warned about
+    assert "ModelParallelStrategy cannot resume a checkpoint with an empty optimizer" in empty
+    assert "set scop_freeze_weights to false" in empty
 
 
 def test_fsdp1_strategy_refused_with_the_way_out() -> None:
