@@ -184,6 +184,22 @@ def _core(rank: int, port: int, out: str) -> None:
     calls: list[Any] = [None, None]
     dist.all_gather_object(calls, dict(CALLS))
     said["calls"] = calls
+    # a measurement that fails on rank 0 fails on every rank, rather than leaving rank 1 waiting
+    from compress.pruning import latency
+
+    def failing(fn: Any) -> float:
+        raise RuntimeError("the timer broke")
+
+    planned, latency.default_timer = latency.default_timer, failing
+    failed, net3 = compress.create_compressed_model(sharded(MLP()), recipe, x[:2])
+    try:
+        failed.scheduler.epoch_step()
+        why = "nothing raised"
+    except Exception as e:  # noqa: BLE001 - what each rank raised is compared below
+        why = f"{type(e).__name__}: {e}"
+    said["failures"] = [None, None]
+    dist.all_gather_object(said["failures"], why)
+    latency.default_timer = planned
     source = distributed.unsharded_copy(net)
     if rank == 0:
         assert source is not None
@@ -220,5 +236,10 @@ def test_core_api_latency_target_under_fully_shard(tmp_path: Path) -> None:
     assert 0 < sum(final["fc1"]) < 48 and 0 < sum(final["fc2"]) < 24
     assert said["loaded table"] and said["loaded keep"] == final
     assert said["stripped as one process"]
+    assert said["failures"] == [
+        "RuntimeError: the timer broke",
+        "CompressError: rank 0 failed computing what every rank needs: RuntimeError: "
+        "the timer broke",
+    ]
     assert said["stripped"][0] == [sum(final["fc1"]), 16]
     assert said["stripped output"] < 1e-5
