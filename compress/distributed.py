@@ -434,6 +434,34 @@ def unsharded_copy(model: nn.Module) -> nn.Module | None:
     return _rebuilt(model, tensors, lambda t: t.clone())
 
 
+def from_rank_zero(compute: Callable[[], Any]) -> Any:
+    """``compute()`` run on rank 0 only, its result (a picklable object: a latency table) sent
+    to every rank; ``compute()`` itself when no process group is initialised. Every rank must
+    call it. When ``compute`` fails on rank 0 the other ranks raise a ``CompressError`` naming
+    the failure instead of waiting for a result that never comes.
+
+    Example:
+        >>> from_rank_zero(lambda: {"model_ms": 1.0})  # one process
+        {'model_ms': 1.0}
+    """
+    if not dist.is_initialized():
+        return compute()
+    box: list[Any] = [None]
+    failure: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (True, compute())
+        except Exception as err:  # noqa: BLE001 - raised again below, once the others know
+            box[0], failure = (False, f"{type(err).__name__}: {err}"), err
+    dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    ok, value = box[0]
+    if not ok:
+        raise CompressError(f"rank 0 failed computing what every rank needs: {value}")
+    return value
+
+
 def meta_copy(model: nn.Module) -> nn.Module:
     """A plain copy of a model sharded by ``fully_shard`` with every parameter and buffer on the
     meta device in its whole shape (masks and their hooks included): the structure to trace

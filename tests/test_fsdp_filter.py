@@ -2,7 +2,7 @@
 ``ModelParallelStrategy`` it ends with the filters, weights and export the same data and seeds
 give under DDP, on the MLP and on a small conv-BatchNorm network (magnitude sparsity too);
 through the core API with ``fully_shard`` applied first it keeps the channels one process
-keeps; latency targets are refused with the reason.
+keeps (latency targets: ``tests/test_fsdp_latency.py``).
 
 The fits reuse ``tests/test_fsdp.py``'s modules, fit and two-process runners.
 """
@@ -274,14 +274,6 @@ def _core(rank: int, port: int, out: str) -> None:
             list(p.shape) for p in small_ref.parameters()
         ]
         said["stripped output"] = float((small(x) - small_ref(x)).abs().max())
-    # what sharding refuses, by name
-    for key, params in (("latency", {"pruning_latency_target": 0.3}),):
-        options = {k: v for k, v in RECIPES["L1"]["params"].items() if k != "pruning_target"}
-        refused = {**RECIPES["L1"], "params": {**options, **params}}
-        try:
-            compress.create_compressed_model(sharded(MLP()), {"compression": refused}, x[:2])
-        except CompressError as e:
-            said[key] = str(e)
     # the other order: masks attached before fully_shard, refused at the next update
     ctrl, net = compress.create_compressed_model(MLP(), recipe, x[:2])
     sharded(net)
@@ -307,8 +299,6 @@ def test_core_api_filter_pruning_under_fully_shard(tmp_path: Path) -> None:
     assert said["weights"] < 1e-5
     assert said["stripped as one process"] and said["stripped"][0] == [24, 16]
     assert said["stripped output"] < 1e-5
-    assert "pruning_latency_target does not run on a sharded model" in said["latency"]
-    assert "use pruning_flops_target" in said["latency"]
     assert "apply fully_shard first, then create_compressed_model" in said["after"]
 
 

@@ -19,7 +19,8 @@ finds it: the filter ratio by bisection (uniform) or filters pruned one at a tim
 order (global), on MACs counted from the kept widths. With ``pruning_latency_target`` it moves
 the fraction of measured latency to remove, and the widths come from a latency table measured
 once on this machine (:mod:`compress.pruning.latency`), calibrated on the whole model timed
-shrunk uniformly (:mod:`compress.pruning.latency_calibration`).
+shrunk uniformly (:mod:`compress.pruning.latency_calibration`); a sharded model's table is
+measured on rank 0 alone, on the model gathered there, and sent to every rank.
 
 With ``filter_importance: scop`` the scores are control coefficients learned against knockoff
 features during the ``num_init_steps`` epochs (:mod:`compress.pruning.scop`).
@@ -102,8 +103,6 @@ class FilterPruning(Algorithm):
         p = self.params
         weight_layers(model, cfg)  # a ConfigError when no conv or linear layer is in scope
         sharded = any(distributed.is_sharded(t) for t in model.parameters())
-        if sharded:
-            _check_sharded(cfg.path, p)
         # what is traced (channel groups, MACs): a sharded model's structure on the meta
         # device, since DTensors cannot be traced
         structure = distributed.meta_copy(model) if sharded else model
@@ -490,29 +489,45 @@ class FilterPruning(Algorithm):
 
     def latency(self) -> dict[str, Any]:
         """The latency table (measured on first use, on an unmasked copy of the model), with
-        its calibration on the whole model (:mod:`compress.pruning.latency_calibration`)."""
+        its calibration on the whole model (:mod:`compress.pruning.latency_calibration`). A
+        sharded model is gathered whole once, to rank 0, which measures the table on its
+        device and frees the copy; every rank gets rank 0's table, so all choose the same
+        widths. A table from a loaded state is used as it is."""
         if self.latency_table is None:
-            model = copy_model(self.model)
-            for module in model.modules():
-                masks.remove(module)
-            inputs = tuple(self.example_inputs or ())
-            batch = self.params.get("latency_batch_size")
-            backend = self.params.get("latency_backend", "torch")
-            table = latency.measure_table(
-                model, self.groups, inputs, batch_size=batch, backend=backend
-            )
-            table["calibration"] = latency_calibration.calibrate(
-                model,
-                self.groups,
-                inputs,
-                table,
-                batch_size=batch,
-                backend=backend,
-                fixed=self._fixed_widths(),
-                flagged=self._flagged_groups(model),
-            )
-            self.latency_table = table
+            param = next(self.model.parameters())
+            if distributed.is_sharded(param):
+                whole = distributed.unsharded_copy(self.model)  # every rank takes part
+                device = distributed.local(param).device
+                self.latency_table = distributed.from_rank_zero(
+                    lambda: self._measured(whole.to(device), device)  # type: ignore[union-attr]
+                )
+                del whole
+            else:
+                self.latency_table = self._measured(copy_model(self.model), None)
         return self.latency_table
+
+    def _measured(self, model: nn.Module, device: torch.device | None) -> dict[str, Any]:
+        """The latency table of ``model`` (a copy, unmasked here), calibrated; the example
+        inputs moved to ``device`` when one is given."""
+        for module in model.modules():
+            masks.remove(module)
+        inputs = tuple(self.example_inputs or ())
+        if device is not None:
+            inputs = on_device(inputs, device)
+        batch = self.params.get("latency_batch_size")
+        backend = self.params.get("latency_backend", "torch")
+        table = latency.measure_table(model, self.groups, inputs, batch_size=batch, backend=backend)
+        table["calibration"] = latency_calibration.calibrate(
+            model,
+            self.groups,
+            inputs,
+            table,
+            batch_size=batch,
+            backend=backend,
+            fixed=self._fixed_widths(),
+            flagged=self._flagged_groups(model),
+        )
+        return table
 
     def _fixed_widths(self) -> dict[str, int]:
         """Widths of the groups prune_channels or layer_ratios set (not the latency target)."""
@@ -743,17 +758,6 @@ class FilterPruning(Algorithm):
             }
             setattr(small, "compress_latency_table", {**self.latency_table, **report})  # noqa: B010
         return small
-
-
-def _check_sharded(path: str, p: Mapping[str, Any]) -> None:
-    """What filter pruning cannot do on a model sharded by ``fully_shard``, named with why."""
-    if p.get("pruning_latency_target"):
-        raise CompressError(
-            f"{path}.params.pruning_latency_target does not run on a sharded model "
-            "(fully_shard): the latency table times the whole model at each width on one "
-            "device; use pruning_flops_target, or prune under DDP (or on one device) with the "
-            "latency target, export, then fine-tune sharded"
-        )
 
 
 def _row(what: str, full: int, current: int) -> dict[str, Any]:
