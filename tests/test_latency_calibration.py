@@ -286,3 +286,17 @@ def test_a_curve_off_for_the_chosen_widths_is_corrected_by_timing_them() -> None
         before = len(checks)
         algo.set_level(algo.level)
         assert len(algo.latency_table["calibration"]["checks"]) == before
+
+
+def test_a_checked_choice_more_than_10_percent_off_is_said() -> None:
+    table = calibration([0.8, 0.5, 0.3, 0.1], [0.85, 0.6, 0.45, 0.3])
+    table["backend"] = "openvino"
+    _checked(table, 0.4, (0.45, 0.5, 0.54), (0.3, 0.62, 0.67), (0.4, 0.5, 0.54))
+    said = latency_calibration.check_warning(table, 0.4)
+    assert said == (
+        "pruning_latency_target 0.400 (1.67x): the widths chosen measured 1.49x in openvino, "
+        "more than 10% off; of the 2 width choices timed none was nearer (the table's candidate "
+        "widths step too coarsely there)"
+    )
+    _checked(table, 0.4, (0.45, 0.5, 0.54), (0.3, 0.62, 0.65))  # 8% off
+    assert latency_calibration.check_warning(table, 0.4) is None

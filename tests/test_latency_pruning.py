@@ -153,7 +153,9 @@ def test_widths_come_from_the_table_not_a_fixed_rounding() -> None:
         def missed(f: float, target: float = target) -> float:
             return abs((1 - target) / (1 - f) - 1)
 
-        assert missed(removed) == pytest.approx(min(missed(1 - c["measured_ratio"]) for c in checks))
+        assert missed(removed) == pytest.approx(
+            min(missed(1 - c["measured_ratio"]) for c in checks)
+        )
         candidates = latency_table["groups"]["0"]["widths"]
         side = [
             f

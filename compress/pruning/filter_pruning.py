@@ -592,12 +592,17 @@ class FilterPruning(Algorithm):
         if wanted is None or not latency_widths.target_holds(
             table, {**fixed, **chosen}, wanted, margin_cap=cap
         ):
+            measured = "the whole model measured" if "calibration" in table else "the table"
             warnings.warn(
-                f"{self.cfg.path}: pruning_latency_target {fraction:.3f} is out of reach; the "
-                f"narrowest widths in the latency table remove {reached:.3f} of its "
-                "latency",
+                f"{self.cfg.path}: pruning_latency_target {fraction:.3f} is out of reach; at "
+                f"the narrowest widths {measured} {1 / (1 - reached):.2f}x ({reached:.3f} of its "
+                "latency removed)",
                 stacklevel=2,
             )
+        elif "calibration" in table and (
+            message := latency_calibration.check_warning(table, fraction)
+        ):
+            warnings.warn(f"{self.cfg.path}: {message}", stacklevel=2)
         return keep
 
     def _check_choice(

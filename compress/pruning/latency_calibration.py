@@ -67,6 +67,7 @@ __all__ = [
     "calibrated_speedup",
     "check",
     "checked_fraction",
+    "check_warning",
     "settled",
     "measured_ratio",
     "prediction",
@@ -234,7 +235,9 @@ def table_fraction(table: Mapping[str, Any], fraction: float) -> float | None:
 
 
 def _checks(table: Mapping[str, Any], fraction: float) -> list[Mapping[str, Any]]:
-    return [c for c in table["calibration"].get("checks", []) if abs(c["fraction"] - fraction) < 1e-9]
+    """The checks of choices for ``fraction``, in the order made."""
+    done = table["calibration"].get("checks", [])
+    return [c for c in done if abs(c["fraction"] - fraction) < 1e-9]
 
 
 def _missed(check: Mapping[str, Any]) -> float:
@@ -299,6 +302,22 @@ def checked_fraction(table: Mapping[str, Any], fraction: float) -> float | None:
     return min(max(last["table_fraction"] + x - want, 0.0), 1.0 - narrowest)
 
 
+def check_warning(table: Mapping[str, Any], fraction: float) -> str | None:
+    """What to say when the checked choice for ``fraction`` measured more than 10% off the
+    target's speed-up (None when within, or nothing was checked)."""
+    done = _checks(table, fraction)
+    if not done or min(map(_missed, done)) <= 0.1:
+        return None
+    best = min(done, key=_missed)
+    timed = len({round(c["table_ratio"], 9) for c in done})
+    return (
+        f"pruning_latency_target {fraction:.3f} ({1 / (1 - fraction):.2f}x): the widths chosen "
+        f"measured {1 / best['measured_ratio']:.2f}x in {table.get('backend', 'torch')}, more "
+        f"than 10% off; of the {timed} width choices timed none was nearer (the table's "
+        "candidate widths step too coarsely there)"
+    )
+
+
 def check(
     model: nn.Module,
     groups: Sequence[ChannelGroup],
@@ -329,7 +348,10 @@ def check(
     was_training = model.training
     try:
         measured = latency.compare_models(
-            model, small, inputs, backend=backend  # inputs already batched
+            model,
+            small,
+            inputs,
+            backend=backend,  # inputs already batched
         )
     finally:
         model.train(was_training)
