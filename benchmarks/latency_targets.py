@@ -159,8 +159,11 @@ def summary(files: list[Path]) -> None:
     """A markdown table: per model, backend and target the medians over runs with ranges."""
     runs = [json.loads(f.read_text()) for f in files]
     keys = list(dict.fromkeys((r["model"], r["backend"], r["what"]) for run in runs for r in run))
-    print("| model | backend | what | runs | asked | predicted | measured | within 10% | widths |")
-    print("|---|---|---|---:|---|---|---|---|---|")
+    print(
+        "| model | backend | what | builds | asked | predicted | measured | within 10% | widths "
+        "| checks |"
+    )
+    print("|---|---|---|---:|---|---|---|---|---|---|")
     for model, backend, what in keys:
         rows = [
             r
@@ -168,22 +171,23 @@ def summary(files: list[Path]) -> None:
             for r in run
             if (r["model"], r["backend"], r["what"]) == (model, backend, what)
         ]
-        measured = [r["measured"] for r in rows]
+        measured = [t for r in rows for t in r.get("timings", [r["measured"]])]
         asked = rows[0]["asked"]
         if asked is None:
             within = "≥ 1.8x" if min(measured) >= 1.8 else "< 1.8x"
             print(
                 f"| {model} | {backend} | {what} | {len(rows)} | - | - | {_fmt(measured)} | "
-                f"{within} | - |"
+                f"{within} | - | - |"
             )
             continue
         predicted = [r["predicted"] for r in rows]
         hits = sum(abs(m / asked - 1) <= 0.1 for m in measured)
-        warned = " (warned: out of reach)" if any(r["warned"] for r in rows) else ""
+        warned = " (warned)" if any(r["warned"] for r in rows) else ""
         distinct = len({json.dumps(r["chosen"], sort_keys=True) for r in rows})
+        checks = "/".join(f"{r.get('checks', 0)} in {r.get('choice_s', 0):.0f} s" for r in rows)
         print(
             f"| {model} | {backend} | {what} | {len(rows)} | {asked:.2f}x | {_fmt(predicted)} | "
-            f"{_fmt(measured)} | {hits}/{len(rows)}{warned} | {distinct} distinct |"
+            f"{_fmt(measured)} | {hits}/{len(measured)}{warned} | {distinct} distinct | {checks} |"
         )
 
 
