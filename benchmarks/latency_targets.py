@@ -155,6 +155,12 @@ def _fmt(values: list[float]) -> str:
     return f"{mid:.2f}x ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else f"{mid:.2f}x"
 
 
+def _timed(row: dict[str, Any], fraction: float) -> int:
+    """How many width choices for ``fraction`` the build timed (its checks, repeats not)."""
+    done = row.get("calibration", {}).get("checks", [])
+    return len({round(c["table_ratio"], 9) for c in done if abs(c["fraction"] - fraction) < 1e-9})
+
+
 def summary(files: list[Path]) -> None:
     """A markdown table: per model, backend and target the medians over runs with ranges."""
     runs = [json.loads(f.read_text()) for f in files]
@@ -184,7 +190,8 @@ def summary(files: list[Path]) -> None:
         hits = sum(abs(m / asked - 1) <= 0.1 for m in measured)
         warned = " (warned)" if any(r["warned"] for r in rows) else ""
         distinct = len({json.dumps(r["chosen"], sort_keys=True) for r in rows})
-        checks = "/".join(f"{r.get('checks', 0)} in {r.get('choice_s', 0):.0f} s" for r in rows)
+        fraction = 1.0 - 1.0 / asked
+        checks = "/".join(f"{_timed(r, fraction)} in {r.get('choice_s', 0):.0f} s" for r in rows)
         print(
             f"| {model} | {backend} | {what} | {len(rows)} | {asked:.2f}x | {_fmt(predicted)} | "
             f"{_fmt(measured)} | {hits}/{len(measured)}{warned} | {distinct} distinct | {checks} |"
