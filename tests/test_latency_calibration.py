@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_latency_pruning import blocked_timer, compressed, wide_net, widths
+from test_latency_pruning import blocked_timer, compressed, no_timer, wide_net, widths
 from test_structured import _make
 from torch import nn
 
@@ -213,3 +213,90 @@ def test_the_calibration_is_saved_and_checked_in_the_side_car(tmp_path: Path) ->
     path.write_text(json.dumps(bad))
     with pytest.raises(CompressError, match=r"calibration.measured_ratio"):
         read_sidecar(path, "latency")
+
+
+def _checked(table: dict[str, Any], fraction: float, *points: tuple[float, float, float]) -> None:
+    """Adds checks (table fraction, table ratio, measured ratio) of ``fraction`` to ``table``."""
+    table["calibration"]["checks"] = [
+        {"fraction": fraction, "table_fraction": f, "table_ratio": x, "measured_ratio": y}
+        for f, x, y in points
+    ]
+
+
+def test_a_checked_choice_that_missed_is_corrected_along_the_curve() -> None:
+    checked = latency_calibration.checked_fraction
+    table = calibration([0.8, 0.5, 0.3, 0.1], [0.85, 0.6, 0.45, 0.3])
+    assert checked(table, 0.4) == pytest.approx(table_fraction(table, 0.4))  # nothing checked
+    # the widths chosen for 0.4 (table ratio 0.5, the curve says 0.6) measured 0.72: the
+    # curve scaled by 1.2; the choice must move to where the curve says 0.6 / 1.2, and the
+    # table fraction moves by as much as the choice's table ratio must
+    _checked(table, 0.4, (0.45, 0.5, 0.72))
+    assert not latency_calibration.settled(table, 0.4)
+    want = 1 - table_fraction(table, 1 - 0.6 / 1.2)  # type: ignore[operator]
+    assert checked(table, 0.4) == pytest.approx(0.45 + 0.5 - want)
+    # a second check on the other side of 0.6: the secant between the two
+    _checked(table, 0.4, (0.45, 0.5, 0.72), (0.6, 0.35, 0.54))
+    assert checked(table, 0.4) == pytest.approx(0.6 + 0.35 - (0.35 + (0.6 - 0.54) * 0.15 / 0.18))
+    # a check within TOLERANCE settles it: its table fraction is kept, whatever came after
+    _checked(table, 0.4, (0.45, 0.5, 0.72), (0.6, 0.35, 0.61), (0.7, 0.3, 0.5))
+    assert latency_calibration.settled(table, 0.4)
+    assert checked(table, 0.4) == pytest.approx(0.6)
+
+
+def test_checks_stop_when_the_width_steps_have_nothing_nearer() -> None:
+    table = calibration([0.8, 0.5, 0.3, 0.1], [0.85, 0.6, 0.45, 0.3])
+    # one either side of the goal 0.6, 10% off each, and the secant chose the first again
+    _checked(table, 0.4, (0.45, 0.5, 0.54), (0.3, 0.62, 0.67), (0.4, 0.5, 0.54))
+    assert latency_calibration.settled(table, 0.4)
+    # the nearer of the two: 0.6 / 0.67 is 10.4% off, 0.6 / 0.54 11.1%
+    assert latency_calibration.checked_fraction(table, 0.4) == pytest.approx(0.3)
+    # on one side only, a repeat moves twice as far the same way
+    _checked(table, 0.4, (0.45, 0.5, 0.54), (0.4, 0.5, 0.54))
+    assert not latency_calibration.settled(table, 0.4)
+    assert latency_calibration.checked_fraction(table, 0.4) == pytest.approx(0.3)
+    # MAX_CHECKS widths timed: settled on the nearest
+    _checked(table, 0.4, (0.45, 0.5, 0.52), (0.5, 0.45, 0.5), (0.55, 0.4, 0.48))
+    assert latency_calibration.settled(table, 0.4)
+    assert latency_calibration.checked_fraction(table, 0.4) == pytest.approx(0.45)
+
+
+def test_a_curve_off_for_the_chosen_widths_is_corrected_by_timing_them() -> None:
+    # the curve measured at uniform widths says the model is faster than it is (every
+    # measured ratio 40% low): the first choice misses; the checks time it and correct it
+    model, x = _make("resnet")
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.setattr(latency, "default_timer", overhead_timer(model, x))
+        ctrl, algo = compressed(model, x, pruning_latency_target=0.5, schedule="baseline")
+        cal = algo.latency()["calibration"]
+        cal["measured_ratio"] = [0.6 * r for r in cal["measured_ratio"]]
+        cal.pop("checks", None)  # the choice made when the model was built: made again
+        for _ in range(2):
+            ctrl.scheduler.epoch_step()
+        small = ctrl.strip()
+        checks = algo.latency_table["calibration"]["checks"]
+        assert 2 <= len(checks) <= latency_calibration.MAX_TRIES
+        assert abs(2.0 * checks[0]["measured_ratio"] - 1) > latency_calibration.TOLERANCE
+        report = small.compress_latency_table
+        assert report["measured_speedup"] == pytest.approx(2.0, rel=latency_calibration.TOLERANCE)
+        # what strip() measured is what the check measured, and the prediction says it
+        assert report["predicted_speedup"] == pytest.approx(report["measured_speedup"])
+        # a later choice for the same target (new scores, a resumed run) times nothing
+        mp.setattr(latency, "default_timer", no_timer)
+        before = len(checks)
+        algo.set_level(algo.level)
+        assert len(algo.latency_table["calibration"]["checks"]) == before
+
+
+def test_a_checked_choice_more_than_10_percent_off_is_said() -> None:
+    table = calibration([0.8, 0.5, 0.3, 0.1], [0.85, 0.6, 0.45, 0.3])
+    table["backend"] = "openvino"
+    _checked(table, 0.4, (0.45, 0.5, 0.54), (0.3, 0.62, 0.67), (0.4, 0.5, 0.54))
+    said = latency_calibration.check_warning(table, 0.4)
+    assert said == (
+        "pruning_latency_target 0.400 (1.67x): the widths chosen measured 1.49x in openvino, "
+        "more than 10% off; of the 2 width choices timed none was nearer (the table's candidate "
+        "widths step too coarsely there)"
+    )
+    _checked(table, 0.4, (0.45, 0.5, 0.54), (0.3, 0.62, 0.65))  # 8% off
+    assert latency_calibration.check_warning(table, 0.4) is None

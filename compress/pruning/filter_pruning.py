@@ -588,25 +588,57 @@ class FilterPruning(Algorithm):
         wanted: float | None = fraction
         if "calibration" in table:
             cap = latency_calibration.MARGIN_CAP
-            wanted = latency_calibration.table_fraction(table, fraction)
+            wanted = latency_calibration.checked_fraction(table, fraction)
         if wanted is None:  # out of reach: every group at its narrowest, as its reach measured
             narrowest = latency_calibration.uniform_widths(table, 0.0, fixed)
             chosen = {g: w for g, w in narrowest.items() if g in free}
         else:
             chosen = latency_widths.choose_widths(table, free, wanted, fixed, margin_cap=cap)
+            # the final target's choice: the whole model timed, the choice corrected
+            final = abs(fraction - float(self.latency_target or 0.0)) < 1e-9
+            while cap is not None and final and not latency_calibration.settled(table, fraction):
+                self._check_choice(table, {**fixed, **chosen}, fraction, wanted)
+                wanted = latency_calibration.checked_fraction(table, fraction)
+                assert wanted is not None  # checked: a fraction read off the curve
+                chosen = latency_widths.choose_widths(table, free, wanted, fixed, margin_cap=cap)
         for name, width in chosen.items():
             keep[name] = top(scores[name], width)
         reached = latency_calibration.removed_fraction(table, {**fixed, **chosen})
         if wanted is None or not latency_widths.target_holds(
             table, {**fixed, **chosen}, wanted, margin_cap=cap
         ):
+            measured = "the whole model measured" if "calibration" in table else "the table"
             warnings.warn(
-                f"{self.cfg.path}: pruning_latency_target {fraction:.3f} is out of reach; the "
-                f"narrowest widths in the latency table remove {reached:.3f} of its "
-                "latency",
+                f"{self.cfg.path}: pruning_latency_target {fraction:.3f} is out of reach; at "
+                f"the narrowest widths {measured} {1 / (1 - reached):.2f}x ({reached:.3f} of its "
+                "latency removed)",
                 stacklevel=2,
             )
+        elif "calibration" in table and (
+            message := latency_calibration.check_warning(table, fraction)
+        ):
+            warnings.warn(f"{self.cfg.path}: {message}", stacklevel=2)
         return keep
+
+    def _check_choice(
+        self, table: dict[str, Any], widths: Mapping[str, int], fraction: float, wanted: float
+    ) -> None:
+        """Times the whole model at ``widths`` beside it at full width (on an unmasked copy,
+        as the table) and keeps the check in the calibration (:func:`latency_calibration.check`)."""
+        model = copy_model(self.model)
+        for module in model.modules():
+            masks.remove(module)
+        latency_calibration.check(
+            model,
+            self.groups,
+            tuple(self.example_inputs or ()),
+            table,
+            widths,
+            fraction,
+            wanted,
+            batch_size=self.params.get("latency_batch_size"),
+            backend=self.params.get("latency_backend", "torch"),
+        )
 
     # --- reporting, state, strip -----------------------------------------------------------
 

@@ -21,12 +21,25 @@ group at its narrowest; when recipe flags (``prune_first_conv``, ``prune_downsam
 keep groups whole, the model with those groups at their narrowest too is timed as well, so that
 a target out of reach is warned before training with the target the flags reach.
 
+The curve is measured at uniform widths; the widths a target chooses are not uniform, and the
+whole model at them can measure off the curve (on MobileNetV2 in OpenVINO a 1.43x target chose
+widths that measured 1.24x). So the choice for the final target is checked
+(:func:`check`): the whole model at the chosen widths is timed once beside the full model, as
+``strip()`` will time it, and when its speed-up is more than ``TOLERANCE`` off the target's the
+table fraction is corrected (:func:`checked_fraction`: the secant between two checks on either
+side of the target, else the curve scaled by what the last check measured against it) and the
+widths chosen again, at most ``MAX_CHECKS`` timings; the check nearest the target is kept. The
+checks are kept in the calibration, so a resumed run (or a later epoch with new importance
+scores) chooses for the same table fraction without timing again.
+
 The calibration is kept in the table (``table["calibration"]``, saved in the ``.latency.json``
 side-car)::
 
     {"scales": [0.75, 0.5, 0.3, 0.0], "table_ratio": [0.76, 0.52, 0.33, 0.12],
      "measured_ratio": [0.8, 0.6, 0.45, 0.3], "spread": [0.01, 0.01, 0.01, 0.02],
-     "rounds": 7, "flags": ["prune_first_conv: true"], "flags_ratio": 0.2}
+     "rounds": 7, "flags": ["prune_first_conv: true"], "flags_ratio": 0.2,
+     "checks": [{"fraction": 0.5, "table_fraction": 0.45, "table_ratio": 0.53,
+                 "measured_ratio": 0.56, "spread": 0.01}]}
 """
 
 from __future__ import annotations
@@ -46,9 +59,16 @@ from compress.pruning.structured import ChannelGroup, shrink
 
 __all__ = [
     "MARGIN_CAP",
+    "MAX_CHECKS",
+    "MAX_TRIES",
     "SCALES",
+    "TOLERANCE",
     "calibrate",
     "calibrated_speedup",
+    "check",
+    "checked_fraction",
+    "check_warning",
+    "settled",
     "measured_ratio",
     "prediction",
     "reach",
@@ -62,6 +82,14 @@ SCALES = (0.75, 0.5, 0.3, 0.0)
 """Fractions of every group's width the whole model is timed at (0: each group's narrowest)."""
 MARGIN_CAP = 0.02
 """The most of the full time the widths are chosen below the goal (the table's spread)."""
+TOLERANCE = 0.05
+"""How far (relative) a checked choice's measured speed-up may be from the target's (the goal
+is 10%; half of it is left for the noise between the check and a later measurement)."""
+MAX_CHECKS = 3
+"""The most whole-model timings of chosen widths per target (each one model converted and
+timed beside the full one, as ``strip()`` does)."""
+MAX_TRIES = 8
+"""The most corrections per target, counting those that chose widths timed before."""
 
 
 def uniform_widths(
@@ -206,15 +234,150 @@ def table_fraction(table: Mapping[str, Any], fraction: float) -> float | None:
     return 1.0 - (xs[i] + (xs[i + 1] - xs[i]) * (goal - lo) / (hi - lo))
 
 
+def _checks(table: Mapping[str, Any], fraction: float) -> list[Mapping[str, Any]]:
+    """The checks of choices for ``fraction``, in the order made."""
+    done = table["calibration"].get("checks", [])
+    return [c for c in done if abs(c["fraction"] - fraction) < 1e-9]
+
+
+def _missed(check: Mapping[str, Any]) -> float:
+    """How far (relative) a check's measured speed-up is from its target's."""
+    return abs((1.0 - check["fraction"]) / check["measured_ratio"] - 1.0)
+
+
+def settled(table: Mapping[str, Any], fraction: float) -> bool:
+    """Whether the choice for ``fraction`` needs no more checks: one measured within
+    ``TOLERANCE`` of the target, ``MAX_CHECKS`` widths were timed, a correction between two
+    checks on either side of the target chose widths timed before (the table's width steps
+    have nothing between), or ``MAX_TRIES`` corrections were made."""
+    done = _checks(table, fraction)
+    if not done:
+        return False
+    timed = len({round(c["table_ratio"], 9) for c in done})
+    goal = 1.0 - fraction
+    sides = {c["measured_ratio"] > goal for c in done}
+    stuck = _repeated(done) and len(sides) == 2  # nothing between two timed on either side
+    return (
+        stuck
+        or min(map(_missed, done)) <= TOLERANCE
+        or timed >= MAX_CHECKS
+        or len(done) >= MAX_TRIES
+    )
+
+
+def _repeated(done: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the last check chose the widths of an earlier one (the same predicted ratio)."""
+    return any(abs(c["table_ratio"] - done[-1]["table_ratio"]) < 1e-9 for c in done[:-1])
+
+
+def checked_fraction(table: Mapping[str, Any], fraction: float) -> float | None:
+    """The table fraction to choose widths for so that the whole model measures ``fraction``
+    removed: :func:`table_fraction` before any check; once :func:`settled`, the table fraction
+    of the check that measured nearest the target; otherwise corrected from the checks. The
+    secant between the last check and the nearest one on the other side of the target when
+    there is one, else the curve scaled by what the last check measured against it; the
+    correction moves the table fraction by as much as it moves the chosen widths' predicted
+    ratio (what the choice adds to the fraction asked, its margin and width steps, stays)."""
+    done = _checks(table, fraction)
+    if not done:
+        return table_fraction(table, fraction)
+    if settled(table, fraction):
+        return float(min(done, key=_missed)["table_fraction"])
+    goal = 1.0 - fraction
+    last = done[-1]
+    narrowest = _curve(table)[0][0]
+    if _repeated(done):  # the correction did not move the choice: twice as far the same way
+        step = last["table_fraction"] - done[-2]["table_fraction"]
+        return min(max(last["table_fraction"] + 2.0 * step, 0.0), 1.0 - narrowest)
+    x, y = last["table_ratio"], last["measured_ratio"]
+    other = [c for c in done[:-1] if (c["measured_ratio"] - goal) * (y - goal) < 0]
+    if other:
+        o = min(other, key=lambda c: abs(c["measured_ratio"] - goal))
+        want = x + (goal - y) * (o["table_ratio"] - x) / (o["measured_ratio"] - y)
+    else:
+        scale = y / max(measured_ratio(table, x), 1e-12)  # the choice against the curve
+        tf = table_fraction(table, max(0.0, 1.0 - goal / scale))
+        want = narrowest if tf is None else 1.0 - tf
+    want = min(max(want, narrowest), 1.0)
+    return min(max(last["table_fraction"] + x - want, 0.0), 1.0 - narrowest)
+
+
+def check_warning(table: Mapping[str, Any], fraction: float) -> str | None:
+    """What to say when the checked choice for ``fraction`` measured more than 10% off the
+    target's speed-up (None when within, or nothing was checked)."""
+    done = _checks(table, fraction)
+    if not done or min(map(_missed, done)) <= 0.1:
+        return None
+    best = min(done, key=_missed)
+    timed = len({round(c["table_ratio"], 9) for c in done})
+    return (
+        f"pruning_latency_target {fraction:.3f} ({1 / (1 - fraction):.2f}x): the widths chosen "
+        f"measured {1 / best['measured_ratio']:.2f}x in {table.get('backend', 'torch')}, more "
+        f"than 10% off; of the {timed} width choices timed none was nearer (the table's "
+        "candidate widths step too coarsely there)"
+    )
+
+
+def check(
+    model: nn.Module,
+    groups: Sequence[ChannelGroup],
+    example_inputs: tuple[torch.Tensor, ...],
+    table: dict[str, Any],
+    widths: Mapping[str, int],
+    fraction: float,
+    wanted: float,
+    *,
+    batch_size: int | None = None,
+    backend: Backend = "torch",
+) -> dict[str, float]:
+    """Times ``model`` (at full width, unmasked) at ``widths``, chosen for the table fraction
+    ``wanted`` to remove ``fraction``, beside itself at full width
+    (:func:`compress.pruning.latency.compare_models`, as ``strip()`` times the stripped
+    model), and adds the check to ``table["calibration"]["checks"]``. Widths an earlier check
+    of ``fraction`` timed (the same predicted ratio) are not timed again: that check is
+    repeated with ``wanted``."""
+    full = predicted_ms(table, {})
+    x = predicted_ms(table, widths) / full if full > 0 else 1.0
+    same = [c for c in _checks(table, fraction) if abs(c["table_ratio"] - x) < 1e-9]
+    if same:  # the widths an earlier check timed: not timed again
+        entry = {**same[-1], "table_fraction": wanted}
+        table["calibration"]["checks"].append(entry)
+        return entry
+    inputs = tuple(latency._batched(t, batch_size) for t in example_inputs)
+    small = shrink(model, groups, _keep(groups, widths), example_inputs=inputs)
+    was_training = model.training
+    try:
+        measured = latency.compare_models(
+            model,
+            small,
+            inputs,
+            backend=backend,  # inputs already batched
+        )
+    finally:
+        model.train(was_training)
+    entry = {
+        "fraction": fraction,
+        "table_fraction": wanted,
+        "table_ratio": x,
+        "measured_ratio": 1.0 / max(measured["measured_speedup"], 1e-12),
+        "spread": measured["measured_speedup_spread"] / max(measured["measured_speedup"], 1e-12),
+    }
+    table["calibration"].setdefault("checks", []).append(entry)
+    return entry
+
+
 def reach(table: Mapping[str, Any]) -> float:
     """The most of the whole model's measured time the groups remove: all at their narrowest."""
     return 1.0 - _curve(table)[1][0]
 
 
 def calibrated_speedup(table: Mapping[str, Any], widths: Mapping[str, int]) -> float:
-    """The whole model's speed-up the calibrated table predicts for ``widths``."""
+    """The whole model's speed-up the calibrated table predicts for ``widths``: what a check
+    measured when these widths were checked."""
     full = predicted_ms(table, {})
-    ratio = measured_ratio(table, predicted_ms(table, widths) / full if full > 0 else 1.0)
+    x = predicted_ms(table, widths) / full if full > 0 else 1.0
+    timed = [c for c in table["calibration"].get("checks", []) if abs(c["table_ratio"] - x) < 1e-9]
+    ratio = timed[-1]["measured_ratio"] if timed else measured_ratio(table, x)
     return 1.0 / ratio if ratio > 0 else 0.0
 
 
