@@ -35,6 +35,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from compress import distributed, masks
@@ -489,31 +490,20 @@ class FilterPruning(Algorithm):
 
     def latency(self) -> dict[str, Any]:
         """The latency table (measured on first use, on an unmasked copy of the model), with
-        its calibration on the whole model (:mod:`compress.pruning.latency_calibration`). A
-        sharded model is gathered whole once, to rank 0, which measures the table on its
-        device and frees the copy; every rank gets rank 0's table, so all choose the same
-        widths. A table from a loaded state is used as it is."""
+        its calibration on the whole model (:mod:`compress.pruning.latency_calibration`).
+        Under a process group (DDP or FSDP2) rank 0 alone measures it (a sharded model gathered
+        whole there once and freed after) and every rank gets rank 0's table, so all choose the
+        same widths. A table from a loaded state is used as it is."""
         if self.latency_table is None:
-            param = next(self.model.parameters())
-            if distributed.is_sharded(param):
-                whole = distributed.unsharded_copy(self.model)  # every rank takes part
-                device = distributed.local(param).device
-                self.latency_table = distributed.from_rank_zero(
-                    lambda: self._measured(whole.to(device), device)  # type: ignore[union-attr]
-                )
-                del whole
-            else:
-                self.latency_table = self._measured(copy_model(self.model), None)
+            whole = self._unmasked_copy()
+            self.latency_table = distributed.from_rank_zero(lambda: self._measured(whole))
+            del whole
         return self.latency_table
 
-    def _measured(self, model: nn.Module, device: torch.device | None) -> dict[str, Any]:
-        """The latency table of ``model`` (a copy, unmasked here), calibrated; the example
-        inputs moved to ``device`` when one is given."""
-        for module in model.modules():
-            masks.remove(module)
-        inputs = tuple(self.example_inputs or ())
-        if device is not None:
-            inputs = on_device(inputs, device)
+    def _measured(self, model: nn.Module) -> dict[str, Any]:
+        """The latency table of ``model`` (an unmasked copy), calibrated; the example inputs
+        moved to its device."""
+        inputs = on_device(tuple(self.example_inputs or ()), next(model.parameters()).device)
         batch = self.params.get("latency_batch_size")
         backend = self.params.get("latency_backend", "torch")
         table = latency.measure_table(model, self.groups, inputs, batch_size=batch, backend=backend)
@@ -596,8 +586,11 @@ class FilterPruning(Algorithm):
             chosen = latency_widths.choose_widths(table, free, wanted, fixed, margin_cap=cap)
             # the final target's choice: the whole model timed, the choice corrected
             final = abs(fraction - float(self.latency_target or 0.0)) < 1e-9
+            whole: nn.Module | None = None  # the unmasked model the checks time, made once
             while cap is not None and final and not latency_calibration.settled(table, fraction):
-                self._check_choice(table, {**fixed, **chosen}, fraction, wanted)
+                if whole is None:
+                    whole = self._unmasked_copy()
+                self._check_choice(whole, table, {**fixed, **chosen}, fraction, wanted)
                 wanted = latency_calibration.checked_fraction(table, fraction)
                 assert wanted is not None  # checked: a fraction read off the curve
                 chosen = latency_widths.choose_widths(table, free, wanted, fixed, margin_cap=cap)
@@ -620,25 +613,53 @@ class FilterPruning(Algorithm):
             warnings.warn(f"{self.cfg.path}: {message}", stacklevel=2)
         return keep
 
-    def _check_choice(
-        self, table: dict[str, Any], widths: Mapping[str, int], fraction: float, wanted: float
-    ) -> None:
-        """Times the whole model at ``widths`` beside it at full width (on an unmasked copy,
-        as the table) and keeps the check in the calibration (:func:`latency_calibration.check`)."""
-        model = copy_model(self.model)
+    def _unmasked_copy(self) -> nn.Module:
+        """The model without its masks, as the table times it, on rank 0 (a sharded model
+        gathered whole there and moved to its shards' device); an empty module on the other
+        ranks of a process group, which time nothing."""
+        param = next(self.model.parameters())
+        if distributed.is_sharded(param):
+            model = distributed.unsharded_copy(self.model)  # every rank takes part
+            if model is not None:
+                model = model.to(distributed.local(param).device)
+        elif dist.is_initialized() and dist.get_rank() != 0:
+            model = None
+        else:
+            model = copy_model(self.model)
+        if model is None:
+            return nn.Module()
         for module in model.modules():
             masks.remove(module)
-        latency_calibration.check(
-            model,
-            self.groups,
-            tuple(self.example_inputs or ()),
-            table,
-            widths,
-            fraction,
-            wanted,
-            batch_size=self.params.get("latency_batch_size"),
-            backend=self.params.get("latency_backend", "torch"),
-        )
+        return model
+
+    def _check_choice(
+        self,
+        model: nn.Module,
+        table: dict[str, Any],
+        widths: Mapping[str, int],
+        fraction: float,
+        wanted: float,
+    ) -> None:
+        """Times the whole model at ``widths`` beside it at full width (``model``: the unmasked
+        copy) and keeps the check in the calibration (:func:`latency_calibration.check`).
+        Under a process group rank 0 alone times it; every rank keeps rank 0's checks, so all
+        choose the same widths next."""
+
+        def checked() -> list[dict[str, Any]]:
+            latency_calibration.check(
+                model,
+                self.groups,
+                on_device(tuple(self.example_inputs or ()), next(model.parameters()).device),
+                table,
+                widths,
+                fraction,
+                wanted,
+                batch_size=self.params.get("latency_batch_size"),
+                backend=self.params.get("latency_backend", "torch"),
+            )
+            return list(table["calibration"]["checks"])
+
+        table["calibration"]["checks"] = distributed.from_rank_zero(checked)
 
     # --- reporting, state, strip -----------------------------------------------------------
 
