@@ -79,7 +79,7 @@ for strategy in ("ddp", "fsdp"):
 
 def _table(run: Path) -> dict[str, Any]:
     """The latency table in the callback's entry of the last full checkpoint of ``run``."""
-    ckpt = torch.load(run / "ckpt" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(run / "ckpt" / "last.ckpt")
     (entry,) = [v for k, v in ckpt["callbacks"].items() if "CompressionCallback" in k]
     table: dict[str, Any] = entry["controller"]["state"]["filter_pruning"]["latency_table"]
     return table
