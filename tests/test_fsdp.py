@@ -396,16 +396,33 @@ def test_kth_smallest_is_exact_and_ties_fall_in_order() -> None:
                 assert torch.equal(a, b)
 
 
+def connect(rank: int, port: int, out: str) -> None:
+    """Joins the 2-rank gloo group of :func:`_spawn_connected` and marks the connection made."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.barrier()
+    Path(f"{out}.up{rank}").touch()  # connected: an abort from here on is a failure
+
+
+def shard_mlp(net: MLP) -> MLP:
+    """``fully_shard`` on each of the MLP's layers, then on the whole network."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in (net.fc1, net.fc2, net.head):
+        fully_shard(layer)
+    fully_shard(net)
+    return net
+
+
 def _refusals(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     import compress
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    dist.barrier()
-    Path(f"{out}.up{rank}").touch()  # connected: an abort from here on is a failure
+    connect(rank, port, out)
     said = {}
     magnitude = {"compression": RECIPES["magnitude_global"]}
     # fully_shard after create_compressed_model: refused at the next mask update
@@ -481,9 +498,7 @@ def _refusals(rank: int, port: int, out: str) -> None:
     torch.manual_seed(0)
     net, ref = MLP(), MLP()
     ref.load_state_dict(net.state_dict())
-    for layer in (net.fc1, net.fc2, net.head):
-        fully_shard(layer)
-    fully_shard(net)
+    shard_mlp(net)
     compress.create_compressed_model(net, magnitude)
     compress.create_compressed_model(ref, magnitude)
     x = torch.randn(4, 16, requires_grad=True)

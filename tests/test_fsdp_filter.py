@@ -10,14 +10,13 @@ The fits reuse ``tests/test_fsdp.py``'s modules, fit and two-process runners.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import test_fsdp
 import torch
-from test_fsdp import MLP, _spawn_connected, run_script
+from test_fsdp import MLP, _spawn_connected, connect, run_script, shard_mlp
 
 from compress.errors import CompressError
 
@@ -214,22 +213,12 @@ def test_fsdp2_conv_batchnorm_ends_as_ddp(name: str, tmp_path: Path) -> None:
 
 def _core(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
 
     import compress
     from compress import distributed, masks
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    dist.barrier()
-    Path(f"{out}.up{rank}").touch()  # connected: an abort from here on is a failure
+    connect(rank, port, out)
     said: dict[str, Any] = {}
-
-    def sharded(net: MLP) -> MLP:
-        for layer in (net.fc1, net.fc2, net.head):
-            fully_shard(layer)
-        fully_shard(net)
-        return net
 
     # fully_shard first, then create_compressed_model; the same batches on both ranks, so the
     # averaged gradients are one process's
@@ -238,7 +227,7 @@ def _core(rank: int, port: int, out: str) -> None:
     net, ref = MLP(), MLP()
     ref.load_state_dict(net.state_dict())
     x = torch.randn(32, 16)
-    ctrl, net = compress.create_compressed_model(sharded(net), recipe, x[:2])
+    ctrl, net = compress.create_compressed_model(shard_mlp(net), recipe, x[:2])
     ctrl_ref, ref = compress.create_compressed_model(ref, recipe, x[:2])
     for model, c in ((net, ctrl), (ref, ctrl_ref)):
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -276,7 +265,7 @@ def _core(rank: int, port: int, out: str) -> None:
         said["stripped output"] = float((small(x) - small_ref(x)).abs().max())
     # the other order: masks attached before fully_shard, refused at the next update
     ctrl, net = compress.create_compressed_model(MLP(), recipe, x[:2])
-    sharded(net)
+    shard_mlp(net)
     try:
         ctrl.scheduler.epoch_step()
     except CompressError as e:

@@ -11,14 +11,13 @@ No test times anything: ``latency.default_timer`` is replaced by the planned tim
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from test_fsdp import MLP, _spawn_connected, run_script
+from test_fsdp import MLP, _spawn_connected, connect, run_script, shard_mlp
 from test_fsdp_filter import RECIPES, _pruned_rows
 from test_latency_pruning import blocked_timer
 
@@ -127,23 +126,13 @@ def test_fsdp2_latency_target_ends_as_ddp_with_the_table_measured_on_rank_0(
 
 def _core(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
 
     import compress
     from compress import distributed
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    dist.barrier()
-    Path(f"{out}.up{rank}").touch()  # connected: an abort from here on is a failure
+    connect(rank, port, out)
     count_measuring()
     said: dict[str, Any] = {}
-
-    def sharded(net: MLP) -> MLP:
-        for layer in (net.fc1, net.fc2, net.head):
-            fully_shard(layer)
-        fully_shard(net)
-        return net
 
     def trained(model: MLP, ctrl: Any, x: torch.Tensor) -> list[dict[str, list[bool]]]:
         """The kept channels after each of 3 epochs of SGD on the same batches on every rank."""
@@ -166,7 +155,7 @@ def _core(rank: int, port: int, out: str) -> None:
     ref.load_state_dict(net.state_dict())
     x = torch.randn(32, 16)
     PHASE[0] = "sharded"
-    ctrl, net = compress.create_compressed_model(sharded(net), recipe, x[:2])
+    ctrl, net = compress.create_compressed_model(shard_mlp(net), recipe, x[:2])
     said["keep"] = trained(net, ctrl, x)
     PHASE[0] = "one process"  # every rank builds one process's model: the reference
     ctrl_ref, ref = compress.create_compressed_model(ref, recipe, x[:2])
@@ -179,7 +168,7 @@ def _core(rank: int, port: int, out: str) -> None:
     # a table from a loaded state is used as it is: nothing measured, nothing gathered
     PHASE[0] = "loaded"
     state = ctrl.state_dict()
-    again, net2 = compress.create_compressed_model(sharded(MLP()), recipe, x[:2])
+    again, net2 = compress.create_compressed_model(shard_mlp(MLP()), recipe, x[:2])
     again.load_state_dict(state)
     again.scheduler.epoch_step()
     said["loaded table"] = again.algorithms[0].latency_table == table
@@ -194,7 +183,7 @@ def _core(rank: int, port: int, out: str) -> None:
         raise RuntimeError("the timer broke")
 
     planned, latency.default_timer = latency.default_timer, failing
-    failed, net3 = compress.create_compressed_model(sharded(MLP()), recipe, x[:2])
+    failed, net3 = compress.create_compressed_model(shard_mlp(MLP()), recipe, x[:2])
     try:
         failed.scheduler.epoch_step()
         why = "nothing raised"
