@@ -103,6 +103,47 @@ def scalar(t: torch.Tensor) -> float:
     return float(full(t))
 
 
+def reduced(partials: Sequence[torch.Tensor], of: Sequence[Any], op: str = "sum") -> list[float]:
+    """Each one-element ``partials[i]``, computed from this rank's part of ``of[i]``, reduced
+    over the ranks (``op``: "sum" or "max") where ``of[i]`` is sharded, as floats: one
+    all-reduce for all of them, where ``scalar`` of each runs one per tensor (a mask update
+    reads several figures per masked tensor: docs/sharded.md). No collective when none is
+    sharded. Float64 holds every count, bool and float32 exactly.
+
+    Example:
+        >>> reduced([torch.tensor(2), torch.tensor(True)], [torch.zeros(2), torch.zeros(1)])
+        [2.0, 1.0]
+    """
+    if not partials:
+        return []
+    values = torch.stack([p.detach().reshape(()).to(torch.float64) for p in partials])
+    group = group_of([t for t in of if is_sharded(t)])
+    if group is not None:
+        sharded = torch.tensor([is_sharded(t) for t in of])
+        mine = values[sharded].to(next(t for t in of if is_sharded(t)).device)
+        reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+        dist.all_reduce(mine, op=reduce_op, group=group)
+        values[sharded] = mine.to(values.device)
+    return values.tolist()  # type: ignore[no-any-return]
+
+
+def norms(tensors: Sequence[Any]) -> list[torch.Tensor]:
+    """The L2 norm of each of ``tensors`` as a one-element tensor on this rank; a sharded
+    tensor's is its whole norm, for all of them with one all-reduce of the local squared norms
+    (the value ``DTensor.norm(2)`` gives, which runs one all-reduce per tensor: its local norms
+    squared, summed over the ranks, to the power 1/2). ``t.norm(2)`` when none is sharded."""
+    group = group_of([t for t in tensors if is_sharded(t)])
+    if group is None:
+        return [t.norm(2) for t in tensors]
+    found = [local(t).norm(2) for t in tensors]
+    sharded = [i for i, t in enumerate(tensors) if is_sharded(t)]
+    squares = torch.stack([found[i] for i in sharded]) ** 2
+    dist.all_reduce(squares, group=group)
+    for i, n in zip(sharded, squares ** (1.0 / 2)):
+        found[i] = n
+    return found
+
+
 def like(part: torch.Tensor, ref: Any) -> torch.Tensor:
     """``part`` (this rank's piece) as a DTensor laid out like ``ref``; ``part`` itself when
     ``ref`` is not sharded."""

@@ -26,11 +26,15 @@ def abs_importance(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs()
 
 
-def normed_abs_importance(weight: torch.Tensor) -> torch.Tensor:
-    """|w| / ||W||_2, NNCF's default, so that one global threshold treats layers fairly."""
+def normed_abs_importance(weight: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
+    """|w| / ||W||_2, NNCF's default, so that one global threshold treats layers fairly.
+    ``norm``: ||W||_2 when it is known already (``distributed.norms`` finds those of many
+    sharded weights with one all-reduce)."""
     w = weight.detach()
-    norm = w.norm(2)
-    return w.abs().div_(norm) if norm > 0 else w.abs()
+    if norm is None:
+        norm = distributed.norms([w])[0]
+    part = distributed.local(w).abs()
+    return distributed.like(part.div_(norm) if norm > 0 else part, w)
 
 
 def random_importance(weight: torch.Tensor, seed: int = 0) -> torch.Tensor:
