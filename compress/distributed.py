@@ -16,7 +16,7 @@ Supported order: ``fully_shard`` first, then ``create_compressed_model`` (Lightn
 Example:
     >>> import torch
     >>> kth_smallest([torch.tensor([3.0, 1.0, 2.0]), torch.tensor([1.0, 5.0])], 3, None)
-    (2.0, 2)
+    (2.0, 2, 1)
 """
 
 from __future__ import annotations
@@ -238,10 +238,11 @@ def group_of(tensors: Sequence[Any]) -> dist.ProcessGroup | None:
 
 
 def _keys(t: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer keys in the order of the float values (int64), 32- or 64-bit patterns; -0.0 is
-    0.0 (adding 0.0 turns it into +0.0)."""
+    """Integer keys in the order of the float values, the 32-bit patterns as int32 (half the
+    bytes to read and write of int64) or the 64-bit ones as int64; -0.0 is 0.0 (adding 0.0
+    turns it into +0.0)."""
     if bits == 32:
-        raw = (t.detach().reshape(-1).to(torch.float32) + 0.0).view(torch.int32).to(torch.int64)
+        raw = (t.detach().reshape(-1).to(torch.float32) + 0.0).view(torch.int32)
         return torch.where(raw >= 0, raw, raw ^ 0x7FFFFFFF)
     raw = (t.detach().reshape(-1).to(torch.float64) + 0.0).view(torch.int64)
     return torch.where(raw >= 0, raw, raw ^ 0x7FFFFFFFFFFFFFFF)
@@ -257,49 +258,53 @@ def _value(key: int, bits: int) -> float:
 
 
 def _digit(keys: torch.Tensor, shift: int, top: bool) -> torch.Tensor:
-    """The key byte at ``shift`` as 0..255, in key order (the top byte carries the sign)."""
+    """The key byte at ``shift`` as 0..255 (uint8), in key order (the top byte carries the
+    sign)."""
     d = keys >> shift
-    return (d + 128) & 0xFF if top else d & 0xFF
+    return ((d + 128) & 0xFF if top else d & 0xFF).to(torch.uint8)
 
 
 def kth_smallest(
     parts: Sequence[torch.Tensor], k: int, group: dist.ProcessGroup | None
-) -> tuple[float, int]:
-    """The k-th smallest value (1-based) over ``parts`` on every rank of ``group`` together, and
-    how many values are smaller. Exact: radix selection on the values' bit patterns, one
-    all-reduced 256-bin histogram per key byte. NaN is not allowed in ``parts``.
+) -> tuple[float, int, int]:
+    """The k-th smallest value (1-based) over ``parts`` on every rank of ``group`` together, how
+    many values are smaller and how many equal to it. Exact: radix selection on the values'
+    bit patterns, one all-reduced 256-bin histogram per key byte. NaN is not allowed in
+    ``parts``.
     """
     floats = [p.dtype for p in parts]
     bits = 32 if all(torch.finfo(d).bits <= 32 for d in floats) else 64
     device = parts[0].device if parts else torch.device("cpu")
-    # the keys still in the running, per part; None: all of them (first pass, recomputed from
-    # the part so that no full-size key tensor outlives its part's turn)
+    # the keys still in the running, per part; None: all of them (first pass: no full-size key
+    # tensor outlives its part's turn, the candidates' keys are computed from their values)
     cands: list[torch.Tensor | None] = [None] * len(parts)
     rest = k
     key = 0
     for shift in range(bits - 8, -8, -8):
         top = shift == bits - 8
         hist = torch.zeros(256, dtype=torch.int64, device=device)
+        digits = []  # this pass's byte of every candidate, one byte each until the filter
         for p, c in zip(parts, cands):
-            keys = _keys(p, bits) if c is None else c
-            hist += torch.bincount(_digit(keys, shift, top), minlength=256)
+            digits.append(_digit(_keys(p, bits) if c is None else c, shift, top))
+            hist += torch.bincount(digits[-1], minlength=256)
         if group is not None:
             dist.all_reduce(hist, group=group)
         cum = hist.cumsum(0)
         b = int(torch.searchsorted(cum, torch.tensor(rest, device=device)))
         rest -= int(cum[b - 1]) if b > 0 else 0
         key = key * 256 + b
-        for i, (p, c) in enumerate(zip(parts, cands)):
-            keys = _keys(p, bits) if c is None else c
-            cands[i] = keys[_digit(keys, shift, top) == b]
+        for i, (p, c, d) in enumerate(zip(parts, cands, digits)):
+            at = d == b
+            cands[i] = _keys(p.reshape(-1)[at], bits) if c is None else c[at]
     key -= 1 << (bits - 1)  # the top byte was offset by 128
-    return _value(key, bits), k - rest
+    return _value(key, bits), k - rest, int(hist[b])
 
 
 def global_keep_masks(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
     """Bool masks pruning exactly ``k`` of the lowest scores over all sharded ``scores``
     together, laid out as they are; ties at the threshold are pruned in tensor order, then
-    by position (rank order is row order under ``Shard(0)``), as on one process."""
+    by position (rank order is row order under ``Shard(0)``), as on one process. The tie
+    counts per rank and tensor are all-gathered only when some ties are kept."""
     group = group_of(scores)
     parts = [local(s) for s in scores]
     total = sum(s.numel() for s in scores)
@@ -307,7 +312,10 @@ def global_keep_masks(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tens
         return [
             like(torch.full_like(p, k <= 0, dtype=torch.bool), s) for p, s in zip(parts, scores)
         ]
-    t, below = kth_smallest(parts, k, group)
+    t, below, equal = kth_smallest(parts, k, group)
+    left = k - below
+    if left == equal:  # every tie is pruned: no order among them to agree on
+        return [like(p > t, s) for p, s in zip(parts, scores)]
     ties = torch.stack([(p == t).sum() for p in parts]).reshape(1, -1)
     world = dist.get_world_size(group) if group is not None else 1
     rank = dist.get_rank(group) if group is not None else 0
@@ -315,7 +323,6 @@ def global_keep_masks(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tens
         every = [torch.empty_like(ties) for _ in range(world)]
         dist.all_gather(every, ties, group=group)
         ties = torch.cat(every)  # [rank, tensor]
-    left = k - below
     out = []
     for i, (p, s) in enumerate(zip(parts, scores)):
         before = int(ties[:, :i].sum()) + int(ties[:rank, i].sum())

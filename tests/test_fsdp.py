@@ -387,10 +387,11 @@ def test_kth_smallest_is_exact_and_ties_fall_in_order() -> None:
             ]
             total = sum(p.numel() for p in parts)
             k = int(torch.randint(1, total + 1, (1,), generator=gen))
-            t, below = distributed.kth_smallest(parts, k, None)
+            t, below, equal = distributed.kth_smallest(parts, k, None)
             flat = torch.cat(parts).double()
             assert t == float(flat.kthvalue(k).values)
             assert below == int((flat < t).sum())
+            assert equal == int((flat == t).sum())
             ours = distributed.global_keep_masks(parts, k)
             for a, b in zip(ours, global_keep_masks(parts, k)):
                 assert torch.equal(a, b)
