@@ -557,3 +557,57 @@ def test_fsdp1_strategy_refused_with_the_way_out() -> None:
     with pytest.raises(CompressError, match=r"FSDP1.*use ModelParallelStrategy and fully_shard"):
         cb.setup(trainer, ShardedLit(), "fit")  # type: ignore[arg-type]
     assert cb.ctrl is None
+
+
+def _update_collectives(rank: int, port: int, out: str) -> None:
+    """Per mode and depth, the c10d collectives of one mask update of a sharded chain of
+    Linear layers (every layer sharded, then the whole chain)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.profiler import ProfilerActivity, profile
+
+    import compress
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.barrier()
+    Path(f"{out}.up{rank}").touch()
+    counts = {}
+    for mode in ("global", "local"):
+        for depth in (2, 4):
+            torch.manual_seed(0)
+            net = nn.Sequential(*[nn.Linear(24, 24) for _ in range(depth)], nn.Linear(24, 3))
+            for layer in net:
+                fully_shard(layer)
+            fully_shard(net)
+            recipe = {**RECIPES["magnitude_global"]}
+            recipe["params"] = {**recipe["params"], "sparsity_level_setting_mode": mode}
+            ctrl, net = compress.create_compressed_model(net, {"compression": recipe})
+            algo = ctrl.algorithms[0]
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                algo.set_level(0.5)  # type: ignore[attr-defined]
+                algo.warn_collapse()  # type: ignore[attr-defined]
+            # the process group's own ops, which dist.all_reduce and DTensor's collectives
+            # (a norm or sum of a sharded weight) both end in
+            counts[f"{mode} {depth + 1}"] = sum(
+                1 for e in prof.events() if e.name.startswith("c10d::")
+            )
+    if rank == 0:
+        Path(out).write_text(json.dumps(counts))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_mask_update_collectives_do_not_grow_with_the_layers(tmp_path: Path) -> None:
+    """A global magnitude update under FSDP2 runs the same 8 collectives whatever the number of
+    masked layers: one all-reduce each of the finite checks, the norms, the pruned scores'
+    maxima and the collapse checks (all layers together), and the 4 histograms of the
+    threshold; no tie all-gather when every tie is pruned. A local update adds its 4
+    histograms per layer, nothing else per layer."""
+    out = tmp_path / "counts.json"
+    _spawn_connected(_update_collectives, out)
+    counts = json.loads(out.read_text())
+    assert counts["global 3"] == counts["global 5"] == 8
+    assert counts["local 3"] == 4 + 4 * 3
+    assert counts["local 5"] == 4 + 4 * 5
