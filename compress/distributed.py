@@ -272,32 +272,50 @@ def kth_smallest(
     bit patterns, one all-reduced 256-bin histogram per key byte. NaN is not allowed in
     ``parts``.
     """
-    floats = [p.dtype for p in parts]
+    return kth_smallests([parts], [k], group)[0]
+
+
+def kth_smallests(
+    selections: Sequence[Sequence[torch.Tensor]], ks: Sequence[int], group: dist.ProcessGroup | None
+) -> list[tuple[float, int, int]]:
+    """``kth_smallest(parts, k, group)`` of every (parts, k) of ``selections`` and ``ks``, the
+    histograms of all selections all-reduced together: four (or eight) all-reduces in all, not
+    four per selection (a local mask update selects in every layer on its own)."""
+    if not selections:
+        return []
+    floats = [p.dtype for parts in selections for p in parts]
     bits = 32 if all(torch.finfo(d).bits <= 32 for d in floats) else 64
-    device = parts[0].device if parts else torch.device("cpu")
+    device = next((p.device for parts in selections for p in parts), torch.device("cpu"))
     # the keys still in the running, per part; None: all of them (first pass: no full-size key
     # tensor outlives its part's turn, the candidates' keys are computed from their values)
-    cands: list[torch.Tensor | None] = [None] * len(parts)
-    rest = k
-    key = 0
+    cands: list[list[torch.Tensor | None]] = [[None] * len(parts) for parts in selections]
+    rests = list(ks)
+    keys = [0] * len(selections)
     for shift in range(bits - 8, -8, -8):
         top = shift == bits - 8
-        hist = torch.zeros(256, dtype=torch.int64, device=device)
-        digits = []  # this pass's byte of every candidate, one byte each until the filter
-        for p, c in zip(parts, cands):
-            digits.append(_digit(_keys(p, bits) if c is None else c, shift, top))
-            hist += torch.bincount(digits[-1], minlength=256)
+        hist = torch.zeros(len(selections), 256, dtype=torch.int64, device=device)
+        digits: list[list[torch.Tensor]] = []  # this pass's byte of every candidate
+        for h, parts, cs in zip(hist, selections, cands):
+            digits.append(
+                [_digit(_keys(p, bits) if c is None else c, shift, top) for p, c in zip(parts, cs)]
+            )
+            for d in digits[-1]:
+                h += torch.bincount(d, minlength=256)
         if group is not None:
             dist.all_reduce(hist, group=group)
-        cum = hist.cumsum(0)
-        b = int(torch.searchsorted(cum, torch.tensor(rest, device=device)))
-        rest -= int(cum[b - 1]) if b > 0 else 0
-        key = key * 256 + b
-        for i, (p, c, d) in enumerate(zip(parts, cands, digits)):
-            at = d == b
-            cands[i] = _keys(p.reshape(-1)[at], bits) if c is None else c[at]
-    key -= 1 << (bits - 1)  # the top byte was offset by 128
-    return _value(key, bits), k - rest, int(hist[b])
+        cum = hist.cumsum(1)
+        for j, (parts, cs, ds) in enumerate(zip(selections, cands, digits)):
+            b = int(torch.searchsorted(cum[j], torch.tensor(rests[j], device=device)))
+            rests[j] -= int(cum[j, b - 1]) if b > 0 else 0
+            keys[j] = keys[j] * 256 + b
+            for i, (p, c, d) in enumerate(zip(parts, cs, ds)):
+                at = d == b
+                cs[i] = _keys(p.reshape(-1)[at], bits) if c is None else c[at]
+    offset = 1 << (bits - 1)  # the top byte was offset by 128
+    return [
+        (_value(key - offset, bits), k - rest, int(h[key % 256]))
+        for key, k, rest, h in zip(keys, ks, rests, hist)
+    ]
 
 
 def global_keep_masks(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
@@ -305,33 +323,55 @@ def global_keep_masks(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tens
     together, laid out as they are; ties at the threshold are pruned in tensor order, then
     by position (rank order is row order under ``Shard(0)``), as on one process. The tie
     counts per rank and tensor are all-gathered only when some ties are kept."""
-    group = group_of(scores)
-    parts = [local(s) for s in scores]
-    total = sum(s.numel() for s in scores)
-    if k <= 0 or k >= total:
-        return [
-            like(torch.full_like(p, k <= 0, dtype=torch.bool), s) for p, s in zip(parts, scores)
-        ]
-    t, below, equal = kth_smallest(parts, k, group)
-    left = k - below
-    if left == equal:  # every tie is pruned: no order among them to agree on
-        return [like(p > t, s) for p, s in zip(parts, scores)]
-    ties = torch.stack([(p == t).sum() for p in parts]).reshape(1, -1)
-    world = dist.get_world_size(group) if group is not None else 1
+    return keep_masks([scores], [k])[0]
+
+
+def keep_masks(
+    selections: Sequence[Sequence[torch.Tensor]], ks: Sequence[int]
+) -> list[list[torch.Tensor]]:
+    """``global_keep_masks(scores, k)`` of every (scores, k) of ``selections`` and ``ks``, with
+    the selections' collectives together: the histograms of all in one all-reduce per pass, the
+    tie counts of those that keep ties in one all-gather."""
+    group = group_of([s for scores in selections for s in scores])
+    parts = [[local(s) for s in scores] for scores in selections]
+    out: list[list[torch.Tensor]] = [[] for _ in selections]
+    todo = []
+    for j, (scores, k) in enumerate(zip(selections, ks)):
+        if k <= 0 or k >= sum(s.numel() for s in scores):
+            out[j] = [
+                like(torch.full_like(p, k <= 0, dtype=torch.bool), s)
+                for p, s in zip(parts[j], scores)
+            ]
+        else:
+            todo.append(j)
+    tied = []
+    for j, (t, below, equal) in zip(
+        todo, kth_smallests([parts[j] for j in todo], [ks[j] for j in todo], group)
+    ):
+        if ks[j] - below == equal:  # every tie is pruned: no order among them to agree on
+            out[j] = [like(p > t, s) for p, s in zip(parts[j], selections[j])]
+        else:
+            tied.append((j, t, ks[j] - below))
+    if not tied:
+        return out
+    ties = torch.stack([(p == t).sum() for j, t, _ in tied for p in parts[j]]).reshape(1, -1)
     rank = dist.get_rank(group) if group is not None else 0
     if group is not None:
-        every = [torch.empty_like(ties) for _ in range(world)]
+        every = [torch.empty_like(ties) for _ in range(dist.get_world_size(group))]
         dist.all_gather(every, ties, group=group)
         ties = torch.cat(every)  # [rank, tensor]
-    out = []
-    for i, (p, s) in enumerate(zip(parts, scores)):
-        before = int(ties[:, :i].sum()) + int(ties[:rank, i].sum())
-        take = max(0, min(left - before, int(ties[rank, i])))
-        keep = p > t
-        if take < int(ties[rank, i]):
-            at = (p == t).reshape(-1).nonzero().squeeze(1)
-            keep.view(-1)[at[take:]] = True
-        out.append(like(keep, s))
+    col = 0
+    for j, t, left in tied:
+        mine = ties[:, col : col + len(parts[j])]
+        col += len(parts[j])
+        for i, (p, s) in enumerate(zip(parts[j], selections[j])):
+            before = int(mine[:, :i].sum()) + int(mine[:rank, i].sum())
+            take = max(0, min(left - before, int(mine[rank, i])))
+            keep = p > t
+            if take < int(mine[rank, i]):
+                at = (p == t).reshape(-1).nonzero().squeeze(1)
+                keep.view(-1)[at[take:]] = True
+            out[j].append(like(keep, s))
     return out
 
 

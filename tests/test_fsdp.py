@@ -376,7 +376,7 @@ def test_fsdp2_resumes_bitwise(name: str, saved: str, tmp_path: Path) -> None:
 
 def test_kth_smallest_is_exact_and_ties_fall_in_order() -> None:
     """One process (no group): the radix selection against kthvalue, -0.0 and bf16 included."""
-    from compress.sparsity.importance import global_keep_masks
+    from compress.sparsity.importance import global_keep_masks, local_keep_mask
 
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
@@ -395,6 +395,10 @@ def test_kth_smallest_is_exact_and_ties_fall_in_order() -> None:
             ours = distributed.global_keep_masks(parts, k)
             for a, b in zip(ours, global_keep_masks(parts, k)):
                 assert torch.equal(a, b)
+            # every part on its own, selected together (local mode), 0 and all included
+            ks = [int(torch.randint(0, p.numel() + 1, (1,), generator=gen)) for p in parts]
+            for [a], p, k in zip(distributed.keep_masks([[p] for p in parts], ks), parts, ks):
+                assert torch.equal(a, local_keep_mask(p, k))
 
 
 def _refusals(rank: int, port: int, out: str) -> None:
@@ -600,14 +604,12 @@ def _update_collectives(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_mask_update_collectives_do_not_grow_with_the_layers(tmp_path: Path) -> None:
-    """A global magnitude update under FSDP2 runs the same 8 collectives whatever the number of
-    masked layers: one all-reduce each of the finite checks, the norms, the pruned scores'
-    maxima and the collapse checks (all layers together), and the 4 histograms of the
-    threshold; no tie all-gather when every tie is pruned. A local update adds its 4
-    histograms per layer, nothing else per layer."""
+    """A magnitude update under FSDP2 runs the same 8 collectives whatever the number of masked
+    layers: one all-reduce each of the finite checks, the norms, the pruned scores' maxima and
+    the collapse checks (all layers together), and the 4 histograms of the threshold (of every
+    layer's own threshold together in local mode); no tie all-gather when every tie is
+    pruned."""
     out = tmp_path / "counts.json"
     _spawn_connected(_update_collectives, out)
     counts = json.loads(out.read_text())
-    assert counts["global 3"] == counts["global 5"] == 8
-    assert counts["local 3"] == 4 + 4 * 3
-    assert counts["local 5"] == 4 + 4 * 5
+    assert counts == {"global 3": 8, "global 5": 8, "local 3": 8, "local 5": 8}

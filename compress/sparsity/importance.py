@@ -78,6 +78,18 @@ def local_keep_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return _keep_with_ties(scores, t, k - below)
 
 
+def local_keep_masks(scores: Sequence[torch.Tensor], ks: Sequence[int]) -> list[torch.Tensor]:
+    """``local_keep_mask(s, k)`` of every (s, k) of ``scores`` and ``ks``; sharded scores are
+    selected together (``distributed.keep_masks``: one all-reduce per radix pass for all of
+    them, not one per tensor)."""
+    sharded = [i for i, s in enumerate(scores) if distributed.is_sharded(s)]
+    found = distributed.keep_masks([[scores[i]] for i in sharded], [ks[i] for i in sharded])
+    out = dict(zip(sharded, (keep for [keep] in found)))
+    return [
+        out[i] if i in out else local_keep_mask(s, k) for i, (s, k) in enumerate(zip(scores, ks))
+    ]
+
+
 def global_keep_masks(
     scores: Sequence[torch.Tensor], k: int, sample: int = 1 << 18
 ) -> list[torch.Tensor]:

@@ -41,7 +41,7 @@ from compress.sparsity.importance import (
     IMPORTANCE,
     block_scores,
     global_keep_masks,
-    local_keep_mask,
+    local_keep_masks,
     normed_abs_importance,
     random_importance,
 )
@@ -229,7 +229,7 @@ class MagnitudeSparsity(Algorithm):
         else:
             shapes = [tuple(s.shape) for s in scores]
             levels = allocate(allocation, shapes, level)
-            keeps = [local_keep_mask(s, round(x * n)) for s, x, n in zip(scores, levels, alive)]
+            keeps = local_keep_masks(scores, [round(x * n) for x, n in zip(levels, alive)])
         # no boolean indexing: gathering 90% of the scores took 40% of set_masks
         pruned = [_top(s, k) for k, s in zip(keeps, scores)]
         tops = distributed.reduced(pruned, scores, "max")
