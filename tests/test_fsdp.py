@@ -596,6 +596,25 @@ def _update_collectives(rank: int, port: int, out: str) -> None:
             counts[f"{mode} {depth + 1}"] = sum(
                 1 for e in prof.events() if e.name.startswith("c10d::")
             )
+    # filter pruning (once per epoch): the per-filter scores and norms of all layers together
+    pruning = {"prune_first_conv": True, "pruning_target": 0.5}
+    for criterion, allocation in (("L1", "uniform"), ("L2", "global")):
+        for depth in (2, 4):
+            torch.manual_seed(0)
+            net = nn.Sequential(*[nn.Linear(24, 24) for _ in range(depth)], nn.Linear(24, 3))
+            for layer in net:
+                fully_shard(layer)
+            fully_shard(net)
+            params = {**pruning, "filter_importance": criterion, "allocation": allocation}
+            recipe = {"algorithm": "filter_pruning", "params": params}
+            ctrl, net = compress.create_compressed_model(
+                net, {"compression": recipe}, torch.zeros(2, 24)
+            )
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                ctrl.algorithms[0].set_level(0.5)  # type: ignore[attr-defined]
+            counts[f"{criterion} {allocation} {depth + 1}"] = sum(
+                1 for e in prof.events() if e.name.startswith("c10d::")
+            )
     if rank == 0:
         Path(out).write_text(json.dumps(counts))
     dist.barrier()
@@ -608,8 +627,13 @@ def test_mask_update_collectives_do_not_grow_with_the_layers(tmp_path: Path) -> 
     layers: one all-reduce each of the finite checks, the norms, the pruned scores' maxima and
     the collapse checks (all layers together), and the 4 histograms of the threshold (of every
     layer's own threshold together in local mode); no tie all-gather when every tie is
-    pruned."""
+    pruned. Filter pruning's scores likewise."""
     out = tmp_path / "counts.json"
     _spawn_connected(_update_collectives, out)
     counts = json.loads(out.read_text())
-    assert counts == {"global 3": 8, "global 5": 8, "local 3": 8, "local 5": 8}
+    assert counts["global 3"] == counts["global 5"] == 8
+    assert counts["local 3"] == counts["local 5"] == 8
+    # filter pruning: one all-reduce of every layer's filter scores; a global ranking also
+    # reads the normalised scores (one for the norms, one for the scores)
+    assert counts["L1 uniform 3"] == counts["L1 uniform 5"] == 1
+    assert counts["L2 global 3"] == counts["L2 global 5"] == 3
