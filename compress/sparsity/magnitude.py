@@ -210,11 +210,11 @@ class MagnitudeSparsity(Algorithm):
         # Weights another algorithm removed (filter pruning) are not ours to count or choose:
         # the level applies to the weights that remain.
         alive = [s.numel() for s in scores]
-        removed = [i for i, other in enumerate(others) if other is not None]
-        for i in removed:
-            scores[i] = scores[i].masked_fill(others[i] == 0, float("inf"))
-        counts = [distributed.local(others[i]).count_nonzero() for i in removed]
-        for i, n in zip(removed, distributed.reduced(counts, [others[i] for i in removed])):
+        removed = [(i, other) for i, other in enumerate(others) if other is not None]
+        for i, other in removed:
+            scores[i] = scores[i].masked_fill(torch.eq(other, 0), float("inf"))
+        counts = [distributed.local(other).count_nonzero() for _, other in removed]
+        for (i, _), n in zip(removed, distributed.reduced(counts, [o for _, o in removed])):
             alive[i] = int(n)
         block = p.get("block_shape")
         blocks = []
