@@ -16,7 +16,7 @@ Supported order: ``fully_shard`` first, then ``create_compressed_model`` (Lightn
 Example:
     >>> import torch
     >>> kth_smallest([torch.tensor([3.0, 1.0, 2.0]), torch.tensor([1.0, 5.0])], 3, None)
-    (2.0, 2)
+    (2.0, 2, 1)
 """
 
 from __future__ import annotations
@@ -101,6 +101,47 @@ def whole_on_rank_zero(state: Any) -> Any:
 def scalar(t: torch.Tensor) -> float:
     """A one-element tensor (a sum, a max) as a float, reduced over the ranks when sharded."""
     return float(full(t))
+
+
+def reduced(partials: Sequence[torch.Tensor], of: Sequence[Any], op: str = "sum") -> list[float]:
+    """Each one-element ``partials[i]``, computed from this rank's part of ``of[i]``, reduced
+    over the ranks (``op``: "sum" or "max") where ``of[i]`` is sharded, as floats: one
+    all-reduce for all of them, where ``scalar`` of each runs one per tensor (a mask update
+    reads several figures per masked tensor: docs/sharded.md). No collective when none is
+    sharded. Float64 holds every count, bool and float32 exactly.
+
+    Example:
+        >>> reduced([torch.tensor(2), torch.tensor(True)], [torch.zeros(2), torch.zeros(1)])
+        [2.0, 1.0]
+    """
+    if not partials:
+        return []
+    values = torch.stack([p.detach().reshape(()).to(torch.float64) for p in partials])
+    group = group_of([t for t in of if is_sharded(t)])
+    if group is not None:
+        sharded = torch.tensor([is_sharded(t) for t in of])
+        mine = values[sharded].to(next(t for t in of if is_sharded(t)).device)
+        reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+        dist.all_reduce(mine, op=reduce_op, group=group)
+        values[sharded] = mine.to(values.device)
+    return values.tolist()  # type: ignore[no-any-return]
+
+
+def norms(tensors: Sequence[Any]) -> list[torch.Tensor]:
+    """The L2 norm of each of ``tensors`` as a one-element tensor on this rank; a sharded
+    tensor's is its whole norm, for all of them with one all-reduce of the local squared norms
+    (the value ``DTensor.norm(2)`` gives, which runs one all-reduce per tensor: its local norms
+    squared, summed over the ranks, to the power 1/2). ``t.norm(2)`` when none is sharded."""
+    group = group_of([t for t in tensors if is_sharded(t)])
+    if group is None:
+        return [t.norm(2) for t in tensors]
+    found = [local(t).norm(2) for t in tensors]
+    sharded = [i for i, t in enumerate(tensors) if is_sharded(t)]
+    squares = torch.stack([found[i] for i in sharded]) ** 2
+    dist.all_reduce(squares, group=group)
+    for i, n in zip(sharded, squares ** (1.0 / 2)):
+        found[i] = n
+    return found
 
 
 def like(part: torch.Tensor, ref: Any) -> torch.Tensor:
@@ -197,10 +238,11 @@ def group_of(tensors: Sequence[Any]) -> dist.ProcessGroup | None:
 
 
 def _keys(t: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer keys in the order of the float values (int64), 32- or 64-bit patterns; -0.0 is
-    0.0 (adding 0.0 turns it into +0.0)."""
+    """Integer keys in the order of the float values, the 32-bit patterns as int32 (half the
+    bytes to read and write of int64) or the 64-bit ones as int64; -0.0 is 0.0 (adding 0.0
+    turns it into +0.0)."""
     if bits == 32:
-        raw = (t.detach().reshape(-1).to(torch.float32) + 0.0).view(torch.int32).to(torch.int64)
+        raw = (t.detach().reshape(-1).to(torch.float32) + 0.0).view(torch.int32)
         return torch.where(raw >= 0, raw, raw ^ 0x7FFFFFFF)
     raw = (t.detach().reshape(-1).to(torch.float64) + 0.0).view(torch.int64)
     return torch.where(raw >= 0, raw, raw ^ 0x7FFFFFFFFFFFFFFF)
@@ -216,74 +258,120 @@ def _value(key: int, bits: int) -> float:
 
 
 def _digit(keys: torch.Tensor, shift: int, top: bool) -> torch.Tensor:
-    """The key byte at ``shift`` as 0..255, in key order (the top byte carries the sign)."""
+    """The key byte at ``shift`` as 0..255 (uint8), in key order (the top byte carries the
+    sign)."""
     d = keys >> shift
-    return (d + 128) & 0xFF if top else d & 0xFF
+    return ((d + 128) & 0xFF if top else d & 0xFF).to(torch.uint8)
 
 
 def kth_smallest(
     parts: Sequence[torch.Tensor], k: int, group: dist.ProcessGroup | None
-) -> tuple[float, int]:
-    """The k-th smallest value (1-based) over ``parts`` on every rank of ``group`` together, and
-    how many values are smaller. Exact: radix selection on the values' bit patterns, one
-    all-reduced 256-bin histogram per key byte. NaN is not allowed in ``parts``.
+) -> tuple[float, int, int]:
+    """The k-th smallest value (1-based) over ``parts`` on every rank of ``group`` together, how
+    many values are smaller and how many equal to it. Exact: radix selection on the values'
+    bit patterns, one all-reduced 256-bin histogram per key byte. NaN is not allowed in
+    ``parts``.
     """
-    floats = [p.dtype for p in parts]
+    return kth_smallests([parts], [k], group)[0]
+
+
+def kth_smallests(
+    selections: Sequence[Sequence[torch.Tensor]], ks: Sequence[int], group: dist.ProcessGroup | None
+) -> list[tuple[float, int, int]]:
+    """``kth_smallest(parts, k, group)`` of every (parts, k) of ``selections`` and ``ks``, the
+    histograms of all selections all-reduced together: four (or eight) all-reduces in all, not
+    four per selection (a local mask update selects in every layer on its own)."""
+    if not selections:
+        return []
+    floats = [p.dtype for parts in selections for p in parts]
     bits = 32 if all(torch.finfo(d).bits <= 32 for d in floats) else 64
-    device = parts[0].device if parts else torch.device("cpu")
-    # the keys still in the running, per part; None: all of them (first pass, recomputed from
-    # the part so that no full-size key tensor outlives its part's turn)
-    cands: list[torch.Tensor | None] = [None] * len(parts)
-    rest = k
-    key = 0
+    device = next((p.device for parts in selections for p in parts), torch.device("cpu"))
+    # the keys still in the running, per part; None: all of them (first pass: no full-size key
+    # tensor outlives its part's turn, the candidates' keys are computed from their values)
+    cands: list[list[torch.Tensor | None]] = [[None] * len(parts) for parts in selections]
+    rests = list(ks)
+    keys = [0] * len(selections)
     for shift in range(bits - 8, -8, -8):
         top = shift == bits - 8
-        hist = torch.zeros(256, dtype=torch.int64, device=device)
-        for p, c in zip(parts, cands):
-            keys = _keys(p, bits) if c is None else c
-            hist += torch.bincount(_digit(keys, shift, top), minlength=256)
+        hist = torch.zeros(len(selections), 256, dtype=torch.int64, device=device)
+        digits: list[list[torch.Tensor]] = []  # this pass's byte of every candidate
+        for h, parts, cs in zip(hist, selections, cands):
+            digits.append(
+                [_digit(_keys(p, bits) if c is None else c, shift, top) for p, c in zip(parts, cs)]
+            )
+            for d in digits[-1]:
+                h += torch.bincount(d, minlength=256)
         if group is not None:
             dist.all_reduce(hist, group=group)
-        cum = hist.cumsum(0)
-        b = int(torch.searchsorted(cum, torch.tensor(rest, device=device)))
-        rest -= int(cum[b - 1]) if b > 0 else 0
-        key = key * 256 + b
-        for i, (p, c) in enumerate(zip(parts, cands)):
-            keys = _keys(p, bits) if c is None else c
-            cands[i] = keys[_digit(keys, shift, top) == b]
-    key -= 1 << (bits - 1)  # the top byte was offset by 128
-    return _value(key, bits), k - rest
+        cum = hist.cumsum(1)
+        for j, (parts, cs, ds) in enumerate(zip(selections, cands, digits)):
+            b = int(torch.searchsorted(cum[j], torch.tensor(rests[j], device=device)))
+            rests[j] -= int(cum[j, b - 1]) if b > 0 else 0
+            keys[j] = keys[j] * 256 + b
+            for i, (p, c, d) in enumerate(zip(parts, cs, ds)):
+                at = d == b
+                cs[i] = _keys(p.reshape(-1)[at], bits) if c is None else c[at]
+    offset = 1 << (bits - 1)  # the top byte was offset by 128
+    return [
+        (_value(key - offset, bits), k - rest, int(h[key % 256]))
+        for key, k, rest, h in zip(keys, ks, rests, hist)
+    ]
 
 
 def global_keep_masks(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
     """Bool masks pruning exactly ``k`` of the lowest scores over all sharded ``scores``
     together, laid out as they are; ties at the threshold are pruned in tensor order, then
-    by position (rank order is row order under ``Shard(0)``), as on one process."""
-    group = group_of(scores)
-    parts = [local(s) for s in scores]
-    total = sum(s.numel() for s in scores)
-    if k <= 0 or k >= total:
-        return [
-            like(torch.full_like(p, k <= 0, dtype=torch.bool), s) for p, s in zip(parts, scores)
-        ]
-    t, below = kth_smallest(parts, k, group)
-    ties = torch.stack([(p == t).sum() for p in parts]).reshape(1, -1)
-    world = dist.get_world_size(group) if group is not None else 1
+    by position (rank order is row order under ``Shard(0)``), as on one process. The tie
+    counts per rank and tensor are all-gathered only when some ties are kept."""
+    return keep_masks([scores], [k])[0]
+
+
+def keep_masks(
+    selections: Sequence[Sequence[torch.Tensor]], ks: Sequence[int]
+) -> list[list[torch.Tensor]]:
+    """``global_keep_masks(scores, k)`` of every (scores, k) of ``selections`` and ``ks``, with
+    the selections' collectives together: the histograms of all in one all-reduce per pass, the
+    tie counts of those that keep ties in one all-gather."""
+    group = group_of([s for scores in selections for s in scores])
+    parts = [[local(s) for s in scores] for scores in selections]
+    out: list[list[torch.Tensor]] = [[] for _ in selections]
+    todo = []
+    for j, (scores, k) in enumerate(zip(selections, ks)):
+        if k <= 0 or k >= sum(s.numel() for s in scores):
+            out[j] = [
+                like(torch.full_like(p, k <= 0, dtype=torch.bool), s)
+                for p, s in zip(parts[j], scores)
+            ]
+        else:
+            todo.append(j)
+    tied = []
+    for j, (t, below, equal) in zip(
+        todo, kth_smallests([parts[j] for j in todo], [ks[j] for j in todo], group)
+    ):
+        if ks[j] - below == equal:  # every tie is pruned: no order among them to agree on
+            out[j] = [like(p > t, s) for p, s in zip(parts[j], selections[j])]
+        else:
+            tied.append((j, t, ks[j] - below))
+    if not tied:
+        return out
+    ties = torch.stack([(p == t).sum() for j, t, _ in tied for p in parts[j]]).reshape(1, -1)
     rank = dist.get_rank(group) if group is not None else 0
     if group is not None:
-        every = [torch.empty_like(ties) for _ in range(world)]
+        every = [torch.empty_like(ties) for _ in range(dist.get_world_size(group))]
         dist.all_gather(every, ties, group=group)
         ties = torch.cat(every)  # [rank, tensor]
-    left = k - below
-    out = []
-    for i, (p, s) in enumerate(zip(parts, scores)):
-        before = int(ties[:, :i].sum()) + int(ties[:rank, i].sum())
-        take = max(0, min(left - before, int(ties[rank, i])))
-        keep = p > t
-        if take < int(ties[rank, i]):
-            at = (p == t).reshape(-1).nonzero().squeeze(1)
-            keep.view(-1)[at[take:]] = True
-        out.append(like(keep, s))
+    col = 0
+    for j, t, left in tied:
+        mine = ties[:, col : col + len(parts[j])]
+        col += len(parts[j])
+        for i, (p, s) in enumerate(zip(parts[j], selections[j])):
+            before = int(mine[:, :i].sum()) + int(mine[:rank, i].sum())
+            take = max(0, min(left - before, int(mine[rank, i])))
+            keep = p > t
+            if take < int(mine[rank, i]):
+                at = (p == t).reshape(-1).nonzero().squeeze(1)
+                keep.view(-1)[at[take:]] = True
+            out[j].append(like(keep, s))
     return out
 
 

@@ -376,7 +376,7 @@ def test_fsdp2_resumes_bitwise(name: str, saved: str, tmp_path: Path) -> None:
 
 def test_kth_smallest_is_exact_and_ties_fall_in_order() -> None:
     """One process (no group): the radix selection against kthvalue, -0.0 and bf16 included."""
-    from compress.sparsity.importance import global_keep_masks
+    from compress.sparsity.importance import global_keep_masks, local_keep_mask
 
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
@@ -387,13 +387,18 @@ def test_kth_smallest_is_exact_and_ties_fall_in_order() -> None:
             ]
             total = sum(p.numel() for p in parts)
             k = int(torch.randint(1, total + 1, (1,), generator=gen))
-            t, below = distributed.kth_smallest(parts, k, None)
+            t, below, equal = distributed.kth_smallest(parts, k, None)
             flat = torch.cat(parts).double()
             assert t == float(flat.kthvalue(k).values)
             assert below == int((flat < t).sum())
+            assert equal == int((flat == t).sum())
             ours = distributed.global_keep_masks(parts, k)
             for a, b in zip(ours, global_keep_masks(parts, k)):
                 assert torch.equal(a, b)
+            # every part on its own, selected together (local mode), 0 and all included
+            ks = [int(torch.randint(0, p.numel() + 1, (1,), generator=gen)) for p in parts]
+            for [a], p, k in zip(distributed.keep_masks([[p] for p in parts], ks), parts, ks):
+                assert torch.equal(a, local_keep_mask(p, k))
 
 
 def connect(rank: int, port: int, out: str) -> None:
@@ -571,3 +576,79 @@ def test_fsdp1_strategy_refused_with_the_way_out() -> None:
     with pytest.raises(CompressError, match=r"FSDP1.*use ModelParallelStrategy and fully_shard"):
         cb.setup(trainer, ShardedLit(), "fit")  # type: ignore[arg-type]
     assert cb.ctrl is None
+
+
+def _update_collectives(rank: int, port: int, out: str) -> None:
+    """Per mode and depth, the c10d collectives of one mask update of a sharded chain of
+    Linear layers (every layer sharded, then the whole chain)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.profiler import ProfilerActivity, profile
+
+    import compress
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.barrier()
+    Path(f"{out}.up{rank}").touch()
+    counts = {}
+    for mode in ("global", "local"):
+        for depth in (2, 4):
+            torch.manual_seed(0)
+            net = nn.Sequential(*[nn.Linear(24, 24) for _ in range(depth)], nn.Linear(24, 3))
+            for layer in net:
+                fully_shard(layer)
+            fully_shard(net)
+            recipe = {**RECIPES["magnitude_global"]}
+            recipe["params"] = {**recipe["params"], "sparsity_level_setting_mode": mode}
+            ctrl, net = compress.create_compressed_model(net, {"compression": recipe})
+            algo = ctrl.algorithms[0]
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                algo.set_level(0.5)  # type: ignore[attr-defined]
+                algo.warn_collapse()  # type: ignore[attr-defined]
+            # the process group's own ops, which dist.all_reduce and DTensor's collectives
+            # (a norm or sum of a sharded weight) both end in
+            counts[f"{mode} {depth + 1}"] = sum(
+                1 for e in prof.events() if e.name.startswith("c10d::")
+            )
+    # filter pruning (once per epoch): the per-filter scores and norms of all layers together
+    pruning = {"prune_first_conv": True, "pruning_target": 0.5}
+    for criterion, allocation in (("L1", "uniform"), ("L2", "global")):
+        for depth in (2, 4):
+            torch.manual_seed(0)
+            net = nn.Sequential(*[nn.Linear(24, 24) for _ in range(depth)], nn.Linear(24, 3))
+            for layer in net:
+                fully_shard(layer)
+            fully_shard(net)
+            params = {**pruning, "filter_importance": criterion, "allocation": allocation}
+            recipe = {"algorithm": "filter_pruning", "params": params}
+            ctrl, net = compress.create_compressed_model(
+                net, {"compression": recipe}, torch.zeros(2, 24)
+            )
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                ctrl.algorithms[0].set_level(0.5)  # type: ignore[attr-defined]
+            counts[f"{criterion} {allocation} {depth + 1}"] = sum(
+                1 for e in prof.events() if e.name.startswith("c10d::")
+            )
+    if rank == 0:
+        Path(out).write_text(json.dumps(counts))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_mask_update_collectives_do_not_grow_with_the_layers(tmp_path: Path) -> None:
+    """A magnitude update under FSDP2 runs the same 8 collectives whatever the number of masked
+    layers: one all-reduce each of the finite checks, the norms, the pruned scores' maxima and
+    the collapse checks (all layers together), and the 4 histograms of the threshold (of every
+    layer's own threshold together in local mode); no tie all-gather when every tie is
+    pruned. Filter pruning's scores likewise."""
+    out = tmp_path / "counts.json"
+    _spawn_connected(_update_collectives, out)
+    counts = json.loads(out.read_text())
+    assert counts["global 3"] == counts["global 5"] == 8
+    assert counts["local 3"] == counts["local 5"] == 8
+    # filter pruning: one all-reduce of every layer's filter scores; a global ranking also
+    # reads the normalised scores (one for the norms, one for the scores)
+    assert counts["L1 uniform 3"] == counts["L1 uniform 5"] == 1
+    assert counts["L2 global 3"] == counts["L2 global 5"] == 3

@@ -69,7 +69,7 @@ from compress.pruning.coverage import (
     exclusion_rows,
 )
 from compress.pruning.hf_config import config_warning, unstated, update_config, widths
-from compress.pruning.importance import FILTER_IMPORTANCE
+from compress.pruning.importance import FILTER_IMPORTANCE, group_scores
 from compress.pruning.layer_choices import layer_choices
 from compress.pruning.scop import Scop
 from compress.pruning.sizes import distinct_numel, shrunk_numel
@@ -337,8 +337,7 @@ class FilterPruning(Algorithm):
             return self.calibration
         if self.scop is not None:
             return self.scop.scores(self.groups)
-        fn = FILTER_IMPORTANCE[criterion]
-        return {g.name: fn(self.model, g) for g in self.groups}
+        return group_scores(self.model, self.groups, criterion)
 
     def calibrate(self, batches: Iterable[torch.Tensor | tuple[torch.Tensor, ...]]) -> None:
         """Scores channels by the nuclear norm of their feature maps over ``batches`` (model
@@ -405,9 +404,9 @@ class FilterPruning(Algorithm):
     ) -> dict[str, torch.Tensor]:
         """Scores comparable across groups: the criterion on weights divided by their L2 norm
         (NNCF's all_weights), or data-dependent scores divided by their group's L2 norm."""
-        fn = FILTER_IMPORTANCE.get(self.params["filter_importance"])
-        if fn is not None:
-            return {g.name: fn(self.model, g, normalise=True) for g in groups}
+        criterion = self.params["filter_importance"]
+        if criterion in FILTER_IMPORTANCE:
+            return group_scores(self.model, groups, criterion, normalise=True)
         out = {}
         for g in groups:
             norm = scores[g.name].float().norm()

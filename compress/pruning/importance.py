@@ -10,7 +10,7 @@ filters of all layers together (``all_weights``). ``FILTER_IMPORTANCE`` maps the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -28,47 +28,74 @@ class Criterion(Protocol):
 
 def _summed(
     model: nn.Module,
-    group: ChannelGroup,
+    groups: Sequence[ChannelGroup],
     normalise: bool,
     score: Callable[[torch.Tensor], torch.Tensor],
     *,
     per_row: bool,
-) -> torch.Tensor:
-    """The group's scores: ``score(rows)`` per producing layer, where ``rows[j]`` is the
+) -> list[torch.Tensor]:
+    """Each group's scores: ``score(rows)`` per producing layer, where ``rows[j]`` is the
     flattened weight slice of group channel ``channel[j]`` (divided by the whole weight's L2
     norm with ``normalise``), added up per channel in layer order.
 
     A weight sharded by FSDP2 is scored where it lies when the criterion is ``per_row`` (each
     score reads its own filter only) and the filters are rows (``Shard(0)`` cuts dim 0): each
-    rank scores the filters it holds, and one all-reduce of the layer's scores (zeros where a
-    rank holds nothing) gives every rank the scores one process computes. Otherwise the layer
-    is gathered whole, one layer at a time."""
-    scores = torch.zeros(group.size)
-    for member in group.members:
-        if member.role != "producer" or member.param_name.endswith("bias"):
-            continue
-        param = model.get_submodule(member.module_name)._parameters[member.param_name]
-        assert param is not None  # a member names a parameter that is set
-        weight = param.detach().float()
-        if normalise:  # NNCF's expression, so that the bits agree (within a sum over ranks)
-            norm = torch.sqrt(torch.tensor(distributed.scalar(torch.sum(torch.abs(weight) ** 2))))
+    rank scores the filters it holds, and one all-reduce of the scores of every such layer of
+    every group (zeros where a rank holds nothing) gives every rank the scores one process
+    computes; the norms too are summed over the ranks with one all-reduce for all layers.
+    Otherwise the layer is gathered whole, one layer at a time."""
+    producers = [
+        (j, member, param)
+        for j, group in enumerate(groups)
+        for member in group.members
+        if member.role == "producer" and not member.param_name.endswith("bias")
+        for param in [model.get_submodule(member.module_name)._parameters[member.param_name]]
+    ]
+    weights = [param.detach().float() for _, _, param in producers]  # type: ignore[union-attr]
+    norms: list[torch.Tensor | None] = [None] * len(weights)
+    if normalise:  # NNCF's expression, so that the bits agree (within a sum over ranks)
+        squares = [torch.sum(torch.abs(distributed.local(w)) ** 2) for w in weights]
+        norms = [torch.sqrt(torch.tensor(x)) for x in distributed.reduced(squares, weights)]
+    found, summed = [], []
+    for i, ((_, member, _), weight, norm) in enumerate(zip(producers, weights, norms)):
         n = len(member.index)
         local = per_row and member.dim == 0 and distributed.is_sharded(weight)
         if local:
             which, index = distributed.held(weight, member.dim, member.index)
             weight = distributed.local(weight)
+            summed.append(i)
         else:
             which, index, weight = torch.arange(n), member.index, distributed.full(weight)
         rows = weight.index_select(member.dim, index.to(weight.device)).movedim(member.dim, 0)
         rows = rows.reshape(len(index), -1)
-        if normalise:
+        if norm is not None:
             rows = rows / norm if norm > 0 else rows
-        found = torch.zeros(n, device=rows.device)  # on the device the collective needs
-        found.index_copy_(0, which.to(rows.device), score(rows))
-        if local:
-            distributed.sum_over_ranks(found, param)
-        scores.index_add_(0, member.channel, found.cpu())
+        part = torch.zeros(n, device=rows.device)  # on the device the collective needs
+        found.append(part.index_copy_(0, which.to(rows.device), score(rows)))
+    if summed:
+        flat = distributed.sum_over_ranks(torch.cat([found[i] for i in summed]), weights[summed[0]])
+        for i, part in zip(summed, flat.split([len(found[i]) for i in summed])):
+            found[i] = part
+    scores = [torch.zeros(g.size) for g in groups]
+    for (j, member, _), part in zip(producers, found):
+        scores[j].index_add_(0, member.channel, part.cpu())
     return scores
+
+
+def group_scores(
+    model: nn.Module, groups: Sequence[ChannelGroup], criterion: str, *, normalise: bool = False
+) -> dict[str, torch.Tensor]:
+    """``FILTER_IMPORTANCE[criterion](model, g, normalise=normalise)`` of every group ``g``,
+    by name; the sums over the ranks of sharded layers run once for all groups (two
+    all-reduces in all, not one or two per layer).
+
+    Example:
+        >>> from compress.pruning.structured import channel_groups  # doctest: +SKIP
+        >>> group_scores(model, channel_groups(model, x), "L1")  # doctest: +SKIP
+    """
+    score, per_row = _CRITERIA[criterion]
+    found = _summed(model, groups, normalise, score, per_row=per_row)
+    return {g.name: s for g, s in zip(groups, found)}
 
 
 ROW_SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -85,14 +112,14 @@ def l1_importance(
     model: nn.Module, group: ChannelGroup, *, normalise: bool = False
 ) -> torch.Tensor:
     """Sum over the group's layers of each filter's L1 norm."""
-    return _summed(model, group, normalise, ROW_SCORES["L1"], per_row=True)
+    return _summed(model, [group], normalise, ROW_SCORES["L1"], per_row=True)[0]
 
 
 def l2_importance(
     model: nn.Module, group: ChannelGroup, *, normalise: bool = False
 ) -> torch.Tensor:
     """Sum over the group's layers of each filter's L2 norm (NNCF adds norms, not squares)."""
-    return _summed(model, group, normalise, ROW_SCORES["L2"], per_row=True)
+    return _summed(model, [group], normalise, ROW_SCORES["L2"], per_row=True)[0]
 
 
 def geometric_median_importance(
@@ -101,8 +128,15 @@ def geometric_median_importance(
     """FPGM (He et al. 2019): a filter near the geometric median of its layer is the one the
     others can replace, so the score is the sum of Euclidean distances from a filter to every
     other filter of the same layer, summed over the group's layers."""
-    return _summed(model, group, normalise, ROW_SCORES["geometric_median"], per_row=False)
+    return _summed(model, [group], normalise, ROW_SCORES["geometric_median"], per_row=False)[0]
 
+
+_CRITERIA: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], bool]] = {
+    "L1": (ROW_SCORES["L1"], True),
+    "L2": (ROW_SCORES["L2"], True),
+    "geometric_median": (ROW_SCORES["geometric_median"], False),
+}
+"""Per criterion of ``FILTER_IMPORTANCE``: its row score and whether it is ``per_row``."""
 
 FILTER_IMPORTANCE: dict[str, Criterion] = {
     "L1": l1_importance,

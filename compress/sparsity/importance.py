@@ -26,11 +26,15 @@ def abs_importance(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs()
 
 
-def normed_abs_importance(weight: torch.Tensor) -> torch.Tensor:
-    """|w| / ||W||_2, NNCF's default, so that one global threshold treats layers fairly."""
+def normed_abs_importance(weight: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
+    """|w| / ||W||_2, NNCF's default, so that one global threshold treats layers fairly.
+    ``norm``: ||W||_2 when it is known already (``distributed.norms`` finds those of many
+    sharded weights with one all-reduce)."""
     w = weight.detach()
-    norm = w.norm(2)
-    return w.abs().div_(norm) if norm > 0 else w.abs()
+    if norm is None:
+        norm = distributed.norms([w])[0]
+    part = distributed.local(w).abs()
+    return distributed.like(part.div_(norm) if norm > 0 else part, w)
 
 
 def random_importance(weight: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -72,6 +76,18 @@ def local_keep_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     t = flat.kthvalue(k).values
     below = int((flat < t).sum())
     return _keep_with_ties(scores, t, k - below)
+
+
+def local_keep_masks(scores: Sequence[torch.Tensor], ks: Sequence[int]) -> list[torch.Tensor]:
+    """``local_keep_mask(s, k)`` of every (s, k) of ``scores`` and ``ks``; sharded scores are
+    selected together (``distributed.keep_masks``: one all-reduce per radix pass for all of
+    them, not one per tensor)."""
+    sharded = [i for i, s in enumerate(scores) if distributed.is_sharded(s)]
+    found = distributed.keep_masks([[scores[i]] for i in sharded], [ks[i] for i in sharded])
+    out = dict(zip(sharded, (keep for [keep] in found)))
+    return [
+        out[i] if i in out else local_keep_mask(s, k) for i, (s, k) in enumerate(zip(scores, ks))
+    ]
 
 
 def global_keep_masks(

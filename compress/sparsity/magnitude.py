@@ -41,7 +41,8 @@ from compress.sparsity.importance import (
     IMPORTANCE,
     block_scores,
     global_keep_masks,
-    local_keep_mask,
+    local_keep_masks,
+    normed_abs_importance,
     random_importance,
 )
 
@@ -105,7 +106,12 @@ class MagnitudeSparsity(Algorithm):
     def warn_collapse(self) -> None:
         """Warns (once per layer) when a layer is pruned to 100%: the network is then cut in two
         and computes a constant."""
-        dead = [name for name, _, mask in self.entries if not distributed.scalar(mask.any())]
+        alive = distributed.reduced(
+            [distributed.local(mask).any() for _, _, mask in self.entries],
+            [mask for _, _, mask in self.entries],
+            "max",
+        )
+        dead = [name for (name, _, _), any_kept in zip(self.entries, alive) if not any_kept]
         new = [name for name in dead if name not in self.collapsed]
         if new:
             self.collapsed.update(new)
@@ -167,28 +173,35 @@ class MagnitudeSparsity(Algorithm):
         importance = IMPORTANCE[p["weight_importance"]]
         # One score tensor per matrix: a fused expert parameter gives one per expert, so that
         # allocation treats every expert as a layer of its own.
-        scores, owners, others = [], [], []
-        for i, (name, module, _) in enumerate(self.entries):
-            pname = param_name(name, module)
-            w = weight(module, pname)
-            # one read of w and no bool tensor: a NaN or Inf anywhere makes the sum non-finite
-            sum_is_finite = bool(torch.isfinite(w.detach().sum(dtype=torch.float32)))
-            if not sum_is_finite and not bool(torch.isfinite(w).all()):
+        weights = [weight(module, param_name(name, module)) for name, module, _ in self.entries]
+        # one read of w and no bool tensor: a NaN or Inf anywhere makes the sum non-finite;
+        # the sums of sharded weights are summed over the ranks together (one all-reduce)
+        sums = [distributed.local(w).detach().sum(dtype=torch.float32) for w in weights]
+        for (name, _, _), w, total in zip(
+            self.entries, weights, distributed.reduced(sums, weights)
+        ):
+            if not math.isfinite(total) and not bool(torch.isfinite(w).all()):
                 raise CompressError(
                     f"layer {name!r}: the weight holds NaN or Inf at epoch "
                     f"{self.scheduler.epoch}, step {self.scheduler.global_step}; lower the "
                     "learning rate or check the loss"
                 )
-            other = masks.others(module, pname)
+        mats, keys, owners, others = [], [], [], []
+        for i, ((name, module, _), w) in enumerate(zip(self.entries, weights)):
+            other = masks.others(module, param_name(name, module))
             for j, m in enumerate(matrices(name, module, w)):
-                if p["weight_importance"] == "random":
-                    # One fixed pattern per layer (by name), the same on every rank and resume.
-                    key = name if m is w else f"{name}.{j}"
-                    scores.append(random_importance(m, seed=zlib.crc32(key.encode())))
-                else:
-                    scores.append(importance(m))
+                mats.append(m)
+                keys.append(name if m is w else f"{name}.{j}")
                 owners.append(i)
                 others.append(None if other is None else (other if m is w else other[j]))
+        if p["weight_importance"] == "random":
+            # One fixed pattern per layer (by name), the same on every rank and resume.
+            scores = [random_importance(m, seed=zlib.crc32(k.encode())) for m, k in zip(mats, keys)]
+        elif p["weight_importance"] == "normed_abs":
+            # the norms of sharded weights with one all-reduce, not one each
+            scores = [normed_abs_importance(m, n) for m, n in zip(mats, distributed.norms(mats))]
+        else:
+            scores = [importance(m) for m in mats]
         allocation = p["layerwise_allocation"]
         if p["sparsity_level_setting_mode"] == "local":
             allocation = "uniform"
@@ -196,13 +209,13 @@ class MagnitudeSparsity(Algorithm):
             scores = [lamp_scores(s) for s in scores]
         # Weights another algorithm removed (filter pruning) are not ours to count or choose:
         # the level applies to the weights that remain.
-        alive = []
-        for i, other in enumerate(others):
-            if other is None:
-                alive.append(scores[i].numel())
-                continue
-            scores[i] = scores[i].masked_fill(other == 0, float("inf"))
-            alive.append(int(distributed.scalar(other.count_nonzero())))
+        alive = [s.numel() for s in scores]
+        removed = [(i, other) for i, other in enumerate(others) if other is not None]
+        for i, other in removed:
+            scores[i] = scores[i].masked_fill(torch.eq(other, 0), float("inf"))
+        counts = [distributed.local(other).count_nonzero() for _, other in removed]
+        for (i, _), n in zip(removed, distributed.reduced(counts, [o for _, o in removed])):
+            alive[i] = int(n)
         block = p.get("block_shape")
         blocks = []
         if block:  # choose whole blocks (BSR-friendly); the level then counts blocks
@@ -216,15 +229,21 @@ class MagnitudeSparsity(Algorithm):
         else:
             shapes = [tuple(s.shape) for s in scores]
             levels = allocate(allocation, shapes, level)
-            keeps = [local_keep_mask(s, round(x * n)) for s, x, n in zip(scores, levels, alive)]
-        tops = []
-        for keep, s in zip(keeps, scores):
-            # no boolean indexing: gathering 90% of the scores took 40% of set_masks
-            top = distributed.scalar(torch.where(keep, float("-inf"), s).amax())
-            if top == float("inf"):  # pruned a weight another algorithm removed: exact path
-                finite = torch.where(~keep & torch.isfinite(s), s, float("-inf"))
-                top = distributed.scalar(finite.amax())
-            tops.append(top)
+            keeps = local_keep_masks(scores, [round(x * n) for x, n in zip(levels, alive)])
+        # no boolean indexing: gathering 90% of the scores took 40% of set_masks
+        pruned = [_top(s, k) for k, s in zip(keeps, scores)]
+        tops = distributed.reduced(pruned, scores, "max")
+        inf = [j for j, top in enumerate(tops) if top == float("inf")]
+        if inf:  # pruned a weight another algorithm removed: the largest finite score pruned
+            finite = [
+                _top(
+                    scores[j],
+                    distributed.local(keeps[j]) | ~torch.isfinite(distributed.local(scores[j])),
+                )
+                for j in inf
+            ]
+            for j, top in zip(inf, distributed.reduced(finite, [scores[j] for j in inf], "max")):
+                tops[j] = top
         if block:
             keeps = [_expand_blocks(k, b, sz) for k, b, sz in zip(keeps, blocks, sizes)]
         of_entry: dict[int, list[int]] = {}
@@ -271,6 +290,13 @@ class MagnitudeSparsity(Algorithm):
         self.set_straight_through()
         self.thresholds = list(state["thresholds"])
         load_masks(self.entries, state["masks"], self.name)
+
+
+def _top(scores: Any, keep: Any) -> torch.Tensor:
+    """The largest score this rank holds of those ``keep`` prunes (-inf if none: a rank may
+    hold no row of a small layer), on this rank's parts: no DTensor dispatch."""
+    part = torch.where(distributed.local(keep), float("-inf"), distributed.local(scores))
+    return part.amax() if part.numel() else part.new_tensor(float("-inf"))
 
 
 def _expand_blocks(
