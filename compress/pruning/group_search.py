@@ -12,6 +12,13 @@ in the order the scan did, so the answers are the same ones.
 Both index an item when it is added: the search only adds items (``add_dep``) to the group it
 asks ``has_pruning_op`` of, and only merges (``add_and_merge``) into a new group. A handler that
 cannot be hashed falls back to the scan.
+
+Given ``widest``, the search also stops where it runs away: Torch-Pruning maps channels through
+a reshape as a flatten with a stride, and through Swin's window partition and relative position
+bias (torchvision ``swin_t``) that multiplies one channel into 32, then 32768, then a million
+positions, round after round; one group never finished. No channel index of a layer exceeds the
+widest dimension of any parameter (a flatten before a linear layer ends at its input width), so
+a longer index list means the mapping is wrong, and :class:`Runaway` leaves the group out.
 """
 
 from __future__ import annotations
@@ -21,18 +28,38 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch_pruning as tp
+from torch import nn
 from torch_pruning._helpers import GroupItem
 
-__all__ = ["indexed_groups"]
+__all__ = ["Runaway", "indexed_groups", "widest_dim"]
 
 _Group = tp.dependency.Group
 
 
+class Runaway(Exception):
+    """Torch-Pruning's group search mapped channels to more positions than any layer has."""
+
+
+def widest_dim(model: nn.Module) -> int:
+    """The longest dimension of any parameter of ``model`` (1 without parameters)."""
+    return max((max(p.shape, default=1) for p in model.parameters()), default=1)
+
+
 @contextmanager
-def indexed_groups() -> Iterator[None]:
+def indexed_groups(widest: int | None = None) -> Iterator[None]:
     """Inside the block, Torch-Pruning's groups answer ``has_pruning_op`` and do
-    ``add_and_merge`` through an index by (target node, handler)."""
-    scan, merge = _Group.has_pruning_op, _Group.add_and_merge
+    ``add_and_merge`` through an index by (target node, handler); with ``widest``, a search
+    that maps channels to more than ``widest`` positions raises :class:`Runaway`."""
+    scan, merge, add = _Group.has_pruning_op, _Group.add_and_merge, _Group.add_dep
+
+    def add_dep(self: Any, dep: Any, idxs: Any) -> None:
+        if widest is not None and len(idxs) > widest:
+            raise Runaway(
+                f"Torch-Pruning's group search maps its channels to {len(idxs)} positions at "
+                f"{dep.target.name}, more than the widest parameter dimension ({widest}): it "
+                "cannot follow a reshape there (a window partition, say)"
+            )
+        add(self, dep, idxs)
 
     def has_pruning_op(self: Any, dep: Any, idxs: Any) -> bool:
         indexed, seen = self.__dict__.setdefault("_compress_index", [0, {}])
@@ -66,7 +93,8 @@ def indexed_groups() -> Iterator[None]:
         self._group[i] = GroupItem(dep=first.dep, idxs=merged)
 
     _Group.has_pruning_op, _Group.add_and_merge = has_pruning_op, add_and_merge
+    _Group.add_dep = add_dep
     try:
         yield
     finally:
-        _Group.has_pruning_op, _Group.add_and_merge = scan, merge
+        _Group.has_pruning_op, _Group.add_and_merge, _Group.add_dep = scan, merge, add
