@@ -274,7 +274,12 @@ def _build(
                 if skip.warn:
                     problems.append(f"group {name!r}: {skip}")
                 continue
-            except Runaway as err:
+            except Runaway as err:  # the layers it reached would run away too: not searched again
+                visited.update(
+                    dep.target.module
+                    for dep in err.reached
+                    if dg.is_out_channel_pruning_fn(dep.handler)
+                )
                 excluded.append(Excluded(name, "not mapped", str(err)))
                 problems.append(f"group {name!r}: {err}")
                 continue

@@ -37,7 +37,13 @@ _Group = tp.dependency.Group
 
 
 class Runaway(Exception):
-    """Torch-Pruning's group search mapped channels to more positions than any layer has."""
+    """Torch-Pruning's group search mapped channels to more positions than any layer has;
+    ``reached`` holds the dependencies it had added by then (the searches from the layers whose
+    output channels they prune would run away the same way)."""
+
+    def __init__(self, message: str, reached: list[Any]) -> None:
+        super().__init__(message)
+        self.reached = reached
 
 
 def widest_dim(model: nn.Module) -> int:
@@ -57,7 +63,8 @@ def indexed_groups(widest: int | None = None) -> Iterator[None]:
             raise Runaway(
                 f"Torch-Pruning's group search maps its channels to {len(idxs)} positions at "
                 f"{dep.target.name}, more than the widest parameter dimension ({widest}): it "
-                "cannot follow a reshape there (a window partition, say)"
+                "cannot follow a reshape there (a window partition, say)",
+                [item.dep for item in self._group],
             )
         add(self, dep, idxs)
 
