@@ -243,8 +243,22 @@ def concats_as_sized(dg: tp.DependencyGraph) -> Iterator[None]:
         if graph is not dg:
             update_all(graph)
             return
-        for node, name in mapped:  # looked up now: the concat's is update_changed
-            getattr(tp_index_mapping, name)(graph, node)
+        # its channel inference asks for the pruner of a layer again and again (swin_t: a
+        # million times per group, through a chain of isinstance); nothing changes in a pass
+        pruners: dict[int, Any] = {}
+        lookup = graph.get_pruner_of_module
+
+        def pruner(module: nn.Module) -> Any:
+            if id(module) not in pruners:
+                pruners[id(module)] = lookup(module)
+            return pruners[id(module)]
+
+        graph.get_pruner_of_module = pruner  # type: ignore[method-assign]
+        try:
+            for node, name in mapped:  # looked up now: the concat's is update_changed
+                getattr(tp_index_mapping, name)(graph, node)
+        finally:
+            del graph.get_pruner_of_module
 
     tp_index_mapping.update_concat_index_mapping = update_changed
     tp_index_mapping.update_index_mapping = update_mapped
