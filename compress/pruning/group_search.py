@@ -71,14 +71,13 @@ def indexed_groups(widest: int | None = None) -> Iterator[None]:
     def has_pruning_op(self: Any, dep: Any, idxs: Any) -> bool:
         indexed, seen = self.__dict__.setdefault("_compress_index", [0, {}])
         items = self._group
-        try:
+        try:  # the index lists of a layer and handler, as tuples: equal lists, equal tuples
             for item_dep, item_idxs in items[indexed:]:
-                seen.setdefault((item_dep.target, item_dep.handler), []).append(item_idxs)
+                seen.setdefault((item_dep.target, item_dep.handler), set()).add(tuple(item_idxs))
             self._compress_index[0] = len(items)
-            candidates = seen.get((dep.target, dep.handler), ())
-        except TypeError:  # a handler that cannot be hashed
+            return tuple(idxs) in seen.get((dep.target, dep.handler), ())
+        except TypeError:  # a handler or an index that cannot be hashed
             return bool(scan(self, dep, idxs))
-        return any(c == idxs for c in candidates)
 
     def add_and_merge(self: Any, dep: Any, idxs: Any) -> None:
         where = self.__dict__.setdefault("_compress_merge", {})
@@ -91,9 +90,16 @@ def indexed_groups(widest: int | None = None) -> Iterator[None]:
             where[(dep.target, dep.handler)] = len(self._group)
             self.add_dep(dep, idxs)
             return
-        # what the scan does at the first item of this layer and handler, which is item i
-        first, visited, merged = self._group[i], set(), []
-        for index in first.idxs + idxs:
+        # what the scan does at the first item of this layer and handler, which is item i: its
+        # indices then these, each idx once, first come first kept; the merged list and the
+        # idx seen are kept per item, so a merge costs the new indices only
+        merged_at = self.__dict__.setdefault("_compress_merged", {})
+        first = self._group[i]
+        if i not in merged_at:
+            merged_at[i] = ([], set())
+            idxs = list(first.idxs) + list(idxs)
+        merged, visited = merged_at[i]
+        for index in idxs:
             if index.idx not in visited:
                 merged.append(index)
                 visited.add(index.idx)
