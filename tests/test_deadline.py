@@ -4,6 +4,7 @@ either end (the budget stopped them) or the test hangs."""
 
 from __future__ import annotations
 
+import cProfile
 import threading
 import time
 
@@ -99,3 +100,22 @@ def test_no_budget_starts_no_watchdog_and_a_spent_one_raises_at_once() -> None:
         with deadline(0):
             ran.append(1)
     assert ran == []
+
+
+@pytest.mark.parametrize("spent", [True, False])
+def test_a_budget_under_a_profiler_returns(spent: bool) -> None:
+    """cProfile once made the stop spin forever at the next call, whether the budget ran out
+    or not (clearing the pending exception with NULL signalled one that was not there)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        if spent:
+            with pytest.raises(TimeBudgetExceeded, match="0.05 s"), deadline(0.05):
+                while True:
+                    (lambda: None)()
+        else:
+            with deadline(100):
+                (lambda: None)()
+    finally:
+        profiler.disable()
+    assert profiler.getstats()  # the profiler ran through the block

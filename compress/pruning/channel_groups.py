@@ -34,7 +34,7 @@ from compress.pruning import hf_layers
 from compress.pruning.deadline import TimeBudgetExceeded, deadline
 from compress.pruning.exactness import Traced, exact_groups
 from compress.pruning.group_members import Skip, map_group
-from compress.pruning.group_search import indexed_groups
+from compress.pruning.group_search import Runaway, indexed_groups, widest_dim
 from compress.pruning.structured import (
     ChannelGroup,
     Inputs,
@@ -56,7 +56,8 @@ class Excluded:
 
     ``kind`` is one of ``first conv``, ``downsample conv``, ``out of scope`` (the options exclude
     it), ``network output`` (its channels are outputs of the model), ``not mapped`` (a norm or
-    attention coupling whose masking would not equal removal), ``not exact`` (the numerical check
+    attention coupling whose masking would not equal removal, or a group search that ran away,
+    :class:`compress.pruning.group_search.Runaway`), ``not exact`` (the numerical check
     failed), ``overlap``, ``trace failure``, ``single channel``, ``unsupported layer`` (a matrix
     layer of a type other than conv, Linear and transformers' ``Conv1D``).
     """
@@ -240,7 +241,8 @@ def _build(
     groups: list[ChannelGroup] = []
     claimed: dict[tuple[str, str, int], set[int]] = {}
     problems: list[str] = []
-    with mappings_as_traced(dg), indexed_groups():  # nothing is removed during the search
+    # nothing is removed during the search; a search that runs away leaves its group out
+    with mappings_as_traced(dg), indexed_groups(widest_dim(clone)):
         for name, module in clone.named_modules():
             layer = isinstance(module, prunable) or is_transposed_linear(module)
             if module in visited or module not in dg.module2node or not layer:
@@ -271,6 +273,15 @@ def _build(
                 excluded.append(Excluded(name, skip.kind, str(skip)))
                 if skip.warn:
                     problems.append(f"group {name!r}: {skip}")
+                continue
+            except Runaway as err:  # the layers it reached would run away too: not searched again
+                visited.update(
+                    dep.target.module
+                    for dep in err.reached
+                    if dg.is_out_channel_pruning_fn(dep.handler)
+                )
+                excluded.append(Excluded(name, "not mapped", str(err)))
+                problems.append(f"group {name!r}: {err}")
                 continue
             except TimeBudgetExceeded:
                 raise

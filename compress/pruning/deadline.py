@@ -84,16 +84,31 @@ def deadline(seconds: float | None) -> Iterator[None]:
         raise TimeBudgetExceeded(message)
 
 
+class _Flush(Exception):
+    """Raised in the block's own thread by :func:`_stop` to take the place of a pending
+    exception and be caught at once."""
+
+
 def _stop(lock: threading.Lock, state: dict[str, bool], wake: threading.Event, target: int) -> None:
-    """Stops the watchdog and clears an exception it set that is still pending. One pending
+    """Stops the watchdog and takes back an exception it set that is still pending. One pending
     may land in here: it is caught and the stop tried again (the watchdog sets no more once
-    ``stopped`` is set, under its lock)."""
+    ``stopped`` is set, under its lock).
+
+    A pending exception is replaced by :class:`_Flush`, which lands at the next bytecode
+    boundary of the loop below and is caught. Clearing it with NULL instead signals an
+    asynchronous exception that is not there (CPython 3.11), and under a profiler (cProfile)
+    the thread then spun at its next function call, ``watchdog.join()``, forever: a 1 s budget
+    never returned, nor did swin_t's 60 s one."""
     while True:
         try:
             with lock:
                 state["stopped"] = True
             wake.set()
-            _set_async_exc(target, ctypes.py_object())  # NULL: clears a pending exception
-            return
+            try:
+                _set_async_exc(target, _Flush)
+                while True:  # _Flush lands at a bytecode boundary of this loop
+                    pass
+            except _Flush:
+                return
         except TimeBudgetExceeded:
             continue

@@ -12,6 +12,13 @@ in the order the scan did, so the answers are the same ones.
 Both index an item when it is added: the search only adds items (``add_dep``) to the group it
 asks ``has_pruning_op`` of, and only merges (``add_and_merge``) into a new group. A handler that
 cannot be hashed falls back to the scan.
+
+Given ``widest``, the search also stops where it runs away: Torch-Pruning maps channels through
+a reshape as a flatten with a stride, and through Swin's window partition and relative position
+bias (torchvision ``swin_t``) that multiplies one channel into 32, then 32768, then a million
+positions, round after round; one group never finished. No channel index of a layer exceeds the
+widest dimension of any parameter (a flatten before a linear layer ends at its input width), so
+a longer index list means the mapping is wrong, and :class:`Runaway` leaves the group out.
 """
 
 from __future__ import annotations
@@ -21,30 +28,56 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch_pruning as tp
+from torch import nn
 from torch_pruning._helpers import GroupItem
 
-__all__ = ["indexed_groups"]
+__all__ = ["Runaway", "indexed_groups", "widest_dim"]
 
 _Group = tp.dependency.Group
 
 
+class Runaway(Exception):
+    """Torch-Pruning's group search mapped channels to more positions than any layer has;
+    ``reached`` holds the dependencies it had added by then (the searches from the layers whose
+    output channels they prune would run away the same way)."""
+
+    def __init__(self, message: str, reached: list[Any]) -> None:
+        super().__init__(message)
+        self.reached = reached
+
+
+def widest_dim(model: nn.Module) -> int:
+    """The longest dimension of any parameter of ``model`` (1 without parameters)."""
+    return max((max(p.shape, default=1) for p in model.parameters()), default=1)
+
+
 @contextmanager
-def indexed_groups() -> Iterator[None]:
+def indexed_groups(widest: int | None = None) -> Iterator[None]:
     """Inside the block, Torch-Pruning's groups answer ``has_pruning_op`` and do
-    ``add_and_merge`` through an index by (target node, handler)."""
-    scan, merge = _Group.has_pruning_op, _Group.add_and_merge
+    ``add_and_merge`` through an index by (target node, handler); with ``widest``, a search
+    that maps channels to more than ``widest`` positions raises :class:`Runaway`."""
+    scan, merge, add = _Group.has_pruning_op, _Group.add_and_merge, _Group.add_dep
+
+    def add_dep(self: Any, dep: Any, idxs: Any) -> None:
+        if widest is not None and len(idxs) > widest:
+            raise Runaway(
+                f"Torch-Pruning's group search maps its channels to {len(idxs)} positions at "
+                f"{dep.target.name}, more than the widest parameter dimension ({widest}): it "
+                "cannot follow a reshape there (a window partition, say)",
+                [item.dep for item in self._group],
+            )
+        add(self, dep, idxs)
 
     def has_pruning_op(self: Any, dep: Any, idxs: Any) -> bool:
         indexed, seen = self.__dict__.setdefault("_compress_index", [0, {}])
         items = self._group
-        try:
+        try:  # the index lists of a layer and handler, as tuples: equal lists, equal tuples
             for item_dep, item_idxs in items[indexed:]:
-                seen.setdefault((item_dep.target, item_dep.handler), []).append(item_idxs)
+                seen.setdefault((item_dep.target, item_dep.handler), set()).add(tuple(item_idxs))
             self._compress_index[0] = len(items)
-            candidates = seen.get((dep.target, dep.handler), ())
-        except TypeError:  # a handler that cannot be hashed
+            return tuple(idxs) in seen.get((dep.target, dep.handler), ())
+        except TypeError:  # a handler or an index that cannot be hashed
             return bool(scan(self, dep, idxs))
-        return any(c == idxs for c in candidates)
 
     def add_and_merge(self: Any, dep: Any, idxs: Any) -> None:
         where = self.__dict__.setdefault("_compress_merge", {})
@@ -57,16 +90,24 @@ def indexed_groups() -> Iterator[None]:
             where[(dep.target, dep.handler)] = len(self._group)
             self.add_dep(dep, idxs)
             return
-        # what the scan does at the first item of this layer and handler, which is item i
-        first, visited, merged = self._group[i], set(), []
-        for index in first.idxs + idxs:
+        # what the scan does at the first item of this layer and handler, which is item i: its
+        # indices then these, each idx once, first come first kept; the merged list and the
+        # idx seen are kept per item, so a merge costs the new indices only
+        merged_at = self.__dict__.setdefault("_compress_merged", {})
+        first = self._group[i]
+        if i not in merged_at:
+            merged_at[i] = ([], set())
+            idxs = list(first.idxs) + list(idxs)
+        merged, visited = merged_at[i]
+        for index in idxs:
             if index.idx not in visited:
                 merged.append(index)
                 visited.add(index.idx)
         self._group[i] = GroupItem(dep=first.dep, idxs=merged)
 
     _Group.has_pruning_op, _Group.add_and_merge = has_pruning_op, add_and_merge
+    _Group.add_dep = add_dep
     try:
         yield
     finally:
-        _Group.has_pruning_op, _Group.add_and_merge = scan, merge
+        _Group.has_pruning_op, _Group.add_and_merge, _Group.add_dep = scan, merge, add

@@ -217,14 +217,19 @@ def concats_as_sized(dg: tp.DependencyGraph) -> Iterator[None]:
     concat's mapping before each group it prunes, and the mapping follows from the part sizes
     alone (which its concat pruner updates); a group changes a few of them, and DenseNet-121
     has 58 concats of up to 32 parts each. The other mappings are computed as before, for the
-    nodes that have one, listed once instead of looked for among all nodes before each group."""
+    nodes that have one (:func:`_may_map`), listed once instead of looked for among all nodes
+    before each group."""
     update_all, update = (
         tp_index_mapping.update_index_mapping,
         tp_index_mapping.update_concat_index_mapping,
     )
     done: dict[object, tuple[int, ...]] = {}
     kinds = {getattr(tp_index_mapping.ops.OPTYPE, k): f for k, f in _MAPPED.items()}
-    mapped = [(node, kinds[node.type]) for node in dg.module2node.values() if node.type in kinds]
+    mapped = [
+        (node, kinds[node.type])
+        for node in dg.module2node.values()
+        if node.type in kinds and _may_map(node)
+    ]
 
     def update_changed(graph: tp.DependencyGraph, node: Any) -> None:
         sizes = node.module.concat_sizes
@@ -238,8 +243,22 @@ def concats_as_sized(dg: tp.DependencyGraph) -> Iterator[None]:
         if graph is not dg:
             update_all(graph)
             return
-        for node, name in mapped:  # looked up now: the concat's is update_changed
-            getattr(tp_index_mapping, name)(graph, node)
+        # its channel inference asks for the pruner of a layer again and again (swin_t: a
+        # million times per group, through a chain of isinstance); nothing changes in a pass
+        pruners: dict[int, Any] = {}
+        lookup = graph.get_pruner_of_module
+
+        def pruner(module: nn.Module) -> Any:
+            if id(module) not in pruners:
+                pruners[id(module)] = lookup(module)
+            return pruners[id(module)]
+
+        graph.get_pruner_of_module = pruner  # type: ignore[method-assign]
+        try:
+            for node, name in mapped:  # looked up now: the concat's is update_changed
+                getattr(tp_index_mapping, name)(graph, node)
+        finally:
+            del graph.get_pruner_of_module
 
     tp_index_mapping.update_concat_index_mapping = update_changed
     tp_index_mapping.update_index_mapping = update_mapped
@@ -248,6 +267,22 @@ def concats_as_sized(dg: tp.DependencyGraph) -> Iterator[None]:
     finally:
         tp_index_mapping.update_concat_index_mapping = update
         tp_index_mapping.update_index_mapping = update_all
+
+
+def _may_map(node: Any) -> bool:
+    """False for a reshape or expand node whose mapping Torch-Pruning never sets, as its own
+    update returns at once seeing the traced sizes (which do not change): a reshape of a tensor
+    that is neither 1-d nor 4-d, an expand to other than 5 dims (it maps grouped-query
+    attention only). An expand's update infers the channels around it before it looks, which
+    on swin_t was a third of the check's removal, with "Maximum recursive depth" warnings."""
+    grad_fn = node.grad_fn
+    if node.type == tp_index_mapping.ops.OPTYPE.EXPAND:
+        sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
+        return sizes is not None and len(sizes) == 5
+    if node.type == tp_index_mapping.ops.OPTYPE.RESHAPE:
+        sizes = getattr(grad_fn, "_saved_self_sizes", None)
+        return sizes is None or len(sizes) in (1, 4)
+    return True
 
 
 def group_weights(
@@ -360,7 +395,10 @@ def remove_channels(
     drops (:func:`shrink` on a copy it has traced; the exactness check on the copy it traced to
     find the groups)."""
     removed: dict[tuple[str, bool], list[int]] = {}
-    with concats_as_sized(dg), indexed_groups():
+    with concats_as_sized(dg), indexed_groups(), warnings.catch_warnings():
+        # its shape inference gives up on long chains (swin_t), which leaves a mapping unset
+        # and says so at every group; the check has measured what the removal computes
+        warnings.filterwarnings("ignore", message="Maximum recursive depth reached!")
         for group in groups:
             if group.name in keep:
                 _prune_group(dg, model, group, check_keep(group, keep[group.name]), removed)
