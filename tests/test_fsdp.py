@@ -280,7 +280,14 @@ def run_script(tmp_path: Path, body: str) -> None:
         text=True,
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, _failure(proc.stderr)
+
+
+def _failure(stderr: str) -> str:
+    """What failed, for each rank: the lines naming an error, then the tail (the rank that died
+    first is often not the one whose traceback ends the output)."""
+    errors = [line for line in stderr.splitlines() if "Error" in line or "terminate" in line]
+    return "\n".join(errors[-20:]) + "\n--- tail ---\n" + stderr[-3000:]
 
 
 def run_both(tmp_path: Path, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
