@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import test_fsdp
 import torch
-from test_fsdp import MLP, _spawn_connected, connect, run_script, shard_mlp
+from test_fsdp import MLP, _spawn_connected, connect, disconnect, run_script, shard_mlp
 
 from compress.errors import CompressError
 
@@ -212,7 +212,6 @@ def test_fsdp2_conv_batchnorm_ends_as_ddp(name: str, tmp_path: Path) -> None:
 
 
 def _core(rank: int, port: int, out: str) -> None:
-    import torch.distributed as dist
 
     import compress
     from compress import distributed, masks
@@ -272,8 +271,7 @@ def _core(rank: int, port: int, out: str) -> None:
         said["after"] = str(e)
     if rank == 0:
         Path(out).write_text(json.dumps(said))
-    dist.barrier()  # neither rank closes its connections while the other still uses them
-    dist.destroy_process_group()
+    disconnect(rank, out)
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_fsdp import MLP, _spawn_connected, connect, run_script, shard_mlp
+from test_fsdp import MLP, _spawn_connected, connect, disconnect, run_script, shard_mlp
 from test_fsdp_filter import RECIPES, _pruned_rows
 from test_latency_pruning import blocked_timer
 
@@ -202,8 +202,7 @@ def _core(rank: int, port: int, out: str) -> None:
         ]
         said["stripped output"] = float((small(x) - small_ref(x)).abs().max().detach())
         Path(out).write_text(json.dumps(said))
-    dist.barrier()  # neither rank closes its connections while the other still uses them
-    dist.destroy_process_group()
+    disconnect(rank, out)
 
 
 @pytest.mark.slow
