@@ -130,6 +130,14 @@ class ShardedLit(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
+class ValidatedLit(ShardedLit):
+    """``ShardedLit`` with a validation accuracy (``val_acc``), for accuracy-aware training."""
+
+    def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean(), sync_dist=True)
+
+
 def loader(net: str = "mlp") -> DataLoader:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(64, *_INPUT[net], generator=gen)
@@ -180,6 +188,10 @@ class EndProbe(pl.Callback):
             ),
             None,
         )
+        # accuracy-aware training: the (level, metric) of every epoch, and where it stopped
+        aa = next((cb._aa for cb in trainer.callbacks if isinstance(cb, CompressionCallback)), None)
+        if aa is not None:
+            found["aa"] = {"history": list(aa.history), "epoch": trainer.current_epoch}
         if scop is not None:
             mine = {n: k.detach().cpu() for n, k in scop.coefficients.items()}
             every: list[Any] = [None] * trainer.world_size
@@ -200,20 +212,26 @@ def fit(
     distributed_checkpoint: bool = False,
     recipe: dict[str, Any] | None = None,
     net: str = "mlp",
+    aa: dict[str, Any] | None = None,
 ) -> None:
     """One fit of ``recipe`` (default ``RECIPES[name]``) on ``NETS[net]`` under "ddp" or "fsdp"
     (ModelParallelStrategy); rank 0 writes what it ended with to ``out / f"{strategy}{tag}.pt"``,
     its run goes to ``out / strategy`` (a checkpoint per epoch) and ``resume`` is the checkpoint
-    it starts from."""
+    it starts from. ``aa``: an ``accuracy_aware_training`` section, watching ``val_acc``."""
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.strategies import ModelParallelStrategy
 
     run = out / f"{strategy}{tag}"
+    config: dict[str, Any] = {"compression": recipe or RECIPES[name]}
+    if aa is not None:
+        config["accuracy_aware_training"] = aa
     cb = CompressionCallback(
-        {"compression": recipe or RECIPES[name]},
+        config,
         model_attr="model",
         verbose=False,
         export_dir=run / "exports",
+        monitor="val_acc" if aa else None,
+        reference_metric=1.0 if aa else None,
     )
     sharded = strategy == "fsdp"
     trainer = quiet_trainer(
@@ -236,7 +254,11 @@ def fit(
         logger=False,
     )
     pl.seed_everything(0, verbose=False)
-    fit_quietly(trainer, ShardedLit(shard=sharded, net=net), loader(net), ckpt_path=resume)
+    if aa is None:
+        fit_quietly(trainer, ShardedLit(shard=sharded, net=net), loader(net), ckpt_path=resume)
+    else:
+        module = ValidatedLit(shard=sharded, net=net)
+        fit_quietly(trainer, module, loader(net), val_dataloaders=loader(net), ckpt_path=resume)
 
 
 _SCRIPT = """
@@ -345,6 +367,44 @@ def test_fsdp2_ends_as_ddp(name: str, tmp_path: Path) -> None:
         torch.testing.assert_close(loaded.model.state_dict()[k], w, atol=0, rtol=0)
     for k, m in fsdp["masks"].items():
         assert bool((loaded.model.state_dict()[k][~m] == 0).all())
+
+
+_AA = {
+    "mode": "adaptive_compression_level",
+    # a budget every metric meets (100% degradation allowed): the search raises the level at
+    # every step, so what is compared is the level's path, not a metric's last bit
+    "params": {
+        "maximal_relative_accuracy_degradation": 100.0,
+        "initial_training_phase_epochs": 1,
+        "patience_epochs": 1,
+        "initial_compression_rate_step": 0.1,
+        "minimal_compression_rate_step": 0.05,
+    },
+}
+_AA_BOTH = """
+test_fsdp.fit(out, "magnitude_global", "ddp", aa=test_fsdp._AA, epochs=5)
+test_fsdp.fit(out, "magnitude_global", "fsdp", aa=test_fsdp._AA, epochs=5)
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_accuracy_aware_search_ends_as_ddp(tmp_path: Path) -> None:
+    """Accuracy-aware training (the adaptive search) under ModelParallelStrategy: rank 0's
+    metric decides on every rank, the levels move as under DDP, and the fit ends with DDP's
+    masks and weights."""
+    run_script(tmp_path, _AA_BOTH)
+    ddp, fsdp = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "fsdp.pt")
+    levels = [round(level, 4) for level, _ in ddp["aa"]["history"]]
+    assert len(set(levels)) >= 3, levels  # the search moved the level at least twice
+    assert [round(level, 4) for level, _ in fsdp["aa"]["history"]] == levels
+    for (_, a), (_, b) in zip(ddp["aa"]["history"], fsdp["aa"]["history"], strict=True):
+        assert abs(a - b) < 1e-6
+    assert fsdp["aa"]["epoch"] == ddp["aa"]["epoch"]
+    assert sorted(fsdp["masks"]) == sorted(ddp["masks"])
+    for k, m in ddp["masks"].items():
+        assert torch.equal(fsdp["masks"][k], m), k
+    for k, w in ddp["weights"].items():
+        torch.testing.assert_close(fsdp["weights"][k], w, atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow
