@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -34,24 +33,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from sharded_memory import _llama, _port  # the same Llama config, one free port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _llama(args: argparse.Namespace) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.mlp,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        num_key_value_heads=args.hidden // 64,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
 
 
 def _recipe(mode: str) -> dict[str, Any]:
@@ -134,19 +118,13 @@ def _rank(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--mlp", type=int, default=688)
     parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--seq", type=int, default=64, help="the model's max positions")
     parser.add_argument("--mode", choices=("global", "local"), default="global")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()

@@ -668,15 +668,20 @@ def _update_collectives(rank: int, port: int, out: str) -> None:
 
     import compress
 
+    def chain(depth: int) -> nn.Sequential:
+        """``depth`` Linear layers and a head, each sharded, then the whole chain."""
+        torch.manual_seed(0)
+        net = nn.Sequential(*[nn.Linear(24, 24) for _ in range(depth)], nn.Linear(24, 3))
+        for layer in net:
+            fully_shard(layer)
+        fully_shard(net)
+        return net
+
     connect(rank, port, out)
     counts = {}
     for mode in ("global", "local"):
         for depth in (2, 4):
-            torch.manual_seed(0)
-            net = nn.Sequential(*[nn.Linear(24, 24) for _ in range(depth)], nn.Linear(24, 3))
-            for layer in net:
-                fully_shard(layer)
-            fully_shard(net)
+            net = chain(depth)
             recipe = {**RECIPES["magnitude_global"]}
             recipe["params"] = {**recipe["params"], "sparsity_level_setting_mode": mode}
             ctrl, net = compress.create_compressed_model(net, {"compression": recipe})
@@ -693,11 +698,7 @@ def _update_collectives(rank: int, port: int, out: str) -> None:
     pruning = {"prune_first_conv": True, "pruning_target": 0.5}
     for criterion, allocation in (("L1", "uniform"), ("L2", "global")):
         for depth in (2, 4):
-            torch.manual_seed(0)
-            net = nn.Sequential(*[nn.Linear(24, 24) for _ in range(depth)], nn.Linear(24, 3))
-            for layer in net:
-                fully_shard(layer)
-            fully_shard(net)
+            net = chain(depth)
             params = {**pruning, "filter_importance": criterion, "allocation": allocation}
             recipe = {"algorithm": "filter_pruning", "params": params}
             ctrl, net = compress.create_compressed_model(
