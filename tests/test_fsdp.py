@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -270,6 +271,9 @@ torch.set_num_threads(1)
 import test_fsdp
 out = Path({out!r})
 {body}
+import os
+if os.environ.get("LOCAL_RANK", "0") == "0":
+    (out / "done").touch()  # the body ran to its end: what it found is written
 # Both ranks close the process group before exiting: left to interpreter exit, gloo's threads
 # were seen to abort a rank ("terminate called without an active exception") after the fit.
 import torch.distributed as dist
@@ -288,11 +292,15 @@ test_fsdp.fit(out, {name!r}, "fsdp", tag="_resumed", resume=saved, distributed_c
 """
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def run_script(tmp_path: Path, body: str) -> None:
     """``body`` run by two processes (Lightning starts the second), ``test_fsdp`` imported."""
     script = tmp_path / "run.py"
     code = _SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), out=str(tmp_path), body=body)
     script.write_text(textwrap.dedent(code))
+    (tmp_path / "done").unlink(missing_ok=True)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
         [sys.executable, str(script)],
@@ -302,6 +310,11 @@ def run_script(tmp_path: Path, body: str) -> None:
         text=True,
         timeout=600,
     )
+    if proc.returncode == -signal.SIGABRT and (tmp_path / "done").exists():
+        # gloo's teardown abort ("terminate called without an active exception", seen in CI
+        # once the fits had ended and written what they found): the run is complete
+        assert TEARDOWN_ABORT in proc.stderr, _failure(proc.stderr)
+        return
     assert proc.returncode == 0, _failure(proc.stderr)
 
 
