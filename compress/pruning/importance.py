@@ -93,10 +93,13 @@ def group_scores(
         >>> from compress.pruning.structured import channel_groups  # doctest: +SKIP
         >>> group_scores(model, channel_groups(model, x), "L1")  # doctest: +SKIP
     """
-    score, per_row = _CRITERIA[criterion]
-    found = _summed(model, groups, normalise, score, per_row=per_row)
+    per_row = criterion in _PER_ROW
+    found = _summed(model, groups, normalise, ROW_SCORES[criterion], per_row=per_row)
     return {g.name: s for g, s in zip(groups, found)}
 
+
+_PER_ROW = frozenset({"L1", "L2"})
+"""The criteria whose score of a filter reads that filter alone (``_summed``'s ``per_row``)."""
 
 ROW_SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "L1": lambda rows: torch.norm(rows, p=1, dim=1),
@@ -112,14 +115,14 @@ def l1_importance(
     model: nn.Module, group: ChannelGroup, *, normalise: bool = False
 ) -> torch.Tensor:
     """Sum over the group's layers of each filter's L1 norm."""
-    return _summed(model, [group], normalise, ROW_SCORES["L1"], per_row=True)[0]
+    return group_scores(model, [group], "L1", normalise=normalise)[group.name]
 
 
 def l2_importance(
     model: nn.Module, group: ChannelGroup, *, normalise: bool = False
 ) -> torch.Tensor:
     """Sum over the group's layers of each filter's L2 norm (NNCF adds norms, not squares)."""
-    return _summed(model, [group], normalise, ROW_SCORES["L2"], per_row=True)[0]
+    return group_scores(model, [group], "L2", normalise=normalise)[group.name]
 
 
 def geometric_median_importance(
@@ -128,15 +131,8 @@ def geometric_median_importance(
     """FPGM (He et al. 2019): a filter near the geometric median of its layer is the one the
     others can replace, so the score is the sum of Euclidean distances from a filter to every
     other filter of the same layer, summed over the group's layers."""
-    return _summed(model, [group], normalise, ROW_SCORES["geometric_median"], per_row=False)[0]
+    return group_scores(model, [group], "geometric_median", normalise=normalise)[group.name]
 
-
-_CRITERIA: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], bool]] = {
-    "L1": (ROW_SCORES["L1"], True),
-    "L2": (ROW_SCORES["L2"], True),
-    "geometric_median": (ROW_SCORES["geometric_median"], False),
-}
-"""Per criterion of ``FILTER_IMPORTANCE``: its row score and whether it is ``per_row``."""
 
 FILTER_IMPORTANCE: dict[str, Criterion] = {
     "L1": l1_importance,

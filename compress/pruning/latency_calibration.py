@@ -234,6 +234,22 @@ def table_fraction(table: Mapping[str, Any], fraction: float) -> float | None:
     return 1.0 - (xs[i] + (xs[i + 1] - xs[i]) * (goal - lo) / (hi - lo))
 
 
+def _table_ratio(table: Mapping[str, Any], widths: Mapping[str, int]) -> float:
+    """The table's predicted time at ``widths`` over its full-width time (1 without any)."""
+    full = predicted_ms(table, {})
+    return predicted_ms(table, widths) / full if full > 0 else 1.0
+
+
+def _at(checks: Sequence[Mapping[str, Any]], ratio: float) -> list[Mapping[str, Any]]:
+    """The checks of widths whose predicted ratio is ``ratio`` (the same widths)."""
+    return [c for c in checks if abs(c["table_ratio"] - ratio) < 1e-9]
+
+
+def _widths_timed(checks: Sequence[Mapping[str, Any]]) -> int:
+    """How many distinct width choices ``checks`` timed."""
+    return len({round(c["table_ratio"], 9) for c in checks})
+
+
 def _checks(table: Mapping[str, Any], fraction: float) -> list[Mapping[str, Any]]:
     """The checks of choices for ``fraction``, in the order made."""
     done = table["calibration"].get("checks", [])
@@ -253,7 +269,7 @@ def settled(table: Mapping[str, Any], fraction: float) -> bool:
     done = _checks(table, fraction)
     if not done:
         return False
-    timed = len({round(c["table_ratio"], 9) for c in done})
+    timed = _widths_timed(done)
     goal = 1.0 - fraction
     sides = {c["measured_ratio"] > goal for c in done}
     stuck = _repeated(done) and len(sides) == 2  # nothing between two timed on either side
@@ -267,7 +283,7 @@ def settled(table: Mapping[str, Any], fraction: float) -> bool:
 
 def _repeated(done: Sequence[Mapping[str, Any]]) -> bool:
     """Whether the last check chose the widths of an earlier one (the same predicted ratio)."""
-    return any(abs(c["table_ratio"] - done[-1]["table_ratio"]) < 1e-9 for c in done[:-1])
+    return bool(_at(done[:-1], done[-1]["table_ratio"]))
 
 
 def checked_fraction(table: Mapping[str, Any], fraction: float) -> float | None:
@@ -309,7 +325,7 @@ def check_warning(table: Mapping[str, Any], fraction: float) -> str | None:
     if not done or min(map(_missed, done)) <= 0.1:
         return None
     best = min(done, key=_missed)
-    timed = len({round(c["table_ratio"], 9) for c in done})
+    timed = _widths_timed(done)
     return (
         f"pruning_latency_target {fraction:.3f} ({1 / (1 - fraction):.2f}x): the widths chosen "
         f"measured {1 / best['measured_ratio']:.2f}x in {table.get('backend', 'torch')}, more "
@@ -336,9 +352,8 @@ def check(
     model), and adds the check to ``table["calibration"]["checks"]``. Widths an earlier check
     of ``fraction`` timed (the same predicted ratio) are not timed again: that check is
     repeated with ``wanted``."""
-    full = predicted_ms(table, {})
-    x = predicted_ms(table, widths) / full if full > 0 else 1.0
-    same = [c for c in _checks(table, fraction) if abs(c["table_ratio"] - x) < 1e-9]
+    x = _table_ratio(table, widths)
+    same = _at(_checks(table, fraction), x)
     if same:  # the widths an earlier check timed: not timed again
         entry = {**same[-1], "table_fraction": wanted}
         table["calibration"]["checks"].append(entry)
@@ -374,9 +389,8 @@ def reach(table: Mapping[str, Any]) -> float:
 def calibrated_speedup(table: Mapping[str, Any], widths: Mapping[str, int]) -> float:
     """The whole model's speed-up the calibrated table predicts for ``widths``: what a check
     measured when these widths were checked."""
-    full = predicted_ms(table, {})
-    x = predicted_ms(table, widths) / full if full > 0 else 1.0
-    timed = [c for c in table["calibration"].get("checks", []) if abs(c["table_ratio"] - x) < 1e-9]
+    x = _table_ratio(table, widths)
+    timed = _at(table["calibration"].get("checks", []), x)
     ratio = timed[-1]["measured_ratio"] if timed else measured_ratio(table, x)
     return 1.0 / ratio if ratio > 0 else 0.0
 

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -245,15 +246,8 @@ def concats_as_sized(dg: tp.DependencyGraph) -> Iterator[None]:
             return
         # its channel inference asks for the pruner of a layer again and again (swin_t: a
         # million times per group, through a chain of isinstance); nothing changes in a pass
-        pruners: dict[int, Any] = {}
-        lookup = graph.get_pruner_of_module
-
-        def pruner(module: nn.Module) -> Any:
-            if id(module) not in pruners:
-                pruners[id(module)] = lookup(module)
-            return pruners[id(module)]
-
-        graph.get_pruner_of_module = pruner  # type: ignore[method-assign]
+        cached = functools.cache(graph.get_pruner_of_module)
+        graph.get_pruner_of_module = cached  # type: ignore[method-assign]
         try:
             for node, name in mapped:  # looked up now: the concat's is update_changed
                 getattr(tp_index_mapping, name)(graph, node)
