@@ -22,7 +22,7 @@ from torch import nn
 from compress import masks
 from compress.analysis.untouched import copy_model
 from compress.errors import CompressError
-from compress.pruning import exactness, structured
+from compress.pruning import channel_groups, exactness, structured
 from compress.pruning.channel_groups import build_groups
 from compress.pruning.deadline import TimeBudgetExceeded
 from compress.pruning.structured import ChannelGroup, apply_channel_mask, as_tuple, shrink
@@ -181,3 +181,104 @@ def test_a_budget_that_runs_out_during_the_check_names_the_key(
         r"\(filter_pruning params\.trace_time_budget\)",
     ):
         build_groups(model, x, prune_first_conv=True, time_budget=60)
+
+
+def _counting_copies_and_traces(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int]]:
+    copies, traces = [0], [0]
+
+    def copied(model: nn.Module) -> nn.Module:
+        copies[0] += 1
+        return copy_model(model)
+
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        traces[0] += 1
+        return structured.dependency_graph(*args, **kwargs)
+
+    monkeypatch.setattr(structured, "copy_model", copied)
+    monkeypatch.setattr(exactness, "dependency_graph", traced)
+    monkeypatch.setattr(channel_groups, "dependency_graph", traced)
+    return copies, traces
+
+
+def test_every_check_runs_on_the_one_copy_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    copies, traces = _counting_copies_and_traces(monkeypatch)
+    calls = _counting(monkeypatch)
+    model, x = Chain(bad=13), torch.randn(2, 4, 8)
+    with pytest.warns(UserWarning, match="'layers.13': the shrunk model fails"):
+        checked = build_groups(model, x, prune_first_conv=True)
+    assert calls[0] > 5  # the bisection ran
+    assert (copies[0], traces[0]) == (1, 1)  # where each check copied and traced the model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = build_groups(model, x, prune_first_conv=True, validate=False)
+    assert [g.name for g in checked] == _old_exact_groups(model, found, x)
+
+
+def test_a_copy_not_put_back_as_it_was_is_copied_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    copies, traces = _counting_copies_and_traces(monkeypatch)
+    calls = _counting(monkeypatch)
+    # a copy whose layers keep what the first check removed: its outputs change, and every
+    # later check takes a new copy and traces it, as each check did before
+    monkeypatch.setattr(exactness, "_restorer", lambda model, dg: lambda: None)
+    model, x = Chain(bad=13), torch.randn(2, 4, 8)
+    with pytest.warns(UserWarning, match="'layers.13': the shrunk model fails"):
+        checked = build_groups(model, x, prune_first_conv=True)
+    assert copies[0] == traces[0] == calls[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = build_groups(model, x, prune_first_conv=True, validate=False)
+    assert [g.name for g in checked] == _old_exact_groups(model, found, x)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(width) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Scaled(nn.Module):
+    """MLPs whose hidden channels are scaled by a parameter of a layer Torch-Pruning does not
+    know (an unwrapped parameter: its graph node is given the smaller parameter when channels
+    are removed)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.fc1, self.ls, self.fc2 = nn.Linear(8, width), LayerScale(width), nn.Linear(width, 8)
+        self.fc3, self.fc4 = nn.Linear(8, width), nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc2(self.ls(torch.relu(self.fc1(x))))
+        return self.fc4(torch.relu(self.fc3(x)))
+
+
+MODELS["scaled"] = lambda: (Scaled(), torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("name", ["densenet", "inception", "tinyvit", "timm_like", "scaled"])
+def test_checks_on_the_copy_put_back_pass_the_groups_that_pass(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concats and splits (sizes Torch-Pruning changes in its graph), heads and unwrapped
+    parameters: one group made to fail sends the check through a bisection, each step on the
+    copy put back after the one before removed channels from it; every other group passes."""
+    torch.manual_seed(0)
+    model, x = MODELS[name]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = build_groups(model, x, validate=False, **ALL)
+    forced = found[len(found) // 2].name
+    real = exactness._matches
+
+    def one_fails(copy: nn.Module, dg: Any, some: Any, keep: Any, inputs: Any) -> str | None:
+        problem = real(copy, dg, some, keep, inputs)  # removes the channels all the same
+        return "forced" if any(g.name == forced for g in some) else problem
+
+    monkeypatch.setattr(exactness, "_matches", one_fails)
+    copies, traces = _counting_copies_and_traces(monkeypatch)
+    with pytest.warns(UserWarning, match=f"'{forced}': forced"):
+        checked = build_groups(model, x, **ALL)
+    assert [g.name for g in checked] == [g.name for g in found if g.name != forced]
+    assert (copies[0], traces[0]) == (1, 1)

@@ -138,11 +138,17 @@ def _halved(t: torch.Tensor) -> torch.Tensor:
 
 def _shapes(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Size] | None:
     """The shapes of the model's outputs on ``inputs``, or None if it fails on them."""
+    out = _outputs(model, inputs)
+    return None if out is None else [t.shape for t in out]
+
+
+def _outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor] | None:
+    """The model's outputs (:func:`leaves`) on ``inputs`` in eval mode, or None if it fails."""
     model.eval()
     try:
         with torch.no_grad(), warnings.catch_warnings(), cache_off(model):
             warnings.simplefilter("ignore")
-            return [t.shape for t in leaves(model(*inputs))]
+            return leaves(model(*inputs))
     except TimeBudgetExceeded:
         raise
     except Exception:  # noqa: BLE001 - any failure means "not this input"
@@ -183,13 +189,114 @@ def _matches(
     return None if error <= 1e-4 else f"the shrunk model's output differs by {error:.2g}"
 
 
+Bench = Callable[[], "tuple[nn.Module, tp.DependencyGraph | None]"]
+
+
+def _workbench(
+    model: nn.Module,
+    copy: nn.Module,
+    dg: tp.DependencyGraph | None,
+    inputs: tuple[torch.Tensor, ...],
+) -> Bench:
+    """What each check runs on, one call per check: ``copy`` and its graph ``dg`` (traced here
+    if None), put back as they were before every check after the first (:func:`_restorer`).
+    One trace then serves every check, where each check took a copy of the model and a trace
+    of it (LeViT: 8 checks of 0.2 s, 0.13 s of it the trace). Before a check runs on it, the
+    copy put back must give the outputs it gave before the first check; where it does not
+    (a layer that keeps state Torch-Pruning changes in some other way), every check from then
+    on takes a new copy of ``model`` and traces it, as before."""
+    restore: Callable[[], None] | None = None
+    try:
+        if dg is None:
+            dg = dependency_graph(copy, inputs)
+        reference = _outputs(copy, inputs)
+        if reference is not None:
+            restore = _restorer(copy, dg)
+    except TimeBudgetExceeded:
+        raise
+    except Exception:  # noqa: BLE001 - the first check traces again and says what fails
+        dg = None
+    checks = 0
+
+    def bench() -> tuple[nn.Module, tp.DependencyGraph | None]:
+        nonlocal checks, restore
+        checks += 1
+        if checks == 1:
+            return copy, dg
+        if restore is not None:
+            restore()
+            got = _outputs(copy, inputs)
+            if got is not None and _max_rel_error(reference, got) <= 1e-6:
+                return copy, dg
+            restore = None
+        return bare_copy(model), None
+
+    return bench
+
+
+def _restorer(model: nn.Module, dg: tp.DependencyGraph) -> Callable[[], None]:
+    """A function that puts ``model`` and its dependency graph ``dg`` back as they are now.
+
+    A check changes them in three ways: :func:`_zero` gives parameters new storage;
+    Torch-Pruning sets new parameters and buffers and smaller sizes on the layers, and on the
+    concat and split nodes of its graph (lists it changes in place), and gives an unwrapped
+    parameter's node the new parameter; its index mappings follow the new sizes. So what is
+    kept is, by reference, every attribute of every layer and graph node (the lists, dicts and
+    sets among them with their contents), every parameter's storage, the graph's node tables
+    and each dependency's index mappings: no tensor is copied."""
+    layers = {id(m): m for m in model.modules()}
+    layers |= {id(m): m for m in dg.module2node if isinstance(m, nn.Module)}
+    attributes = [(m, vars(m).copy(), _contents(vars(m))) for m in layers.values()]
+    storage = [(p, p.data) for p in model.parameters()]
+    tables = [(t, t.copy()) for t in (dg.module2node, dg._param_to_name)]
+    nodes = [(node, node.module) for node in dg.module2node.values()]
+    mappings = [
+        (dep.index_mapping, list(dep.index_mapping))
+        for node in dg.module2node.values()
+        for dep in node.dependencies
+    ]
+
+    def restore() -> None:
+        for module, attrs, contents in attributes:
+            vars(module).clear()
+            vars(module).update(attrs)
+            for container, content in contents:
+                _refill(container, content)
+        for param, data in storage:
+            param.data = data
+        for table, content in tables:
+            _refill(table, content)
+        for node, module in nodes:
+            node.module = module
+        for mapping, content in mappings:
+            mapping[:] = content
+
+    return restore
+
+
+def _contents(attrs: dict[str, object]) -> list[tuple[object, object]]:
+    """(container, a shallow copy of it) for every list, dict and set among ``attrs``."""
+    return [(v, v.copy()) for v in attrs.values() if isinstance(v, (list, dict, set))]
+
+
+def _refill(container: object, content: object) -> None:
+    """Gives ``container`` (a list, dict or set) the items of ``content`` in place."""
+    if isinstance(container, list):
+        container[:] = content  # type: ignore[call-overload]
+    else:
+        container.clear()  # type: ignore[attr-defined]
+        container.update(content)  # type: ignore[attr-defined]
+
+
 def _zero(model: nn.Module, group: ChannelGroup, keep: torch.Tensor) -> None:
+    """Zeroes the dropped channels into new storage: the parameter's old values stay for
+    :func:`_restorer` to put back."""
     for member in group.members:
         if member.role == "other":
             continue
         param = model.get_submodule(member.module_name)._parameters[member.param_name]
         assert param is not None  # a member names a parameter that is set
-        param.index_fill_(member.dim, member.index[~keep[member.channel]], 0.0)
+        param.data = param.data.index_fill(member.dim, member.index[~keep[member.channel]], 0.0)
 
 
 def _max_rel_error(want: object, got: object) -> float:
@@ -224,19 +331,19 @@ def exact_groups(
     if not groups:
         return groups
     given = as_tuple(example_inputs)
-    if traced is None:  # the first check traces the copy, on the inputs it runs on
+    if traced is None:  # the copy is traced on the inputs the checks run on
         copy = bare_copy(model)
-        spare: list[tuple[nn.Module, tp.DependencyGraph | None]] = [(copy, None)]
         inputs = check_inputs(copy, given, _shapes(copy, given) or [])
+        bench = _workbench(model, copy, None, inputs)
     else:
-        spare = [(traced.model, traced.dg)]
         inputs = check_inputs(traced.model, given, traced.outputs)
+        bench = _workbench(model, traced.model, traced.dg, inputs)
     keeps = _draws(groups)
     passed: set[frozenset[str]] = set()
 
     def check(some: Sequence[ChannelGroup]) -> str | None:
         for keep in keeps:
-            copy, dg = spare.pop() if spare else (bare_copy(model), None)
+            copy, dg = bench()
             problem = _matches(copy, dg, some, keep, inputs)
             if problem is not None:
                 return problem
