@@ -18,9 +18,9 @@ from torch.nn import functional as F
 
 import compress
 from compress.analysis.untouched import copy_model
-from compress.pruning import channel_groups, structured
+from compress.pruning import channel_groups, exactness, structured
 from compress.pruning.channel_groups import Excluded, build_groups
-from compress.pruning.group_search import Runaway, indexed_groups, widest_dim
+from compress.pruning.group_search import Runaway, indexed_groups, searched, widest_dim
 from compress.pruning.structured import dependency_graph, shrink
 
 _Group = tp.dependency.Group
@@ -192,3 +192,54 @@ def test_the_budget_stops_a_search_that_runs_away_with_the_key_named(
         r"params\.trace_time_budget\): .*raise the budget",
     ):
         compress.create_compressed_model(WindowNet(), {"compression": recipe}, WINDOWS_X)
+
+
+def _plain(group: Any) -> list[tuple[Any, ...]]:
+    return [
+        (str(item.dep.target.name), sorted(item.idxs), sorted(item.root_idxs))
+        for item in group.items
+    ]
+
+
+@pytest.mark.parametrize("name", ["densenet", "inception", "tinyvit", "scaled"])
+def test_a_search_given_again_is_the_one_torch_pruning_makes_then(name: str) -> None:
+    """Three removal passes on one graph put back between them: the second in the other order
+    (concats and splits of other sizes), the third as the first. Every search ``searched``
+    gives is the one Torch-Pruning makes at that point; the third pass searches again only
+    the groups that reach an unbind (timm's q, k, v), whose searches are never kept."""
+    torch.manual_seed(0)
+    model, x = MODELS[name]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        groups = build_groups(model, x, validate=False, **ALL)
+        copy = copy_model(model).eval()
+        dg = dependency_graph(copy, x)
+    keep = exactness._random_keep(groups)
+    restore = exactness._restorer(copy, dg)
+    made: list[int] = []
+    search = dg.get_pruning_group
+
+    def counted(*args: Any) -> Any:
+        made.append(1)
+        return search(*args)
+
+    dg.get_pruning_group = counted  # type: ignore[method-assign]
+    per_pass, unbound = [], set()
+    for order in (groups, groups[::-1], groups):
+        restore()
+        made.clear()
+        with structured.concats_as_sized(dg), indexed_groups(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for group in order:
+                module = copy.get_submodule(group.root.module_name)
+                fn = dg.get_pruner_of_module(module).prune_out_channels
+                dropped = group.root.index[~keep[group.name][group.root.channel]].tolist()
+                given = searched(dg, module, fn, sorted(dropped))
+                fresh = tp.DependencyGraph.get_pruning_group(dg, module, fn, sorted(dropped))
+                assert _plain(given) == _plain(fresh), group.name
+                fresh.prune(record_history=False)
+                if any(item.dep.target.type == tp.ops.OPTYPE.UNBIND for item in fresh.items):
+                    unbound.add(group.name)
+        per_pass.append(len(made))
+    assert per_pass[0] == len(groups) and per_pass[2] == len(unbound)
+    assert len(unbound) == (2 if name == "tinyvit" else 0)
