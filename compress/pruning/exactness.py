@@ -94,13 +94,19 @@ def _draws(groups: Sequence[ChannelGroup], seed: int = 0) -> list[dict[str, torc
 
 
 def check_inputs(
-    model: nn.Module, inputs: tuple[torch.Tensor, ...], outputs: Sequence[torch.Size]
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    outputs: Sequence[torch.Size],
+    *,
+    found: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The inputs the checks run on: one sample of ``inputs``, with every image (a 4-d or 5-d
     float tensor) halved in each spatial side again and again while the model takes it, its
     outputs keep their shapes (``outputs``, those on ``inputs``, with one sample) and no side
     gets shorter than :data:`MIN_SIDE`. A model that needs its image size (a ViT without
     interpolation) keeps it; one that refuses a single sample gets ``inputs`` as given.
+    ``found``, if given, receives the model's outputs on the inputs returned (:func:`leaves`),
+    where they were computed (not for ``inputs`` as given).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1))
@@ -114,17 +120,22 @@ def check_inputs(
     (n,) = batch
     want = [torch.Size((1, *s[1:])) if len(s) and s[0] == n else s for s in outputs]
     one = tuple(t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in inputs)
-    halved = False
+    out = None
     while True:
         smaller = tuple(_halved(t) for t in one)
         if all(a is b for a, b in zip(smaller, one, strict=True)):
             break
-        if _shapes(model, smaller) != want:
+        got = _outputs(model, smaller)
+        if got is None or [t.shape for t in got] != want:
             break
-        halved, one = True, smaller
-    if halved or _shapes(model, one) == want:  # a full-size sample is tried last: it costs most
-        return one
-    return inputs
+        out, one = got, smaller
+    if out is None:  # a full-size sample is tried last: it costs most
+        out = _outputs(model, one)
+        if out is None or [t.shape for t in out] != want:
+            return inputs
+    if found is not None:
+        found[:] = out
+    return one
 
 
 def _halved(t: torch.Tensor) -> torch.Tensor:
@@ -197,9 +208,11 @@ def _workbench(
     copy: nn.Module,
     dg: tp.DependencyGraph | None,
     inputs: tuple[torch.Tensor, ...],
+    reference: list[torch.Tensor] | None,
 ) -> Bench:
     """What each check runs on, one call per check: ``copy`` and its graph ``dg`` (traced here
     if None), put back as they were before every check after the first (:func:`_restorer`).
+    ``reference`` holds the copy's outputs on ``inputs`` (None: computed here).
     One trace then serves every check, where each check took a copy of the model and a trace
     of it (LeViT: 8 checks of 0.2 s, 0.13 s of it the trace). Before a check runs on it, the
     copy put back must give the outputs it gave before the first check; where it does not
@@ -209,7 +222,8 @@ def _workbench(
     try:
         if dg is None:
             dg = dependency_graph(copy, inputs)
-        reference = _outputs(copy, inputs)
+        if reference is None:
+            reference = _outputs(copy, inputs)
         if reference is not None:
             restore = _restorer(copy, dg)
     except TimeBudgetExceeded:
@@ -331,13 +345,14 @@ def exact_groups(
     if not groups:
         return groups
     given = as_tuple(example_inputs)
+    reference: list[torch.Tensor] = []
     if traced is None:  # the copy is traced on the inputs the checks run on
         copy = bare_copy(model)
-        inputs = check_inputs(copy, given, _shapes(copy, given) or [])
-        bench = _workbench(model, copy, None, inputs)
+        inputs = check_inputs(copy, given, _shapes(copy, given) or [], found=reference)
+        bench = _workbench(model, copy, None, inputs, reference or None)
     else:
-        inputs = check_inputs(traced.model, given, traced.outputs)
-        bench = _workbench(model, traced.model, traced.dg, inputs)
+        inputs = check_inputs(traced.model, given, traced.outputs, found=reference)
+        bench = _workbench(model, traced.model, traced.dg, inputs, reference or None)
     keeps = _draws(groups)
     passed: set[frozenset[str]] = set()
 
