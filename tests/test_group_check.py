@@ -257,6 +257,32 @@ class Scaled(nn.Module):
 MODELS["scaled"] = lambda: (Scaled(), torch.randn(2, 8))
 
 
+class BareScaled(nn.Module):
+    """The hidden channels of an MLP scaled by a parameter of the model itself (no module
+    name before the parameter's)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, width), nn.Linear(width, 4)
+        self.scale = nn.Parameter(torch.rand(width) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)) * self.scale)
+
+
+def test_a_parameter_of_the_model_itself_is_pruned_with_its_group() -> None:
+    torch.manual_seed(0)
+    model, x = BareScaled(), torch.randn(2, 8)
+    (group,) = build_groups(model, x, **ALL)  # was left out: the shrink kept all of scale
+    assert group.name == "fc1"
+    assert ("", "scale") in {(m.module_name, m.param_name) for m in group.members}
+    keep = torch.arange(16) % 2 == 0
+    apply_channel_mask(model, group, keep)
+    small = shrink(model, [group], {group.name: keep}, example_inputs=x)
+    assert small.scale.shape == (8,)
+    torch.testing.assert_close(small(x), model(x))
+
+
 @pytest.mark.parametrize("name", ["densenet", "inception", "tinyvit", "timm_like", "scaled"])
 def test_checks_on_the_copy_put_back_pass_the_groups_that_pass(
     name: str, monkeypatch: pytest.MonkeyPatch

@@ -445,7 +445,7 @@ def _use_member_positions(
         gone = removed.get(key, [])
         want[key] = sorted(i - bisect.bisect_left(gone, i) for i in positions)
         removed[key] = sorted(gone + positions)
-    params = {f"{m.module_name}.{m.param_name}" for m in group.members}
+    params = {f"{m.module_name}.{m.param_name}".lstrip(".") for m in group.members}
     for k, item in enumerate(tp_group.items):
         layer = item.dep.target.module
         if isinstance(layer, nn.Parameter) and dg._param_to_name.get(layer) not in params:
