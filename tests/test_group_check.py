@@ -308,3 +308,37 @@ def test_checks_on_the_copy_put_back_pass_the_groups_that_pass(
         checked = build_groups(model, x, **ALL)
     assert [g.name for g in checked] == [g.name for g in found if g.name != forced]
     assert (copies[0], traces[0]) == (1, 1)
+
+
+def test_the_build_pauses_the_garbage_collector_and_frees_each_copy_of_the_fallback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gc
+    import weakref
+
+    copies: list[weakref.ref[nn.Module]] = []  # a layer of every copy
+    most_alive, collecting = [0], []
+
+    def copied(model: nn.Module) -> nn.Module:
+        most_alive[0] = max(most_alive[0], sum(r() is not None for r in copies))
+        collecting.append(gc.isenabled())
+        clone = copy_model(model)
+        copies.append(weakref.ref(clone.get_submodule("layers.0")))  # what graph nodes hold
+        return clone
+
+    monkeypatch.setattr(structured, "copy_model", copied)
+    monkeypatch.setattr(exactness, "_restorer", lambda model, dg: lambda: None)
+    model, x = Chain(bad=13), torch.randn(2, 4, 8)
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        copies.clear()
+        try:
+            with pytest.warns(UserWarning, match="'layers.13': the shrunk model fails"):
+                build_groups(model, x, prune_first_conv=True)
+            assert gc.isenabled() is enabled  # as it was before the build
+        finally:
+            gc.enable()
+        assert not any(collecting) and len(copies) > 5
+        # the copy traced for the groups and the one the check before used: the layers of
+        # each copy are held by its graph's nodes, which refer to each other in cycles
+        assert most_alive[0] <= 2
