@@ -7,11 +7,11 @@ crashes or changes the output is left out. One check covers many groups, so the 
 fail are found by bisection: about ``2 log2 n`` checks for one bad group among ``n``, where one
 check per group took DenseNet-121 twenty minutes.
 
-A check costs a copy of the model, a trace and two forward passes. The copy the groups were
-found on serves the first check (when every group passes, the model is copied once in all), the
-forward passes run on one sample at the smallest image size the model takes
-(:func:`check_inputs`), and the whole analysis runs within the filter pruning time budget
-(:func:`compress.pruning.channel_groups.build_groups`).
+A check costs two forward passes and a removal. Every check runs on the copy the groups were
+found on, with its graph, put back as it was after each check (:func:`_workbench`), so the
+model is copied and traced once in all; the forward passes run on one sample at the smallest
+image size the model takes (:func:`check_inputs`), and the whole analysis runs within the
+filter pruning time budget (:func:`compress.pruning.channel_groups.build_groups`).
 """
 
 from __future__ import annotations
