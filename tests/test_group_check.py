@@ -129,14 +129,25 @@ def test_bisection_leaves_out_what_the_per_group_check_left_out(name: str) -> No
         assert len(checked) < len(found)  # the models where groups fail
 
 
-def test_every_group_passing_copies_the_model_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    copies = [0]
+def _counting_copies_and_traces(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int]]:
+    copies, traces = [0], [0]
 
-    def counted(model: nn.Module) -> nn.Module:
+    def copied(model: nn.Module) -> nn.Module:
         copies[0] += 1
         return copy_model(model)
 
-    monkeypatch.setattr(structured, "copy_model", counted)
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        traces[0] += 1
+        return structured.dependency_graph(*args, **kwargs)
+
+    monkeypatch.setattr(structured, "copy_model", copied)
+    monkeypatch.setattr(exactness, "dependency_graph", traced)
+    monkeypatch.setattr(channel_groups, "dependency_graph", traced)
+    return copies, traces
+
+
+def test_every_group_passing_copies_the_model_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    copies, _ = _counting_copies_and_traces(monkeypatch)
     calls = _counting(monkeypatch)
     model, x = DenseNet(), torch.randn(2, 3, 16, 16)
     assert len(build_groups(model, x, **ALL)) == 14
@@ -181,23 +192,6 @@ def test_a_budget_that_runs_out_during_the_check_names_the_key(
         r"\(filter_pruning params\.trace_time_budget\)",
     ):
         build_groups(model, x, prune_first_conv=True, time_budget=60)
-
-
-def _counting_copies_and_traces(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int]]:
-    copies, traces = [0], [0]
-
-    def copied(model: nn.Module) -> nn.Module:
-        copies[0] += 1
-        return copy_model(model)
-
-    def traced(*args: Any, **kwargs: Any) -> Any:
-        traces[0] += 1
-        return structured.dependency_graph(*args, **kwargs)
-
-    monkeypatch.setattr(structured, "copy_model", copied)
-    monkeypatch.setattr(exactness, "dependency_graph", traced)
-    monkeypatch.setattr(channel_groups, "dependency_graph", traced)
-    return copies, traces
 
 
 def test_every_check_runs_on_the_one_copy_put_back(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -36,19 +36,21 @@ def _groups(model: nn.Module, x: torch.Tensor) -> list[list[tuple[Any, ...]]]:
         fn = dg.get_pruner_of_module(module).prune_out_channels
         width = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
         for idxs in (list(range(width)), [0], list(range(width - 1, -1, -2))):
-            group = dg.get_pruning_group(module, fn, idxs)
-            out.append(
-                [
-                    (
-                        str(item.dep.target.name),
-                        getattr(item.dep.handler, "__name__", repr(item.dep.handler)),
-                        list(item.idxs),
-                        list(item.root_idxs),
-                    )
-                    for item in group.items
-                ]
-            )
+            out.append(_plain(dg.get_pruning_group(module, fn, idxs)))
     return out
+
+
+def _plain(group: Any) -> list[tuple[Any, ...]]:
+    """A Torch-Pruning group as plain data: per item, its layer, handler and index lists."""
+    return [
+        (
+            str(item.dep.target.name),
+            getattr(item.dep.handler, "__name__", repr(item.dep.handler)),
+            list(item.idxs),
+            list(item.root_idxs),
+        )
+        for item in group.items
+    ]
 
 
 @pytest.mark.parametrize("name", ["densenet", "inception", "tinyvit", "timm_like", "resnet"])
@@ -192,13 +194,6 @@ def test_the_budget_stops_a_search_that_runs_away_with_the_key_named(
         r"params\.trace_time_budget\): .*raise the budget",
     ):
         compress.create_compressed_model(WindowNet(), {"compression": recipe}, WINDOWS_X)
-
-
-def _plain(group: Any) -> list[tuple[Any, ...]]:
-    return [
-        (str(item.dep.target.name), sorted(item.idxs), sorted(item.root_idxs))
-        for item in group.items
-    ]
 
 
 @pytest.mark.parametrize("name", ["densenet", "inception", "tinyvit", "scaled"])
